@@ -1,0 +1,190 @@
+"""Sidecars: a per-shard index of sample offsets and a per-dataset manifest.
+
+Index (``SHARD.tar.idx``), little-endian binary, tiny and range-fetchable::
+
+    8 bytes  magic b"SKIDX001"
+    8 bytes  uint64 N, the number of samples
+    8*(N+1)  uint64 offsets: where each sample's first tar header starts, then the
+             offset where the end-of-archive blocks start
+
+so sample i occupies bytes ``[off[i], off[i+1])`` and a reader can seek to any sample.
+
+Manifest (``NAME.manifest.json``): format version, shard file names (relative to the
+manifest), sample counts, byte sizes, sha256 of each shard, the field extensions, class
+names. Readers never require either; with them they gain len(), balanced splitting,
+seeking, resume and verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO, Iterable, Sequence
+
+import numpy as np
+
+from .errors import ShardFormatError
+from .samples import group_members
+from .tar import iter_members
+
+INDEX_MAGIC = b"SKIDX001"
+INDEX_SUFFIX = ".idx"
+MANIFEST_SUFFIX = ".manifest.json"
+FORMAT_VERSION = 1
+
+
+def encode_index(offsets: Sequence[int]) -> bytes:
+    """Index bytes for sample start offsets plus the final end offset."""
+    array = np.asarray(offsets, dtype="<u8")
+    if array.ndim != 1 or len(array) < 1:
+        raise ValueError("an index needs at least the end offset")
+    return INDEX_MAGIC + np.uint64(len(array) - 1).astype("<u8").tobytes() + array.tobytes()
+
+
+def decode_index(data: bytes, *, url: str | None = None) -> np.ndarray:
+    """Offsets array (N+1 uint64) from index bytes; raises ShardFormatError if malformed."""
+    if len(data) < 16 or data[:8] != INDEX_MAGIC:
+        raise ShardFormatError("not a shardkit index (bad magic)", url=url, offset=0)
+    count = int.from_bytes(data[8:16], "little")
+    if len(data) != 16 + 8 * (count + 1):
+        raise ShardFormatError(f"index claims {count} samples but has {len(data)} bytes",
+                               url=url, offset=8)
+    offsets = np.frombuffer(data, dtype="<u8", offset=16)
+    if count and np.any(np.diff(offsets.astype(np.int64)) <= 0):
+        raise ShardFormatError("index offsets are not increasing", url=url, offset=16)
+    return offsets
+
+
+def index_url(shard_url: str) -> str:
+    return shard_url + INDEX_SUFFIX
+
+
+@dataclass
+class ShardInfo:
+    """One shard as the manifest describes it."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str | None = None
+    fields: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """A dataset: its shards in order, and what their samples hold."""
+
+    shards: list[ShardInfo]
+    name: str = "data"
+    classes: list[str] | None = None
+    complete: bool = True
+    version: int = FORMAT_VERSION
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def fields(self) -> list[str]:
+        return sorted({f for s in self.shards for f in s.fields})
+
+    def to_json(self) -> str:
+        doc = {
+            "format": "shardkit",
+            "version": self.version,
+            "name": self.name,
+            "complete": self.complete,
+            "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes,
+            "fields": self.fields,
+            "classes": self.classes,
+            "shards": [asdict(s) for s in self.shards],
+        }
+        return json.dumps(doc, indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, url: str | None = None) -> "Manifest":
+        where = url or "manifest"
+        try:
+            doc = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ShardFormatError(f"manifest is not valid JSON: {e}", url=url) from None
+        if not isinstance(doc, dict) or doc.get("format") != "shardkit":
+            raise ShardFormatError("not a shardkit manifest (missing \"format\": \"shardkit\")", url=url)
+        if doc.get("version") != FORMAT_VERSION:
+            raise ShardFormatError(f"manifest version {doc.get('version')!r} is not supported "
+                                   f"(this shardkit reads version {FORMAT_VERSION})", url=url)
+        try:
+            shards = [ShardInfo(name=str(s["name"]), samples=int(s["samples"]), bytes=int(s["bytes"]),
+                                sha256=s.get("sha256"), fields=list(s.get("fields", [])))
+                      for s in doc["shards"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardFormatError(f"{where}: bad shard entry ({e!r})", url=url) from None
+        return cls(shards=shards, name=str(doc.get("name", "data")), classes=doc.get("classes"),
+                   complete=bool(doc.get("complete", True)))
+
+
+def manifest_name(name: str) -> str:
+    return name + MANIFEST_SUFFIX
+
+
+def dataset_name_for(shard_names: Iterable[str]) -> str:
+    """A dataset name from shard file names: ``train-000012.tar`` -> ``train``."""
+    names = [re.sub(r"[-_.]?\d+\.tar$", "", n.rsplit("/", 1)[-1]) for n in shard_names]
+    names = [n for n in names if n]
+    return names[0] if names and all(n == names[0] for n in names) else "data"
+
+
+class _HashingReader:
+    """A stream wrapper that hashes and counts everything read through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def readinto(self, buffer) -> int:
+        n = self._raw.readinto(buffer) or 0
+        if n:
+            self.sha256.update(memoryview(buffer)[:n])
+            self.bytes += n
+        return n
+
+    def drain(self) -> None:
+        """Hash the rest (zero blocks and record padding after the archive end)."""
+        chunk = bytearray(1 << 20)
+        while self.readinto(chunk):
+            pass
+
+
+@dataclass
+class ShardScan:
+    offsets: list[int]
+    sha256: str
+    bytes: int
+    fields: list[str]
+
+
+def scan_shard(stream: BinaryIO, *, url: str | None = None) -> ShardScan:
+    """Read a whole tar once: sample offsets, sha256, byte size and field set."""
+    reader = _HashingReader(stream)
+    offsets: list[int] = []
+    fields: set[str] = set()
+    end = 0
+    for start, stop, sample in group_members(iter_members(reader, url=url), url=url):  # type: ignore[arg-type]
+        offsets.append(start)
+        fields.update(k for k in sample if not k.startswith("__"))
+        end = stop
+    # The end-of-archive marker starts right after the last member (or at 0).
+    # Members skipped between samples (directories, metadata) may sit before it.
+    reader.drain()
+    if not offsets:
+        end = 0
+    return ShardScan(offsets + [max(end, offsets[-1] if offsets else 0)],
+                     reader.sha256.hexdigest(), reader.bytes, sorted(fields))

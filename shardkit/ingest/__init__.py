@@ -1,0 +1,131 @@
+"""Sources for ``shardkit write``: turn existing datasets into a stream of sample dicts.
+
+Every source yields samples shaped like the shards they become::
+
+    {"__key__": "000123", "jpg": b"...", "cls": 3, "json": {"source_id": ...}}
+
+and exposes ``len()`` when it knows its size (for the progress bar) and ``classes``
+(label names, or None). Sources stream: memory stays bounded whatever the source size.
+
+Formats: ``folder`` (ImageFolder layout), ``list`` (``path<TAB>label`` lines), ``csv``,
+``jsonl``, and the migration formats ``hdf5``, ``numpy``, ``lmdb``, ``sqlite``,
+``tfrecord``, ``binary`` (a big file plus an offset/length/label index). Each migration
+format lives in its own module exposing ``detect(path) -> bool`` and
+``open_source(path, options) -> SampleSource``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+from ..errors import ShardkitError
+
+
+class SampleSource(Protocol):
+    """What ``shardkit write`` consumes."""
+
+    classes: list[str] | None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class IngestOptions:
+    """Options for the sources; each source reads the ones it understands.
+
+    images_key / labels_key / keys_key: HDF5 dataset (or npz array) names; None = defaults.
+    image_format: how dense pixel arrays are stored: "png" (lossless, default), "jpg"
+        (lossy, only when asked), "npy" (raw array).
+    quality: JPEG quality when encoding dense arrays as jpg.
+    shape / dtype: layout of a raw memmap file.
+    table / image_column / label_column / key_column: SQLite layout.
+    image_feature / label_feature: TFRecord tf.train.Example feature names.
+    index: the index file of a binary+index source (default: SRC + ".idx" or ".index").
+    labels: optional labels file for numpy sources.
+    allow_pickle: unpickle LMDB values (only for sources you trust).
+    workers: threads for reading/probing image files (folder, list, csv, jsonl).
+    strict: a corrupt/unreadable input is an error instead of a reported skip.
+    """
+
+    images_key: str | None = None
+    labels_key: str | None = None
+    keys_key: str | None = None
+    image_format: str = "png"
+    quality: int = 95
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    table: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    key_column: str | None = None
+    image_feature: str | None = None
+    label_feature: str | None = None
+    index: str | None = None
+    labels: str | None = None
+    allow_pickle: bool = False
+    workers: int = 1
+    strict: bool = False
+
+
+# Format name -> module below shardkit.ingest; detection tries them in this order.
+FORMATS: dict[str, str] = {
+    "folder": "files",
+    "list": "files",
+    "csv": "files",
+    "jsonl": "files",
+    "hdf5": "hdf5",
+    "numpy": "numpy_source",
+    "lmdb": "lmdb_source",
+    "sqlite": "sqlite",
+    "tfrecord": "tfrecord",
+    "binary": "binary",
+}
+
+# Optional libraries and the extra that installs them.
+EXTRAS = {"h5py": "hdf5", "lmdb": "lmdb"}
+
+
+def missing_library(library: str, fmt: str) -> ShardkitError:
+    """The error to raise when an optional library is not installed."""
+    extra = EXTRAS.get(library, fmt)
+    return ShardkitError(f"reading {fmt} needs the {library!r} package: pip install 'shardkit[{extra}]'")
+
+
+def _module(fmt: str):
+    return importlib.import_module(f"{__name__}.{FORMATS[fmt]}")
+
+
+def detect_format(src: str) -> str:
+    """Guess the source format of ``src`` from its type, suffix and magic bytes."""
+    if not os.path.exists(src):
+        raise ShardkitError(f"{src}: no such file or folder")
+    for fmt in FORMATS:
+        try:
+            module = _module(fmt)
+        except ImportError:
+            continue
+        if module.detect(src, fmt) if fmt in ("folder", "list", "csv", "jsonl") else module.detect(src):
+            return fmt
+    raise ShardkitError(
+        f"{src}: cannot tell what kind of dataset this is; pass --from with one of "
+        f"{', '.join(FORMATS)}")
+
+
+def open_source(src: str, *, fmt: str | None = None,
+                options: IngestOptions | None = None) -> SampleSource:
+    """Open ``src`` as a sample stream (format detected unless ``fmt`` is given)."""
+    options = options or IngestOptions()
+    fmt = fmt or detect_format(src)
+    if fmt not in FORMATS:
+        raise ShardkitError(f"unknown source format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not os.path.exists(src):
+        raise ShardkitError(f"{src}: no such file or folder")
+    module = _module(fmt)
+    if fmt in ("folder", "list", "csv", "jsonl"):
+        return module.open_source(src, fmt, options)
+    return module.open_source(src, options)

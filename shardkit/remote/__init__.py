@@ -1,0 +1,1 @@
+"""Remote backends for :mod:`shardkit.source`: HTTP(S), S3, pipe:, fsspec."""

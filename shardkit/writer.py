@@ -1,0 +1,314 @@
+"""ShardWriter: samples in, deterministic size-bounded tar shards plus sidecars out.
+
+Rules, each for a reason:
+- A shard never exceeds ``shard_size`` file bytes (headers, padding and end blocks
+  counted), unless one sample alone is bigger: it then gets a shard of its own and a
+  warning. Readers can then size buffers and caches from the setting.
+- Shards are written under a temporary name and renamed only when complete, after their
+  index; a crash never leaves a half shard under a final name.
+- Output is deterministic (fixed mtime/uid/gid/mode, members sorted by extension), so the
+  same input gives byte-identical shards: re-runs are checkable with sha256.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+from .errors import ShardkitError
+from .index import Manifest, ShardInfo, encode_index, manifest_name
+from .sizes import parse_size
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+END_BLOCKS = bytes(2 * BLOCK)
+TMP_SUFFIX = ".tmp"
+_PAD = bytes(BLOCK)
+_MAX_OCTAL_SIZE = 8**11 - 1
+
+
+class KeyError_(ShardkitError, ValueError):
+    """A sample key or extension that would not round-trip through the format."""
+
+
+def validate_key(key: Any) -> str:
+    """Return ``key`` if it can name tar members that read back as this key."""
+    if not isinstance(key, str) or not key:
+        raise KeyError_(f"sample key must be a non-empty string, got {key!r}")
+    if "\0" in key or "\\" in key:
+        raise KeyError_(f"sample key {key!r} contains a NUL or backslash")
+    if key.startswith("/"):
+        raise KeyError_(f"sample key {key!r} is an absolute path")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise KeyError_(f"sample key {key!r} has an empty, '.' or '..' path component")
+    if "." in parts[-1]:
+        raise KeyError_(f"sample key {key!r} has a dot in its last component; readers split "
+                        "the extension at the first dot, so it would not read back as this key")
+    return key
+
+
+def encode_field(ext: str, value: Any) -> bytes:
+    """Bytes for one field: bytes as is, str as UTF-8, int/float as text, dict/list as JSON,
+    numpy arrays as .npy."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bool):
+        raise TypeError(f"field {ext!r}: booleans are ambiguous; encode them yourself")
+    if isinstance(value, (int, float)):
+        return str(value).encode("ascii")
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if type(value).__module__ == "numpy" and ext.endswith("npy"):
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    raise TypeError(f"field {ext!r}: cannot store a {type(value).__name__}; pass bytes, str, int, "
+                    "float, dict/list (JSON) or a numpy array for .npy")
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _pax_header(records: dict[str, str]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        item = f" {key}={value}\n".encode("utf-8")
+        length = len(item) + 1
+        while len(str(length)) + len(item) != length:
+            length = len(str(length)) + len(item)
+        body += str(length).encode() + item
+    return _ustar_header(b"././@PaxHeader", len(body), b"x") + body + _PAD[:(-len(body)) % BLOCK]
+
+
+def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes = b"") -> bytes:
+    header = bytearray(BLOCK)
+    header[0:len(name)] = name
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = _octal(size, 12) if size <= _MAX_OCTAL_SIZE else _octal(0, 12)
+    header[136:148] = b"00000000000\0"  # mtime 0: deterministic output
+    header[148:156] = b"        "
+    header[156:157] = typeflag
+    header[257:265] = b"ustar\x0000"
+    header[345:345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """Tar header block(s) for a regular file: ustar when the name fits, else pax."""
+    raw = name.encode("utf-8")
+    if raw.isascii() and size <= _MAX_OCTAL_SIZE:
+        if len(raw) <= 100:
+            return _ustar_header(raw, size)
+        # ustar can split a long name at a slash into prefix (155) + name (100).
+        cut = raw.find(b"/", len(raw) - 101)
+        if 0 < cut <= 155 and len(raw) - cut - 1 <= 100:
+            return _ustar_header(raw[cut + 1:], size, prefix=raw[:cut])
+    records = {"path": name}
+    if size > _MAX_OCTAL_SIZE:
+        records["size"] = str(size)
+    return _pax_header(records) + _ustar_header(raw[:100].decode("utf-8", "ignore").encode(), size)
+
+
+def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    """(header, payload) pairs for a sample, members sorted by extension."""
+    key = validate_key(sample.get("__key__"))
+    seen: set[str] = set()
+    members = []
+    for ext in sorted(k for k in sample if not k.startswith("_")):
+        if not ext or "/" in ext or "\0" in ext:
+            raise KeyError_(f"sample {key!r}: bad field name {ext!r}")
+        if ext.lower() in seen:
+            raise KeyError_(f"sample {key!r}: fields {ext!r} differ only in case; readers lower-case them")
+        seen.add(ext.lower())
+        payload = encode_field(ext, sample[ext])
+        members.append((member_header(f"{key}.{ext}", len(payload)), payload))
+    if not members:
+        raise KeyError_(f"sample {key!r} has no fields to write")
+    return members
+
+
+def shard_path(dest: str, name: str, number: int) -> str:
+    return os.path.join(dest, f"{name}-{number:06d}.tar")
+
+
+class ShardWriter:
+    """Write samples into ``{dest}/{name}-000000.tar``, ``-000001.tar``, ...
+
+    Each shard gets an index sidecar (``.tar.idx``) and the dataset a manifest
+    (``{name}.manifest.json``) listing shards, counts, sizes and sha256. Use as a context
+    manager; on an exception (or Ctrl-C) the samples already written are kept: the open
+    shard is completed and the manifest is written with ``"complete": false``.
+
+    Args:
+        dest: output folder (created if missing).
+        name: shard file name prefix.
+        shard_size: maximum shard file size ("1GB", "512MiB", bytes).
+        max_count: maximum samples per shard (None: no limit).
+        classes: class names to record in the manifest (label i -> classes[i]).
+        overwrite: replace shards of the same name already in ``dest``.
+    """
+
+    def __init__(self, dest: str, *, name: str = "data", shard_size: int | str = "1GB",
+                 max_count: int | None = None, classes: list[str] | None = None,
+                 overwrite: bool = False) -> None:
+        if "/" in name or not name:
+            raise ValueError(f"shard name must be a plain file name prefix, got {name!r}")
+        self.dest = dest
+        self.name = name
+        self.shard_size = parse_size(shard_size)
+        if self.shard_size < 3 * BLOCK:
+            raise ValueError(f"shard_size {self.shard_size} is smaller than an empty tar (1536 bytes)")
+        if max_count is not None and max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        self.max_count = max_count
+        self.classes = classes
+        self.shards: list[ShardInfo] = []
+        self.samples_written = 0
+        self.bytes_written = 0
+        self._file: io.BufferedWriter | None = None
+        self._hash = hashlib.sha256()
+        self._offsets: list[int] = []
+        self._fields: set[str] = set()
+        self._size = 0
+        self._closed = False
+        os.makedirs(dest, exist_ok=True)
+        self._clean_temp_files()
+        existing = sorted(glob.glob(os.path.join(glob.escape(dest), f"{glob.escape(name)}-[0-9]*.tar")))
+        if existing and not overwrite:
+            raise ShardkitError(f"{dest} already holds {len(existing)} shard(s) named {name}-*.tar "
+                                "(first: {}); pass overwrite=True (--overwrite) to replace them"
+                                .format(os.path.basename(existing[0])))
+        self._stale = existing
+
+    def _clean_temp_files(self) -> None:
+        pattern = os.path.join(glob.escape(self.dest), f"{glob.escape(self.name)}[-.]*{TMP_SUFFIX}")
+        for path in glob.glob(pattern):
+            log.warning("removing %s left by an interrupted write", path)
+            os.remove(path)
+
+    # -- writing ---------------------------------------------------------------------
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Append one sample (``__key__`` plus one entry per extension)."""
+        if self._closed:
+            raise ShardkitError("ShardWriter is closed")
+        members = encode_sample(sample)
+        size = sum(len(h) + len(p) + (-len(p)) % BLOCK for h, p in members)
+        if self._file is not None and (
+                self._size + size + len(END_BLOCKS) > self.shard_size
+                or (self.max_count is not None and len(self._offsets) >= self.max_count)):
+            self._finish_shard()
+        if size + len(END_BLOCKS) > self.shard_size:
+            log.warning("sample %r is %d bytes, more than shard_size %d: it gets a shard of its own",
+                        sample["__key__"], size, self.shard_size)
+            if self._file is not None:
+                self._finish_shard()
+        if self._file is None:
+            self._start_shard()
+        assert self._file is not None
+        self._offsets.append(self._size)
+        try:
+            for header, payload in members:
+                self._put(header)
+                self._put(payload)
+                pad = (-len(payload)) % BLOCK
+                if pad:
+                    self._put(_PAD[:pad])
+        except BaseException:
+            # A half-written sample must not end up in a finished shard.
+            self._abandon_shard()
+            raise
+        self._fields.update(k for k in sample if not k.startswith("_"))
+        self.samples_written += 1
+
+    def _put(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def _start_shard(self) -> None:
+        path = shard_path(self.dest, self.name, len(self.shards))
+        self._file = open(path + TMP_SUFFIX, "wb", buffering=1 << 20)  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self._offsets = []
+        self._fields = set()
+        self._size = 0
+
+    def _finish_shard(self) -> None:
+        assert self._file is not None
+        end = self._size
+        self._put(END_BLOCKS)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        path = shard_path(self.dest, self.name, len(self.shards))
+        _atomic_write(path + ".idx", encode_index(self._offsets + [end]))
+        os.replace(path + TMP_SUFFIX, path)
+        self.shards.append(ShardInfo(name=os.path.basename(path), samples=len(self._offsets),
+                                     bytes=self._size, sha256=self._hash.hexdigest(),
+                                     fields=sorted(self._fields)))
+        self.bytes_written += self._size
+        log.debug("wrote %s: %d samples, %d bytes", path, len(self._offsets), self._size)
+
+    def _abandon_shard(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        os.remove(shard_path(self.dest, self.name, len(self.shards)) + TMP_SUFFIX)
+        self.samples_written -= len(self._offsets) - 1
+        log.error("abandoned shard %d after a failed write; its samples were not kept",
+                  len(self.shards))
+
+    # -- closing ---------------------------------------------------------------------
+    def close(self, *, complete: bool = True) -> Manifest:
+        """Finish the open shard and write the manifest; returns it."""
+        if self._closed:
+            return self.manifest(complete)
+        self._closed = True
+        if self._file is not None:
+            self._finish_shard()
+        for path in self._stale:
+            if os.path.basename(path) not in {s.name for s in self.shards}:
+                for stale in (path, path + ".idx"):
+                    if os.path.exists(stale):
+                        os.remove(stale)
+        manifest = self.manifest(complete)
+        _atomic_write(os.path.join(self.dest, manifest_name(self.name)), manifest.to_json().encode())
+        return manifest
+
+    def manifest(self, complete: bool = True) -> Manifest:
+        return Manifest(shards=list(self.shards), name=self.name, classes=self.classes, complete=complete)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            log.warning("stopping early (%s): keeping the %d samples written so far",
+                        exc_type.__name__, self.samples_written)
+        self.close(complete=exc_type is None)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
