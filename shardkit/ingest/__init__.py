@@ -86,6 +86,8 @@ FORMATS: dict[str, str] = {
     "binary": "binary",
 }
 
+FILE_FORMATS = ("folder", "list", "csv", "jsonl")
+
 # Optional libraries and the extra that installs them.
 EXTRAS = {"h5py": "hdf5", "lmdb": "lmdb"}
 
@@ -109,16 +111,19 @@ def detect_format(src: str) -> str:
             module = _module(fmt)
         except ImportError:
             continue
-        if module.detect(src, fmt) if fmt in ("folder", "list", "csv", "jsonl") else module.detect(src):
+        if module.detect(src, fmt) if fmt in FILE_FORMATS else module.detect(src):
             return fmt
     raise ShardkitError(
         f"{src}: cannot tell what kind of dataset this is; pass --from with one of "
         f"{', '.join(FORMATS)}")
 
 
-def open_source(src: str, *, fmt: str | None = None,
-                options: IngestOptions | None = None) -> SampleSource:
-    """Open ``src`` as a sample stream (format detected unless ``fmt`` is given)."""
+def open_source(src: str, *, fmt: str | None = None, options: IngestOptions | None = None,
+                **file_options: Any) -> SampleSource:
+    """Open ``src`` as a sample stream (format detected unless ``fmt`` is given).
+
+    ``file_options`` (shuffle, seed, resize, quality) apply to image-file sources only.
+    """
     options = options or IngestOptions()
     fmt = fmt or detect_format(src)
     if fmt not in FORMATS:
@@ -126,6 +131,9 @@ def open_source(src: str, *, fmt: str | None = None,
     if not os.path.exists(src):
         raise ShardkitError(f"{src}: no such file or folder")
     module = _module(fmt)
-    if fmt in ("folder", "list", "csv", "jsonl"):
-        return module.open_source(src, fmt, options)
+    if fmt in FILE_FORMATS:
+        return module.open_source(src, fmt, options, **file_options)
+    if any(file_options.values()):
+        raise ShardkitError(f"{', '.join(k for k, v in file_options.items() if v)} only apply to "
+                            f"image-file sources ({', '.join(FILE_FORMATS)}), not {fmt}")
     return module.open_source(src, options)

@@ -1,0 +1,267 @@
+"""Image files as a sample source: an ImageFolder tree, a list file, a CSV or a JSONL.
+
+- folder: ``SRC/<class>/**/<image>`` (labels = index of the class in sorted class names),
+  or a flat folder of images (no labels).
+- list: one ``path<TAB>label`` per line (label optional; ``#`` comments).
+- csv / jsonl: a path column (``path``/``file``/``filename``/``image``) and an optional
+  label column (``label``/``class``/``cls``).
+Relative paths resolve against the list file's folder. Integer labels are used as
+they are; label names become indices into their sorted set (recorded as classes).
+
+Images are stored byte-for-byte as on disk, under the extension of their real format
+(probed from magic bytes), unless re-encoding is asked for (resize / quality).
+Files that are not images, or visibly truncated, are reported and skipped (or fatal
+with ``strict``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ..errors import ShardkitError
+from ..imageinfo import probe_image
+from . import IngestOptions
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+_PATH_COLUMNS = ("path", "file", "filename", "image", "img")
+_LABEL_COLUMNS = ("label", "class", "cls", "target")
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str  # absolute or cwd-relative path to read
+    rel: str  # path as recorded in the sample's JSON
+    label: int | None
+    label_name: str | None
+
+
+def detect(src: str, fmt: str) -> bool:
+    if fmt == "folder":
+        return os.path.isdir(src)
+    lower = src.lower()
+    if fmt == "csv":
+        return os.path.isfile(src) and lower.endswith(".csv")
+    if fmt == "jsonl":
+        return os.path.isfile(src) and lower.endswith((".jsonl", ".ndjson"))
+    if fmt == "list":
+        return os.path.isfile(src) and lower.endswith((".txt", ".lst", ".list", ".tsv"))
+    return False
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _folder_entries(src: str) -> tuple[list[Entry], list[str] | None]:
+    subdirs = sorted(d.name for d in os.scandir(src) if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        names = sorted(n for n in os.listdir(src) if _is_image_name(n))
+        return [Entry(os.path.join(src, n), n, None, None) for n in names], None
+    stray = [n for n in os.listdir(src) if os.path.isfile(os.path.join(src, n)) and _is_image_name(n)]
+    if stray:
+        log.warning("%s: ignoring %d image(s) outside class folders (e.g. %s)", src, len(stray), stray[0])
+    entries = []
+    for label, cls in enumerate(subdirs):
+        root = os.path.join(src, cls)
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            for n in sorted(filenames):
+                if _is_image_name(n):
+                    path = os.path.join(dirpath, n)
+                    entries.append(Entry(path, os.path.relpath(path, src), label, cls))
+    return entries, subdirs
+
+
+def _labelled(rows: list[tuple[str, str | None]], base: str, src: str) -> tuple[list[Entry], list[str] | None]:
+    """Turn (path, label text) rows into entries; names -> sorted class indices."""
+    labels = [lab for _, lab in rows if lab not in (None, "")]
+    numeric = all(_is_int(lab) for lab in labels)
+    classes = None if numeric else sorted(set(labels))  # type: ignore[type-var]
+    index = {c: i for i, c in enumerate(classes or [])}
+    entries = []
+    for path, lab in rows:
+        full = path if os.path.isabs(path) else os.path.join(base, path)
+        if lab in (None, ""):
+            label, name = None, None
+        elif numeric:
+            label, name = int(lab), None  # type: ignore[arg-type]
+        else:
+            label, name = index[lab], lab
+        entries.append(Entry(full, path, label, name))
+    if not entries:
+        raise ShardkitError(f"{src}: lists no images")
+    return entries, classes
+
+
+def _is_int(text: Any) -> bool:
+    try:
+        int(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _list_entries(src: str) -> tuple[list[Entry], list[str] | None]:
+    rows: list[tuple[str, str | None]] = []
+    with open(src, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.split("\t")
+            if len(parts) > 2:
+                raise ShardkitError(f"{src}: line {lineno}: expected 'path<TAB>label', got {len(parts)} fields")
+            rows.append((parts[0], parts[1].strip() if len(parts) == 2 else None))
+    return _labelled(rows, os.path.dirname(os.path.abspath(src)), src)
+
+
+def _pick_column(columns: list[str], wanted: tuple[str, ...], src: str, what: str, required: bool) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    for name in wanted:
+        if name in lower:
+            return lower[name]
+    if required:
+        raise ShardkitError(f"{src}: no {what} column (looked for {', '.join(wanted)}; found {', '.join(columns)})")
+    return None
+
+
+def _table_entries(src: str, fmt: str) -> tuple[list[Entry], list[str] | None]:
+    records: list[dict[str, Any]] = []
+    with open(src, encoding="utf-8", newline="") as f:
+        if fmt == "csv":
+            records = list(csv.DictReader(f))
+        else:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as e:
+                        raise ShardkitError(f"{src}: line {lineno}: not JSON ({e})") from None
+    if not records:
+        raise ShardkitError(f"{src}: has no rows")
+    columns = list(records[0].keys())
+    path_col = _pick_column(columns, _PATH_COLUMNS, src, "path", True)
+    label_col = _pick_column(columns, _LABEL_COLUMNS, src, "label", False)
+    rows = [(str(r[path_col]), None if label_col is None or r.get(label_col) is None else str(r[label_col]))
+            for r in records]
+    return _labelled(rows, os.path.dirname(os.path.abspath(src)), src)
+
+
+def looks_truncated(ext: str, data: bytes) -> bool:
+    """Cheap end-marker check: a JPEG without EOI or a PNG without IEND was cut short."""
+    if ext == "jpg":
+        return b"\xff\xd9" not in data[-64:]
+    if ext == "png":
+        return b"IEND" not in data[-16:]
+    return False
+
+
+def _reencode(data: bytes, max_side: int | None, quality: int | None) -> tuple[bytes, int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if max_side and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=quality or 90, optimize=False)
+        return out.getvalue(), img.width, img.height
+
+
+class FileSource:
+    """Samples from image files; iterate for sample dicts, in a deterministic order."""
+
+    def __init__(self, src: str, fmt: str, options: IngestOptions, *, shuffle: bool = False,
+                 seed: int = 0, resize: int | None = None, quality: int | None = None) -> None:
+        self.src = src
+        if fmt == "folder":
+            entries, self.classes = _folder_entries(src)
+        elif fmt == "list":
+            entries, self.classes = _list_entries(src)
+        else:
+            entries, self.classes = _table_entries(src, fmt)
+        if not entries:
+            raise ShardkitError(f"{src}: found no image files")
+        # Keys come from the source order, so shuffled output keeps stable keys.
+        width = max(6, len(str(len(entries) - 1)))
+        self.entries = [(f"{i:0{width}d}", e) for i, e in enumerate(entries)]
+        if shuffle:
+            random.Random(seed).shuffle(self.entries)
+        self.options = options
+        self.resize = resize
+        self.quality = quality
+        self.skipped: list[tuple[str, str]] = []  # (path, reason)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
+        key, entry = item
+        try:
+            with open(entry.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return entry.path, f"cannot read: {e.strerror}"
+        info = probe_image(data)
+        if info is None:
+            return entry.path, "not a recognised image format"
+        if looks_truncated(info.ext, data):
+            return entry.path, f"truncated {info.ext} (no end marker)"
+        ext, width, height = info
+        if self.resize or self.quality:
+            try:
+                data, width, height = _reencode(data, self.resize, self.quality)
+            except Exception as e:  # PIL raises many types for corrupt data
+                return entry.path, f"cannot decode to re-encode: {e}"
+            ext = "jpg"
+        meta: dict[str, Any] = {"path": entry.rel, "width": width, "height": height}
+        sample: dict[str, Any] = {"__key__": key, ext: data}
+        if entry.label is not None:
+            sample["cls"] = entry.label
+            meta["label"] = entry.label_name if entry.label_name is not None else entry.label
+        sample["json"] = meta
+        return sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = max(1, self.options.workers)
+        if workers == 1:
+            results: Iterator[Any] = map(self._load, self.entries)
+        else:
+            results = _ordered_map(self._load, self.entries, workers)
+        for result in results:
+            if isinstance(result, tuple):
+                path, reason = result
+                if self.options.strict:
+                    raise ShardkitError(f"{path}: {reason}")
+                log.warning("skipping %s: %s", path, reason)
+                self.skipped.append(result)
+                continue
+            yield result
+
+
+def _ordered_map(fn, items, workers: int) -> Iterator[Any]:
+    """Like executor.map, but with a bounded window so memory stays flat."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers * 8:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def open_source(src: str, fmt: str, options: IngestOptions, **kwargs: Any) -> FileSource:
+    return FileSource(src, fmt, options, **kwargs)

@@ -1,0 +1,131 @@
+"""Per-sample processing after the shuffle: decode, transform, select fields, batch.
+
+Runs inside DataLoader workers, so batches cross the process boundary already collated
+(one IPC message per batch, uint8 tensors rather than float).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from .errors import SampleError, ShardkitError
+
+log = logging.getLogger(__name__)
+
+HANDLERS = ("raise", "warn", "skip")
+
+
+def make_handler(handler: str | Callable[[Exception], Any]) -> Callable[[Exception], None]:
+    """"raise" re-raises; "warn" logs and skips; "skip" skips silently; a callable is
+    called with the exception and skips unless it raises."""
+    if callable(handler):
+        return handler  # type: ignore[return-value]
+    if handler not in HANDLERS:
+        raise ValueError(f"handler must be one of {HANDLERS} or a callable, got {handler!r}")
+    return _HANDLER_FUNCS[handler]
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _warn(exc: Exception) -> None:
+    log.warning("skipping: %s", exc)
+
+
+def _skip(exc: Exception) -> None:
+    return None
+
+
+_HANDLER_FUNCS = {"raise": _raise, "warn": _warn, "skip": _skip}
+
+
+def parse_fields(fields: str | Sequence[str]) -> list[list[str]]:
+    """``"jpg;png cls"`` -> ``[["jpg", "png"], ["cls"]]`` (alternatives within a slot)."""
+    slots = fields.split() if isinstance(fields, str) else list(fields)
+    parsed = [[alt.strip().lower() for alt in slot.split(";") if alt.strip()] for slot in slots]
+    if not parsed or any(not slot for slot in parsed):
+        raise ValueError(f"bad fields spec {fields!r}; e.g. 'jpg;png cls'")
+    return parsed
+
+
+class SamplePipeline:
+    """decode -> transform -> fields, with errors routed through the handler."""
+
+    def __init__(self, *, decoder: Callable[[dict], dict] | None = None,
+                 transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
+                 fields: str | Sequence[str] | None = None,
+                 handler: Callable[[Exception], None]) -> None:
+        self.decoder = decoder
+        self.transform = transform
+        self.fields = parse_fields(fields) if fields is not None else None
+        self.handler = handler
+
+    def _select(self, sample: dict) -> tuple:
+        out = []
+        for slot in self.fields or []:
+            for ext in slot:
+                if ext in sample:
+                    out.append(sample[ext])
+                    break
+            else:
+                raise SampleError(f"has none of the fields {'/'.join(slot)} (it has: "
+                                  f"{', '.join(k for k in sample if not k.startswith('__'))})",
+                                  url=sample.get("__url__"), key=sample.get("__key__"))
+        return tuple(out)
+
+    def __call__(self, sample: dict) -> Any:
+        if self.decoder is not None:
+            sample = self.decoder(sample)
+        if isinstance(self.transform, Mapping):
+            for ext, fn in self.transform.items():
+                if ext in sample:
+                    sample[ext] = fn(sample[ext])
+        elif self.transform is not None:
+            sample = self.transform(sample)
+        if self.fields is not None:
+            return self._select(sample)
+        return sample
+
+    def map(self, samples: Iterable[dict], on_skip: Callable[[], None]) -> Iterator[Any]:
+        for sample in samples:
+            try:
+                yield self(sample)
+            except Exception as e:  # noqa: BLE001 - per-sample errors go to the handler
+                if not isinstance(e, ShardkitError):
+                    e = SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"),
+                                    key=sample.get("__key__"))
+                self.handler(e)
+                on_skip()
+
+
+def collate(batch: list[Any]) -> Any:
+    """torch's default_collate, but lists where values cannot be stacked (PIL images,
+    differently sized tensors, bytes)."""
+    from torch.utils.data import default_collate
+
+    first = batch[0]
+    if isinstance(first, dict):
+        return {k: collate([b[k] for b in batch]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(collate([b[i] for b in batch]) for i in range(len(first)))
+    try:
+        return default_collate(batch)
+    except (TypeError, RuntimeError):
+        return list(batch)
+
+
+def batched(items: Iterable[Any], batch_size: int, *, drop_last: bool,
+            collate_fn: Callable[[list[Any]], Any]) -> Iterator[tuple[Any, int]]:
+    """Yield ``(collated batch, number of samples in it)``."""
+    if batch_size < 1:
+        raise ShardkitError(f"batch_size must be >= 1, got {batch_size}")
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield collate_fn(chunk), batch_size
+            chunk = []
+    if chunk and not drop_last:
+        yield collate_fn(chunk), len(chunk)

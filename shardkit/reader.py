@@ -1,0 +1,128 @@
+"""Read samples of planned pieces (or whole shards) from their sources.
+
+With an index, a piece that starts mid-shard seeks straight to its first sample (a file
+seek, or an HTTP/S3 Range request) and stops at its last; without one, the shard is
+read from the start and the samples before the piece are parsed but not kept.
+Format errors go through the error handler: "raise" re-raises, "warn"/"skip" drop the
+rest of the broken piece (reported as lost positions) and go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import ShardkitError, SourceError
+from .index import decode_index, index_url
+from .plan import Piece
+from .samples import Sample, group_members
+from .source import SourceOptions, local_path, open_stream, read_bytes
+from .tar import iter_members
+
+log = logging.getLogger(__name__)
+
+# Called with each error; raising stops the epoch, returning skips the bad sample(s).
+ErrorHandler = Callable[[Exception], None]
+
+
+class ReadStats:
+    """Counters kept by one reader (one worker process)."""
+
+    def __init__(self) -> None:
+        self.samples_read = 0
+        self.bytes_read = 0
+        self.skipped = 0  # samples lost to errors (reading, decoding or transforming)
+        self.shards_opened = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class ShardReader:
+    """Opens shards and yields their samples; caches a few shard indexes."""
+
+    def __init__(self, urls: list[str], *, options: SourceOptions, handler: ErrorHandler,
+                 stats: ReadStats | None = None) -> None:
+        self.urls = urls
+        self.options = options
+        self.handler = handler
+        self.stats = stats or ReadStats()
+        self._offsets: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def offsets(self, shard: int) -> np.ndarray | None:
+        """The shard's sample offsets from its ``.idx``, or None when it has none."""
+        if shard in self._offsets:
+            self._offsets.move_to_end(shard)
+            return self._offsets[shard]
+        url = index_url(self.urls[shard])
+        try:
+            data = read_bytes(url, options=self.options)
+        except SourceError as e:
+            log.debug("no index for %s: %s", self.urls[shard], e)
+            data = None
+        offsets = decode_index(data, url=url) if data is not None else None
+        self._offsets[shard] = offsets
+        while len(self._offsets) > 16:
+            self._offsets.popitem(last=False)
+        return offsets
+
+    def _samples(self, url: str, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+        is_local = local_path(url) is not None
+        length = None if is_local or stop is None else stop - start
+        stream = open_stream(url, offset=start, length=length, options=self.options)
+        self.stats.shards_opened += 1
+        try:
+            for _, end, sample in group_members(iter_members(stream, url=url, start=start, stop=stop), url=url):
+                self.stats.bytes_read += end - start
+                start = end
+                self.stats.samples_read += 1
+                yield sample
+        finally:
+            stream.close()
+
+    def read_piece(self, piece: Piece) -> Iterator[Sample | None]:
+        """Samples ``piece.start..piece.stop`` of a shard; ``None`` for each one lost."""
+        url = self.urls[piece.shard]
+        wanted = piece.stop - piece.start
+        got = 0
+        try:
+            offsets = self.offsets(piece.shard)
+            if offsets is not None:
+                if piece.stop >= len(offsets):
+                    raise ShardkitError(f"{url}: plan wants sample {piece.stop - 1} but the index "
+                                        f"has {len(offsets) - 1}")
+                samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]))
+            else:
+                samples = self._skip(self._samples(url), piece.start)
+            for sample in samples:
+                if got == wanted:
+                    break
+                got += 1
+                yield sample
+            if got < wanted:
+                raise ShardkitError(f"{url}: expected {piece.stop} samples (from the manifest/index) "
+                                    f"but the shard has only {piece.start + got}")
+        except Exception as e:  # noqa: BLE001 - routed through the user's handler
+            self.handler(e)
+            lost = wanted - got
+            self.stats.skipped += lost
+            for _ in range(lost):
+                yield None
+
+    @staticmethod
+    def _skip(samples: Iterator[Sample], n: int) -> Iterator[Sample]:
+        for i, sample in enumerate(samples):
+            if i >= n:
+                yield sample
+
+    def read_shard(self, shard: int) -> Iterator[Sample]:
+        """All samples of a shard (no counts needed); errors end the shard via the handler."""
+        url = self.urls[shard]
+        try:
+            yield from self._samples(url)
+        except Exception as e:  # noqa: BLE001
+            self.handler(e)
+            self.stats.skipped += 1
