@@ -1,0 +1,195 @@
+"""Look inside shards: list samples, extract one field, verify, summarise, index."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import ShardkitError
+from .index import Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name, scan_shard
+from .samples import Sample, iter_samples
+from .source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
+from .urls import ShardList, resolve_shards
+from .writer import _atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def shard_samples(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Iterator[Sample]:
+    stream = open_stream(url, options=options)
+    try:
+        yield from iter_samples(stream, url=url)
+    finally:
+        stream.close()
+
+
+def find_sample(shards: ShardList, key: str, options: SourceOptions = DEFAULT_OPTIONS) -> Sample:
+    for url in shards.urls:
+        for sample in shard_samples(url, options):
+            if sample["__key__"] == key:
+                return sample
+    raise ShardkitError(f"no sample with key {key!r} in {len(shards.urls)} shard(s)")
+
+
+@dataclass
+class Problem:
+    url: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(urls: str | list[str], *, decode: bool = False, options: SourceOptions = DEFAULT_OPTIONS,
+           progress: bool = False) -> VerifyReport:
+    """Parse every shard; compare sha256, counts and sizes with the manifest (and the
+    ``.idx`` files); optionally decode every image. Problems are collected, not raised."""
+    from tqdm import tqdm
+
+    shards = resolve_shards(urls, options=options)
+    infos: list[ShardInfo | None] = list(shards.manifest.shards) if shards.manifest else [None] * len(shards.urls)
+    report = VerifyReport()
+    decoder = None
+    if decode:
+        from .decode import make_decoder
+
+        decoder = make_decoder("pil")
+    for i, url in enumerate(tqdm(shards.urls, unit="shard", disable=not progress)):
+        report.shards += 1
+        info = infos[i] if i < len(infos) else None
+        try:
+            stream = open_stream(url, options=options)
+            try:
+                scan = scan_shard(stream, url=url)
+            finally:
+                stream.close()
+        except ShardkitError as e:
+            report.problems.append(Problem(url, str(e)))
+            continue
+        n = len(scan.offsets) - 1
+        report.samples += n
+        report.bytes += scan.bytes
+        if info is not None:
+            if info.sha256 and info.sha256 != scan.sha256:
+                report.problems.append(Problem(url, f"sha256 {scan.sha256} does not match the manifest's {info.sha256}"))
+            if info.samples != n:
+                report.problems.append(Problem(url, f"has {n} samples, the manifest says {info.samples}"))
+            if info.bytes != scan.bytes:
+                report.problems.append(Problem(url, f"is {scan.bytes} bytes, the manifest says {info.bytes}"))
+        idx = read_bytes(index_url(url), options=options)
+        if idx is not None:
+            try:
+                offsets = decode_index(idx, url=index_url(url))
+                if list(offsets) != scan.offsets:
+                    report.problems.append(Problem(index_url(url), "index offsets do not match the shard"))
+            except ShardkitError as e:
+                report.problems.append(Problem(index_url(url), str(e)))
+        if decoder is not None:
+            for sample in shard_samples(url, options):
+                try:
+                    decoder(sample)
+                except Exception as e:  # noqa: BLE001 - reported, not raised
+                    report.problems.append(Problem(url, f"sample {sample['__key__']!r}: {e}"))
+    return report
+
+
+def stats(urls: str | list[str], *, options: SourceOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+    """Samples, bytes, field types and label histogram, per shard and in total."""
+    shards = resolve_shards(urls, options=options)
+    per_shard = []
+    total_fields: Counter[str] = Counter()
+    total_labels: Counter[int] = Counter()
+    for url in shards.urls:
+        fields: Counter[str] = Counter()
+        labels: Counter[int] = Counter()
+        field_bytes: Counter[str] = Counter()
+        n = 0
+        for sample in shard_samples(url, options):
+            n += 1
+            for ext, value in sample.items():
+                if ext.startswith("__"):
+                    continue
+                fields[ext] += 1
+                field_bytes[ext] += len(value)
+            if "cls" in sample:
+                try:
+                    labels[int(sample["cls"])] += 1
+                except ValueError:
+                    labels[-1] += 1
+        total_fields.update(fields)
+        total_labels.update(labels)
+        per_shard.append({"url": url, "samples": n, "fields": dict(fields),
+                          "field_bytes": dict(field_bytes), "labels": dict(sorted(labels.items()))})
+    classes = shards.manifest.classes if shards.manifest else None
+    return {"shards": len(shards.urls), "samples": sum(s["samples"] for s in per_shard),
+            "fields": dict(total_fields), "labels": dict(sorted(total_labels.items())),
+            "classes": classes, "per_shard": per_shard}
+
+
+def build_index(urls: str | list[str], *, name: str | None = None, options: SourceOptions = DEFAULT_OPTIONS,
+                progress: bool = False) -> Manifest:
+    """Write ``.idx`` sidecars and a manifest for existing local tars, one pass each."""
+    from tqdm import tqdm
+
+    shards = resolve_shards(urls, options=options)
+    infos = []
+    folder = None
+    for url in tqdm(shards.urls, unit="shard", disable=not progress):
+        path = local_path(url)
+        if path is None:
+            raise ShardkitError(f"{url}: `shardkit index` writes sidecars next to local shards only")
+        with open(path, "rb") as f:
+            scan = scan_shard(io.BufferedReader(f, 1 << 20), url=url)  # type: ignore[arg-type]
+        _atomic_write(path + ".idx", encode_index(scan.offsets))
+        infos.append(ShardInfo(os.path.basename(path), len(scan.offsets) - 1, scan.bytes, scan.sha256, scan.fields))
+        folder = folder or os.path.dirname(path)
+        if os.path.dirname(path) != folder:
+            raise ShardkitError("`shardkit index` needs all shards in one folder (the manifest sits beside them)")
+    manifest = Manifest(infos, name=name or dataset_name_for(shards.urls))
+    _atomic_write(os.path.join(folder or ".", manifest_name(manifest.name)), manifest.to_json().encode())
+    return manifest
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(sample: Sample) -> dict[str, Any]:
+    """A JSON-friendly one-line view of a sample (field sizes, small text fields inline)."""
+    out: dict[str, Any] = {"key": sample["__key__"]}
+    for ext, value in sample.items():
+        if ext.startswith("__"):
+            continue
+        if ext in ("cls", "txt", "json") and len(value) <= 200:
+            text = value.decode("utf-8", "replace")
+            out[ext] = json.loads(text) if ext == "json" and _is_json(text) else text
+        else:
+            out[ext] = f"{len(value)} bytes"
+    return out
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
