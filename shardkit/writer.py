@@ -235,6 +235,17 @@ class ShardWriter:
         self._fields.update(k for k in sample if not k.startswith("_"))
         self.samples_written += 1
 
+    def next_shard(self, *, allow_empty: bool = False) -> None:
+        """Finish the current shard now; the next sample starts a new one.
+
+        With ``allow_empty``, a shard with no samples is written when none is open.
+        """
+        if self._file is None:
+            if not allow_empty:
+                return
+            self._start_shard()
+        self._finish_shard()
+
     def _put(self, data: bytes) -> None:
         assert self._file is not None
         self._file.write(data)

@@ -1,0 +1,55 @@
+"""Test data builders shared by the test modules (small, generated, deterministic)."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from shardkit.writer import ShardWriter
+
+
+def tiny_jpeg(i: int, size: tuple[int, int] = (48, 32), quality: int = 85) -> bytes:
+    """A small, distinct, photo-ish JPEG for sample i."""
+    rng = np.random.default_rng(i)
+    w, h = size
+    y = np.linspace(0, 1, h)[:, None, None]
+    x = np.linspace(0, 1, w)[None, :, None]
+    base = rng.uniform(0, 255, 3)[None, None, :] * (0.5 + 0.5 * x) * (0.5 + 0.5 * y)
+    img = np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def sample(i: int, *, label_count: int = 3, image: bool = True) -> dict:
+    out: dict = {"__key__": f"s{i:06d}", "cls": i % label_count, "json": {"i": i}}
+    out["jpg"] = tiny_jpeg(i) if image else os.urandom(16) + i.to_bytes(4, "little")
+    return out
+
+
+def make_shards(dest: str, counts: Sequence[int], *, name: str = "data", image: bool = False) -> list[str]:
+    """Shards with exactly ``counts[i]`` samples each (0 allowed); keys s000000.. in order.
+
+    Returns the shard paths. Index sidecars and a manifest are written beside them.
+    """
+    n = 0
+    with ShardWriter(dest, name=name, shard_size="1GB") as writer:
+        for count in counts:
+            for _ in range(count):
+                writer.write(sample(n, image=image))
+                n += 1
+            writer.next_shard(allow_empty=True)
+    return [os.path.join(dest, s.name) for s in writer.shards]
+
+
+def keys_of(items) -> list[str]:
+    """Keys from samples or batches (dicts with a list of keys)."""
+    out: list[str] = []
+    for item in items:
+        key = item["__key__"]
+        out.extend(key if isinstance(key, list) else [key])
+    return out

@@ -1,0 +1,139 @@
+"""The shardkit command line, run as a real subprocess on generated images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from shardkit.index import Manifest
+from shardkit.synthetic import make_image_folder
+
+
+def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, text=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"shardkit {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("photos"))
+    make_image_folder(root, count=300, classes=4, size=(200, 150), workers=2)
+    return root
+
+
+def test_write_image_folder_with_2mb_shards(photos, tmp_path):
+    out1, out2 = tmp_path / "a", tmp_path / "b"
+    proc = shardkit("write", photos, str(out1), "--shard-size", "2MB", "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["samples"] == 300 and summary["shards"] >= 3 and summary["skipped"] == 0
+    shardkit("write", photos, str(out2), "--shard-size", "2MB", "--workers", "1", "-q")
+    manifest = Manifest.from_json((out1 / "data.manifest.json").read_text())
+    assert manifest.classes == ["class_00", "class_01", "class_02", "class_03"]
+    for info in manifest.shards:
+        data = (out1 / info.name).read_bytes()
+        assert len(data) <= 2_000_000
+        assert data == (out2 / info.name).read_bytes()  # byte-identical re-run
+        assert hashlib.sha256(data).hexdigest() == info.sha256
+    assert (out1 / "data.manifest.json").read_bytes() == (out2 / "data.manifest.json").read_bytes()
+    # labels match the source folders, images are byte-for-byte the source files
+    first = out1 / manifest.shards[0].name
+    with tarfile.open(first) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    meta = json.loads(members["000000.json"])
+    assert members["000000.jpg"] == open(os.path.join(photos, meta["path"]), "rb").read()
+    assert manifest.classes[int(members["000000.cls"])] == meta["path"].split("/")[0] == meta["label"]
+    assert meta["width"] > 0 and meta["height"] > 0
+    assert shardkit("verify", str(out1 / "data.manifest.json")).returncode == 0
+
+
+def test_list_csv_jsonl_sources_and_real_format(tmp_path, photos):
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(photos) for f in fs)[:6]
+    png = tmp_path / "really_a_png.jpg"
+    from PIL import Image
+    Image.new("RGB", (20, 10), "red").save(png, format="PNG")
+    (tmp_path / "list.txt").write_text("".join(f"{f}\t{'cat' if i % 2 else 'dog'}\n" for i, f in enumerate(files))
+                                       + f"{png.name}\tcat\n")
+    (tmp_path / "t.csv").write_text("path,label\n" + "".join(f"{f},{i}\n" for i, f in enumerate(files)))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"image": f, "class": 3}) + "\n" for f in files))
+    for src, n in (("list.txt", 7), ("t.csv", 6), ("t.jsonl", 6)):
+        out = tmp_path / ("out_" + src)
+        summary = json.loads(shardkit("write", str(tmp_path / src), str(out), "--json").stdout)
+        assert summary["samples"] == n
+    with tarfile.open(tmp_path / "out_list.txt" / "data-000000.tar") as tf:
+        names = tf.getnames()
+    assert "000006.png" in names  # stored by real format, not by suffix
+    manifest = Manifest.from_json((tmp_path / "out_list.txt" / "data.manifest.json").read_text())
+    assert manifest.classes == ["cat", "dog"]
+
+
+def test_corrupt_images_are_skipped_or_fatal_with_strict(tmp_path, photos):
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    good = sorted(os.listdir(os.path.join(photos, "class_00")))[:3]
+    for name in good:
+        (src / name).write_bytes(open(os.path.join(photos, "class_00", name), "rb").read())
+    (src / "broken.jpg").write_bytes((src / good[0]).read_bytes()[:500])
+    (src / "notes.jpg").write_text("not an image")
+    proc = shardkit("write", str(tmp_path / "src"), str(tmp_path / "out"), "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["samples"] == 3 and summary["skipped"] == 2
+    assert b"broken.jpg" in proc.stderr and b"notes.jpg" in proc.stderr
+    strict = shardkit("write", str(tmp_path / "src"), str(tmp_path / "out2"), "--strict", check=False)
+    assert strict.returncode == 1 and b"broken.jpg" in strict.stderr
+
+
+def test_verify_detects_corruption(tmp_path, photos):
+    out = tmp_path / "out"
+    shardkit("write", photos, str(out), "--shard-size", "2MB", "-q")
+    shard = out / "data-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0x55  # inside an image payload: parses fine, sha256 differs
+    shard.write_bytes(bytes(data))
+    proc = shardkit("verify", str(out / "data.manifest.json"), "--json", check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not report["ok"]
+    assert any("sha256" in p["message"] and p["url"].endswith("data-000001.tar") for p in report["problems"])
+
+
+def test_index_builds_sidecars_for_webdataset_shards(tmp_path):
+    import webdataset as wds
+
+    from tests.helpers import sample
+
+    pattern = str(tmp_path / "wds-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=7, verbose=0) as sink:
+        for i in range(20):
+            s = sample(i, image=False)
+            sink.write({"__key__": s["__key__"], "jpg": s["jpg"], "cls": s["cls"]})
+    shardkit("index", str(tmp_path / "wds-{000000..000002}.tar"))
+    manifest = Manifest.from_json((tmp_path / "wds.manifest.json").read_text())
+    assert [s.samples for s in manifest.shards] == [7, 7, 6]
+    from shardkit.dataset import ShardDataset
+
+    ds = ShardDataset(str(tmp_path / "wds-{000000..000002}.tar"), world_size=3, rank=2, even=None)
+    assert ds.counts == [7, 7, 6] and len(ds) == len(list(ds)) == 7
+    assert shardkit("verify", str(tmp_path / "wds.manifest.json")).returncode == 0
+
+
+def test_ls_cat_stats_and_usage_errors(tmp_path, photos):
+    out = tmp_path / "out"
+    shardkit("write", photos, str(out), "-q")
+    rows = json.loads(shardkit("ls", str(out), "-n", "3", "--json").stdout)
+    assert [r["key"] for r in rows] == ["000000", "000001", "000002"]
+    jpg = shardkit("cat", str(out), "000002", "--field", "jpg").stdout
+    meta = json.loads(shardkit("cat", str(out), "000002", "--field", "json").stdout)
+    assert jpg == open(os.path.join(photos, meta["path"]), "rb").read()
+    stats = json.loads(shardkit("stats", str(out), "--json").stdout)
+    assert stats["samples"] == 300 and stats["labels"] == {"0": 75, "1": 75, "2": 75, "3": 75}
+    assert shardkit("cat", str(out), "nope", check=False).returncode == 1
+    assert shardkit("write", check=False).returncode == 2
+    missing = shardkit("ls", str(tmp_path / "x-{0..3}.tar"), check=False)
+    assert missing.returncode == 1 and b"do not exist" in missing.stderr
