@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import ShardFormatError
 from .samples import group_members
-from .tar import iter_members
+from .tar import iter_member_tuples
 
 INDEX_MAGIC = b"SKIDX001"
 INDEX_SUFFIX = ".idx"
@@ -177,7 +177,7 @@ def scan_shard(stream: BinaryIO, *, url: str | None = None) -> ShardScan:
     offsets: list[int] = []
     fields: set[str] = set()
     end = 0
-    for start, stop, sample in group_members(iter_members(reader, url=url), url=url):  # type: ignore[arg-type]
+    for start, stop, sample in group_members(iter_member_tuples(reader, url=url), url=url):  # type: ignore[arg-type]
         offsets.append(start)
         fields.update(k for k in sample if not k.startswith("__"))
         end = stop

@@ -20,7 +20,7 @@ from .index import decode_index, index_url
 from .plan import Piece
 from .samples import Sample, group_members
 from .source import SourceOptions, local_path, open_stream, read_bytes
-from .tar import iter_members
+from .tar import iter_member_tuples
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ShardReader:
         stream = open_stream(url, offset=start, length=length, options=self.options)
         self.stats.shards_opened += 1
         try:
-            for _, end, sample in group_members(iter_members(stream, url=url, start=start, stop=stop), url=url):
+            for _, end, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url):
                 self.stats.bytes_read += end - start
                 start = end
                 self.stats.samples_read += 1

@@ -12,7 +12,7 @@ import re
 from typing import Any, BinaryIO, Iterable, Iterator
 
 from .errors import ShardFormatError
-from .tar import Member, iter_members
+from .tar import iter_member_tuples
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE = re.compile(r"__[^/]*__($|/)")
@@ -22,36 +22,45 @@ Sample = dict[str, Any]
 
 def split_name(name: str) -> tuple[str, str] | None:
     """``(key, extension)`` for a member name, or None when webdataset would skip it."""
-    if _META_RE.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+    if name.startswith("__") and (_META_RE.match(name) or ("/" not in name and name.endswith("__"))):
         return None
+    # Fast path, same result as the regex: a basename that does not start with a dot
+    # splits at its first dot. Anything else takes the regex (with its backtracking).
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 2)
+    if dot > 0 and name[slash + 1] != ".":
+        return name[:dot], name[dot + 1:].lower()
     match = _KEY_RE.match(name)
     if match is None:
         return None
     return match.group(1), match.group(2).lower()
 
 
-def group_members(members: Iterable[Member], *, url: str | None = None
+def group_members(members: Iterable[tuple[str, bytes, int, int]], *, url: str | None = None
                   ) -> Iterator[tuple[int, int, Sample]]:
-    """Yield ``(start_offset, end_offset, sample)`` for each run of members sharing a key."""
+    """Yield ``(start_offset, end_offset, sample)`` for each run of members sharing a key.
+
+    ``members`` are ``(name, payload, offset, end)`` tuples or :class:`~shardkit.tar.Member`.
+    """
     sample: Sample | None = None
     key = None
     start = end = 0
-    for member in members:
-        parts = split_name(member.name)
+    for name, payload, offset, member_end in members:
+        parts = split_name(name)
         if parts is None:
             continue
         member_key, ext = parts
-        if sample is None or member_key != key:
+        if member_key != key or sample is None:
             if sample is not None:
                 yield start, end, sample
             key = member_key
             sample = {"__key__": key, "__url__": url}
-            start = member.offset
+            start = offset
         if ext in sample:
             raise ShardFormatError(f"sample {key!r} has a second {ext!r} member",
-                                   url=url, offset=member.offset, member=member.name)
-        sample[ext] = member.payload
-        end = member.end
+                                   url=url, offset=offset, member=name)
+        sample[ext] = payload
+        end = member_end
     if sample is not None:
         yield start, end, sample
 
@@ -59,6 +68,6 @@ def group_members(members: Iterable[Member], *, url: str | None = None
 def iter_samples(stream: BinaryIO, *, url: str | None = None, start: int = 0,
                  stop: int | None = None) -> Iterator[Sample]:
     """Samples of a tar stream as dicts: ``{"__key__", "__url__", ext: bytes, ...}``."""
-    for _, _, sample in group_members(iter_members(stream, url=url, start=start, stop=stop),
+    for _, _, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop),
                                       url=url):
         yield sample

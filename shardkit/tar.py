@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import mmap
 import zlib
-from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+import struct
+from typing import BinaryIO, Iterator, NamedTuple
 
 from .errors import ShardFormatError
 
@@ -30,13 +30,14 @@ _REGULAR = (b"0", b"\0", b"7")
 # Types whose size field is ignored by tarfile (no payload follows); unknown types
 # are skipped over their payload, like tarfile does.
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+_EXTENDED = (b"x", b"g", b"L", b"K")
 _CHUNK = 1 << 20
+_MAX_STEP = 1 << 26  # largest single allocation while reading a big payload from a stream
 # A pax or GNU long-name record larger than this is not a name but an attack or garbage.
 MAX_EXTENDED_HEADER = 1 << 20
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     """One regular file from the archive.
 
     ``offset`` is where the member's first header starts (including any pax/GNU
@@ -48,10 +49,6 @@ class Member:
     payload: bytes
     offset: int
     end: int
-
-
-def _block_ceil(n: int) -> int:
-    return (n + BLOCK - 1) & ~(BLOCK - 1)
 
 
 def _nts(field: memoryview | bytes) -> bytes:
@@ -99,6 +96,31 @@ def _checksum_ok(header: memoryview, url: str | None, offset: int) -> bool:
     return stored == signed
 
 
+_DECOMPRESS_HINT = ("; shardkit reads uncompressed tar shards: decompress it, or read it through "
+                    "a pipe: URL (e.g. 'pipe:{} < FILE' with allow_pipe=True)")
+_MAGIC = (
+    (b"\x1f\x8b", "it is gzip-compressed (a .tar.gz?)" + _DECOMPRESS_HINT.format("gzip -dc")),
+    (b"BZh", "it is bzip2-compressed" + _DECOMPRESS_HINT.format("bzip2 -dc")),
+    (b"\xfd7zXZ\x00", "it is xz-compressed" + _DECOMPRESS_HINT.format("xz -dc")),
+    (b"\x28\xb5\x2f\xfd", "it is zstd-compressed" + _DECOMPRESS_HINT.format("zstd -dc")),
+    (b"PK\x03\x04", "it is a zip file, not a tar"),
+    (b"PK\x05\x06", "it is an (empty) zip file, not a tar"),
+)
+
+
+def _sniff(first: bytes) -> str | None:
+    """What a stream that is not a tar looks like (for the error message), if recognisable."""
+    for magic, what in _MAGIC:
+        if first.startswith(magic):
+            return what
+    text = first.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
+        return "it looks like an HTML/XML document (an error page served instead of the shard?)"
+    if text.startswith(b"{") and b'"' in text[:64]:
+        return "it looks like JSON (an error response served instead of the shard?)"
+    return None
+
+
 def _parse_pax(data: bytes, url: str | None, offset: int) -> dict[str, str]:
     """Parse pax records ``"%d %s=%s\\n"``; malformed records raise."""
     records: dict[str, str] = {}
@@ -124,112 +146,97 @@ def _parse_pax(data: bytes, url: str | None, offset: int) -> dict[str, str]:
     return records
 
 
-class _Window:
-    """A read window over a stream: ``view(n)`` exposes the next n bytes without copying.
+# name, size, chksum, typeflag, magic, prefix (everything else is ignored)
+_HEADER = struct.Struct("100s24x12s12x8s1s100x6s2x80x155s12x")
 
-    Backed by an mmap for local files, else a growable buffer refilled with
-    ``readinto``. ``pos`` is the absolute byte offset in the archive.
+
+class _Window:
+    """A read window over a stream: ``buf[lo:hi]`` holds the next unread bytes.
+
+    Backed by an mmap for local files (the window is the whole file), else by a buffer
+    refilled with ``readinto``. ``base`` is the absolute offset of ``buf[0]``. The
+    parser reads ``buf/lo/hi`` directly on its fast path and calls ``fill`` only when
+    a header or payload is not fully buffered.
     """
 
-    def __init__(self, stream: BinaryIO, start: int, url: str | None) -> None:
-        self.url = url
-        self.pos = start
+    def __init__(self, stream: BinaryIO, start: int) -> None:
         self._stream = stream
         self._map: mmap.mmap | None = None
         try:
-            fileno = stream.fileno()
-            self._map = mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+            self._map = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
         except (AttributeError, OSError, ValueError):  # not a real file, or empty
             self._map = None
         if self._map is not None:
-            self._buf = memoryview(self._map)
-            self._lo = start  # window == whole file; indices are absolute offsets
-            self._hi = len(self._map)
-            self._base = 0
+            self.buf = memoryview(self._map)
+            self.base, self.lo, self.hi = 0, start, len(self._map)
+            self.eof = True
         else:
             self._raw = bytearray(_CHUNK)
-            self._buf = memoryview(self._raw)
-            self._lo = self._hi = 0
-            self._base = start  # absolute offset of self._raw[0]
-        self._eof = self._map is not None
+            self.buf = memoryview(self._raw)
+            self.base, self.lo, self.hi = start, 0, 0
+            self.eof = False
 
     def close(self) -> None:
-        if self._map is not None:
-            self._buf.release()
-            self._map.close()
-            self._map = None
+        try:
+            self.buf.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:  # a header view is still alive; the GC will unmap it
+            pass
+        self._map = None
 
-    def _fill(self, n: int) -> bool:
-        """Make at least n bytes available at the read position; False at EOF."""
-        while self._hi - self._lo < n:
-            if self._eof:
+    def fill(self, n: int) -> bool:
+        """Make at least n (<= buffer size) bytes available from ``lo``; False at EOF."""
+        while self.hi - self.lo < n:
+            if self.eof:
                 return False
-            keep = self._hi - self._lo
-            if self._lo:
-                self._raw[:keep] = self._raw[self._lo:self._hi]
-                self._base += self._lo
-                self._lo, self._hi = 0, keep
-            if len(self._raw) < n:
-                self._buf.release()
-                self._raw.extend(bytes(n - len(self._raw)))
-                self._buf = memoryview(self._raw)
-            got = self._stream.readinto(self._buf[self._hi:])
+            keep = self.hi - self.lo
+            if self.lo:
+                self._raw[:keep] = self._raw[self.lo:self.hi]
+                self.base += self.lo
+                self.lo, self.hi = 0, keep
+            got = self._stream.readinto(self.buf[self.hi:])
             if not got:
-                self._eof = True
+                self.eof = True
             else:
-                self._hi += got
+                self.hi += got
         return True
-
-    def available(self) -> int:
-        return self._hi - self._lo
-
-    def view(self, n: int) -> memoryview | None:
-        """The next n bytes (not consumed), or None when fewer remain."""
-        if self._hi - self._lo < n and not self._fill(n):
-            return None
-        return self._buf[self._lo:self._lo + n]
 
     def skip(self, n: int) -> bool:
         """Consume n bytes; False if the stream ended first."""
-        if self._map is not None:
-            if self._lo + n > self._hi:
-                return False
-            self._lo += n
-            self.pos += n
-            return True
         while n:
-            if self._lo == self._hi and not self._fill(1):
+            if self.lo == self.hi and not self.fill(1):
                 return False
-            step = min(n, self._hi - self._lo)
-            self._lo += step
-            self.pos += step
+            step = min(n, self.hi - self.lo)
+            self.lo += step
             n -= step
         return True
 
     def take(self, n: int) -> bytes | None:
         """Consume and return n bytes, or None if the stream ends first."""
-        if self._hi - self._lo >= n:
-            out = bytes(self._buf[self._lo:self._lo + n])
-            self._lo += n
-            self.pos += n
+        if self.hi - self.lo >= n:
+            out = bytes(self.buf[self.lo:self.lo + n])
+            self.lo += n
             return out
-        if self._map is not None:
+        if self.eof:
             return None
         # Large payload: copy what is buffered, read the rest straight into place.
         out = bytearray(n)
-        have = self._hi - self._lo
-        out[:have] = self._buf[self._lo:self._hi]
-        self._lo = self._hi
+        have = self.hi - self.lo
+        out[:have] = self.buf[self.lo:self.hi]
+        self.base += self.hi
+        self.lo = self.hi = 0
         view = memoryview(out)
-        while have < n:
-            got = self._stream.readinto(view[have:])
-            if not got:
-                self._eof = True
-                view.release()
-                return None
-            have += got
-        view.release()
-        self.pos += n
+        try:
+            while have < n:
+                got = self._stream.readinto(view[have:])
+                if not got:
+                    self.eof = True
+                    return None
+                have += got
+                self.base += got
+        finally:
+            view.release()
         return bytes(out)
 
 
@@ -242,59 +249,88 @@ def iter_members(stream: BinaryIO, *, url: str | None = None, start: int = 0,
     :attr:`Member.offset`. With ``stop``, reading ends cleanly at that offset (a header
     boundary taken from an index) instead of at the end-of-archive blocks.
     """
-    window = _Window(stream, start, url)
+    window = _Window(stream, start)
+    try:
+        yield from map(Member._make, _parse(window, url, stop))
+    finally:
+        window.close()
+
+
+def iter_member_tuples(stream: BinaryIO, *, url: str | None = None, start: int = 0,
+                       stop: int | None = None) -> Iterator[tuple[str, bytes, int, int]]:
+    """:func:`iter_members` yielding plain ``(name, payload, offset, end)`` tuples (faster)."""
+    window = _Window(stream, start)
     try:
         yield from _parse(window, url, stop)
     finally:
         window.close()
 
 
-def _parse(window: _Window, url: str | None, stop: int | None) -> Iterator[Member]:
+def _size(field: bytes, pax: dict[str, str], url: str | None, here: int) -> int:
+    if "size" in pax:
+        try:
+            size = int(pax["size"])
+        except ValueError:
+            raise ShardFormatError(f"bad pax size {pax['size']!r}", url=url, offset=here) from None
+    elif field[0] & 0x80:
+        size = _number(memoryview(field), "size", url, here)
+    else:
+        try:
+            size = int(field.rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ShardFormatError(f"bad size field {field!r} in tar header", url=url, offset=here) from None
+    if size < 0:
+        raise ShardFormatError(f"negative member size {size}", url=url, offset=here)
+    return size
+
+
+def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str, bytes, int, int]]:
     global_pax: dict[str, str] = {}
     pax: dict[str, str] = {}
     long_name: str | None = None
     member_start: int | None = None
+    unpack = _HEADER.unpack_from
+    adler32 = zlib.adler32
     while True:
-        here = window.pos
+        here = w.base + w.lo
         if stop is not None and here >= stop:
             if here > stop or member_start is not None:
                 raise ShardFormatError(f"index offset {stop} is not a member boundary",
                                        url=url, offset=here)
             return
-        header = window.view(BLOCK)
-        if header is None:
-            if window.available() == 0 and here == 0:
+        if w.hi - w.lo < BLOCK and not w.fill(BLOCK):
+            if w.hi == w.lo and here == 0:
                 raise ShardFormatError("empty file, not a tar archive", url=url, offset=0)
-            what = "in a tar header" if window.available() else "before the end-of-archive marker"
+            what = "in a tar header" if w.hi > w.lo else "before the end-of-archive marker"
             raise ShardFormatError(f"truncated archive: stream ended {what}", url=url, offset=here)
-        if header == _ZERO_BLOCK:
+        lo = w.lo
+        buf = w.buf
+        header = buf[lo:lo + BLOCK]
+        if not buf[lo] and header == _ZERO_BLOCK:  # a name never starts with NUL
             if member_start is not None:
                 raise ShardFormatError("end-of-archive marker after an extended header",
                                        url=url, offset=here)
             return
-        if not _checksum_ok(header, url, here):
+        raw_name, size_field, chksum, typeflag, magic, prefix = unpack(buf, lo)
+        # Exact unsigned byte sum in two C calls (see _checksum_ok); the slow path
+        # handles odd checksum fields and the old signed variant.
+        total = (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - 2
+        if chksum != b"%06o\0 " % (total - sum(chksum) + 256) and not _checksum_ok(header, url, here):
             if here == 0:
                 raise ShardFormatError("not a tar archive (bad header checksum at the start; "
                                        f"first bytes {bytes(header[:16])!r})", url=url, offset=0)
             raise ShardFormatError("bad tar header checksum", url=url, offset=here)
-        typeflag = bytes(header[156:157])
-        size = _number(header[124:136], "size", url, here)
-        if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                raise ShardFormatError(f"bad pax size {pax['size']!r}", url=url, offset=here) from None
-        if size < 0:
-            raise ShardFormatError(f"negative member size {size}", url=url, offset=here)
+        size = _size(size_field, pax, url, here)
         if member_start is None:
             member_start = here
-        if typeflag in (b"x", b"g", b"L", b"K"):
+        w.lo = lo + BLOCK
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        if typeflag in _EXTENDED:
             if size > MAX_EXTENDED_HEADER:
                 raise ShardFormatError(f"extended header of {size} bytes is implausibly large",
                                        url=url, offset=here)
-            window.skip(BLOCK)
-            data = window.take(size)
-            if data is None or not window.skip(_block_ceil(size) - size):
+            data = w.take(size)
+            if data is None or not w.skip(padded - size):
                 raise ShardFormatError("truncated archive: stream ended in an extended header",
                                        url=url, offset=here)
             if typeflag == b"x":
@@ -305,32 +341,38 @@ def _parse(window: _Window, url: str | None, stop: int | None) -> Iterator[Membe
             elif typeflag == b"L":
                 long_name = _nts(data).decode("utf-8", "surrogateescape")
             continue  # K (long link name) only matters for links, which we skip
-        name = pax.get("path", global_pax.get("path"))
-        if name is None:
-            if long_name is not None:
-                name = long_name
-            else:
-                name = _nts(header[0:100]).decode("utf-8", "surrogateescape")
-                prefix = _nts(header[345:500])
-                if prefix and header[257:262] == b"ustar" and header[262] == 0:
-                    # POSIX ustar only: GNU format keeps atime/ctime in these bytes.
-                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        is_regular = typeflag in _REGULAR and not (typeflag == b"\0" and name.endswith("/"))
-        window.skip(BLOCK)
+        if "path" in pax or "path" in global_pax:
+            name = pax.get("path", global_pax.get("path"))
+        elif long_name is not None:
+            name = long_name
+        else:
+            end = raw_name.find(b"\0")
+            name = (raw_name if end < 0 else raw_name[:end]).decode("utf-8", "surrogateescape")
+            if prefix[0] and magic == b"ustar\0":
+                # POSIX ustar only: GNU format keeps atime/ctime in these bytes.
+                name = _nts(prefix).decode("utf-8", "surrogateescape") + "/" + name
         start = member_start
-        member_start, pax, long_name = None, {}, None
-        if is_regular:
-            payload = window.take(size)
-            if payload is None:
-                raise ShardFormatError(
-                    f"truncated archive: member of {size} bytes runs past the end of the stream",
-                    url=url, offset=here, member=name)
-            if not window.skip(_block_ceil(size) - size):
-                raise ShardFormatError("truncated archive: stream ended in member padding",
-                                       url=url, offset=here, member=name)
-            yield Member(name, payload, start, window.pos)
+        member_start = None
+        if pax:
+            pax = {}
+        long_name = None
+        if typeflag in _REGULAR and not (typeflag == b"\0" and name.endswith("/")):
+            lo = w.lo
+            if w.hi - lo >= padded:  # fast path: the whole payload is buffered
+                payload = bytes(w.buf[lo:lo + size])
+                w.lo = lo + padded
+            else:
+                payload = w.take(size)
+                if payload is None:
+                    raise ShardFormatError(
+                        f"truncated archive: member of {size} bytes runs past the end of the stream",
+                        url=url, offset=here, member=name)
+                if not w.skip(padded - size):
+                    raise ShardFormatError("truncated archive: stream ended in member padding",
+                                           url=url, offset=here, member=name)
+            yield name, payload, start, w.base + w.lo
         elif typeflag not in _NO_DATA:
-            if not window.skip(_block_ceil(size)):
+            if not w.skip(padded):
                 raise ShardFormatError(
                     f"truncated archive: member of {size} bytes runs past the end of the stream",
                     url=url, offset=here, member=name)
