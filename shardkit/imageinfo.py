@@ -1,5 +1,8 @@
 """Image format and size from the first bytes of a file, without decoding.
 
+Used by ``shardkit write`` (real format, width/height) and by the decoders (the
+decompression-bomb guard checks the size before any pixel memory is allocated).
+
 ``shardkit write`` names each image member by its real format (a PNG saved as
 ``x.jpg`` is stored as ``KEY.png``) and records width/height; PIL's ``Image.open``
 costs ~50-100 us per file for that, these parsers a few microseconds.
@@ -8,6 +11,7 @@ costs ~50-100 us per file for that, these parsers a few microseconds.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -17,45 +21,94 @@ class ImageInfo(NamedTuple):
     height: int | None
 
 
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the first bytes of an image say: format, size and (JPEG only) channel count."""
+
+    format: str
+    width: int
+    height: int
+    components: int | None = None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    pos = 2
-    n = len(data)
-    while pos + 4 <= n:
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) are not frames.
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def read_image_header(data: bytes | bytearray) -> ImageHeader | None:
+    """Return the size of a JPEG, PNG or WebP image from its header, without decoding.
+
+    Returns None for other formats and for headers that cannot be parsed (the caller then
+    falls back to PIL's lazy open, which also reads only the header).
+    """
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_header(data)
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width = int.from_bytes(data[16:20], "big")
+        height = int.from_bytes(data[20:24], "big")
+        return ImageHeader("PNG", width, height)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_header(data)
+    return None
+
+
+def _jpeg_header(data: bytes | bytearray) -> ImageHeader | None:
+    """Walk the JPEG marker segments up to the first SOFn; None if there is none."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
+        if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+        if marker in _JPEG_STANDALONE:
             pos += 2
             continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if marker in _SOF_MARKERS:
-            if pos + 9 > n:
+        if marker in _JPEG_SOF_MARKERS:
+            if pos + 10 > end:
                 return None
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height
-        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            height = int.from_bytes(data[pos + 5:pos + 7], "big")
+            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            if height == 0:  # height given later by a DNL marker: let PIL deal with it
+                return None
+            return ImageHeader("JPEG", width, height, components=data[pos + 9])
+        if marker in (0xDA, 0xD9):  # scan data or end of image before any frame header
             return None
-        pos += 2 + length
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     return None
 
 
-def _webp_size(data: bytes) -> tuple[int, int] | None:
+def _webp_header(data: bytes | bytearray) -> ImageHeader | None:
+    """Size from the first WebP chunk: lossy VP8, lossless VP8L or extended VP8X."""
     chunk = data[12:16]
-    if chunk == b"VP8 " and len(data) >= 30:
-        w, h = struct.unpack("<HH", data[26:30])
-        return w & 0x3FFF, h & 0x3FFF
-    if chunk == b"VP8L" and len(data) >= 25:
-        bits = int.from_bytes(data[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     if chunk == b"VP8X" and len(data) >= 30:
-        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
-    return None
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+    elif chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width = int.from_bytes(data[26:28], "little") & 0x3FFF
+        height = int.from_bytes(data[28:30], "little") & 0x3FFF
+    else:
+        return None
+    return ImageHeader("WEBP", width, height)
+
+
+def guess_format_name(data: bytes | bytearray) -> str:
+    """Format name for error messages when the field extension does not say."""
+    if data[:2] == b"\xff\xd8":
+        return "JPEG"
+    if data[:8] == _PNG_SIGNATURE:
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return "image"
+
 
 
 def _pnm_size(data: bytes) -> tuple[int, int] | None:
@@ -75,14 +128,10 @@ def probe_image(data: bytes) -> ImageInfo | None:
     """Format and (when parseable) size of encoded image bytes; None if not an image."""
     head = data[:32]
     size: tuple[int, int] | None = None
-    if head[:3] == b"\xff\xd8\xff":
-        ext, size = "jpg", _jpeg_size(data)
-    elif head[:8] == b"\x89PNG\r\n\x1a\n":
-        ext = "png"
-        if head[12:16] == b"IHDR" and len(data) >= 24:
-            size = struct.unpack(">II", data[16:24])
-    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        ext, size = "webp", _webp_size(data)
+    if head[:3] == b"\xff\xd8\xff" or head[:8] == _PNG_SIGNATURE or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        ext = "jpg" if head[:2] == b"\xff\xd8" else "png" if head[:4] == b"\x89PNG" else "webp"
+        header = read_image_header(data)
+        size = (header.width, header.height) if header is not None else None
     elif head[:6] in (b"GIF87a", b"GIF89a"):
         ext = "gif"
         if len(data) >= 10:

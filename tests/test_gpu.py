@@ -1,0 +1,112 @@
+"""Tests for shardkit.gpu: CPU behaviour always, CUDA behaviour when a GPU is present."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shardkit.decode import decode_image
+from shardkit.errors import SampleError
+from shardkit.gpu import CudaPrefetcher, _to_device, cuda_available, decode_images_cuda
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+
+Pair = namedtuple("Pair", "image label")
+
+
+def _jpeg(height: int = 40, width: int = 56, seed: int = 0, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.normal(0, 4, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _nested_batch() -> dict:
+    return {"image": torch.arange(12, dtype=torch.uint8).reshape(3, 2, 2),
+            "meta": [torch.ones(2), ("key", torch.zeros(1))],
+            "pair": Pair(torch.tensor([1.5]), 3), "ordered": OrderedDict(a=torch.ones(1)),
+            "name": "sample"}
+
+
+def test_import_makes_no_cuda_call():
+    code = "import torch, shardkit.gpu; print(torch.cuda.is_initialized())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120)
+    assert result.stdout.strip() == "False"
+
+
+def test_cuda_available_matches_torch():
+    assert cuda_available() is torch.cuda.is_available()
+
+
+def test_to_device_keeps_structure():
+    batch = _nested_batch()
+    moved = _to_device(batch, torch.device("cpu"))
+    assert type(moved["pair"]) is Pair and moved["pair"].label == 3
+    assert type(moved["ordered"]) is OrderedDict and type(moved["meta"][1]) is tuple
+    assert moved["name"] == "sample" and moved["meta"][1][0] == "key"
+    assert torch.equal(moved["image"], batch["image"])
+
+
+@without_cuda
+def test_prefetcher_passes_through_without_cuda():
+    batches = [_nested_batch(), _nested_batch()]
+    prefetcher = CudaPrefetcher(batches)
+    assert prefetcher.device is None and len(prefetcher) == 2
+    out = list(prefetcher)
+    assert len(out) == 2 and all(a is b for a, b in zip(out, batches))
+
+
+@without_cuda
+def test_explicit_cuda_device_without_cuda_is_an_error():
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        CudaPrefetcher([], device="cuda")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        decode_images_cuda([_jpeg()])
+
+
+def test_non_cuda_device_rejected():
+    with pytest.raises(ValueError, match="CUDA device"):
+        CudaPrefetcher([], device="cpu")
+
+
+def test_decode_images_cuda_bomb_guard_runs_before_any_gpu_work():
+    with pytest.raises(SampleError, match="image 1 of the batch.*max_pixels"):
+        decode_images_cuda([_jpeg(8, 8), _jpeg(40, 56)], max_pixels=1000)
+
+
+@needs_cuda
+def test_prefetcher_moves_nested_batches_in_order():
+    batches = [{"x": torch.full((4, 4), float(i)).pin_memory(), "y": [torch.tensor([i])],
+                "pair": Pair(torch.ones(2), i)} for i in range(5)]
+    out = list(CudaPrefetcher(batches))
+    assert len(out) == 5
+    for i, batch in enumerate(out):
+        assert batch["x"].is_cuda and batch["y"][0].is_cuda and batch["pair"].image.is_cuda
+        assert batch["x"].sum().item() == 16 * i and batch["pair"].label == i
+    assert list(CudaPrefetcher([], device="cuda")) == []
+
+
+@needs_cuda
+def test_decode_images_cuda_matches_cpu():
+    images = [_jpeg(seed=1), _jpeg(64, 48, seed=2), _jpeg(seed=3, mode="L"),
+              _jpeg(seed=4, mode="CMYK")]
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 12), (1, 2, 3)).save(buffer, "PNG")
+    images.append(buffer.getvalue())
+    decoded = decode_images_cuda(images)
+    for data, tensor in zip(images, decoded):
+        reference = decode_image(data, "torch")
+        assert tensor.is_cuda and tensor.dtype == torch.uint8 and tensor.shape == reference.shape
+        diff = (tensor.cpu().int() - reference.int()).abs().float().mean().item()
+        assert diff < 2.0
