@@ -77,6 +77,8 @@ class ShardDataset(IterableDataset):
         resampled: draw shards with replacement forever (use with epoch_length).
         cache_dir, cache_size, headers, allow_pipe, source_options: remote sources.
         allow_pickle: decode .pickle/.pyd members (only for data you trust).
+        threads: decode/transform threads per worker (0 = inline). JPEG decoders and
+            torch ops release the GIL, so threads can stand in for worker processes.
     """
 
     def __init__(self, urls: str | Sequence[str], *, shuffle: int | bool = 0,
@@ -89,7 +91,8 @@ class ShardDataset(IterableDataset):
                  handler: str | Callable[[Exception], Any] = "raise", epoch_length: int | None = None,
                  resampled: bool = False, cache_dir: str | None = None, cache_size: int | str | None = None,
                  headers: dict[str, dict[str, str]] | None = None, allow_pipe: bool = False,
-                 allow_pickle: bool = False, source_options: SourceOptions | None = None) -> None:
+                 allow_pickle: bool = False, threads: int = 0,
+                 source_options: SourceOptions | None = None) -> None:
         super().__init__()
         self.buffer = DEFAULT_BUFFER if shuffle is True else int(shuffle or 0)
         self.shuffle_shards = bool(self.buffer) if shuffle_shards is None else shuffle_shards
@@ -116,6 +119,7 @@ class ShardDataset(IterableDataset):
         self.decode = decode
         self.decode_size = decode_size
         self.allow_pickle = allow_pickle
+        self.threads = threads
         self.transform = transform
         self.fields = fields
         self.batch_size = batch_size
@@ -245,28 +249,22 @@ class ShardDataset(IterableDataset):
         pipeline = SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
                                   handler=handler)
         skip = stages[-1].emitted[rank][worker] if stages and stages[-1].topology == topo else 0
-        emitted = itertools.count(skip + 1)
         self._worker_state = {"epoch": epoch, "rank": rank, "worker": worker, "topology": topo,
                               "stages": stages, "emitted": skip}
         positions = self._positions(reader, topo, rank, worker, epoch, stages)
-
-        def counted() -> Iterator[dict]:
-            for sample in positions:
-                self._worker_state["emitted"] = next(emitted)
-                if sample is None:  # lost to a read error, already counted as skipped
-                    continue
-                yield sample
+        # Each sample is tagged with its position count in the emission order; the count
+        # of the last sample handed out is the progress a resume continues from.
+        tagged = ((n, s) for n, s in enumerate(positions, skip + 1) if s is not None)
 
         def on_skip() -> None:
             stats.skipped += 1
 
-        items = pipeline.map(counted(), on_skip)
+        items = pipeline.map(tagged, on_skip, threads=self.threads)
         if self.batch_size is not None:
-            for batch, _ in batched(items, self.batch_size, drop_last=self.drop_last, collate_fn=self.collate_fn):
-                yield self._wrap(batch, worker, epoch, stats)
-        else:
-            for item in items:
-                yield self._wrap(item, worker, epoch, stats)
+            items = batched(items, self.batch_size, drop_last=self.drop_last, collate_fn=self.collate_fn)
+        for emitted, item in items:
+            self._worker_state["emitted"] = emitted
+            yield self._wrap(item, worker, epoch, stats)
 
     def _wrap(self, item: Any, worker: int, epoch: int, stats: ReadStats) -> Any:
         if self._emit_progress:

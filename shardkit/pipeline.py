@@ -10,6 +10,7 @@ import logging
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import SampleError, ShardkitError
+from .parallel import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +89,34 @@ class SamplePipeline:
             return self._select(sample)
         return sample
 
-    def map(self, samples: Iterable[dict], on_skip: Callable[[], None]) -> Iterator[Any]:
-        for sample in samples:
-            try:
-                yield self(sample)
-            except Exception as e:  # noqa: BLE001 - per-sample errors go to the handler
-                if not isinstance(e, ShardkitError):
-                    e = SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"),
-                                    key=sample.get("__key__"))
-                self.handler(e)
+    def _safe(self, tagged: tuple[Any, dict]) -> tuple[Any, Any]:
+        tag, sample = tagged
+        try:
+            return tag, self(sample)
+        except Exception as e:  # noqa: BLE001 - per-sample errors go to the handler
+            if not isinstance(e, ShardkitError):
+                e = SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"),
+                                key=sample.get("__key__"))
+            return tag, _Failed(e)
+
+    def map(self, tagged: Iterable[tuple[Any, dict]], on_skip: Callable[[], None], *,
+            threads: int = 0) -> Iterator[tuple[Any, Any]]:
+        """Process ``(tag, sample)`` pairs in order (on ``threads`` threads when > 1),
+        yielding ``(tag, result)``; failures go to the handler, which raises or skips.
+        The tag travels with its sample so progress counts never run ahead of output."""
+        for tag, result in ordered_map(self._safe, tagged, threads):
+            if isinstance(result, _Failed):
+                self.handler(result.error)
                 on_skip()
+                continue
+            yield tag, result
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def collate(batch: list[Any]) -> Any:
@@ -116,16 +135,17 @@ def collate(batch: list[Any]) -> Any:
         return list(batch)
 
 
-def batched(items: Iterable[Any], batch_size: int, *, drop_last: bool,
-            collate_fn: Callable[[list[Any]], Any]) -> Iterator[tuple[Any, int]]:
-    """Yield ``(collated batch, number of samples in it)``."""
+def batched(tagged: Iterable[tuple[Any, Any]], batch_size: int, *, drop_last: bool,
+            collate_fn: Callable[[list[Any]], Any]) -> Iterator[tuple[Any, Any]]:
+    """Group ``(tag, item)`` pairs into ``(tag of the last item, collated batch)``."""
     if batch_size < 1:
         raise ShardkitError(f"batch_size must be >= 1, got {batch_size}")
     chunk: list[Any] = []
-    for item in items:
+    tag = None
+    for tag, item in tagged:
         chunk.append(item)
         if len(chunk) == batch_size:
-            yield collate_fn(chunk), batch_size
+            yield tag, collate_fn(chunk)
             chunk = []
     if chunk and not drop_last:
-        yield collate_fn(chunk), len(chunk)
+        yield tag, collate_fn(chunk)

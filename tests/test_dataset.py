@@ -182,3 +182,21 @@ def test_foreign_shards_without_counts(tmp_path, uneven_shards):
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(ShardkitError, match=r"2 of 2 shard\(s\) do not exist: .*x-1.tar"):
         ShardDataset(str(tmp_path / "x-{0..1}.tar"))
+
+
+def test_thread_decode_keeps_order_and_resume_exact(uneven_shards):
+    def make(threads):
+        return ShardLoader(ShardDataset(uneven_shards, shuffle=6, seed=8, threads=threads,
+                                        transform=lambda s: {**s, "n": len(s["jpg"])}),
+                           batch_size=5, num_workers=1)
+
+    full = keys_of(make(0))
+    assert keys_of(make(3)) == full
+    loader = make(3)
+    it = iter(loader)
+    before = keys_of(next(it) for _ in range(4))
+    state = loader.state_dict()
+    del it
+    again = make(3)
+    again.load_state_dict(state)
+    assert before + keys_of(again) == full

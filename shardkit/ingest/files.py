@@ -22,13 +22,12 @@ import json
 import logging
 import os
 import random
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ..errors import ShardkitError
 from ..imageinfo import probe_image
+from ..parallel import ordered_map
 from . import IngestOptions
 
 log = logging.getLogger(__name__)
@@ -238,7 +237,7 @@ class FileSource:
         if workers == 1:
             results: Iterator[Any] = map(self._load, self.entries)
         else:
-            results = _ordered_map(self._load, self.entries, workers)
+            results = ordered_map(self._load, self.entries, workers, window=workers * 8)
         for result in results:
             if isinstance(result, tuple):
                 path, reason = result
@@ -248,19 +247,6 @@ class FileSource:
                 self.skipped.append(result)
                 continue
             yield result
-
-
-def _ordered_map(fn, items, workers: int) -> Iterator[Any]:
-    """Like executor.map, but with a bounded window so memory stays flat."""
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        it = iter(items)
-        for item in it:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= workers * 8:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def open_source(src: str, fmt: str, options: IngestOptions, **kwargs: Any) -> FileSource:
