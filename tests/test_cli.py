@@ -137,3 +137,33 @@ def test_ls_cat_stats_and_usage_errors(tmp_path, photos):
     assert shardkit("write", check=False).returncode == 2
     missing = shardkit("ls", str(tmp_path / "x-{0..3}.tar"), check=False)
     assert missing.returncode == 1 and b"do not exist" in missing.stderr
+
+
+def test_write_detects_migration_formats(tmp_path):
+    import sqlite3
+
+    import h5py
+    import numpy as np
+
+    from shardkit.dataset import ShardDataset
+    from tests.helpers import tiny_jpeg
+
+    images = [tiny_jpeg(i) for i in range(12)]
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        data = f.create_dataset("images", (12,), dtype=h5py.vlen_dtype(np.uint8))
+        for i, b in enumerate(images):
+            data[i] = np.frombuffer(b, np.uint8)
+        f["labels"] = np.arange(12) % 4
+    db = sqlite3.connect(tmp_path / "t.sqlite")
+    db.execute("create table pics(key text, image blob, label int)")
+    db.executemany("insert into pics values(?,?,?)", [(f"k{i}", b, i % 3) for i, b in enumerate(images)])
+    db.commit()
+    db.close()
+    for src, labels in (("d.h5", [i % 4 for i in range(12)]), ("t.sqlite", [i % 3 for i in range(12)])):
+        out = tmp_path / ("out_" + src)
+        assert json.loads(shardkit("write", str(tmp_path / src), str(out), "--json").stdout)["samples"] == 12
+        samples = list(ShardDataset(str(out)))
+        assert [s["jpg"] for s in samples] == images
+        assert [int(s["cls"]) for s in samples] == labels
+    bad = shardkit("write", str(tmp_path / "t.sqlite"), str(tmp_path / "x"), "--table", "nope", check=False)
+    assert bad.returncode == 1 and b"nope" in bad.stderr and b"pics" in bad.stderr

@@ -74,7 +74,6 @@ class IngestOptions:
 
 # Format name -> module below shardkit.ingest; detection tries them in this order.
 FORMATS: dict[str, str] = {
-    "folder": "files",
     "list": "files",
     "csv": "files",
     "jsonl": "files",
@@ -84,6 +83,7 @@ FORMATS: dict[str, str] = {
     "sqlite": "sqlite",
     "tfrecord": "tfrecord",
     "binary": "binary",
+    "folder": "files",  # last: any directory matches, LMDB and TFRecord folders included
 }
 
 FILE_FORMATS = ("folder", "list", "csv", "jsonl")
