@@ -6,12 +6,27 @@ import logging
 
 from .errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from .sizes import format_size, parse_size
+from .writer import ShardWriter
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "SampleError", "ShardFormatError", "ShardkitError", "SourceError",
-    "format_size", "parse_size", "__version__",
+    "SampleError", "ShardDataset", "ShardFormatError", "ShardLoader", "ShardWriter", "ShardkitError",
+    "SourceError", "format_size", "parse_size", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # ShardDataset/ShardLoader import torch: load them on first use so the CLI and the
+    # writer start fast.
+    if name == "ShardDataset":
+        from .dataset import ShardDataset
+
+        return ShardDataset
+    if name == "ShardLoader":
+        from .loader import ShardLoader
+
+        return ShardLoader
+    raise AttributeError(f"module 'shardkit' has no attribute {name!r}")
