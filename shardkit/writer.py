@@ -18,6 +18,9 @@ import io
 import json
 import logging
 import os
+import queue
+import threading
+import zlib
 from typing import Any, Mapping
 
 from .errors import ShardkitError
@@ -104,7 +107,9 @@ def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes 
     header[156:157] = typeflag
     header[257:265] = b"ustar\x0000"
     header[345:345 + len(prefix)] = prefix
-    header[148:156] = b"%06o\0 " % sum(header)
+    # Byte sum via adler32 of two halves (each sums below 65521, so it is exact).
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    header[148:156] = b"%06o\0 " % total
     return bytes(header)
 
 
@@ -140,6 +145,74 @@ def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     if not members:
         raise KeyError_(f"sample {key!r} has no fields to write")
     return members
+
+
+class _ShardFile:
+    """A shard being written: bytes are hashed and written on a background thread.
+
+    sha256 and write(2) both release the GIL, so they overlap with the caller reading and
+    encoding the next samples. Order is kept (one thread, one FIFO); an I/O error
+    surfaces at the next ``write`` or at ``finish``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=64)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shardkit-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            pieces = self._queue.get()
+            if pieces is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                for piece in pieces:
+                    self._hash.update(piece)
+                _write_all(self._fd, pieces)
+            except BaseException as e:  # noqa: BLE001 - handed to the writing thread
+                self._error = e
+
+    def write(self, pieces: list[bytes]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(pieces)
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def finish(self) -> str:
+        """Flush, fsync and close; returns the sha256 of everything written."""
+        self._stop()
+        try:
+            if self._error is not None:
+                raise self._error
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        return self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        self._stop()
+        os.close(self._fd)
+        os.remove(self.path)
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    views = [memoryview(p) for p in pieces if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def shard_path(dest: str, name: str, number: int) -> str:
@@ -180,8 +253,7 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self.samples_written = 0
         self.bytes_written = 0
-        self._file: io.BufferedWriter | None = None
-        self._hash = hashlib.sha256()
+        self._file: _ShardFile | None = None
         self._offsets: list[int] = []
         self._fields: set[str] = set()
         self._size = 0
@@ -221,17 +293,16 @@ class ShardWriter:
             self._start_shard()
         assert self._file is not None
         self._offsets.append(self._size)
+        pieces: list[bytes] = []
+        for header, payload in members:
+            pieces += (header, payload, _PAD[:(-len(payload)) % BLOCK])
         try:
-            for header, payload in members:
-                self._put(header)
-                self._put(payload)
-                pad = (-len(payload)) % BLOCK
-                if pad:
-                    self._put(_PAD[:pad])
+            self._file.write(pieces)
         except BaseException:
             # A half-written sample must not end up in a finished shard.
             self._abandon_shard()
             raise
+        self._size += size
         self._fields.update(k for k in sample if not k.startswith("_"))
         self.samples_written += 1
 
@@ -246,16 +317,9 @@ class ShardWriter:
             self._start_shard()
         self._finish_shard()
 
-    def _put(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self._hash.update(data)
-        self._size += len(data)
-
     def _start_shard(self) -> None:
         path = shard_path(self.dest, self.name, len(self.shards))
-        self._file = open(path + TMP_SUFFIX, "wb", buffering=1 << 20)  # noqa: SIM115
-        self._hash = hashlib.sha256()
+        self._file = _ShardFile(path + TMP_SUFFIX)
         self._offsets = []
         self._fields = set()
         self._size = 0
@@ -263,25 +327,28 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         assert self._file is not None
         end = self._size
-        self._put(END_BLOCKS)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._file.write([END_BLOCKS])
+        self._size += len(END_BLOCKS)
+        try:
+            sha256 = self._file.finish()
+        except BaseException:
+            os.remove(self._file.path)
+            self._file = None
+            raise
         self._file = None
         path = shard_path(self.dest, self.name, len(self.shards))
         _atomic_write(path + ".idx", encode_index(self._offsets + [end]))
         os.replace(path + TMP_SUFFIX, path)
         self.shards.append(ShardInfo(name=os.path.basename(path), samples=len(self._offsets),
-                                     bytes=self._size, sha256=self._hash.hexdigest(),
+                                     bytes=self._size, sha256=sha256,
                                      fields=sorted(self._fields)))
         self.bytes_written += self._size
         log.debug("wrote %s: %d samples, %d bytes", path, len(self._offsets), self._size)
 
     def _abandon_shard(self) -> None:
         assert self._file is not None
-        self._file.close()
+        self._file.abandon()
         self._file = None
-        os.remove(shard_path(self.dest, self.name, len(self.shards)) + TMP_SUFFIX)
         self.samples_written -= len(self._offsets) - 1
         log.error("abandoned shard %d after a failed write; its samples were not kept",
                   len(self.shards))

@@ -78,7 +78,8 @@ def _folder_entries(src: str) -> tuple[list[Entry], list[str] | None]:
             for n in sorted(filenames):
                 if _is_image_name(n):
                     path = os.path.join(dirpath, n)
-                    entries.append(Entry(path, os.path.relpath(path, src), label, cls))
+                    entries.append(Entry(path, path[len(src) + 1:] if path.startswith(src + "/")
+                                         else os.path.relpath(path, src), label, cls))
     return entries, subdirs
 
 
