@@ -33,12 +33,15 @@ STATE_VERSION = 1
 
 
 class Progress:
-    """Attached to each item when a ShardLoader drives the dataset (never seen by users)."""
+    """Attached to each item when a ShardLoader drives the dataset (never seen by users).
 
-    __slots__ = ("worker", "emitted", "epoch", "stats")
+    ``samples`` is how many samples the item holds; ``stats`` the worker's counters.
+    """
 
-    def __init__(self, worker: int, emitted: int, epoch: int, stats: dict[str, int]) -> None:
-        self.worker, self.emitted, self.epoch, self.stats = worker, emitted, epoch, stats
+    __slots__ = ("worker", "emitted", "samples", "epoch", "stats")
+
+    def __init__(self, worker: int, emitted: int, samples: int, epoch: int, stats: dict[str, int]) -> None:
+        self.worker, self.emitted, self.samples, self.epoch, self.stats = worker, emitted, samples, epoch, stats
 
 
 def _topology_to_dict(t: Topology) -> dict[str, Any]:
@@ -245,7 +248,8 @@ class ShardDataset(IterableDataset):
         handler = make_handler(self.handler)
         stats = ReadStats()
         self.stats = stats
-        reader = ShardReader(self.urls, options=self.options, handler=handler, stats=stats)
+        reader = ShardReader(self.urls, options=self.options, handler=handler, stats=stats,
+                             sha256=self.shards.sha256)
         pipeline = SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
                                   handler=handler)
         skip = stages[-1].emitted[rank][worker] if stages and stages[-1].topology == topo else 0
@@ -260,16 +264,35 @@ class ShardDataset(IterableDataset):
             stats.skipped += 1
 
         items = pipeline.map(tagged, on_skip, threads=self.threads)
+        cache_before = self._cache_stats()
         if self.batch_size is not None:
-            items = batched(items, self.batch_size, drop_last=self.drop_last, collate_fn=self.collate_fn)
-        for emitted, item in items:
-            self._worker_state["emitted"] = emitted
-            yield self._wrap(item, worker, epoch, stats)
+            for emitted, (size, batch) in batched(items, self.batch_size, drop_last=self.drop_last,
+                                                  collate_fn=self._collate_sized):
+                self._worker_state["emitted"] = emitted
+                yield self._wrap(batch, size, worker, epoch, stats, cache_before)
+        else:
+            for emitted, item in items:
+                self._worker_state["emitted"] = emitted
+                yield self._wrap(item, 1, worker, epoch, stats, cache_before)
 
-    def _wrap(self, item: Any, worker: int, epoch: int, stats: ReadStats) -> Any:
-        if self._emit_progress:
-            return item, Progress(worker, self._worker_state["emitted"], epoch, stats.as_dict())
-        return item
+    def _collate_sized(self, items: list[Any]) -> tuple[int, Any]:
+        return len(items), self.collate_fn(items)
+
+    def _cache_stats(self) -> dict[str, int]:
+        if not self.options.cache_dir:
+            return {}
+        from .cache import cache_for
+
+        return {f"cache_{k}": v for k, v in cache_for(self.options).stats().items() if k != "bytes_cached"}
+
+    def _wrap(self, item: Any, samples: int, worker: int, epoch: int, stats: ReadStats,
+              cache_before: dict[str, int]) -> Any:
+        if not self._emit_progress:
+            return item
+        counters = stats.as_dict()
+        if cache_before:  # this epoch's share of the (per-process, cumulative) cache counters
+            counters.update({k: v - cache_before.get(k, 0) for k, v in self._cache_stats().items()})
+        return item, Progress(worker, self._worker_state["emitted"], samples, epoch, counters)
 
     def _decoder(self) -> Callable[[dict], dict] | None:
         if self.decode is None or callable(self.decode):

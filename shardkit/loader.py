@@ -87,6 +87,9 @@ class ShardLoader(DataLoader):
             self._progress, self._batches_taken = {}, 0
         self._worker_stats = {}
         self._stats = {"wait_s": 0.0, "batches": 0, "samples": 0}
+        if dataset.counts is not None and not dataset.resampled and dataset.epoch_length is None:
+            info = dataset.epoch_info(num_workers=self.num_workers)
+            self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
         it = super().__iter__()
         while True:
@@ -101,6 +104,7 @@ class ShardLoader(DataLoader):
             self._worker_stats[progress.worker] = progress.stats
             self._batches_taken += 1
             self._stats["batches"] += 1
+            self._stats["samples"] += progress.samples
             yield item
         self._stats["epoch_s"] = time.perf_counter() - started
         # A finished epoch leaves nothing to resume.
@@ -112,7 +116,10 @@ class ShardLoader(DataLoader):
 
         Other ranks' progress is replayed from this rank's batch count (DataLoader takes
         batches round-robin from workers and DDP ranks step in lockstep), so any rank's
-        state can resume all ranks, under any world size or worker count.
+        state can resume all ranks, under any world size or worker count. That holds
+        with ``even="pad"``/``"drop"`` (equal batch counts on every rank) or while every
+        rank still has batches left; with ``even=None`` a state saved after a shorter
+        rank finished its epoch misjudges the longer ranks by up to a batch.
         """
         dataset: ShardDataset = self.dataset  # type: ignore[assignment]
         topo = dataset.topology(self.num_workers)
@@ -167,9 +174,12 @@ class ShardLoader(DataLoader):
         self._iterator = None
 
     def stats(self) -> dict[str, Any]:
-        """This rank's numbers for the current/last epoch: batches, samples read, bytes read,
-        skipped samples, and seconds the training loop waited for data."""
+        """This rank's numbers for the current/last epoch: batches and samples delivered,
+        padded/dropped (even mode), samples and bytes read, skipped samples, shards opened,
+        cache hits/misses/downloads (with a cache), and ``wait_s``, the seconds the
+        training loop waited for data."""
         out: dict[str, Any] = {"epoch": self.epoch, **self._stats}
-        for key in ("samples_read", "bytes_read", "skipped", "shards_opened"):
+        keys = {k for s in self._worker_stats.values() for k in s}
+        for key in sorted(keys | {"samples_read", "bytes_read", "skipped", "shards_opened"}):
             out[key] = sum(s.get(key, 0) for s in self._worker_stats.values())
         return out

@@ -45,8 +45,9 @@ class ShardReader:
     """Opens shards and yields their samples; caches a few shard indexes."""
 
     def __init__(self, urls: list[str], *, options: SourceOptions, handler: ErrorHandler,
-                 stats: ReadStats | None = None) -> None:
+                 stats: ReadStats | None = None, sha256: list[str | None] | None = None) -> None:
         self.urls = urls
+        self.sha256 = sha256
         self.options = options
         self.handler = handler
         self.stats = stats or ReadStats()
@@ -69,10 +70,11 @@ class ShardReader:
             self._offsets.popitem(last=False)
         return offsets
 
-    def _samples(self, url: str, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+    def _samples(self, url: str, start: int = 0, stop: int | None = None,
+                 sha256: str | None = None) -> Iterator[Sample]:
         is_local = local_path(url) is not None
         length = None if is_local or stop is None else stop - start
-        stream = open_stream(url, offset=start, length=length, options=self.options)
+        stream = open_stream(url, offset=start, length=length, options=self.options, expected_sha256=sha256)
         self.stats.shards_opened += 1
         try:
             for _, end, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url):
@@ -86,6 +88,7 @@ class ShardReader:
     def read_piece(self, piece: Piece) -> Iterator[Sample | None]:
         """Samples ``piece.start..piece.stop`` of a shard; ``None`` for each one lost."""
         url = self.urls[piece.shard]
+        sha256 = self.sha256[piece.shard] if self.sha256 else None
         wanted = piece.stop - piece.start
         got = 0
         try:
@@ -94,9 +97,9 @@ class ShardReader:
                 if piece.stop >= len(offsets):
                     raise ShardkitError(f"{url}: plan wants sample {piece.stop - 1} but the index "
                                         f"has {len(offsets) - 1}")
-                samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]))
+                samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]), sha256)
             else:
-                samples = self._skip(self._samples(url), piece.start)
+                samples = self._skip(self._samples(url, sha256=sha256), piece.start)
             for sample in samples:
                 if got == wanted:
                     break
@@ -122,7 +125,7 @@ class ShardReader:
         """All samples of a shard (no counts needed); errors end the shard via the handler."""
         url = self.urls[shard]
         try:
-            yield from self._samples(url)
+            yield from self._samples(url, sha256=self.sha256[shard] if self.sha256 else None)
         except Exception as e:  # noqa: BLE001
             self.handler(e)
             self.stats.skipped += 1

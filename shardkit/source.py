@@ -140,6 +140,7 @@ class Backend:
     open_stream: Callable[..., BinaryIO]
     read_bytes: Callable[..., bytes | None]
     list_prefix: Callable[..., list[str]]
+    put_file: Callable[..., None] | None = None  # upload a finished local file
 
 
 _LOCAL = Backend(_open_local, _read_local, _list_local)
@@ -173,9 +174,25 @@ def _backend(url: str, options: SourceOptions) -> Backend:
 
 
 def open_stream(url: str, *, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
-    """Open ``url`` for reading from byte ``offset``, at most ``length`` bytes."""
-    return _backend(url, options).open_stream(url, offset=offset, length=length, options=options)
+                options: SourceOptions = DEFAULT_OPTIONS, expected_sha256: str | None = None) -> BinaryIO:
+    """Open ``url`` for reading from byte ``offset``, at most ``length`` bytes.
+
+    ``expected_sha256`` (from a manifest) is checked when a remote shard is downloaded
+    whole into the cache.
+    """
+    backend = _backend(url, options)
+    if expected_sha256 is not None and backend is not _LOCAL and options.cache_dir:
+        return backend.open_stream(url, offset=offset, length=length, options=options,
+                                   expected_sha256=expected_sha256)
+    return backend.open_stream(url, offset=offset, length=length, options=options)
+
+
+def put_file(local: str, url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> None:
+    """Upload a finished local file to ``url`` (S3 or an HTTP server accepting PUT)."""
+    backend = _backend(url, options)
+    if backend.put_file is None:
+        raise SourceError("this URL scheme does not support writing", url=url)
+    backend.put_file(local, url, options=options)
 
 
 def read_bytes(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:

@@ -489,7 +489,7 @@ def put_file(local_path: str, url: str, options: SourceOptions = DEFAULT_OPTIONS
         raise _status_error(url, resp)
 
 
-BACKEND = Backend(open_stream, read_bytes, list_prefix)
+BACKEND = Backend(open_stream, read_bytes, list_prefix, put_file)
 
 __all__ = ["BACKEND", "HTTPStream", "open_stream", "read_bytes", "list_prefix", "put_file",
            "session", "headers_for"]

@@ -370,7 +370,7 @@ def put_file(local_path: str, url: str, options: SourceOptions = DEFAULT_OPTIONS
         raise _permanent(url, e) from None
 
 
-BACKEND = Backend(open_stream, read_bytes, list_prefix)
+BACKEND = Backend(open_stream, read_bytes, list_prefix, put_file)
 
 __all__ = ["BACKEND", "S3Stream", "client", "list_prefix", "open_stream", "put_file",
            "read_bytes", "split_url"]
