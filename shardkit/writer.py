@@ -234,13 +234,26 @@ class ShardWriter:
         max_count: maximum samples per shard (None: no limit).
         classes: class names to record in the manifest (label i -> classes[i]).
         overwrite: replace shards of the same name already in ``dest``.
+        source_options: credentials/retries for a remote ``dest``.
+
+    ``dest`` may be ``s3://bucket/prefix`` or an HTTP URL accepting PUT: shards are
+    staged in a temporary folder and each is uploaded when complete (its index right
+    after it, the manifest last), so a reader never sees a half-written shard.
     """
 
     def __init__(self, dest: str, *, name: str = "data", shard_size: int | str = "1GB",
                  max_count: int | None = None, classes: list[str] | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, source_options: Any = None) -> None:
         if "/" in name or not name:
             raise ValueError(f"shard name must be a plain file name prefix, got {name!r}")
+        from .source import DEFAULT_OPTIONS, local_path
+
+        self.remote = None if local_path(dest) is not None else dest.rstrip("/")
+        self._source_options = source_options or DEFAULT_OPTIONS
+        if self.remote is not None:
+            import tempfile
+
+            dest = tempfile.mkdtemp(prefix="shardkit-upload-")
         self.dest = dest
         self.name = name
         self.shard_size = parse_size(shard_size)
@@ -339,6 +352,9 @@ class ShardWriter:
         path = shard_path(self.dest, self.name, len(self.shards))
         _atomic_write(path + ".idx", encode_index(self._offsets + [end]))
         os.replace(path + TMP_SUFFIX, path)
+        if self.remote is not None:
+            self._upload(path)
+            self._upload(path + ".idx")
         self.shards.append(ShardInfo(name=os.path.basename(path), samples=len(self._offsets),
                                      bytes=self._size, sha256=sha256,
                                      fields=sorted(self._fields)))
@@ -368,7 +384,18 @@ class ShardWriter:
                         os.remove(stale)
         manifest = self.manifest(complete)
         _atomic_write(os.path.join(self.dest, manifest_name(self.name)), manifest.to_json().encode())
+        if self.remote is not None:
+            self._upload(os.path.join(self.dest, manifest_name(self.name)))
+            os.rmdir(self.dest)
         return manifest
+
+    def _upload(self, path: str) -> None:
+        """Upload a finished local file next to the others at the remote dest, then drop it."""
+        from .source import put_file
+
+        assert self.remote is not None
+        put_file(path, f"{self.remote}/{os.path.basename(path)}", options=self._source_options)
+        os.remove(path)
 
     def manifest(self, complete: bool = True) -> Manifest:
         return Manifest(shards=list(self.shards), name=self.name, classes=self.classes, complete=complete)
