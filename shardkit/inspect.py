@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -163,14 +162,6 @@ def build_index(urls: str | list[str], *, name: str | None = None, options: Sour
     manifest = Manifest(infos, name=name or dataset_name_for(shards.urls))
     _atomic_write(os.path.join(folder or ".", manifest_name(manifest.name)), manifest.to_json().encode())
     return manifest
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe(sample: Sample) -> dict[str, Any]:

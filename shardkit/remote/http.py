@@ -41,7 +41,6 @@ Behaviour:
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import random
@@ -58,10 +57,10 @@ from requests.adapters import HTTPAdapter
 
 from ..errors import SourceError
 from ..source import DEFAULT_OPTIONS, Backend, SourceOptions
+from .stream import CHUNK, ChunkStream, open_maybe_cached
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 MAX_BACKOFF = 30.0
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _OK_PUT = frozenset({200, 201, 204})
@@ -161,7 +160,7 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int
         return None, None, total
 
 
-class HTTPStream(io.RawIOBase):
+class HTTPStream(ChunkStream):
     """A GET body as a read-only stream that reconnects and resumes transparently.
 
     ``offset``/``length`` select a byte range of the object; ``tell()`` is the absolute
@@ -341,27 +340,12 @@ class HTTPStream(io.RawIOBase):
             dest[:n] = data
             return n
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
-        return self._pull(len(buffer), memoryview(buffer).cast("B"))  # type: ignore[return-value]
-
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        if size is None or size < 0:
-            return self.readall()
+    def _chunk(self, size: int) -> bytes:
         return self._pull(size, None)  # type: ignore[return-value]
 
-    def readall(self) -> bytes:
-        parts = []
-        while True:
-            data = self._pull(CHUNK, None)
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
-
-    def tell(self) -> int:
-        return self._pos
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        # Straight into the caller's buffer: no intermediate bytes object.
+        return self._pull(len(buffer), memoryview(buffer).cast("B"))  # type: ignore[return-value]
 
     def close(self) -> None:
         if not self.closed:
@@ -418,17 +402,9 @@ def _no_body() -> Iterator[None]:
 def open_stream(url: str, offset: int = 0, length: int | None = None,
                 options: SourceOptions = DEFAULT_OPTIONS, *,
                 expected_sha256: str | None = None) -> BinaryIO:
-    """Stream ``url`` from ``offset`` (``length`` bytes or to the end).
-
-    With ``options.cache_dir`` the whole object is downloaded once into the local
-    :class:`~shardkit.cache.ShardCache` (verified against ``expected_sha256`` if given)
-    and the range is served from the cached file.
-    """
-    if options.cache_dir:
-        from ..cache import open_cached
-
-        return open_cached(url, offset, length, options, expected_sha256=expected_sha256)
-    return HTTPStream(url, offset, length, options)  # type: ignore[return-value]
+    """Stream ``url`` from ``offset`` (``length`` bytes or to the end), through the local
+    cache when ``options.cache_dir`` is set."""
+    return open_maybe_cached(HTTPStream, url, offset, length, options, expected_sha256)  # type: ignore[arg-type]
 
 
 def read_bytes(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:

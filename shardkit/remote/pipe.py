@@ -15,14 +15,14 @@ import io
 import logging
 import subprocess
 import tempfile
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..errors import SourceError
 from ..source import DEFAULT_OPTIONS, Backend, SourceOptions
+from .stream import CHUNK, ChunkStream
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 STDERR_TAIL = 2000
 
 
@@ -35,7 +35,7 @@ def _command(url: str) -> str:
     return cmd
 
 
-class PipeStream(io.RawIOBase):
+class PipeStream(ChunkStream):
     """stdout of ``CMD`` as a stream; checks the exit status at the end."""
 
     def __init__(self, url: str, offset: int = 0, length: int | None = None) -> None:
@@ -83,35 +83,13 @@ class PipeStream(io.RawIOBase):
         self._pos += len(data)
         return data
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        if size is None or size < 0:
-            return self.readall()
+    def _chunk(self, size: int) -> bytes:
         if self._left is not None:
             size = min(size, self._left)
         data = self._read_raw(size)
         if self._left is not None:
             self._left -= len(data)
         return data
-
-    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        parts = []
-        while True:
-            data = self.read(CHUNK)
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
-
-    def tell(self) -> int:
-        return self._pos
 
     def close(self) -> None:
         if self.closed:

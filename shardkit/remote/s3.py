@@ -21,7 +21,6 @@ codes; ``options.retries`` bounds consecutive failures without progress. ``NoSuc
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -37,10 +36,10 @@ from botocore.config import Config
 
 from ..errors import SourceError
 from ..source import DEFAULT_OPTIONS, Backend, SourceOptions
+from .stream import ChunkStream, open_maybe_cached
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 PIECE = 256 * 1024
 MAX_BACKOFF = 30.0
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -149,7 +148,7 @@ def _call(url: str, options: SourceOptions, fn: Any, **kwargs: Any) -> Any:
     raise SourceError(f"{last} after {options.retries} retries", url=url, status=status)
 
 
-class S3Stream(io.RawIOBase):
+class S3Stream(ChunkStream):
     """A GetObject body that re-issues a ranged GetObject when the stream breaks."""
 
     def __init__(self, url: str, offset: int = 0, length: int | None = None,
@@ -236,7 +235,7 @@ class S3Stream(io.RawIOBase):
             except Exception:  # closing a broken stream must not mask the read error
                 pass
 
-    def _read_chunk(self, size: int) -> bytes:
+    def _chunk(self, size: int) -> bytes:
         if self._end is not None:
             size = min(size, self._end - self._pos)
         if size <= 0 or self._eof:
@@ -270,31 +269,6 @@ class S3Stream(io.RawIOBase):
             self._failures = 0
             return data
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
-        view = memoryview(buffer).cast("B")
-        data = self._read_chunk(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        if size is None or size < 0:
-            return self.readall()
-        return self._read_chunk(size)
-
-    def readall(self) -> bytes:
-        parts = []
-        while True:
-            data = self._read_chunk(CHUNK)
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
-
-    def tell(self) -> int:
-        return self._pos
-
     def close(self) -> None:
         if not self.closed:
             self._drop()
@@ -308,12 +282,8 @@ def open_stream(url: str, offset: int = 0, length: int | None = None,
                 options: SourceOptions = DEFAULT_OPTIONS, *,
                 expected_sha256: str | None = None) -> BinaryIO:
     """Stream ``s3://bucket/key`` from ``offset``; through the local cache when
-    ``options.cache_dir`` is set (see :func:`shardkit.remote.http.open_stream`)."""
-    if options.cache_dir:
-        from ..cache import open_cached
-
-        return open_cached(url, offset, length, options, expected_sha256=expected_sha256)
-    return S3Stream(url, offset, length, options)  # type: ignore[return-value]
+    ``options.cache_dir`` is set."""
+    return open_maybe_cached(S3Stream, url, offset, length, options, expected_sha256)  # type: ignore[arg-type]
 
 
 def read_bytes(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:
