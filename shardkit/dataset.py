@@ -70,7 +70,9 @@ class ShardDataset(IterableDataset):
             rank counts may differ by one).
         rank, world_size: override what torch.distributed says.
         decode: None (raw bytes), "pil", "numpy" or "torch"; or a callable on the sample.
-        decode_size: decode JPEGs at the smallest DCT scale that keeps this short side.
+        decode_size: decode JPEGs at the smallest DCT scale that keeps this short side;
+            "auto" derives it from a Resize/RandomResizedCrop in ``transform`` (see
+            :func:`shardkit.decode.decode_size_for`: exact, never blurrier).
         transform: a callable on the sample dict (torchvision v2 pipelines accept dicts),
             or ``{"jpg": fn, ...}`` per-field callables.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
@@ -87,7 +89,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: str | Sequence[str], *, shuffle: int | bool = 0,
                  shuffle_shards: bool | None = None, seed: int = 0, even: str | None = "pad",
                  rank: int | None = None, world_size: int | None = None,
-                 decode: str | Callable[[dict], dict] | None = None, decode_size: int | None = None,
+                 decode: str | Callable[[dict], dict] | None = None, decode_size: int | str | None = None,
                  transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
                  fields: str | Sequence[str] | None = None, batch_size: int | None = None,
                  drop_last: bool = False, collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -120,6 +122,14 @@ class ShardDataset(IterableDataset):
             log.info("no index or manifest for these shards: splitting by whole shards "
                      "(run `shardkit index` for sample-level splitting, len() and fast resume)")
         self.decode = decode
+        if decode_size == "auto":
+            from .decode import decode_size_for
+
+            steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
+            decode_size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
+            log.info("decode_size='auto' -> %s", decode_size)
+        elif decode_size is not None and not isinstance(decode_size, int):
+            raise ValueError(f"decode_size must be an int, 'auto' or None, got {decode_size!r}")
         self.decode_size = decode_size
         self.allow_pickle = allow_pickle
         self.threads = threads

@@ -200,3 +200,15 @@ def test_thread_decode_keeps_order_and_resume_exact(uneven_shards):
     again = make(3)
     again.load_state_dict(state)
     assert before + keys_of(again) == full
+
+
+def test_decode_size_auto_from_the_transform(uneven_shards):
+    from torchvision.transforms import v2
+
+    ds = ShardDataset(uneven_shards, decode="torch", decode_size="auto",
+                      transform={"jpg": v2.Compose([v2.Resize(16), v2.RandomHorizontalFlip()])})
+    assert ds.decode_size == 16
+    images = [s["jpg"] for s in ds]
+    assert len(images) == 64 and min(min(i.shape[1:]) for i in images) == 16
+    with pytest.raises(ValueError, match="decode_size"):
+        ShardDataset(uneven_shards, decode_size="big")
