@@ -121,6 +121,20 @@ def _sniff(first: bytes) -> str | None:
     return None
 
 
+def _not_a_tar(first: bytes, url: str | None) -> ShardFormatError:
+    """The error for a stream whose first block is not a tar header (error path only)."""
+    if not first:
+        return ShardFormatError("empty file, not a tar archive", url=url, offset=0)
+    what = _sniff(first)
+    if what is not None:
+        return ShardFormatError(f"not a tar archive: {what} (first bytes {first[:16]!r})", url=url, offset=0)
+    if len(first) < BLOCK:
+        return ShardFormatError(f"truncated archive: stream ended in the first tar header (only "
+                                f"{len(first)} bytes; first bytes {first[:16]!r})", url=url, offset=0)
+    return ShardFormatError(f"not a tar archive (bad header checksum at the start; first bytes "
+                            f"{first[:16]!r})", url=url, offset=0)
+
+
 def _parse_pax(data: bytes, url: str | None, offset: int) -> dict[str, str]:
     """Parse pax records ``"%d %s=%s\\n"``; malformed records raise."""
     records: dict[str, str] = {}
@@ -220,24 +234,33 @@ class _Window:
             return out
         if self.eof:
             return None
-        # Large payload: copy what is buffered, read the rest straight into place.
-        out = bytearray(n)
-        have = self.hi - self.lo
-        out[:have] = self.buf[self.lo:self.hi]
+        # Large payload: copy what is buffered, read the rest straight into chunks that
+        # double as data arrives. Never bytearray(n) up front: n is what the header
+        # claims, and a corrupt size (up to 2**88 in base-256) must end as a truncated
+        # archive, not as MemoryError/OverflowError or gigabytes zeroed for a 1 kB stream.
+        parts: list[bytes | bytearray] = [bytes(self.buf[self.lo:self.hi])]
+        left = n - (self.hi - self.lo)
         self.base += self.hi
         self.lo = self.hi = 0
-        view = memoryview(out)
-        try:
-            while have < n:
-                got = self._stream.readinto(view[have:])
-                if not got:
-                    self.eof = True
-                    return None
-                have += got
-                self.base += got
-        finally:
-            view.release()
-        return bytes(out)
+        step = _CHUNK
+        while left:
+            part = bytearray(min(left, step))
+            view = memoryview(part)
+            try:
+                have = 0
+                while have < len(part):
+                    got = self._stream.readinto(view[have:])
+                    if not got:
+                        self.eof = True
+                        return None
+                    have += got
+                    self.base += got
+            finally:
+                view.release()
+            parts.append(part)
+            left -= len(part)
+            step = min(2 * step, _MAX_STEP)
+        return b"".join(parts)
 
 
 def iter_members(stream: BinaryIO, *, url: str | None = None, start: int = 0,
@@ -277,8 +300,8 @@ def _size(field: bytes, pax: dict[str, str], url: str | None, here: int) -> int:
     else:
         try:
             size = int(field.rstrip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise ShardFormatError(f"bad size field {field!r} in tar header", url=url, offset=here) from None
+        except ValueError:  # e.g. bytes after the NUL terminator: read it as tarfile does
+            size = _number(memoryview(field), "size", url, here)
     if size < 0:
         raise ShardFormatError(f"negative member size {size}", url=url, offset=here)
     return size
@@ -299,8 +322,8 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
                                        url=url, offset=here)
             return
         if w.hi - w.lo < BLOCK and not w.fill(BLOCK):
-            if w.hi == w.lo and here == 0:
-                raise ShardFormatError("empty file, not a tar archive", url=url, offset=0)
+            if here == 0:
+                raise _not_a_tar(bytes(w.buf[w.lo:w.hi]), url)
             what = "in a tar header" if w.hi > w.lo else "before the end-of-archive marker"
             raise ShardFormatError(f"truncated archive: stream ended {what}", url=url, offset=here)
         lo = w.lo
@@ -317,8 +340,7 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
         total = (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - 2
         if chksum != b"%06o\0 " % (total - sum(chksum) + 256) and not _checksum_ok(header, url, here):
             if here == 0:
-                raise ShardFormatError("not a tar archive (bad header checksum at the start; "
-                                       f"first bytes {bytes(header[:16])!r})", url=url, offset=0)
+                raise _not_a_tar(bytes(header), url)
             raise ShardFormatError("bad tar header checksum", url=url, offset=here)
         size = _size(size_field, pax, url, here)
         if member_start is None:

@@ -12,13 +12,13 @@ Rules, each for a reason:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import logging
 import os
 import queue
+import re
 import threading
 import zlib
 from typing import Any, Mapping
@@ -272,19 +272,24 @@ class ShardWriter:
         self._size = 0
         self._closed = False
         os.makedirs(dest, exist_ok=True)
-        self._clean_temp_files()
-        existing = sorted(glob.glob(os.path.join(glob.escape(dest), f"{glob.escape(name)}-[0-9]*.tar")))
+        # Only this dataset's files: "data" must not touch "data-2021-000000.tar".
+        own_shard = re.compile(re.escape(name) + r"-\d{6}\.tar")
+        own_temp = re.compile(re.escape(name) + r"(-\d{6}\.tar(\.idx)?|\.manifest\.json)" + re.escape(TMP_SUFFIX))
+        entries = sorted(os.listdir(dest))
+        for entry in entries:
+            if own_temp.fullmatch(entry):
+                log.warning("removing %s left by an interrupted write", os.path.join(dest, entry))
+                os.remove(os.path.join(dest, entry))
+        existing = [os.path.join(dest, e) for e in entries if own_shard.fullmatch(e)]
         if existing and not overwrite:
-            raise ShardkitError(f"{dest} already holds {len(existing)} shard(s) named {name}-*.tar "
+            raise ShardkitError(f"{dest} already holds {len(existing)} shard(s) named {name}-NNNNNN.tar "
                                 "(first: {}); pass overwrite=True (--overwrite) to replace them"
                                 .format(os.path.basename(existing[0])))
         self._stale = existing
-
-    def _clean_temp_files(self) -> None:
-        pattern = os.path.join(glob.escape(self.dest), f"{glob.escape(self.name)}[-.]*{TMP_SUFFIX}")
-        for path in glob.glob(pattern):
-            log.warning("removing %s left by an interrupted write", path)
-            os.remove(path)
+        if existing:
+            # From now on the folder describes the new dataset (empty, incomplete), so a
+            # crash mid-overwrite can never read as a mix of old and new shards.
+            self._write_manifest(complete=False)
 
     # -- writing ---------------------------------------------------------------------
     def write(self, sample: Mapping[str, Any]) -> None:
@@ -358,6 +363,9 @@ class ShardWriter:
         self.shards.append(ShardInfo(name=os.path.basename(path), samples=len(self._offsets),
                                      bytes=self._size, sha256=sha256,
                                      fields=sorted(self._fields)))
+        if self.remote is None:
+            # Kept current after every shard: a killed write leaves a manifest of what is complete.
+            self._write_manifest(complete=False)
         self.bytes_written += self._size
         log.debug("wrote %s: %d samples, %d bytes", path, len(self._offsets), self._size)
 
@@ -382,8 +390,7 @@ class ShardWriter:
                 for stale in (path, path + ".idx"):
                     if os.path.exists(stale):
                         os.remove(stale)
-        manifest = self.manifest(complete)
-        _atomic_write(os.path.join(self.dest, manifest_name(self.name)), manifest.to_json().encode())
+        manifest = self._write_manifest(complete)
         if self.remote is not None:
             self._upload(os.path.join(self.dest, manifest_name(self.name)))
             os.rmdir(self.dest)
@@ -396,6 +403,11 @@ class ShardWriter:
         assert self.remote is not None
         put_file(path, f"{self.remote}/{os.path.basename(path)}", options=self._source_options)
         os.remove(path)
+
+    def _write_manifest(self, complete: bool) -> Manifest:
+        manifest = self.manifest(complete)
+        _atomic_write(os.path.join(self.dest, manifest_name(self.name)), manifest.to_json().encode())
+        return manifest
 
     def manifest(self, complete: bool = True) -> Manifest:
         return Manifest(shards=list(self.shards), name=self.name, classes=self.classes, complete=complete)
