@@ -11,6 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.helpers import make_shards  # noqa: E402
 
+# Server fixtures (nginx, http.server, SeaweedFS, moto) for every test module.
+pytest_plugins = ("tests.servers",)
+
 
 @pytest.fixture(scope="session")
 def uneven_shards(tmp_path_factory) -> list[str]:

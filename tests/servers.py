@@ -1,9 +1,8 @@
 """Real servers for the remote-backend tests: nginx, http.server, SeaweedFS, moto, and a
 fault-injecting TCP proxy. Everything binds 127.0.0.1 on free ports and is stopped by PID.
 
-Use by importing the fixtures into a test module::
-
-    from tests.servers import nginx_server, shard_files  # noqa: F401
+tests/conftest.py registers this module as a pytest plugin, so its fixtures
+(``nginx_server``, ``s3_server``, ...) are available to every test module.
 
 A missing server binary skips its tests with the reason (CI installs them all).
 """

@@ -16,8 +16,7 @@ from shardkit import cache as cache_mod
 from shardkit.cache import ShardCache, url_key
 from shardkit.errors import SourceError
 from shardkit.source import SourceOptions, open_stream
-from tests.servers import (  # noqa: F401  (fixtures)
-    BUCKET, nginx_server, s3_server, moto_server, seaweedfs_server, shard_files)
+from tests.servers import BUCKET
 
 
 def _digest(f) -> str:

@@ -12,8 +12,7 @@ import pytest
 from shardkit.errors import SourceError
 from shardkit.remote import http
 from shardkit.source import SourceOptions, list_prefix, open_stream, read_bytes
-from tests.servers import (  # noqa: F401  (fixtures)
-    FaultProxy, nginx_server, plain_http_server, shard_files, free_port)
+from tests.servers import FaultProxy, free_port
 
 FAST = SourceOptions(retries=8, backoff=0.001, timeout=10)
 

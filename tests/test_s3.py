@@ -11,8 +11,7 @@ import pytest
 from shardkit.errors import SourceError
 from shardkit.remote import s3
 from shardkit.source import SourceOptions, list_prefix, open_stream, read_bytes
-from tests.servers import (  # noqa: F401  (fixtures)
-    BUCKET, FaultProxy, moto_server, s3_server, seaweedfs_server, shard_files)
+from tests.servers import BUCKET, FaultProxy
 
 FAST = SourceOptions(retries=8, backoff=0.001, timeout=10)
 
