@@ -150,14 +150,16 @@ def _backend(url: str, options: SourceOptions) -> Backend:
     scheme = scheme_of(url)
     if scheme in ("", "file"):
         return _LOCAL
-    if scheme in ("http", "https"):
-        from .remote import http
-
-        return http.BACKEND
-    if scheme == "s3":
-        from .remote import s3
-
-        return s3.BACKEND
+    if scheme in ("http", "https", "s3"):
+        try:
+            if scheme == "s3":
+                from .remote import s3 as module
+            else:
+                from .remote import http as module
+        except ImportError as e:
+            raise SourceError(f"{scheme}:// URLs need {e.name!r}: pip install 'shardkit[remote]'",
+                              url=url) from None
+        return module.BACKEND
     if scheme == "pipe":
         if not options.allow_pipe:
             raise SourceError("pipe: URLs run a shell command; pass allow_pipe=True to permit it",
