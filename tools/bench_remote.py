@@ -96,6 +96,17 @@ def best_rate(fn: Callable[[], int], repeat: int, before: Callable[[], None] | N
     return best
 
 
+def loader_rate(urls: list[str], workers: int) -> float:
+    """Raw samples/s (no decode) through ShardDataset + ShardLoader, end to end."""
+    from shardkit.dataset import ShardDataset
+    from shardkit.loader import ShardLoader
+
+    loader = ShardLoader(ShardDataset(urls), batch_size=64, num_workers=workers)
+    started = time.perf_counter()
+    n = sum(len(batch["__key__"]) for batch in loader)
+    return n / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=200)
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(os.path.getsize(p) for p in paths)
     # rows: (label, read() MB/s, readinto() MB/s, reference row for the ratio)
     rows: list[tuple[str, float | None, float | None, str]] = []
+    loader_rows: list[tuple[int, float, float]] = []  # (workers, local samples/s, nginx samples/s)
 
     def both(urls: list[str], before: Callable[[], None] | None = None) -> tuple[float, float]:
         return (best_rate(lambda: read_through(urls, opts, "read"), args.repeat, before),
@@ -141,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(("nginx curl, warm", rate, None, "local disk, warm"))
             rows.append(("local disk, cold", *both(paths, cold), "local disk, cold"))
             rows.append(("nginx http, cold", *both(urls, cold), "local disk, cold"))
+            warm()
+            for workers in (0, 2):
+                local = max(loader_rate(paths, workers) for _ in range(args.repeat))
+                remote = max(loader_rate(urls, workers) for _ in range(args.repeat))
+                loader_rows.append((workers, local, remote))
     except pytest.skip.Exception as e:
         rows.append((f"nginx: n/a ({e})", None, None, ""))
 
@@ -179,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         b = ref.get(base, (None, None))
         print(f"| {label:<18} | {cell(r):>11} | {ratio(r, b[0]):>7} | {cell(ri):>15} "
               f"| {ratio(ri, b[1]):>7} |")
+    for workers, local, remote in loader_rows:
+        print(f"ShardLoader raw samples/s, {workers} workers: local {local:,.0f}, nginx {remote:,.0f} "
+              f"({remote / local:.2f}x local)")
     return 0
 
 
