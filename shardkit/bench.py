@@ -53,7 +53,7 @@ def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375)) -> tup
     return folder, shards
 
 
-def _drop_cache(paths: list[str]) -> None:
+def drop_page_cache(paths: list[str]) -> None:
     """Evict files from the page cache (posix_fadvise works without root)."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -126,7 +126,7 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         return _loop(loader, lambda b: len(b[1]))
     if name.startswith("raw-"):
         if name.endswith("-cold"):
-            _drop_cache(urls)
+            drop_page_cache(urls)
         if "webdataset" in name:
             import webdataset as wds
 

@@ -26,7 +26,7 @@ def _say(text: str) -> None:
 
 def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progress: bool = True) -> int:
     """Run the demo; returns a process exit code."""
-    from .bench import _drop_cache, _loop, augment
+    from .bench import drop_page_cache, _loop, augment
     from .convert import write_shards
     from .dataset import ShardDataset
     from .ingest import IngestOptions, open_source
@@ -52,7 +52,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
         _say(f"3/4 streaming shards through ShardLoader ({workers} workers, decode + RandomResizedCrop(224) + flip) ...")
         ds = ShardDataset(shards, decode="torch", transform={"jpg": aug}, fields="jpg cls", shuffle=500)
         loader = ShardLoader(ds, batch_size=64, num_workers=workers)
-        _drop_cache([os.path.join(shards, f) for f in os.listdir(shards)])
+        drop_page_cache([os.path.join(shards, f) for f in os.listdir(shards)])
         ours = _loop(loader, lambda b: len(b[1]))
         batch = next(iter(loader))
         _say(f"    batch: images {tuple(batch[0].shape)} {batch[0].dtype}, labels {tuple(batch[1].shape)}")
@@ -68,7 +68,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
                 return decode_image(f.read(), "torch")
 
         files = [os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs]
-        _drop_cache(files)
+        drop_page_cache(files)
         baseline = _loop(DataLoader(ImageFolder(folder, loader=load, transform=aug), batch_size=64,
                                     shuffle=True, num_workers=workers), lambda b: len(b[1]))
 

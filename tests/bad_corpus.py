@@ -883,3 +883,49 @@ def seed_shards() -> list[bytes]:
                  + header("b.bin", size_field=b"\x80" + (700).to_bytes(11, "big")) + b"b" * 700 + padding(700)
                  + END)
     return seeds
+
+
+# -- stream shapes and a parse-or-error runner shared by tests/test_fuzz.py and tools/fuzz_tar.py
+
+
+class Trickle(io.RawIOBase):
+    """A non-seekable stream returning at most 7 bytes per read (every refill boundary)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), 7, len(self._data) - self._pos)
+        buffer[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def memfd(data: bytes):
+    """A real file (so the reader memory-maps it) without touching the disk."""
+    fd = os.memfd_create("fuzz")
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def parse_or_error(stream, url: str = "x") -> tuple[list[tuple[int, int, dict]], str | None]:
+    """``(samples with offsets, error message or None)``; only ShardFormatError is expected."""
+    from shardkit.errors import ShardFormatError
+    from shardkit.samples import group_members
+    from shardkit.tar import iter_member_tuples
+
+    out: list[tuple[int, int, dict]] = []
+    try:
+        for item in group_members(iter_member_tuples(stream, url=url), url=url):
+            out.append(item)
+    except ShardFormatError as e:
+        assert e.url == url and url in str(e)
+        return out, str(e)
+    finally:
+        stream.close()
+    return out, None

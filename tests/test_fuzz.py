@@ -11,7 +11,6 @@ agree exactly. Longer, coverage-guided runs: ``tools/fuzz_tar.py``.
 from __future__ import annotations
 
 import io
-import os
 import re
 import time
 import tracemalloc
@@ -20,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardkit.errors import ShardFormatError
 from shardkit.samples import group_members, split_name
 from shardkit.tar import iter_member_tuples
 from tests import bad_corpus
@@ -31,42 +29,7 @@ SEEDS = bad_corpus.seed_shards()
 BLOCK = 512
 
 
-class Trickle(io.RawIOBase):
-    """A non-seekable stream returning at most 7 bytes per read."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), 7, len(self._data) - self._pos)
-        buffer[:n] = self._data[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-
-def memfd(data: bytes):
-    """A real file (so the reader memory-maps it) without touching the disk."""
-    fd = os.memfd_create("fuzz")
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return os.fdopen(fd, "rb", buffering=0)
-
-
-def parse(stream) -> tuple[list[tuple[int, int, dict]], str | None]:
-    out = []
-    try:
-        for item in group_members(iter_member_tuples(stream, url="x"), url="x"):
-            out.append(item)
-    except ShardFormatError as e:
-        assert e.url == "x" and "x" in str(e)
-        return out, str(e)
-    finally:
-        stream.close()
-    return out, None
+Trickle, memfd, parse = bad_corpus.Trickle, bad_corpus.memfd, bad_corpus.parse_or_error
 
 
 def header_offsets(data: bytes, limit: int = 64) -> list[int]:

@@ -25,6 +25,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from shardkit.bench import drop_page_cache  # noqa: E402
 from shardkit.source import SourceOptions, open_stream  # noqa: E402
 
 CHUNK = 1 << 20
@@ -50,15 +51,6 @@ def make_shards(folder: str, total_mb: int, shard_mb: int = 25, payload: int = 5
                 i += 1
         os.rename(path + ".tmp", path)
     return names
-
-
-def drop_page_cache(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_through(urls: list[str], options: SourceOptions, mode: str = "read") -> int:

@@ -40,47 +40,13 @@ sys.path.insert(0, ROOT)
 import atheris
 
 with atheris.instrument_imports(include=["shardkit.tar", "shardkit.samples"]):
-    from shardkit.errors import ShardFormatError
-    from shardkit.samples import group_members, iter_samples
-    from shardkit.tar import iter_member_tuples
+    from shardkit.samples import iter_samples
 
-from tests.bad_corpus import fix_checksums, seed_shards
-
-
-class Trickle(io.RawIOBase):
-    """A stream that returns at most 7 bytes per read (exercises every refill boundary)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), 7, len(self._data) - self._pos)
-        buffer[:n] = self._data[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-
-def _memfd(data: bytes):
-    fd = os.memfd_create("fuzz-tar")
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return os.fdopen(fd, "rb", buffering=0)
+from tests.bad_corpus import Trickle, fix_checksums, memfd as _memfd, parse_or_error, seed_shards
 
 
 def _run(stream) -> tuple[list[tuple[int, int, dict]], str | None]:
-    out: list[tuple[int, int, dict]] = []
-    try:
-        for start, end, sample in group_members(iter_member_tuples(stream, url="fuzz"), url="fuzz"):
-            out.append((start, end, sample))
-    except ShardFormatError as e:
-        return out, str(e)
-    finally:
-        stream.close()
-    return out, None
+    return parse_or_error(stream, url="fuzz")
 
 
 def check(data: bytes) -> None:
