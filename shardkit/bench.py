@@ -147,8 +147,10 @@ def _run_isolated(name: str, folder: str, shards: str, workers: int, batch: int)
 def format_table(results: dict[str, dict[str, Any]], workers: int) -> str:
     cores = os.cpu_count() or 1
     limit = results.get("limit", {}).get("rate")
+    # img/s counts the whole epoch from iter() (worker start-up included, as a training
+    # loop sees it); steady excludes the wait for the first batch. Ratios use img/s.
     base = {k: results.get(k, {}).get("rate") for k in ("imagefolder", "webdataset", "raw-webdataset")}
-    lines = [f"{'configuration':24s} {'img/s':>9s} {'1st batch':>10s} {'peak RSS':>9s}  ratios"]
+    lines = [f"{'configuration':24s} {'img/s':>9s} {'steady':>9s} {'1st batch':>10s} {'peak RSS':>9s}  ratios"]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"{name:24s} failed: {r['error']}")
@@ -168,7 +170,8 @@ def format_table(results: dict[str, dict[str, Any]], workers: int) -> str:
             if limit:
                 notes.append(f"{r['rate'] / (limit * min(cores, max(workers, 1))):.2f}x limit")
         rss = f"{r.get('peak_rss_mb', 0):.0f} MB"
-        lines.append(f"{name:24s} {r['rate']:9,.0f} {r['first_batch_s']:9.3f}s {rss:>9s}  {', '.join(notes)}")
+        lines.append(f"{name:24s} {r['rate']:9,.0f} {r['steady_rate']:9,.0f} {r['first_batch_s']:9.3f}s {rss:>9s}  "
+                     f"{', '.join(notes)}")
     return "\n".join(lines)
 
 
