@@ -47,7 +47,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import SourceError
 from .sizes import parse_size
-from .source import DEFAULT_OPTIONS, SourceOptions, _BoundedReader
+from .source import DEFAULT_OPTIONS, SourceOptions, positioned
 
 log = logging.getLogger(__name__)
 
@@ -397,11 +397,7 @@ def open_cached(url: str, offset: int = 0, length: int | None = None,
     """Open ``url`` through the cache in ``options.cache_dir`` and position at ``offset``."""
     f = cache_for(options).open(url, lambda path: download(url, path, options) and None,
                                 expected_sha256=expected_sha256)
-    if offset:
-        f.seek(offset)
-    if length is not None:
-        return _BoundedReader(f, length)  # type: ignore[return-value]
-    return f
+    return positioned(f, offset, length)
 
 
 def prefetch(urls: Iterable[str], options: SourceOptions) -> list[Future]:

@@ -124,7 +124,7 @@ class ShardLoader(DataLoader):
         dataset: ShardDataset = self.dataset  # type: ignore[assignment]
         topo = dataset.topology(self.num_workers)
         rank, world = dataset._dist()
-        prior = [s for s in dataset._stages_for(dataset.epoch)]
+        prior = dataset._stages_for(dataset.epoch)
         last_same = bool(prior) and prior[-1].topology == topo
         history = prior[:-1] if last_same else prior
         bs = dataset.batch_size or 1

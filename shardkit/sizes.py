@@ -46,9 +46,3 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
-
-
-def format_rate(count: float, seconds: float, unit: str = "samples") -> str:
-    """'12,345 samples/s' style rate; robust to a zero duration."""
-    rate = count / seconds if seconds > 0 else float("inf")
-    return f"{rate:,.0f} {unit}/s"

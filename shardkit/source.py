@@ -94,6 +94,15 @@ class _BoundedReader(io.RawIOBase):
         super().close()
 
 
+def positioned(f: BinaryIO, offset: int = 0, length: int | None = None) -> BinaryIO:
+    """Seek a seekable file to ``offset`` and expose at most ``length`` bytes from there."""
+    if offset:
+        f.seek(offset)
+    if length is not None:
+        return _BoundedReader(f, length)  # type: ignore[return-value]
+    return f
+
+
 def _open_local(url: str, offset: int = 0, length: int | None = None,
                 options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
     path = local_path(url)
@@ -106,11 +115,7 @@ def _open_local(url: str, offset: int = 0, length: int | None = None,
         raise SourceError("is a directory, not a shard", url=url) from None
     except OSError as e:
         raise SourceError(f"cannot open: {e.strerror}", url=url) from None
-    if offset:
-        f.seek(offset)
-    if length is not None:
-        return _BoundedReader(f, length)  # type: ignore[return-value]
-    return f  # type: ignore[return-value]
+    return positioned(f, offset, length)  # type: ignore[arg-type]
 
 
 def _read_local(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:

@@ -889,17 +889,19 @@ def seed_shards() -> list[bytes]:
 
 
 class Trickle(io.RawIOBase):
-    """A non-seekable stream returning at most 7 bytes per read (every refill boundary)."""
+    """A non-seekable stream returning at most ``chunk`` bytes per read (7 by default:
+    every refill boundary of the reader gets hit)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, chunk: int = 7) -> None:
         self._data = memoryview(data)
         self._pos = 0
+        self._chunk = chunk
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        n = min(len(buffer), 7, len(self._data) - self._pos)
+        n = min(len(buffer), self._chunk, len(self._data) - self._pos)
         buffer[:n] = self._data[self._pos:self._pos + n]
         self._pos += n
         return n

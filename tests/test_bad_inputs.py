@@ -81,20 +81,6 @@ def shardkit_warnings(caplog) -> list[logging.LogRecord]:
 # --------------------------------------------------------------------------- the reader
 
 
-class Trickle(io.RawIOBase):
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = memoryview(data), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), 4093, len(self._data) - self._pos)
-        buffer[:n] = self._data[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-
 def read_all(stream, url: str) -> tuple[list[dict], BaseException | None]:
     samples: list[dict] = []
     try:
@@ -112,7 +98,7 @@ def test_reader(case: Case, tmp_path):
     """mmap, in-memory and chunked-stream reads agree, with the expected samples and error."""
     path, built = case.write(str(tmp_path))
     results = [read_all(open(path, "rb"), path), read_all(io.BytesIO(built.data), path),
-               read_all(Trickle(built.data), path)]
+               read_all(bad_corpus.Trickle(built.data, chunk=4093), path)]
     samples, error = results[0]
     for other, other_error in results[1:]:
         assert [s["__key__"] for s in other] == [s["__key__"] for s in samples]

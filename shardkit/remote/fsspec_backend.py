@@ -14,7 +14,7 @@ import fsspec  # noqa: F401  (ImportError here is the "not installed" signal)
 from fsspec.core import url_to_fs
 
 from ..errors import SourceError
-from ..source import DEFAULT_OPTIONS, Backend, SourceOptions, _BoundedReader
+from ..source import DEFAULT_OPTIONS, Backend, SourceOptions, positioned
 
 
 def _fs(url: str):  # -> (AbstractFileSystem, path)
@@ -33,11 +33,7 @@ def open_stream(url: str, offset: int = 0, length: int | None = None,
         raise SourceError("no such object", url=url, status=404) from None
     except OSError as e:
         raise SourceError(f"cannot open: {e}", url=url) from None
-    if offset:
-        f.seek(offset)
-    if length is not None:
-        return _BoundedReader(f, length)  # type: ignore[return-value]
-    return f
+    return positioned(f, offset, length)
 
 
 def read_bytes(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:
