@@ -25,6 +25,7 @@ as webdataset does.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence, TypeVar
@@ -77,13 +78,20 @@ class Stage:
 
 @dataclass
 class WorkerPlan:
-    """What one DataLoader worker of one rank does in one epoch (or stage)."""
+    """What one DataLoader worker of one rank does in one epoch (or stage).
+
+    The worker executes exactly this: it reads ``pieces`` in order (the samples at stream
+    positions ``positions``) and emits them in ``emission_order()``. After a
+    same-topology resume (``skip`` > 0) the positions already emitted are neither read
+    nor emitted again.
+    """
 
     pieces: list[Piece]  # read in this order
-    ids: np.ndarray  # global sample ids of the stream positions, in read order
+    ids: np.ndarray  # global sample ids of all stream positions, in read order
     buffer: int
     rng_seed: str
     skip: int = 0  # emissions already consumed (same-topology resume)
+    positions: np.ndarray | None = None  # stream positions that ``pieces`` read; None: all
 
     @property
     def size(self) -> int:
@@ -95,6 +103,16 @@ class WorkerPlan:
         for _ in range(self.skip):
             next(order)
         return order
+
+    def read_positions(self) -> np.ndarray:
+        """The stream position of each sample ``pieces`` yields, in read order."""
+        return np.arange(len(self.ids)) if self.positions is None else self.positions
+
+
+def continues(stages: Sequence[Stage], topology: Topology) -> bool:
+    """Whether a resume with ``topology`` continues the last stage (same topology: every
+    worker picks up its own plan where it stopped) rather than re-planning what is left."""
+    return bool(stages) and stages[-1].topology == topology
 
 
 @dataclass
@@ -213,7 +231,7 @@ class EpochPlanner:
     def _current(self, topology: Topology, stages: Sequence[Stage]):
         """Plan the current stage: (streams, padded, dropped, remaining, stage_no, continuing)."""
         remaining = self.sequence
-        continuing = bool(stages) and stages[-1].topology == topology
+        continuing = continues(stages, topology)
         history = stages[:-1] if continuing else stages
         for stage_no, stage in enumerate(history):
             remaining = self._without_consumed(remaining, stage, stage_no)
@@ -235,8 +253,21 @@ class EpochPlanner:
         streams, padded, dropped, remaining, stage_no, continuing = self._current(topology, stages)
         ids = streams[rank][worker]
         skip = stages[-1].emitted[rank][worker] if continuing else 0
-        worker_plan = WorkerPlan(to_pieces(ids, self.shard_starts), ids, topology.buffer,
-                                 self._rng_seed(stage_no, rank, worker), skip=skip)
+        rng_seed = self._rng_seed(stage_no, rank, worker)
+        positions = None
+        if skip:
+            if skip > len(ids):
+                raise ValueError(f"resume state says rank {rank} worker {worker} emitted {skip} "
+                                 f"samples but its plan has only {len(ids)}")
+            # Read only what is still to be emitted; the pieces are rebuilt around the holes.
+            order = shuffle_order(len(ids), topology.buffer, random.Random(rng_seed))
+            needed = np.ones(len(ids), dtype=bool)
+            needed[np.fromiter(itertools.islice(order, skip), dtype=np.int64, count=skip)] = False
+            positions = np.flatnonzero(needed)
+            pieces = to_pieces(ids[needed], self.shard_starts)
+        else:
+            pieces = to_pieces(ids, self.shard_starts)
+        worker_plan = WorkerPlan(pieces, ids, topology.buffer, rng_seed, skip=skip, positions=positions)
         info = EpochInfo(self.epoch, self.total, len(remaining), sum(len(s) for s in streams[rank]),
                          padded, dropped, [len(s) for s in streams[rank]])
         return worker_plan, info

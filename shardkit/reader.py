@@ -19,7 +19,7 @@ from .errors import ShardkitError, SourceError
 from .index import decode_index, index_url
 from .plan import Piece
 from .samples import Sample, group_members
-from .source import SourceOptions, local_path, open_stream, read_bytes
+from .source import SourceOptions, local_path, open_stream, prefetch, read_bytes
 from .tar import iter_member_tuples
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ class ShardReader:
         self.handler = handler
         self.stats = stats or ReadStats()
         self._offsets: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def prefetch(self, urls: list[str]) -> None:
+        """Start downloading ``urls`` into the cache (``options.read_ahead``); errors show
+        up when they are opened."""
+        if urls:
+            prefetch(urls, self.options)
 
     def offsets(self, shard: int) -> np.ndarray | None:
         """The shard's sample offsets from its ``.idx``, or None when it has none."""
