@@ -86,6 +86,10 @@ class ShardDataset(IterableDataset):
         transform: a callable on the sample dict (torchvision v2 pipelines accept dicts),
             or ``{"jpg": fn, ...}`` per-field callables.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
+        select: ``fn(raw_sample) -> bool`` on the undecoded sample (bytes), before decode
+            and transform: rejected samples cost no decode. Resume stays exact (the plan
+            counts positions, not survivors); ``len()`` is then unknown (``epoch_info()``
+            gives the upper bound) and ``loader.stats()["filtered"]`` counts the rejects.
         batch_size: collate inside the worker. The dataset then yields batches: use it
             with ``DataLoader(ds, batch_size=None)`` or ``ShardLoader(ds)``; a ShardLoader
             given a different batch size refuses rather than override it.
@@ -110,7 +114,8 @@ class ShardDataset(IterableDataset):
                  transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
                  fields: str | Sequence[str] | None = None, batch_size: int | None = None,
                  drop_last: bool = False, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 handler: str | Callable[[Exception], Any] = "raise", epoch_length: int | None = None,
+                 handler: str | Callable[[Exception], Any] = "raise", select: Callable[[dict], bool] | None = None,
+                 epoch_length: int | None = None,
                  resampled: bool = False, cache_dir: str | None = None, cache_size: int | str | None = None,
                  headers: dict[str, dict[str, str]] | None = None, allow_pipe: bool = False,
                  allow_pickle: bool = False, threads: int = 0,
@@ -145,6 +150,9 @@ class ShardDataset(IterableDataset):
         self.threads = threads
         self.transform = transform
         self.fields = fields
+        if select is not None and not callable(select):
+            raise TypeError(f"select must be a function of the raw sample returning a bool, got {select!r}")
+        self.select = select
         self.batching = Batching(batch_size, drop_last, collate_fn or collate)
         self.handler = handler
         make_handler(handler)  # validate early
@@ -248,6 +256,9 @@ class ShardDataset(IterableDataset):
 
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (raises TypeError when unknown)."""
+        if self.select is not None:
+            raise TypeError("with select= the number of samples is unknown until they are read; "
+                            "ds.epoch_info().rank_samples is the upper bound (samples before filtering)")
         if self.epoch_length is not None:
             return self.epoch_length
         if self.resampled:
@@ -297,23 +308,16 @@ class ShardDataset(IterableDataset):
             worker = (worker + rotation) % topo.streams
         handler = make_handler(self.handler)
         stats = ReadStats()
-        reader = ShardReader(self.urls, options=self.options, handler=handler, stats=stats,
-                             sha256=self.shards.sha256)
-        spec = EpochSpec(len(self.urls), self.counts, self.seed, self.shuffle_shards, self.epoch_length,
-                         self.resampled)
-        run = WorkerEpoch(spec, reader, topology=topo, rank=rank, worker=worker, epoch=epoch, resume=resume)
+        run = WorkerEpoch(self.epoch_spec(), self.reader(handler, stats), topology=topo, rank=rank, worker=worker,
+                          epoch=epoch, resume=resume)
         self._worker_state = {"epoch": epoch, "rank": rank, "worker": worker, "topology": topo,
                               "resume": resume, "emitted": run.skip}
         # Each sample is tagged with its position count in the emission order; the count
         # of the last sample handed out is the progress a resume continues from.
         tagged = ((n, s) for n, s in enumerate(run.samples(), run.skip + 1) if s is not None)
 
-        def on_skip() -> None:
-            stats.skipped += 1
-
-        pipeline = SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
-                                  handler=handler)
-        mapped = pipeline.map(tagged, on_skip, threads=self.threads)
+        mapped = self.pipeline(handler).map(tagged, stats.count_skipped, threads=self.threads,
+                                            on_filter=stats.count_filtered)
         items: Iterator[tuple[int, tuple[int, Any]]]
         if batching.batch_size is None:
             items = ((n, (1, item)) for n, item in mapped)
@@ -344,6 +348,21 @@ class ShardDataset(IterableDataset):
         if self.decode is None or callable(self.decode):
             return self.decode  # type: ignore[return-value]
         return make_decoder(self.decode, decode_size=self.decode_size, allow_pickle=self.allow_pickle)
+
+    # -- the parts a driver (this dataset's own iteration, or a Mix) runs in a worker ------
+    def epoch_spec(self) -> EpochSpec:
+        """What decides which samples an epoch holds and their order."""
+        return EpochSpec(len(self.urls), self.counts, self.seed, self.shuffle_shards, self.epoch_length,
+                         self.resampled)
+
+    def reader(self, handler: Callable[[Exception], None], stats: ReadStats) -> ShardReader:
+        """A reader of this dataset's shards (one per worker)."""
+        return ShardReader(self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256)
+
+    def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
+        """select -> decode -> transform -> fields as configured (one per worker)."""
+        return SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
+                              handler=handler, select=self.select)
 
     # -- resume (when no ShardLoader drives the dataset) ----------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .dataset import Batching, Progress, ShardDataset
 from .errors import ShardkitError
+from .mix import Mix
 from .pipeline import collate
 from .plan import simulate_consumption
 from .state import ResumeState
@@ -37,7 +38,7 @@ class LoaderView(IterableDataset):
     ``loader.shard_dataset``.
     """
 
-    def __init__(self, dataset: ShardDataset, batching: Batching, num_workers: int) -> None:
+    def __init__(self, dataset: ShardDataset | Mix, batching: Batching, num_workers: int) -> None:
         self.shard_dataset = dataset
         self.batching = batching
         self.num_workers = num_workers
@@ -57,7 +58,7 @@ class LoaderView(IterableDataset):
         return getattr(self.shard_dataset, name)
 
 
-def _batching(dataset: ShardDataset, batch_size: Any, drop_last: Any,
+def _batching(dataset: ShardDataset | Mix, batch_size: Any, drop_last: Any,
               collate_fn: Callable[[list[Any]], Any] | None) -> Batching:
     """The one batching in force: the dataset's when it batches, else the loader's.
     A conflict is an error, never a silent override."""
@@ -81,10 +82,10 @@ def _batching(dataset: ShardDataset, batch_size: Any, drop_last: Any,
 
 
 class ShardLoader(DataLoader):
-    """Iterate batches of a :class:`ShardDataset` with worker processes.
+    """Iterate batches of a :class:`ShardDataset` (or a :class:`~shardkit.mix.Mix`) with worker processes.
 
     Args:
-        dataset: the ShardDataset (never modified by the loader).
+        dataset: the ShardDataset or Mix (never modified by the loader).
         batch_size: samples per batch, collated inside the worker (default 64); None
             yields single samples. When the dataset was built with its own batch_size,
             that one is used: leave this unset (or None, the webdataset idiom), since a
@@ -98,12 +99,12 @@ class ShardLoader(DataLoader):
         Other keyword arguments go to DataLoader.
     """
 
-    def __init__(self, dataset: ShardDataset, *, batch_size: int | None = _UNSET, num_workers: int = 2,
+    def __init__(self, dataset: ShardDataset | Mix, *, batch_size: int | None = _UNSET, num_workers: int = 2,
                  persistent_workers: bool | None = None, pin_memory: bool | None = None,
                  prefetch_factor: int | None = None, drop_last: bool = _UNSET,
                  collate_fn: Callable[[list[Any]], Any] | None = None, **kwargs: Any) -> None:
-        if not isinstance(dataset, ShardDataset):
-            raise TypeError("ShardLoader needs a ShardDataset; use DataLoader for other datasets")
+        if not isinstance(dataset, (ShardDataset, Mix)):
+            raise TypeError("ShardLoader needs a ShardDataset or a Mix; use DataLoader for other datasets")
         view = LoaderView(dataset, _batching(dataset, batch_size, drop_last, collate_fn), num_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0

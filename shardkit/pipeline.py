@@ -52,12 +52,17 @@ def parse_fields(fields: str | Sequence[str]) -> list[list[str]]:
 
 
 class SamplePipeline:
-    """decode -> transform -> fields, with errors routed through the handler."""
+    """select -> decode -> transform -> fields, with errors routed through the handler.
+
+    ``select(raw_sample) -> bool`` sees the undecoded sample, so a rejected sample costs
+    no decode."""
 
     def __init__(self, *, decoder: Callable[[dict], dict] | None = None,
                  transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
                  fields: str | Sequence[str] | None = None,
-                 handler: Callable[[Exception], None]) -> None:
+                 handler: Callable[[Exception], None],
+                 select: Callable[[dict], bool] | None = None) -> None:
+        self.select = select
         self.decoder = decoder
         self.transform = transform
         self.fields = parse_fields(fields) if fields is not None else None
@@ -77,6 +82,8 @@ class SamplePipeline:
         return tuple(out)
 
     def __call__(self, sample: dict) -> Any:
+        if self.select is not None and not self.select(sample):
+            return FILTERED
         if self.decoder is not None:
             sample = self.decoder(sample)
         if isinstance(self.transform, Mapping):
@@ -100,16 +107,38 @@ class SamplePipeline:
             return tag, _Failed(e)
 
     def map(self, tagged: Iterable[tuple[Any, dict]], on_skip: Callable[[], None], *,
-            threads: int = 0) -> Iterator[tuple[Any, Any]]:
+            threads: int = 0, on_filter: Callable[[], None] | None = None) -> Iterator[tuple[Any, Any]]:
         """Process ``(tag, sample)`` pairs in order (on ``threads`` threads when > 1),
-        yielding ``(tag, result)``; failures go to the handler, which raises or skips.
+        yielding ``(tag, result)``; failures go to the handler, which raises or skips;
+        samples ``select`` rejects are dropped (``on_filter`` counts them).
         The tag travels with its sample so progress counts never run ahead of output."""
-        for tag, result in ordered_map(self._safe, tagged, threads):
-            if isinstance(result, _Failed):
-                self.handler(result.error)
-                on_skip()
-                continue
-            yield tag, result
+        return map_parts([self], ((tag, (0, sample)) for tag, sample in tagged), on_skip, threads=threads,
+                         on_filter=on_filter)
+
+
+def map_parts(pipelines: Sequence[SamplePipeline], tagged: Iterable[tuple[Any, tuple[int, dict]]],
+              on_skip: Callable[[], None], *, threads: int = 0,
+              on_filter: Callable[[], None] | None = None) -> Iterator[tuple[Any, Any]]:
+    """:meth:`SamplePipeline.map` where each ``(tag, (part, sample))`` goes through
+    ``pipelines[part]`` and that part's handler (a Mix of datasets)."""
+
+    def run(item: tuple[Any, tuple[int, dict]]) -> tuple[Any, int, Any]:
+        tag, (part, sample) = item
+        return (tag, part) + (pipelines[part]._safe((tag, sample))[1],)
+
+    for tag, part, result in ordered_map(run, tagged, threads):
+        if result is FILTERED:
+            if on_filter is not None:
+                on_filter()
+            continue
+        if isinstance(result, _Failed):
+            pipelines[part].handler(result.error)
+            on_skip()
+            continue
+        yield tag, result
+
+
+FILTERED: Any = object()  # what a sample ``select`` rejected becomes
 
 
 class _Failed:

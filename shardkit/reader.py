@@ -35,7 +35,14 @@ class ReadStats:
         self.samples_read = 0
         self.bytes_read = 0
         self.skipped = 0  # samples lost to errors (reading, decoding or transforming)
+        self.filtered = 0  # samples a ``select`` function rejected
         self.shards_opened = 0
+
+    def count_skipped(self) -> None:
+        self.skipped += 1
+
+    def count_filtered(self) -> None:
+        self.filtered += 1
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))

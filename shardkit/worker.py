@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .errors import ShardkitError
-from .plan import EpochPlanner, Piece, Topology, deal_shards, shuffled
+from .plan import EpochPlanner, Topology, WorkerPlan, deal_shards, shuffled
 from .reader import ShardReader
 from .samples import Sample
 from .state import ResumeState
@@ -99,41 +99,12 @@ class WorkerEpoch:
         if self.worker == 0 and pass_no == 0 and (info.padded or info.dropped):
             log.info("epoch %d: %d samples padded, %d dropped so every rank yields %d",
                      self.epoch, info.padded, info.dropped, info.rank_samples)
-        read = zip(plan.read_positions().tolist(),
-                   itertools.chain.from_iterable(self._read_pieces(plan.pieces)))
-        held: dict[int, Sample | None] = {}
-        for target in plan.emission_order():
-            while target not in held:
-                try:
-                    pos, sample = next(read)
-                except StopIteration:
-                    raise ShardkitError(f"internal: stream ended before position {target}") from None
-                held[pos] = sample
-            yield held.pop(target)
-
-    def _read_pieces(self, pieces: list[Piece]) -> Iterator[Iterator[Sample | None]]:
-        for i, piece in enumerate(pieces):
-            self._read_ahead([p.shard for p in pieces[i + 1:]], piece.shard)
-            yield self.reader.read_piece(piece)
+        return execute(plan, self.reader)
 
     def _read_shards(self, shards: list[int]) -> Iterator[Sample]:
         for i, shard in enumerate(shards):
-            self._read_ahead(shards[i + 1:], shard)
+            read_ahead(self.reader, shards[i + 1:], shard)
             yield from self.reader.read_shard(shard)
-
-    def _read_ahead(self, upcoming: list[int], current: int) -> None:
-        """With a cache and ``read_ahead``, download the next shards while this one is read."""
-        ahead = self.reader.options.read_ahead
-        if not ahead:
-            return
-        urls: list[str] = []
-        for shard in upcoming:
-            url = self.reader.urls[shard]
-            if shard != current and url not in urls:
-                urls.append(url)
-                if len(urls) == ahead:
-                    break
-        self.reader.prefetch(urls)
 
     def _by_shards(self, pass_no: int) -> Iterator[Sample | None]:
         spec, topo = self.spec, self.topology
@@ -167,3 +138,41 @@ class WorkerEpoch:
                 yield from self.reader.read_shard(rng.randrange(self.spec.n_shards))
 
         return shuffled(forever(), self.topology.buffer, rng)
+
+
+def execute(plan: WorkerPlan, reader: ShardReader) -> Iterator[Sample | None]:
+    """Run a planned stream: read ``plan.pieces`` in order and emit in
+    ``plan.emission_order()``, holding samples read ahead of their turn (at most the
+    shuffle buffer's worth). ``None`` stands for a sample lost to a read error."""
+    pieces = plan.pieces
+
+    def read() -> Iterator[Sample | None]:
+        for i, piece in enumerate(pieces):
+            read_ahead(reader, [p.shard for p in pieces[i + 1:]], piece.shard)
+            yield from reader.read_piece(piece)
+
+    stream = zip(plan.read_positions().tolist(), read())
+    held: dict[int, Sample | None] = {}
+    for target in plan.emission_order():
+        while target not in held:
+            try:
+                pos, sample = next(stream)
+            except StopIteration:
+                raise ShardkitError(f"internal: stream ended before position {target}") from None
+            held[pos] = sample
+        yield held.pop(target)
+
+
+def read_ahead(reader: ShardReader, upcoming: list[int], current: int) -> None:
+    """With a cache and ``read_ahead``, download the next shards while this one is read."""
+    ahead = reader.options.read_ahead
+    if not ahead:
+        return
+    urls: list[str] = []
+    for shard in upcoming:
+        url = reader.urls[shard]
+        if shard != current and url not in urls:
+            urls.append(url)
+            if len(urls) == ahead:
+                break
+    reader.prefetch(urls)
