@@ -123,7 +123,7 @@ class ShardDataset(IterableDataset):
                      "(run `shardkit index` for sample-level splitting, len() and fast resume)")
         self.decode = decode
         if decode_size == "auto":
-            from .decode import decode_size_for
+            from .decode_size import decode_size_for
 
             steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
             decode_size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
