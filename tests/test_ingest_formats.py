@@ -21,6 +21,7 @@ from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions, _module, detect_format, open_source
 from shardkit.ingest import tfrecord as tfr
 from shardkit.ingest.protobuf import parse_example
+from shardkit.writer import ShardWriter
 from tests.tfrecord_writer import encode_example, enc_varint, frame_record, reference_crc32c, write_tfrecord
 
 N = 200
@@ -182,12 +183,11 @@ def test_round_trip(tmp_path, data, name):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_convert_to_shards(tmp_path, data, name):
-    writer_module = pytest.importorskip("shardkit.writer")
     fmt, build = BUILDERS[name]
     path, options = build(tmp_path, data)
     source = open_source(path, fmt=fmt, options=options)
     out = tmp_path / "shards"
-    with writer_module.ShardWriter(str(out), shard_size="40kB", classes=source.classes) as writer:
+    with ShardWriter(str(out), shard_size="40kB", classes=source.classes) as writer:
         for sample in source:
             writer.write(sample)
     shards = sorted(p for p in os.listdir(out) if p.endswith(".tar"))
