@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import ShardkitError
-from ..index import Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name, scan_shard
+from ..index import (Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name,
+                     scan_shard)
 from ..samples import Sample, iter_samples
 from ..source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
 from ..urls import ShardList, resolve_shards
