@@ -21,7 +21,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .backend import SourceOptions
 from .cache import cache_for
-from .decode import decode_size_for, make_decoder
+from .decode import make_decoder
+from .decode_size import decode_size_for
 from .errors import ShardkitError
 from .pipeline import SamplePipeline, batched, collate, make_handler
 from .plan import EpochInfo, EpochPlanner, Topology

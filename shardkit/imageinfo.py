@@ -4,8 +4,8 @@ Used by ``shardkit write`` (real format, width/height) and by the decoders (the
 decompression-bomb guard checks the size before any pixel memory is allocated).
 
 ``shardkit write`` names each image member by its real format (a PNG saved as
-``x.jpg`` is stored as ``KEY.png``) and records width/height; PIL's ``Image.open``
-costs ~50-100 us per file for that, these parsers a few microseconds.
+``x.jpg`` is stored as ``KEY.png``) and records width/height; these parsers do that
+for a small fraction of what PIL's ``Image.open`` costs per file (see BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import ShardkitError
-from .index import Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name, scan_shard
-from .samples import Sample, iter_samples
-from .source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
-from .urls import ShardList, resolve_shards
-from .writer import _atomic_write
+from ..errors import ShardkitError
+from ..index import (Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name,
+                     scan_shard)
+from ..samples import Sample, iter_samples
+from ..source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
+from ..urls import ShardList, resolve_shards
+from ..writer import _atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
     report = VerifyReport()
     decoder = None
     if decode:
-        from .decode import make_decoder
+        from ..decode import make_decoder
 
         decoder = make_decoder("pil")
     for i, url in enumerate(tqdm(shards.urls, unit="shard", disable=not progress)):
