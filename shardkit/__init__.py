@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "SampleError", "ShardDataset", "ShardFormatError", "ShardLoader", "ShardWriter", "ShardkitError",
+    "Mix", "SampleError", "ShardDataset", "ShardFormatError", "ShardLoader", "ShardWriter", "ShardkitError",
     "SourceError", "format_size", "parse_size", "__version__",
 ]
 
@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from .loader import ShardLoader
 
         return ShardLoader
+    if name == "Mix":
+        from .mix import Mix
+
+        return Mix
     raise AttributeError(f"module 'shardkit' has no attribute {name!r}")

@@ -187,7 +187,9 @@ class ShardLoader(DataLoader):
         state can resume all ranks, under any world size or worker count. That holds
         with ``even="pad"``/``"drop"`` (equal batch counts on every rank) or while every
         rank still has batches left; with ``even=None`` a state saved after a shorter
-        rank finished its epoch misjudges the longer ranks by up to a batch.
+        rank finished its epoch misjudges the longer ranks by up to a batch. With
+        ``select=`` the batch count no longer says how many positions another rank
+        passed: each rank must then save and load its own state (same topology).
         """
         dataset = self.shard_dataset
         topo = dataset.topology(self.num_workers)

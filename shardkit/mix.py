@@ -47,7 +47,8 @@ class Mix(IterableDataset):
         seed: the interleaving and each part's order are a pure function of (seed, epoch).
         rank, world_size: override what torch.distributed says.
         even: "pad" / "drop" / None as for ShardDataset, applied per part so every rank
-            gets the same number of samples of each part.
+            gets the same number of samples of each part. The Mix splits all parts: a
+            part set to another even mode than "pad" (the default) or the Mix's is refused.
     """
 
     def __init__(self, datasets: Sequence[ShardDataset], *, weights: Sequence[float] | None = None,
@@ -93,7 +94,7 @@ class Mix(IterableDataset):
         if part.resampled or part.epoch_length is not None:
             raise ShardkitError(f"{what} sets resampled/epoch_length; the Mix decides the epoch "
                                 "(use weights= and epoch_length= on the Mix)")
-        if part.even != self.even:
+        if part.even not in ("pad", self.even):  # "pad" is ShardDataset's default: the Mix's even rules
             raise ShardkitError(f"{what} has even={part.even!r} but the Mix has even={self.even!r}; "
                                 "the Mix splits all parts, set it there")
         if part._rank is not None or part._world_size is not None:

@@ -67,6 +67,12 @@ class MixWorkerPlan:
     def emission_labels(self) -> np.ndarray:
         return self.labels[self.skip:]
 
+    def emitted_ids(self) -> list[tuple[int, int]]:
+        """(part, id within the part) of each emission still to come, in order -- what
+        the worker will yield, computed without data."""
+        orders = [iter([int(p.ids[i]) for i in p.emission_order()]) for p in self.parts]
+        return [(label, next(orders[label])) for label in self.emission_labels().tolist()]
+
 
 def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     """Integers proportional to ``weights`` adding up to ``total`` (ties go to the
