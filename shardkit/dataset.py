@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
-import multiprocessing.context
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
-
-import torch.distributed as dist
-from torch.utils.data import IterableDataset, get_worker_info
 
 from .backend import SourceOptions
 from .cache import cache_for
 from .decode import make_decoder
 from .decode_size import decode_size_for
+from .epochs import Batching, PlannedDataset, Progress
 from .errors import ShardkitError
-from .pipeline import SamplePipeline, batched, collate, make_handler
+from .pipeline import SamplePipeline, collate, make_handler
 from .plan import EpochInfo, EpochPlanner, Topology
 from .reader import ReadStats, ShardReader
 from .state import ResumeState
@@ -36,38 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUFFER = 1000
 
 
-@dataclass(frozen=True)
-class Batching:
-    """How items are grouped inside the workers: ``batch_size=None`` yields samples."""
-
-    batch_size: int | None = None
-    drop_last: bool = False
-    collate_fn: Callable[[list[Any]], Any] = collate
-
-    def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
-
-    def items(self, samples: int) -> int:
-        """Items a stream of ``samples`` samples yields."""
-        if self.batch_size is None:
-            return samples
-        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-
-class Progress:
-    """Attached to each item when a ShardLoader drives the dataset (never seen by users).
-
-    ``samples`` is how many samples the item holds; ``stats`` the worker's counters.
-    """
-
-    __slots__ = ("worker", "emitted", "samples", "epoch", "stats")
-
-    def __init__(self, worker: int, emitted: int, samples: int, epoch: int, stats: dict[str, int]) -> None:
-        self.worker, self.emitted, self.samples, self.epoch, self.stats = worker, emitted, samples, epoch, stats
-
-
-class ShardDataset(IterableDataset):
+class ShardDataset(PlannedDataset):
     """Samples from tar shards, split across ranks and DataLoader workers.
 
     Args:
@@ -121,16 +85,10 @@ class ShardDataset(IterableDataset):
                  headers: dict[str, dict[str, str]] | None = None, allow_pipe: bool = False,
                  allow_pickle: bool = False, threads: int = 0,
                  source_options: SourceOptions | None = None) -> None:
-        super().__init__()
+        super().__init__(rank=rank, world_size=world_size, even=even)
         self.buffer = DEFAULT_BUFFER if shuffle is True else int(shuffle or 0)
         self.shuffle_shards = bool(self.buffer) if shuffle_shards is None else shuffle_shards
         self.seed = seed
-        if even not in (None, "pad", "drop"):
-            raise ValueError(f"even must be 'pad', 'drop' or None, got {even!r}")
-        self.even = even
-        self._rank, self._world_size = rank, world_size
-        if world_size is not None and rank is not None and not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.options = _source_options(source_options, cache_dir=cache_dir, cache_size=cache_size,
                                        headers=headers, allow_pipe=allow_pipe)
         self.shards: ShardList = resolve_shards(urls, options=self.options)
@@ -163,9 +121,6 @@ class ShardDataset(IterableDataset):
             log.info("resampled=True without epoch_length: every epoch is infinite")
         self.epoch_length = epoch_length
         self.resampled = resampled
-        self._epoch = multiprocessing.get_context().Value("q", 0, lock=False)
-        self._resume: ResumeState | None = None  # owned here when no ShardLoader drives us
-        self._worker_state: dict[str, Any] = {}  # this worker's progress, for state_dict()
 
     @property
     def batch_size(self) -> int | None:
@@ -179,42 +134,7 @@ class ShardDataset(IterableDataset):
     def collate_fn(self) -> Callable[[list[Any]], Any]:
         return self.batching.collate_fn
 
-    # -- pickling: the shared epoch travels to spawned workers; plain copies get a value
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if multiprocessing.context.get_spawning_popen() is None:
-            state["_epoch"] = int(self._epoch.value)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_epoch"], int):
-            state["_epoch"] = multiprocessing.get_context().Value("q", state["_epoch"], lock=False)
-        self.__dict__.update(state)
-
     # -- epochs and topology ------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.value)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shard order and buffer seeds); reaches persistent workers."""
-        self._epoch.value = int(epoch)
-
-    def rank_and_world(self) -> tuple[int, int]:
-        """(rank, world_size): the constructor's values, else torch.distributed's, else (0, 1)."""
-        world = self._world_size
-        rank = self._rank
-        if world is None or rank is None:
-            if dist.is_available() and dist.is_initialized():
-                world = dist.get_world_size() if world is None else world
-                rank = dist.get_rank() if rank is None else rank
-            else:
-                world = 1 if world is None else world
-                rank = 0 if rank is None else rank
-        if not 0 <= rank < world:
-            raise ShardkitError(f"rank {rank} out of range for world_size {world}")
-        return rank, world
-
     def topology(self, num_workers: int = 0) -> Topology:
         """The topology this rank runs with ``num_workers`` DataLoader workers."""
         _, world = self.rank_and_world()
@@ -229,10 +149,6 @@ class ShardDataset(IterableDataset):
     def _planner(self, epoch: int) -> EpochPlanner:
         assert self.counts is not None
         return EpochPlanner(self.counts, epoch=epoch, seed=self.seed, shuffle_shards=self.shuffle_shards)
-
-    def _stages(self, epoch: int, resume: ResumeState | None) -> list:
-        resume = self._resume if resume is None else resume
-        return resume.stages if resume is not None and resume.epoch == epoch else []
 
     def epoch_info(self, epoch: int | None = None, *, num_workers: int = 0,
                    resume: ResumeState | None = None) -> EpochInfo:
@@ -287,63 +203,32 @@ class ShardDataset(IterableDataset):
         return self.num_items(self.batching)
 
     # -- iteration -----------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Any]:
-        return self.iter_items(self.batching, resume=self._resume)
-
     def iter_items(self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False,
                    rotation: int = 0) -> Iterator[Any]:
-        """This worker's items for the current epoch (what ``__iter__`` runs).
-
-        For drivers such as ShardLoader: ``resume`` is the state to continue from;
-        ``progress`` pairs each item with a :class:`Progress`; ``rotation`` shifts which
-        plan each DataLoader worker runs when the resume continues its topology (the
-        DataLoader restarts its round-robin at worker 0).
-        """
-        info = get_worker_info()
-        worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
-        rank, _ = self.rank_and_world()
-        epoch = self.epoch
-        topo = self.topology(num_workers)
-        resume = resume if resume is not None and resume.epoch == epoch else ResumeState(epoch)
-        if resume.continues(topo):
-            worker = (worker + rotation) % topo.streams
+        rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
         handler = make_handler(self.handler)
         stats = ReadStats()
         run = WorkerEpoch(self.epoch_spec(), self.reader(handler, stats), topology=topo, rank=rank, worker=worker,
                           epoch=epoch, resume=resume)
-        self._worker_state = {"epoch": epoch, "rank": rank, "worker": worker, "topology": topo,
-                              "resume": resume, "emitted": run.skip}
         # Each sample is tagged with its position count in the emission order; the count
         # of the last sample handed out is the progress a resume continues from.
         tagged = ((n, s) for n, s in enumerate(run.samples(), run.skip + 1) if s is not None)
-
         mapped = self.pipeline(handler).map(tagged, stats.count_skipped, threads=self.threads,
                                             on_filter=stats.count_filtered)
-        items: Iterator[tuple[int, tuple[int, Any]]]
-        if batching.batch_size is None:
-            items = ((n, (1, item)) for n, item in mapped)
-        else:
-            items = batched(mapped, batching.batch_size, drop_last=batching.drop_last,
-                            collate_fn=lambda chunk: (len(chunk), batching.collate_fn(chunk)))
         cache_before = self._cache_stats()
-        for emitted, (size, item) in items:
-            self._worker_state["emitted"] = emitted
-            if progress:
-                yield item, self._progress(worker, emitted, size, epoch, stats, cache_before)
-            else:
-                yield item
+        yield from self._emit(mapped, batching, progress=progress,
+                              counters=lambda: self._counters(stats, cache_before))
 
     def _cache_stats(self) -> dict[str, int]:
         if not self.options.cache_dir:
             return {}
         return {f"cache_{k}": v for k, v in cache_for(self.options).stats().items() if k != "bytes_cached"}
 
-    def _progress(self, worker: int, emitted: int, samples: int, epoch: int, stats: ReadStats,
-                  cache_before: dict[str, int]) -> Progress:
+    def _counters(self, stats: ReadStats, cache_before: dict[str, int]) -> dict[str, int]:
         counters = stats.as_dict()
         if cache_before:  # this epoch's share of the (per-process, cumulative) cache counters
             counters.update({k: v - cache_before.get(k, 0) for k, v in self._cache_stats().items()})
-        return Progress(worker, emitted, samples, epoch, counters)
+        return counters
 
     def _decoder(self) -> Callable[[dict], dict] | None:
         if self.decode is None or callable(self.decode):
@@ -364,25 +249,6 @@ class ShardDataset(IterableDataset):
         """select -> decode -> transform -> fields as configured (one per worker)."""
         return SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
                               handler=handler, select=self.select)
-
-    # -- resume (when no ShardLoader drives the dataset) ----------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """This worker's (or the main process's) progress, for torchdata's StatefulDataLoader.
-
-        ShardLoader users should call ``loader.state_dict()`` instead, which knows every worker.
-        """
-        ws = self._worker_state
-        if not ws:
-            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed)
-        topo: Topology = ws["topology"]
-        emitted = [[0] * topo.streams for _ in range(topo.world_size)]
-        emitted[ws["rank"]][ws["worker"]] = ws["emitted"]
-        return ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume mid-epoch from :meth:`state_dict` (sets the epoch too)."""
-        self._resume = ResumeState.from_dict(state, seed=self.seed)
-        self.set_epoch(self._resume.epoch)
 
 
 def _source_options(given: SourceOptions | None, *, cache_dir: str | None, cache_size: int | str | None,

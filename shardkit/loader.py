@@ -17,9 +17,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .dataset import Batching, Progress, ShardDataset
+from .epochs import Batching, PlannedDataset, Progress
 from .errors import ShardkitError
-from .mix import Mix
 from .pipeline import collate
 from .plan import simulate_consumption
 from .state import ResumeState
@@ -38,7 +37,7 @@ class LoaderView(IterableDataset):
     ``loader.shard_dataset``.
     """
 
-    def __init__(self, dataset: ShardDataset | Mix, batching: Batching, num_workers: int) -> None:
+    def __init__(self, dataset: PlannedDataset, batching: Batching, num_workers: int) -> None:
         self.shard_dataset = dataset
         self.batching = batching
         self.num_workers = num_workers
@@ -58,7 +57,7 @@ class LoaderView(IterableDataset):
         return getattr(self.shard_dataset, name)
 
 
-def _batching(dataset: ShardDataset | Mix, batch_size: Any, drop_last: Any,
+def _batching(dataset: PlannedDataset, batch_size: Any, drop_last: Any,
               collate_fn: Callable[[list[Any]], Any] | None) -> Batching:
     """The one batching in force: the dataset's when it batches, else the loader's.
     A conflict is an error, never a silent override."""
@@ -99,11 +98,11 @@ class ShardLoader(DataLoader):
         Other keyword arguments go to DataLoader.
     """
 
-    def __init__(self, dataset: ShardDataset | Mix, *, batch_size: int | None = _UNSET, num_workers: int = 2,
+    def __init__(self, dataset: PlannedDataset, *, batch_size: int | None = _UNSET, num_workers: int = 2,
                  persistent_workers: bool | None = None, pin_memory: bool | None = None,
                  prefetch_factor: int | None = None, drop_last: bool = _UNSET,
                  collate_fn: Callable[[list[Any]], Any] | None = None, **kwargs: Any) -> None:
-        if not isinstance(dataset, (ShardDataset, Mix)):
+        if not isinstance(dataset, PlannedDataset):
             raise TypeError("ShardLoader needs a ShardDataset or a Mix; use DataLoader for other datasets")
         view = LoaderView(dataset, _batching(dataset, batch_size, drop_last, collate_fn), num_workers)
         if persistent_workers is None:

@@ -10,17 +10,13 @@ DataLoader and torchdata's StatefulDataLoader drive it the same way.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import multiprocessing.context
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
-import torch.distributed as dist
-from torch.utils.data import IterableDataset, get_worker_info
-
-from .dataset import Batching, Progress, ShardDataset
+from .dataset import ShardDataset
+from .epochs import Batching, PlannedDataset
 from .errors import ShardkitError
 from .mixplan import MixPart, MixPlanner
-from .pipeline import batched, make_handler, map_parts
+from .pipeline import make_handler, map_parts
 from .plan import EpochInfo, Topology
 from .reader import ReadStats
 from .state import ResumeState
@@ -29,7 +25,7 @@ from .worker import execute
 log = logging.getLogger(__name__)
 
 
-class Mix(IterableDataset):
+class Mix(PlannedDataset):
     """Samples from several :class:`ShardDataset` s, interleaved, split across ranks and workers.
 
     Args:
@@ -54,14 +50,10 @@ class Mix(IterableDataset):
     def __init__(self, datasets: Sequence[ShardDataset], *, weights: Sequence[float] | None = None,
                  epoch_length: int | None = None, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, even: str | None = "pad") -> None:
-        super().__init__()
+        super().__init__(rank=rank, world_size=world_size, even=even)
         self.datasets = list(datasets)
         if not self.datasets:
             raise ValueError("Mix needs at least one dataset")
-        if even not in (None, "pad", "drop"):
-            raise ValueError(f"even must be 'pad', 'drop' or None, got {even!r}")
-        if world_size is not None and rank is not None and not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         if weights is not None and len(weights) != len(self.datasets):
             raise ValueError(f"{len(weights)} weights for {len(self.datasets)} datasets")
         if epoch_length is not None and epoch_length < 1:
@@ -69,8 +61,6 @@ class Mix(IterableDataset):
         self.weights = None if weights is None else [float(w) for w in weights]
         self.epoch_length = epoch_length
         self.seed = seed
-        self.even = even
-        self._rank, self._world_size = rank, world_size
         for i, part in enumerate(self.datasets):
             self._check_part(i, part)
         self.parts = [MixPart(tuple(part.counts or ()), part.buffer, part.shuffle_shards, part.seed)
@@ -78,9 +68,6 @@ class Mix(IterableDataset):
         MixPlanner(self.parts, epoch=0, seed=seed, weights=self.weights, epoch_length=epoch_length)  # validate
         self.batching = Batching()
         self.threads = max(part.threads for part in self.datasets)
-        self._epoch = multiprocessing.get_context().Value("q", 0, lock=False)
-        self._resume: ResumeState | None = None
-        self._worker_state: dict[str, Any] = {}
 
     def _check_part(self, i: int, part: ShardDataset) -> None:
         what = f"Mix part {i} ({part.urls[0] if part.urls else '?'}...)"
@@ -97,44 +84,10 @@ class Mix(IterableDataset):
         if part.even not in ("pad", self.even):  # "pad" is ShardDataset's default: the Mix's even rules
             raise ShardkitError(f"{what} has even={part.even!r} but the Mix has even={self.even!r}; "
                                 "the Mix splits all parts, set it there")
-        if part._rank is not None or part._world_size is not None:
+        if part.explicit_rank_and_world != (None, None):
             raise ShardkitError(f"{what} sets rank/world_size; the Mix splits all parts, set them on the Mix")
 
-    # -- pickling: the shared epoch travels to spawned workers; plain copies get a value
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if multiprocessing.context.get_spawning_popen() is None:
-            state["_epoch"] = int(self._epoch.value)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_epoch"], int):
-            state["_epoch"] = multiprocessing.get_context().Value("q", state["_epoch"], lock=False)
-        self.__dict__.update(state)
-
     # -- epochs and topology ------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.value)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (interleaving, part orders, pass positions); reaches persistent workers."""
-        self._epoch.value = int(epoch)
-
-    def rank_and_world(self) -> tuple[int, int]:
-        """(rank, world_size): the constructor's values, else torch.distributed's, else (0, 1)."""
-        world, rank = self._world_size, self._rank
-        if world is None or rank is None:
-            if dist.is_available() and dist.is_initialized():
-                world = dist.get_world_size() if world is None else world
-                rank = dist.get_rank() if rank is None else rank
-            else:
-                world = 1 if world is None else world
-                rank = 0 if rank is None else rank
-        if not 0 <= rank < world:
-            raise ShardkitError(f"rank {rank} out of range for world_size {world}")
-        return rank, world
-
     def topology(self, num_workers: int = 0) -> Topology:
         # buffer=0: each part applies its own shuffle buffer (MixPart.buffer).
         _, world = self.rank_and_world()
@@ -145,10 +98,6 @@ class Mix(IterableDataset):
     def _planner(self, epoch: int) -> MixPlanner:
         return MixPlanner(self.parts, epoch=epoch, seed=self.seed, weights=self.weights,
                           epoch_length=self.epoch_length)
-
-    def _stages(self, epoch: int, resume: ResumeState | None) -> list:
-        resume = self._resume if resume is None else resume
-        return resume.stages if resume is not None and resume.epoch == epoch else []
 
     def epoch_info(self, epoch: int | None = None, *, num_workers: int = 0,
                    resume: ResumeState | None = None) -> EpochInfo:
@@ -186,25 +135,11 @@ class Mix(IterableDataset):
 
     def __len__(self) -> int:
         return self.num_items(self.batching)
-
     # -- iteration -----------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Any]:
-        return self.iter_items(self.batching, resume=self._resume)
-
     def iter_items(self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False,
                    rotation: int = 0) -> Iterator[Any]:
-        """This worker's items for the current epoch (see ShardDataset.iter_items)."""
-        info = get_worker_info()
-        worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
-        rank, _ = self.rank_and_world()
-        epoch = self.epoch
-        topo = self.topology(num_workers)
-        resume = resume if resume is not None and resume.epoch == epoch else ResumeState(epoch)
-        if resume.continues(topo):
-            worker = (worker + rotation) % topo.streams
+        rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
         plan, _ = self._planner(epoch).plan(topo, rank=rank, worker=worker, stages=resume.stages)
-        self._worker_state = {"epoch": epoch, "rank": rank, "worker": worker, "topology": topo,
-                              "resume": resume, "emitted": plan.skip}
         stats = ReadStats()
         handlers = [make_handler(part.handler) for part in self.datasets]
         streams = [execute(part_plan, part.reader(handler, stats))
@@ -219,33 +154,4 @@ class Mix(IterableDataset):
 
         mapped = map_parts(pipelines, interleaved(), stats.count_skipped, threads=self.threads,
                            on_filter=stats.count_filtered)
-        items: Iterator[tuple[int, tuple[int, Any]]]
-        if batching.batch_size is None:
-            items = ((n, (1, item)) for n, item in mapped)
-        else:
-            items = batched(mapped, batching.batch_size, drop_last=batching.drop_last,
-                            collate_fn=lambda chunk: (len(chunk), batching.collate_fn(chunk)))
-        for emitted, (size, item) in items:
-            self._worker_state["emitted"] = emitted
-            if progress:
-                yield item, Progress(worker, emitted, size, epoch, stats.as_dict())
-            else:
-                yield item
-
-    # -- resume (when no ShardLoader drives the mix) ---------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """This worker's progress, for torchdata's StatefulDataLoader (ShardLoader users
-        call ``loader.state_dict()``). One count per worker is the whole state: which
-        samples of each part were emitted follows from the plan."""
-        ws = self._worker_state
-        if not ws:
-            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed)
-        topo: Topology = ws["topology"]
-        emitted = [[0] * topo.streams for _ in range(topo.world_size)]
-        emitted[ws["rank"]][ws["worker"]] = ws["emitted"]
-        return ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume mid-epoch from :meth:`state_dict` (sets the epoch too)."""
-        self._resume = ResumeState.from_dict(state, seed=self.seed)
-        self.set_epoch(self._resume.epoch)
+        yield from self._emit(mapped, batching, progress=progress, counters=stats.as_dict)

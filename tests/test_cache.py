@@ -237,3 +237,35 @@ def test_s3_through_cache(s3_server, shard_files, tmp_path):
     for _ in range(2):
         with open_stream(f"s3://{BUCKET}/{name}", options=opts) as f:
             assert f.read() == shard_files.data(name)
+
+
+@pytest.mark.timeout(30)
+def test_pipe_urls_go_through_the_cache_too(shard_files, tmp_path):
+    # Before: pipe: (and fsspec) URLs silently ignored cache_dir.
+    name = shard_files.names[2]
+    url = f"pipe:cat {shard_files.path(name)}"
+    opts = SourceOptions(cache_dir=str(tmp_path), cache_size="50MB", allow_pipe=True)
+    for _ in range(2):
+        with open_stream(url, offset=1000, length=500, options=opts) as f:
+            assert f.read() == shard_files.data(name)[1000:1500]
+    stats = cache_mod.cache_for(opts).stats()
+    assert stats["misses"] == 1 and stats["hits"] == 1 and stats["bytes_cached"] == len(shard_files.data(name))
+
+
+@pytest.mark.timeout(60)
+def test_dataset_read_ahead_downloads_upcoming_shards(nginx_server, shard_files, tmp_path):
+    from shardkit.dataset import ShardDataset
+
+    urls = [nginx_server.url + n for n in shard_files.names]
+    opts = SourceOptions(cache_dir=str(tmp_path / "c"), cache_size="100MB", read_ahead=2)
+    ds = ShardDataset(urls, source_options=opts)
+    it = iter(ds)
+    first = next(it)  # reading shard 0 queues shards 1 and 2 in the background
+    assert first["__url__"] == urls[0]
+    cache = cache_mod.cache_for(ds.options)
+    for future in list(cache._pending.values()):
+        future.result(timeout=20)
+    assert [cache.contains(u) for u in urls[:4]] == [True, True, True, False]
+    assert cache.stats()["prefetched"] == 2
+    rest = [s["__url__"] for s in it]
+    assert len(rest) == 8 * len(urls) - 1
