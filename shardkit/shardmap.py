@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from .backend import SourceOptions
 from .dataset import _source_options
 from .decode import decode_size_for, make_decoder
-from .errors import SampleError, ShardFormatError, ShardkitError
+from .errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from .index import decode_index, decode_index_keys, index_url
 from .pipeline import SamplePipeline, make_handler
 from .samples import Sample, group_members, split_name
@@ -121,7 +121,8 @@ class ShardMap(Dataset):
                                  f"decode={decode!r}")
             decoder = decode
         else:
-            decoder = make_decoder(decode, decode_size=decode_size, allow_pickle=allow_pickle)
+            decoder = make_decoder(decode, decode_size=decode_size,  # type: ignore[arg-type] # it checks the mode
+                                   allow_pickle=allow_pickle)
         self._pipeline = SamplePipeline(decoder=decoder, transform=transform, fields=fields,
                                         handler=make_handler("raise"))
 
@@ -214,15 +215,14 @@ class ShardMap(Dataset):
         url = self.urls[shard]
         path = local_path(url)
         if path is not None:
-            stream: Any = io.BytesIO(self._pread(shard, path, start, stop))
+            samples = _parse(io.BytesIO(self._pread(shard, path, start, stop)), url, start, stop)
         else:  # one ranged request (or a slice of the cached shard)
             stream = open_stream(url, offset=start, length=stop - start, options=self.options,
                                  expected_sha256=self.sha256[shard] if self.sha256 else None)
-        try:
-            samples = [s for _, _, s in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop),
-                                                      url=url)]
-        finally:
-            stream.close()
+            try:
+                samples = _parse(stream, url, start, stop)
+            finally:
+                stream.close()
         if len(samples) != 1:
             raise ShardFormatError(f"the index puts sample {j} at bytes [{start}, {stop}) but they hold "
                                    f"{len(samples)} samples (stale index? rerun `shardkit index`)",
@@ -230,12 +230,17 @@ class ShardMap(Dataset):
         return samples[0]
 
     def _pread(self, shard: int, path: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of a local shard, through a descriptor kept open (LRU,
+        at most ``max_open_files``). ``pread`` uses no shared file position."""
         # The lock spans the read: another thread must not close (and the OS reuse) the
         # descriptor while it is in use.
         with self._lock:
             fd = self._files.get(shard)
             if fd is None:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as e:
+                    raise SourceError(f"cannot open: {e.strerror}", url=path) from None
                 self._files[shard] = fd
                 while len(self._files) > self.max_open_files:
                     os.close(self._files.popitem(last=False)[1])
@@ -324,7 +329,7 @@ class ShardMap(Dataset):
                 try:
                     key = next((parts[0] for name, _, _, _ in members if (parts := split_name(name))), None)
                 finally:
-                    members.close()
+                    members.close()  # type: ignore[attr-defined] # a generator: unmap the file now
                 if key is None:
                     raise ShardFormatError(f"no sample at index offset {start}", url=url, offset=start)
                 keys.append(key)
@@ -344,6 +349,11 @@ class ShardMap(Dataset):
             raise ShardFormatError("the index offsets do not match the shard's samples (rerun `shardkit index`)",
                                    url=index_url(url))
         return [key for _, key in found]
+
+
+def _parse(stream: Any, url: str, start: int, stop: int) -> list[Sample]:
+    """The samples in bytes ``[start, stop)`` of a shard, read from ``stream``."""
+    return [s for _, _, s in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url)]
 
 
 def _missing_index(url: str, missing: int) -> ShardkitError:

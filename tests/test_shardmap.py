@@ -247,9 +247,9 @@ def test_pickles_without_handles(sets):
     m = ShardMap(sets["v2"])
     first = m[0]
     m.get(first["__key__"])
-    assert m._files  # noqa: SLF001 - a handle is open here...
+    assert m._files  # a handle is open here...
     copy = pickle.loads(pickle.dumps(m))
-    assert not copy._files  # noqa: SLF001 - ...but never in the pickle
+    assert not copy._files  # ...but never in the pickle
     assert copy[0] == first and copy.get(first["__key__"]) == first
 
 
