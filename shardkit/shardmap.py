@@ -277,6 +277,7 @@ class ShardMap(Dataset):
 
     def _offsets(self, shard: int) -> np.ndarray:
         """The shard's sample offsets (N+1), from the LRU or its ``.idx``."""
+        self._own_process()  # a lock copied by fork may be held forever
         with self._lock:
             offsets = self._offsets_cache.get(shard)
             if offsets is not None:
