@@ -9,11 +9,10 @@ epoch lives in shared memory so ``set_epoch`` reaches persistent workers.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .backend import SourceOptions
+from .backend import SourceOptions, merge_source_options
 from .cache import cache_for
 from .decode import make_decoder
 from .decode_size import decode_size_for
@@ -89,7 +88,7 @@ class ShardDataset(PlannedDataset):
         self.buffer = DEFAULT_BUFFER if shuffle is True else int(shuffle or 0)
         self.shuffle_shards = bool(self.buffer) if shuffle_shards is None else shuffle_shards
         self.seed = seed
-        self.options = _source_options(source_options, cache_dir=cache_dir, cache_size=cache_size,
+        self.options = merge_source_options(source_options, cache_dir=cache_dir, cache_size=cache_size,
                                        headers=headers, allow_pipe=allow_pipe)
         self.shards: ShardList = resolve_shards(urls, options=self.options)
         self.urls = self.shards.urls
@@ -249,16 +248,3 @@ class ShardDataset(PlannedDataset):
         """select -> decode -> transform -> fields as configured (one per worker)."""
         return SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
                               handler=handler, select=self.select)
-
-
-def _source_options(given: SourceOptions | None, *, cache_dir: str | None, cache_size: int | str | None,
-                    headers: dict[str, dict[str, str]] | None, allow_pipe: bool) -> SourceOptions:
-    """One way to pass each option: the keyword arguments, or ``source_options``."""
-    if given is None:
-        return SourceOptions(cache_dir=cache_dir, cache_size=cache_size, headers=dict(headers or {}),
-                             allow_pipe=allow_pipe)
-    clashes = [name for name, value in (("cache_dir", cache_dir), ("cache_size", cache_size),
-                                        ("headers", headers), ("allow_pipe", allow_pipe)) if value]
-    if clashes:
-        raise ValueError(f"pass {', '.join(clashes)} inside source_options, not beside it")
-    return dataclasses.replace(given, headers=dict(given.headers))

@@ -215,6 +215,7 @@ class ShardWriter:
         self.bytes_written = 0
         self._file: _ShardFile | None = None
         self._offsets: list[int] = []
+        self._keys: list[str] = []  # the shard's sample keys, for its version-2 index
         self._fields: set[str] = set()
         self._size = 0
         self._closed = False
@@ -258,6 +259,7 @@ class ShardWriter:
             self._start_shard()
         assert self._file is not None
         self._offsets.append(self._size)
+        self._keys.append(sample["__key__"])
         pieces: list[bytes] = []
         for header, payload in members:
             pieces += (header, payload, padding(len(payload)))
@@ -286,6 +288,7 @@ class ShardWriter:
         path = shard_path(self.dest, self.name, len(self.shards))
         self._file = _ShardFile(path + TMP_SUFFIX)
         self._offsets = []
+        self._keys = []
         self._fields = set()
         self._size = 0
 
@@ -302,7 +305,7 @@ class ShardWriter:
             raise
         self._file = None
         path = shard_path(self.dest, self.name, len(self.shards))
-        _atomic_write(path + ".idx", encode_index(self._offsets + [end]))
+        _atomic_write(path + ".idx", encode_index(self._offsets + [end], self._keys))
         os.replace(path + TMP_SUFFIX, path)
         if self.remote is not None:
             self._upload(path)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import ShardkitError
-from ..index import (Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name,
-                     scan_shard)
+from ..index import (Manifest, ShardInfo, dataset_name_for, decode_index, decode_index_keys, encode_index, index_url,
+                     manifest_name, scan_shard)
 from ..samples import Sample, iter_samples
 from ..source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
 from ..urls import ShardList, resolve_shards
@@ -97,6 +97,9 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
                 offsets = decode_index(idx, url=index_url(url))
                 if list(offsets) != scan.offsets:
                     report.problems.append(Problem(index_url(url), "index offsets do not match the shard"))
+                keys = decode_index_keys(idx, url=index_url(url))
+                if keys is not None and keys != scan.keys:
+                    report.problems.append(Problem(index_url(url), "index keys do not match the shard"))
             except ShardkitError as e:
                 report.problems.append(Problem(index_url(url), str(e)))
         if decoder is not None:
@@ -155,7 +158,7 @@ def build_index(urls: str | list[str], *, name: str | None = None, options: Sour
             raise ShardkitError(f"{url}: `shardkit index` writes sidecars next to local shards only")
         with open(path, "rb") as f:
             scan = scan_shard(io.BufferedReader(f, 1 << 20), url=url)  # type: ignore[arg-type]
-        _atomic_write(path + ".idx", encode_index(scan.offsets))
+        _atomic_write(path + ".idx", encode_index(scan.offsets, scan.keys))
         infos.append(ShardInfo(os.path.basename(path), len(scan.offsets) - 1, scan.bytes, scan.sha256, scan.fields))
         folder = folder or os.path.dirname(path)
         if os.path.dirname(path) != folder:
