@@ -110,6 +110,39 @@ def local_path(url: str) -> str | None:
     return None
 
 
+class ChunkStream(io.RawIOBase):
+    """The file-object surface of a read-only stream built on ``_chunk(size)`` (up to
+    ``size`` bytes, at least one unless at the end) and a position ``_pos``."""
+
+    _pos = 0
+
+    def _chunk(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        return self._chunk(size)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._chunk(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        parts: list[bytes] = []
+        while data := self._chunk(CHUNK):
+            parts.append(data)
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self._pos
+
+
 class _BoundedReader(io.RawIOBase):
     """Expose at most ``length`` bytes of a file, from its current position."""
 

@@ -15,9 +15,9 @@ import io
 import logging
 import subprocess
 import tempfile
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from ..backend import CHUNK, DEFAULT_OPTIONS, Backend, SourceOptions
+from ..backend import CHUNK, DEFAULT_OPTIONS, Backend, ChunkStream, SourceOptions
 from ..errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def _command(url: str) -> str:
     return cmd
 
 
-class PipeStream(io.RawIOBase):
+class PipeStream(ChunkStream):
     """stdout of ``CMD`` as a stream; checks the exit status at the end."""
 
     def __init__(self, url: str, offset: int = 0, length: int | None = None) -> None:
@@ -89,29 +89,6 @@ class PipeStream(io.RawIOBase):
         if self._left is not None:
             self._left -= len(data)
         return data
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        return self._chunk(size)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._chunk(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        parts = []
-        while data := self._chunk(CHUNK):
-            parts.append(data)
-        return b"".join(parts)
-
-    def tell(self) -> int:
-        return self._pos
 
     def close(self) -> None:
         if self.closed:

@@ -14,13 +14,12 @@ from it; everything else lives here, once:
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import time
 from typing import Any, Callable, TypeVar
 
-from ..backend import CHUNK, DEFAULT_OPTIONS, SourceOptions
+from ..backend import DEFAULT_OPTIONS, ChunkStream, SourceOptions
 from ..errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def with_retries(url: str, options: SourceOptions, attempt: Callable[[], T]) -> 
     raise SourceError(f"{last.what} after {options.retries} retries", url=url, status=last.status)
 
 
-class ResumableStream(io.RawIOBase):
+class ResumableStream(ChunkStream):
     """A read-only remote byte range that reconnects and resumes transparently.
 
     Subclasses implement:
@@ -190,32 +189,6 @@ class ResumableStream(io.RawIOBase):
                 self._drop(complete=self._body_end == self._pos)
                 self._eof = True
             return data
-
-    # -- file object surface ----------------------------------------------------------
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        return self._chunk(size)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._chunk(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        parts = []
-        while True:
-            data = self._chunk(CHUNK)
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
-
-    def tell(self) -> int:
-        return self._pos
 
     def close(self) -> None:
         if not self.closed:
