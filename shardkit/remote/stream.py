@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from ..backend import DEFAULT_OPTIONS, ChunkStream, SourceOptions
 from ..errors import SourceError
