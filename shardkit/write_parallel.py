@@ -124,13 +124,22 @@ def describe_sample(sample: Mapping[str, Any]) -> str:
 
 # -------------------------------------------------------------------------- workers
 
-def _worker_main(conn: Any, work: Callable[[Any], Result], slots: Any, slot: int) -> None:
-    """Worker process: batches in, results out; ``slots[slot]`` = the input index it is on."""
+def _worker_main(conn: Any, work: Callable[[Any], Result], slots: Any, slot: int, inherited: list[int]) -> None:
+    """Worker process: batches in, results out; ``slots[slot]`` = the input index it is on.
+
+    ``inherited``: the parent's pipe ends a forked child holds; closed so that the pipe
+    reports EOF (and the worker exits) when the parent dies.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     while True:
         try:
             message = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the parent is gone
             return
         if message is None:
             return
@@ -142,11 +151,14 @@ def _worker_main(conn: Any, work: Callable[[Any], Result], slots: Any, slot: int
                 slots[slot] = index
                 results.append(work(item))
         except Exception as e:  # noqa: BLE001 - reported by the parent with the input named
-            slots[slot] = -1
-            conn.send((seq, "error", index, f"{type(e).__name__}: {e}"))
-            continue
+            results, status, first = f"{type(e).__name__}: {e}", "error", index  # type: ignore[assignment]
+        else:
+            status = "ok"
         slots[slot] = -1
-        conn.send((seq, "ok", first, results))
+        try:
+            conn.send((seq, status, first, results))
+        except OSError:  # the parent is gone
+            return
 
 
 def _context(start_method: str | None) -> Any:
@@ -169,12 +181,14 @@ class _Workers:
 
     def __init__(self, work: Callable[[Any], Result], count: int, start_method: str | None) -> None:
         ctx = _context(start_method)
+        forked = ctx.get_start_method() == "fork"
         self.slots = ctx.RawArray("q", [-1] * count)
         self.procs = []
         self.conns = []
         for slot in range(count):
             parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_worker_main, args=(child, work, self.slots, slot),
+            inherited = [c.fileno() for c in (*self.conns, parent)] if forked else []
+            proc = ctx.Process(target=_worker_main, args=(child, work, self.slots, slot, inherited),
                                name=f"shardkit-write-{slot}", daemon=True)
             proc.start()
             child.close()
