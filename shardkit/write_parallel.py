@@ -70,10 +70,13 @@ class WriteResult:
     manifest: str = ""
     resumed_shards: int = 0
     workers: int = 1
+    written: int | None = None  # samples written by this run (resumed shards excluded)
 
     @property
     def rate(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("inf")
+        """Samples written per second by this run."""
+        done = self.samples if self.written is None else self.written
+        return done / self.seconds if self.seconds > 0 else float("inf")
 
     def as_dict(self) -> dict[str, Any]:
         return {"shards": self.shards, "samples": self.samples, "bytes": self.bytes,
@@ -381,6 +384,8 @@ def write_parallel(items: Iterable[T], work: Callable[[T], Result], dest: str, *
         fingerprint["part"] = [index, count]
         total = stop - start
         resume = resume or not overwrite
+    if total is not None:  # no process start-up for inputs a few batches long (same bytes either way)
+        workers = max(1, min(workers, -(-total // batch_size)))
     from .source import local_path
 
     local = local_path(dest) is not None
@@ -459,10 +464,12 @@ def _load_starts(dest: str, name: str) -> list[int]:
 
 def _result(manifest: Manifest, dest: str, name: str, started: float, skipped: list[Skip], resumed: int,
             workers: int) -> WriteResult:
+    written = sum(s.samples for s in manifest.shards[resumed:])
     return WriteResult(shards=len(manifest.shards), samples=manifest.total_samples, bytes=manifest.total_bytes,
                        seconds=time.perf_counter() - started, skipped=skipped,
                        pattern=shard_pattern(dest, name, len(manifest.shards)),
-                       manifest=os.path.join(dest, manifest_name(name)), resumed_shards=resumed, workers=workers)
+                       manifest=os.path.join(dest, manifest_name(name)), resumed_shards=resumed, workers=workers,
+                       written=written)
 
 
 # -------------------------------------------------------------------------- sources

@@ -287,6 +287,29 @@ def test_vanished_file_is_skipped_like_the_serial_writer(tmp_path):
         write_files(paths, str(tmp_path / "strict"), workers=2, strict=True)
 
 
+def test_migration_sources_are_decoded_by_the_workers(tmp_path):
+    import sqlite3
+
+    from tests.helpers import tiny_jpeg
+
+    images = [tiny_jpeg(i) for i in range(30)]
+    images[7] = images[7][:len(images[7]) // 2] + b"\xff\xd9"  # cut in the middle: sniffs fine
+    db = sqlite3.connect(tmp_path / "t.sqlite")
+    db.execute("create table pics(key text, image blob, label int)")
+    db.executemany("insert into pics values(?,?,?)", [(f"k{i}", b, i % 3) for i, b in enumerate(images)])
+    db.commit()
+    db.close()
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        summary = json.loads(shardkit("write", str(tmp_path / "t.sqlite"), str(out), "--workers", workers,
+                                      "--shard-size", "20kB", "--json").stdout)
+        assert summary["samples"] == 29 and summary["skipped"] == 1
+        assert "does not decode" in summary["skipped_files"][0]["reason"]
+        outs.append(digests(out))
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.slow
 def test_dask_engine_on_a_local_two_worker_cluster(photos, tmp_path):
     pytest.importorskip("distributed")
