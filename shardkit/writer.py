@@ -284,6 +284,25 @@ class ShardWriter:
             self._start_shard()
         self._finish_shard()
 
+    def adopt(self, shards: list[ShardInfo]) -> None:
+        """Resume: take ``shards`` (complete, already in ``dest`` under their final names) as
+        this writer's first shards; the next sample starts shard ``len(shards)``."""
+        if self._file is not None or self.shards or self.remote is not None:
+            raise ShardkitError("adopt() needs a fresh writer with a local dest")
+        self.shards = list(shards)
+        self.samples_written = sum(s.samples for s in shards)
+        self.bytes_written = sum(s.bytes for s in shards)
+        self._write_manifest(complete=False)
+
+    def discard_open_shard(self) -> None:
+        """Drop the shard being written (its temp file), e.g. when the input failed mid-way,
+        so that closing does not finish it as a short, complete-looking shard."""
+        if self._file is not None:
+            self._file.abandon()
+            self._file = None
+            self.samples_written -= len(self._offsets)
+            log.warning("discarded unfinished shard %d (%d samples)", len(self.shards), len(self._offsets))
+
     def _start_shard(self) -> None:
         path = shard_path(self.dest, self.name, len(self.shards))
         self._file = _ShardFile(path + TMP_SUFFIX)

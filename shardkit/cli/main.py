@@ -37,8 +37,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    from .convert import write_shards
-    from ..ingest import IngestOptions, open_source
+    from ..ingest import IngestOptions
+    from ..merge import parse_part
+    from ..write_parallel import write_source
 
     options = IngestOptions(images_key=args.images_key, labels_key=args.labels_key, keys_key=args.keys_key,
                             image_format=args.format, quality=args.quality or 95, shape=args.shape,
@@ -46,25 +47,44 @@ def cmd_write(args: argparse.Namespace) -> int:
                             label_column=args.label_column, key_column=args.key_column,
                             image_feature=args.image_feature, label_feature=args.label_feature,
                             index=args.index, labels=args.labels, allow_pickle=args.allow_pickle,
-                            workers=args.workers, strict=args.strict)
-    file_options = {"shuffle": args.shuffle, "seed": args.seed if args.shuffle else 0,
-                    "resize": args.resize, "quality": args.quality}
-    source = open_source(args.src, fmt=args.from_format, options=options, **file_options)
-    try:
-        total = len(source)
-    except TypeError:
-        total = None
-    summary = write_shards(source, args.dest, name=args.name, shard_size=args.shard_size,
-                           max_count=args.max_count, classes=getattr(source, "classes", None), total=total,
-                           overwrite=args.overwrite, progress=_progress(args))
-    summary.skipped = list(getattr(source, "skipped", []))
+                            strict=args.strict, validate=args.validate, max_pixels=args.max_pixels)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    summary = write_source(args.src, args.dest, fmt=args.from_format, options=options, shuffle=args.shuffle,
+                           seed=args.seed, resize=args.resize, quality=args.quality, workers=args.workers,
+                           part=parse_part(args.part) if args.part else None, name=args.name,
+                           shard_size=args.shard_size, max_count=args.max_count, overwrite=args.overwrite,
+                           resume=args.resume, progress=_progress(args))
     text = (f"wrote {summary.shards} shard(s), {summary.samples:,} samples, {format_size(summary.bytes)} "
             f"in {summary.seconds:.1f} s ({summary.rate:,.0f} samples/s, "
-            f"{summary.bytes / 1e6 / max(summary.seconds, 1e-9):.0f} MB/s)")
+            f"{summary.bytes / 1e6 / max(summary.seconds, 1e-9):.0f} MB/s, {summary.workers} worker(s))")
+    if summary.resumed_shards:
+        text += f"\nresumed after {summary.resumed_shards} complete shard(s) already in {args.dest}"
     if summary.skipped:
-        text += f"\nskipped {len(summary.skipped)} unreadable file(s), e.g. {summary.skipped[0][0]}: {summary.skipped[0][1]}"
-    text += f"\nread them with: ShardDataset({summary.pattern!r})  (manifest: {summary.manifest})"
+        text += f"\nskipped {len(summary.skipped)} file(s) that do not read or decode:"
+        text += "".join(f"\n  {where}: {reason}" for where, reason in summary.skipped[:10])
+        if len(summary.skipped) > 10:
+            text += f"\n  ... and {len(summary.skipped) - 10} more (--json lists them all)"
+    if args.part:
+        text += f"\npart {args.part} done; after every part: shardkit merge {args.dest}" + \
+                (f" --name {args.name}" if args.name != "data" else "")
+    else:
+        text += f"\nread them with: ShardDataset({summary.pattern!r})  (manifest: {summary.manifest})"
     _out(args, summary.as_dict(), text)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_parts
+    from .write_parallel import shard_pattern
+
+    manifest = merge_parts(args.dest, name=args.name)
+    pattern = shard_pattern(args.dest, args.name, len(manifest.shards))
+    path = os.path.join(args.dest, f"{args.name}.manifest.json")
+    _out(args, {"shards": len(manifest.shards), "samples": manifest.total_samples, "bytes": manifest.total_bytes,
+                "pattern": pattern, "manifest": path},
+         f"merged: {len(manifest.shards)} shard(s), {manifest.total_samples:,} samples, "
+         f"{format_size(manifest.total_bytes)}\nread them with: ShardDataset({pattern!r})  (manifest: {path})")
     return 0
 
 
@@ -185,9 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
     w.add_argument("--resize", type=int, metavar="MAX_SIDE", help="re-encode images to at most this side")
     w.add_argument("--quality", type=int, help="JPEG quality when re-encoding")
-    w.add_argument("--workers", type=int, default=4, help="threads reading/probing files (default 4)")
+    w.add_argument("--workers", type=int, help="processes reading, checking and encoding inputs (default: "
+                                              "CPU cores); the output is byte-identical for any number")
     w.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
+    w.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="store images without decoding them first (trusted data only; faster)")
+    w.add_argument("--max-pixels", type=int, help="decompression-bomb limit for the check (default: PIL's)")
     w.add_argument("--overwrite", action="store_true", help="replace shards of the same name in DEST")
+    w.add_argument("--resume", action="store_true", help="finish an interrupted write of the same input and "
+                                                         "options (keeps its complete shards)")
+    w.add_argument("--part", metavar="I/N", help="write only part I of N (0-based) for many machines; "
+                                                 "then run shardkit merge DEST once")
     g = w.add_argument_group("dataset formats (HDF5, numpy, LMDB, SQLite, TFRecord, binary)")
     g.add_argument("--images-key"), g.add_argument("--labels-key"), g.add_argument("--keys-key")
     g.add_argument("--format", default="png", choices=("png", "jpg", "npy"),
@@ -200,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", help="labels .npy for a numpy source")
     g.add_argument("--allow-pickle", action="store_true", help="unpickle LMDB values (trusted data only)")
     w.set_defaults(func=cmd_write)
+
+    m = add("merge", "after shardkit write --part I/N on every part: check all parts are complete and "
+                     "write one manifest", "shardkit merge /shared/shards")
+    m.add_argument("dest", help="the folder the parts were written to")
+    m.add_argument("--name", default="data", help="shard name prefix (default: data)")
+    m.set_defaults(func=cmd_merge)
 
     i = add("index", "write .idx sidecars and a manifest for existing tar shards (e.g. from webdataset)",
             "shardkit index 'shards/train-{000000..000099}.tar'")

@@ -50,6 +50,9 @@ class IngestOptions:
     allow_pickle: unpickle LMDB values (only for sources you trust).
     workers: threads for reading/probing image files (folder, list, csv, jsonl).
     strict: a corrupt/unreadable input is an error instead of a reported skip.
+    validate: fully decode every image before storing it (skip, or with strict fail, on
+        files that do not decode); off only for trusted data.
+    max_pixels: the decompression-bomb limit for that check (None: PIL's MAX_IMAGE_PIXELS).
     """
 
     images_key: str | None = None
@@ -70,6 +73,8 @@ class IngestOptions:
     allow_pickle: bool = False
     workers: int = 1
     strict: bool = False
+    validate: bool = True
+    max_pixels: int | None = None
 
 
 # Format name -> module below shardkit.ingest; detection tries them in this order.

@@ -10,8 +10,8 @@ they are; label names become indices into their sorted set (recorded as classes)
 
 Images are stored byte-for-byte as on disk, under the extension of their real format
 (probed from magic bytes), unless re-encoding is asked for (resize / quality).
-Files that are not images, or visibly truncated, are reported and skipped (or fatal
-with ``strict``).
+Files that are not images, or do not fully decode (unless ``validate`` is off), are
+reported and skipped (or fatal with ``strict``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from ..decodable import decode_problem
 from ..errors import ShardkitError
 from ..imageinfo import probe_image
 from ..parallel import ordered_map
@@ -179,6 +180,53 @@ def _reencode(data: bytes, max_side: int | None, quality: int | None) -> tuple[b
         return out.getvalue(), img.width, img.height
 
 
+@dataclass(frozen=True)
+class EntryLoader:
+    """Read one image file and build its sample, or say why it is skipped: ``(path, reason)``.
+
+    With ``validate`` every image is fully decoded (:func:`shardkit.decodable.decode_problem`),
+    so a file truncated in the middle, corrupt, in a codec PIL cannot read or over the pixel
+    limit is skipped with its reason instead of being stored. Picklable: it runs in the
+    writer's worker processes.
+    """
+
+    resize: int | None = None
+    quality: int | None = None
+    validate: bool = True
+    max_pixels: int | None = None
+
+    def __call__(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
+        key, entry = item
+        try:
+            with open(entry.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return entry.path, f"cannot read: {e.strerror}"
+        info = probe_image(data)
+        if info is None:
+            return entry.path, "not a recognised image format"
+        if looks_truncated(info.ext, data):
+            return entry.path, f"truncated {info.ext} (no end marker)"
+        ext, width, height = info
+        if self.validate:
+            problem = decode_problem(data, max_pixels=self.max_pixels)
+            if problem:
+                return entry.path, problem
+        if self.resize or self.quality:
+            try:
+                data, width, height = _reencode(data, self.resize, self.quality)
+            except Exception as e:  # PIL raises many types for corrupt data
+                return entry.path, f"cannot decode to re-encode: {e}"
+            ext = "jpg"
+        meta: dict[str, Any] = {"path": entry.rel, "width": width, "height": height}
+        sample: dict[str, Any] = {"__key__": key, ext: data}
+        if entry.label is not None:
+            sample["cls"] = entry.label
+            meta["label"] = entry.label_name if entry.label_name is not None else entry.label
+        sample["json"] = meta
+        return sample
+
+
 class FileSource:
     """Samples from image files; iterate for sample dicts, in a deterministic order."""
 
@@ -206,39 +254,21 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def loader(self) -> "EntryLoader":
+        """The picklable per-file work (read, check, build the sample) for worker processes."""
+        return EntryLoader(resize=self.resize, quality=self.quality, validate=self.options.validate,
+                           max_pixels=self.options.max_pixels)
+
     def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
-        key, entry = item
-        try:
-            with open(entry.path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return entry.path, f"cannot read: {e.strerror}"
-        info = probe_image(data)
-        if info is None:
-            return entry.path, "not a recognised image format"
-        if looks_truncated(info.ext, data):
-            return entry.path, f"truncated {info.ext} (no end marker)"
-        ext, width, height = info
-        if self.resize or self.quality:
-            try:
-                data, width, height = _reencode(data, self.resize, self.quality)
-            except Exception as e:  # PIL raises many types for corrupt data
-                return entry.path, f"cannot decode to re-encode: {e}"
-            ext = "jpg"
-        meta: dict[str, Any] = {"path": entry.rel, "width": width, "height": height}
-        sample: dict[str, Any] = {"__key__": key, ext: data}
-        if entry.label is not None:
-            sample["cls"] = entry.label
-            meta["label"] = entry.label_name if entry.label_name is not None else entry.label
-        sample["json"] = meta
-        return sample
+        return self.loader()(item)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers = max(1, self.options.workers)
+        load = self.loader()
         if workers == 1:
-            results: Iterator[Any] = map(self._load, self.entries)
+            results: Iterator[Any] = map(load, self.entries)
         else:
-            results = ordered_map(self._load, self.entries, workers, window=workers * 8)
+            results = ordered_map(load, self.entries, workers, window=workers * 8)
         for result in results:
             if isinstance(result, tuple):
                 path, reason = result
