@@ -27,6 +27,7 @@ import pytest
 
 from shardkit import cli
 from shardkit.dataset import ShardDataset
+from shardkit.compression import compression_of
 from shardkit.errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from shardkit.loader import ShardLoader
 from shardkit.samples import iter_samples
@@ -117,7 +118,8 @@ def test_reader(case: Case, tmp_path):
     else:
         assert error is None, error
     payload = sum(len(v) for s in samples for k, v in s.items() if not k.startswith("__"))
-    assert payload <= len(built.data)
+    if compression_of(built.data) is None:  # a compressed shard holds more than its size
+        assert payload <= len(built.data)
 
 
 def test_zero_length_member_is_empty_bytes(tmp_path):
@@ -289,7 +291,7 @@ def test_several_bad_shards_with_worker_processes(mode, tmp_path, good_shard):
         assert any(path in message for path in bad) and "b0000" in message
         return
     keys = [k for batch in loader for k in batch["__key__"]]
-    assert sorted(keys) == sorted(["g0000", "g0000", "g0001"] + GOOD_KEYS)
+    assert sorted(keys) == sorted(["g0000", "g0000", "g0001", "g0001"] + GOOD_KEYS)
     assert loader.stats()["skipped"] == 2
 
 
@@ -372,11 +374,11 @@ def http_root(tmp_path_factory):
     thread.join()
 
 
-@pytest.mark.parametrize("name", ["html_error_page", "gzip_tar", "size_octal_8GiB", "size_base256_huge",
+@pytest.mark.parametrize("name", ["html_error_page", "gzip_tar_cut", "size_octal_8GiB", "size_base256_huge",
                                   "truncated_in_payload", "corrupt_jpeg"])
 def test_over_http(http_root, name, good_shard):
     """The same errors through a network stream (no mmap): an HTML page served with 200,
-    a .tar.gz, a huge declared size (must not be allocated)."""
+    a .tar.gz cut short, a huge declared size (must not be allocated)."""
     root, base = http_root
     case = bad_corpus.by_name(name)
     case.write(str(root))
@@ -395,7 +397,7 @@ def test_over_http(http_root, name, good_shard):
     assert skipping.stats()["skipped"] == skipped
 
 
-@pytest.mark.parametrize("name", ["size_octal_8GiB", "gzip_tar", "truncated_in_header"])
+@pytest.mark.parametrize("name", ["size_octal_8GiB", "gzip_tar_cut", "truncated_in_header"])
 def test_through_a_pipe(name, tmp_path, good_shard):
     path, _ = bad_corpus.by_name(name).write(str(tmp_path))
     url = f"pipe:cat {path}"
