@@ -92,7 +92,10 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
             if info.bytes != scan.bytes:
                 report.problems.append(Problem(url, f"is {scan.bytes} bytes, the manifest says {info.bytes}"))
         idx = read_bytes(index_url(url), options=options)
-        if idx is not None:
+        if idx is not None and scan.compression is not None:
+            report.problems.append(Problem(index_url(url), f"an index beside a {scan.compression}-compressed "
+                                           "shard cannot be used (offsets cannot seek into it): delete it"))
+        elif idx is not None:
             try:
                 offsets = decode_index(idx, url=index_url(url))
                 if list(offsets) != scan.offsets:
@@ -155,7 +158,14 @@ def build_index(urls: str | list[str], *, name: str | None = None, options: Sour
             raise ShardkitError(f"{url}: `shardkit index` writes sidecars next to local shards only")
         with open(path, "rb") as f:
             scan = scan_shard(io.BufferedReader(f, 1 << 20), url=url)  # type: ignore[arg-type]
-        _atomic_write(path + ".idx", encode_index(scan.offsets))
+        if scan.compression is None:
+            _atomic_write(path + ".idx", encode_index(scan.offsets))
+        elif os.path.exists(path + ".idx"):
+            # Offsets cannot seek into a compressed file: counts go to the manifest only,
+            # and a stale index (written before the shard was compressed) must not be used.
+            log.warning("%s is %s-compressed: removing its stale .idx (counts go to the manifest)",
+                        url, scan.compression)
+            os.remove(path + ".idx")
         infos.append(ShardInfo(os.path.basename(path), len(scan.offsets) - 1, scan.bytes, scan.sha256, scan.fields))
         folder = folder or os.path.dirname(path)
         if os.path.dirname(path) != folder:
