@@ -111,15 +111,54 @@ class _Replay:
         self._stream.close()
 
 
-def _zstd_reader(stream: BinaryIO, url: str | None) -> BinaryIO:
+def _zstd_reader(stream: BinaryIO, url: str | None) -> "_ZstdReader":
     try:
         import zstandard
     except ImportError:
         raise ShardFormatError("it is zstd-compressed; reading .tar.zst shards needs the zstandard package: "
                                "pip install 'shardkit[zstd]'", url=url, offset=0) from None
-    # read_across_frames: `zstd` CLI and multi-threaded writers may emit several frames.
-    return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True,  # type: ignore[return-value]
-                                                      closefd=False)
+    return _ZstdReader(stream, zstandard.ZstdDecompressor())
+
+
+class _ZstdReader:
+    """zstd frames one after another (the CLI and multi-threaded writers may emit several).
+
+    Not zstandard's ``stream_reader``: it reads a stream cut short as a clean end. Input
+    goes in small chunks so one call's output stays bounded (a block of 128 KiB can
+    come from 4 bytes).
+    """
+
+    _INPUT = 8192
+
+    def __init__(self, raw: BinaryIO, decompressor: Any) -> None:
+        self._raw = raw
+        self._decompressor = decompressor
+        self._obj = decompressor.decompressobj()
+        self._in_frame = False  # fed bytes to a frame that has not ended yet
+        self._pending = memoryview(b"")
+
+    def readinto1(self, buffer: Any) -> int:
+        while not self._pending:
+            data = _read(self._raw, self._INPUT)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its frame")
+                return 0
+            out = []
+            while data:
+                if self._obj.eof:
+                    self._obj = self._decompressor.decompressobj()
+                out.append(self._obj.decompress(data))
+                self._in_frame = not self._obj.eof
+                data = self._obj.unused_data if self._obj.eof else b""
+            self._pending = memoryview(b"".join(out))
+        n = min(len(buffer), len(self._pending))
+        memoryview(buffer)[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._pending = memoryview(b"")
 
 
 def _errors() -> tuple[type[BaseException], ...]:

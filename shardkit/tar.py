@@ -328,7 +328,10 @@ def _in_compressed(error: ShardFormatError, stream: Decompressed) -> ShardFormat
         return error
     note = f" (offset in the decompressed {stream.compression} stream"
     note += "; the compressed file itself is cut short)" if stream.truncated else ")"
-    return ShardFormatError(error.reason + note, url=error.url, offset=error.offset, member=error.member)
+    reason = error.reason
+    if stream.truncated and not reason.startswith("truncated"):
+        reason = "truncated archive: " + reason  # e.g. "empty file": cut before the first whole block
+    return ShardFormatError(reason + note, url=error.url, offset=error.offset, member=error.member)
 
 
 def _size(field: bytes, pax: dict[str, str], url: str | None, here: int) -> int:

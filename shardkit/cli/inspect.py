@@ -80,6 +80,8 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
                 stream.close()
         except ShardkitError as e:
             report.problems.append(Problem(url, str(e)))
+            if decoder is not None:  # the samples before the damage may still hide bad members
+                _decode_members(url, decoder, options, report, stop_on_error=True)
             continue
         n = len(scan.offsets) - 1
         report.samples += n
@@ -103,12 +105,27 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
             except ShardkitError as e:
                 report.problems.append(Problem(index_url(url), str(e)))
         if decoder is not None:
-            for sample in shard_samples(url, options):
-                try:
-                    decoder(sample)
-                except Exception as e:  # noqa: BLE001 - reported, not raised
-                    report.problems.append(Problem(url, f"sample {sample['__key__']!r}: {e}"))
+            _decode_members(url, decoder, options, report)
     return report
+
+
+def _decode_members(url: str, decoder: Any, options: SourceOptions, report: VerifyReport, *,
+                    stop_on_error: bool = False) -> None:
+    """Decode every member of every sample on its own, reporting each one that fails by name."""
+    try:
+        for sample in shard_samples(url, options):
+            key = sample["__key__"]
+            for field, value in sample.items():
+                if field.startswith("__"):
+                    continue
+                try:
+                    decoder.decode_field(field, value)
+                except Exception as e:  # noqa: BLE001 - reported, not raised
+                    reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+                    report.problems.append(Problem(url, f"member {f'{key}.{field}'!r} does not decode: {reason}"))
+    except ShardkitError as e:
+        if not stop_on_error:  # a format error already reported by the scan
+            report.problems.append(Problem(url, str(e)))
 
 
 def stats(urls: str | list[str], *, options: SourceOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
