@@ -75,7 +75,8 @@ def main() -> None:
             rate = n / seconds
             base = base or rate
             size = sum(os.path.getsize(p) for p in paths)
-            print(f"| {name} | {rate:,.0f} | {tar_bytes / 1e6 / seconds:,.0f} | {rate / base:.2f} | {size / 1e6:.0f} MB |")
+            mb_s = tar_bytes / 1e6 / seconds
+            print(f"| {name} | {rate:,.0f} | {mb_s:,.0f} | {rate / base:.2f} | {size / 1e6:.0f} MB |")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
