@@ -67,6 +67,8 @@ class ShardDataset(PlannedDataset):
             ``source_options`` gives all of them at once: pass one or the other, not
             both. The caller's SourceOptions object is never modified.
         allow_pickle: decode .pickle/.pyd members (only for data you trust).
+        exif_orientation: with ``decode``, turn images upright by their EXIF orientation
+            (default True; False gives the stored pixels, as webdataset does).
         threads: decode/transform threads per worker (0 = inline). JPEG decoders and
             torch ops release the GIL, so threads can stand in for worker processes.
     """
@@ -83,7 +85,7 @@ class ShardDataset(PlannedDataset):
                  resampled: bool = False, cache_dir: str | None = None, cache_size: int | str | None = None,
                  headers: dict[str, dict[str, str]] | None = None, allow_pipe: bool = False,
                  allow_pickle: bool = False, threads: int = 0,
-                 source_options: SourceOptions | None = None) -> None:
+                 source_options: SourceOptions | None = None, exif_orientation: bool = True) -> None:
         super().__init__(rank=rank, world_size=world_size, even=even)
         self.buffer = DEFAULT_BUFFER if shuffle is True else int(shuffle or 0)
         self.shuffle_shards = bool(self.buffer) if shuffle_shards is None else shuffle_shards
@@ -105,6 +107,9 @@ class ShardDataset(PlannedDataset):
             raise ValueError(f"decode_size must be an int, 'auto' or None, got {decode_size!r}")
         self.decode_size = decode_size
         self.allow_pickle = allow_pickle
+        if not isinstance(exif_orientation, bool):
+            raise TypeError(f"exif_orientation must be True or False, got {exif_orientation!r}")
+        self.exif_orientation = exif_orientation
         self.threads = threads
         self.transform = transform
         self.fields = fields
@@ -232,7 +237,8 @@ class ShardDataset(PlannedDataset):
     def _decoder(self) -> Callable[[dict], dict] | None:
         if self.decode is None or callable(self.decode):
             return self.decode  # type: ignore[return-value]
-        return make_decoder(self.decode, decode_size=self.decode_size, allow_pickle=self.allow_pickle)
+        return make_decoder(self.decode, decode_size=self.decode_size, allow_pickle=self.allow_pickle,
+                            exif_orientation=self.exif_orientation)
 
     # -- the parts a driver (this dataset's own iteration, or a Mix) runs in a worker ------
     def epoch_spec(self) -> EpochSpec:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from typing import Any, Callable
+import zlib
+from typing import Any, Callable, Collection
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from .pixels import DecodeMode, check_mode, dct_scale_for, decode_rgb, default_m
 IMAGE_FORMAT_NAMES: dict[str, str] = {
     "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WebP",
     "ppm": "PNM", "pgm": "PNM", "pbm": "PNM", "pnm": "PNM",
-    "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF",
+    "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF", "gif": "GIF",
 }
 IMAGE_EXTENSIONS = frozenset(IMAGE_FORMAT_NAMES)
 INT_EXTENSIONS = frozenset({"cls", "cls2", "class", "count", "index", "inx"})
@@ -46,12 +47,14 @@ def _check_size(name: str, value: int | None) -> None:
 
 def decode_image(data: bytes | bytearray | memoryview, mode: DecodeMode = "torch", *,
                  decode_size: int | None = None, max_pixels: int | None = None,
-                 format_name: str = "image") -> Any:
+                 format_name: str = "image", exif_orientation: bool = True) -> Any:
     """Decode one encoded image to RGB in ``mode`` ("pil", "numpy" or "torch").
 
     ``decode_size=S`` decodes JPEGs at the largest DCT scale (1/2, 1/4, 1/8) whose
     shorter side is still >= S; other formats decode at full size. ``max_pixels``
-    defaults to ``PIL.Image.MAX_IMAGE_PIXELS``. Raises SampleError on bad data.
+    defaults to ``PIL.Image.MAX_IMAGE_PIXELS``. ``exif_orientation`` turns the pixels
+    upright by the EXIF orientation tag (see :mod:`shardkit.pixels`). Raises SampleError
+    on bad data.
     """
     check_mode(mode)
     _check_size("decode_size", decode_size)
@@ -62,11 +65,29 @@ def decode_image(data: bytes | bytearray | memoryview, mode: DecodeMode = "torch
         return dct_scale_for(height, width, decode_size)
 
     pixels = decode_rgb(data, max_pixels=default_max_pixels(max_pixels), format_name=format_name,
-                        scale_for=scale_for if decode_size else None)
+                        scale_for=scale_for if decode_size else None, exif=exif_orientation)
     return to_mode(pixels, mode)
 
 
 # ----------------------------------------------------------------- the sample decoder
+
+#: Largest decompressed size of a ``.gz`` member (a gzip bomb guard): 1 GiB.
+MAX_GUNZIP = 1 << 30
+
+
+def _gunzip(data: bytes | bytearray, limit: int) -> bytes:
+    """Decompress one gzip member, refusing more than ``limit`` bytes of output."""
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16)  # gzip header and trailer
+    try:
+        out = decompressor.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise SampleError(f"not valid gzip data: {exc}") from None
+    if len(out) > limit:
+        raise SampleError(f".gz member decompresses to more than {limit} bytes (gzip-bomb guard)")
+    if not decompressor.eof:
+        raise SampleError("truncated gzip data")
+    return out
+
 
 
 def _preview(data: bytes | bytearray, limit: int = 40) -> str:
@@ -83,27 +104,33 @@ class SampleDecoder:
 
     def __init__(self, mode: DecodeMode = "pil", *, decode_size: int | None = None,
                  handlers: dict[str, Callable[[bytes], Any]] | None = None,
-                 allow_pickle: bool = False, max_pixels: int | None = None) -> None:
+                 allow_pickle: bool = False, max_pixels: int | None = None, exif_orientation: bool = True) -> None:
         check_mode(mode)
         _check_size("decode_size", decode_size)
+        if not isinstance(exif_orientation, bool):
+            raise TypeError(f"exif_orientation must be True or False, got {exif_orientation!r}")
+        self.exif_orientation = exif_orientation
         self.mode = mode
         self.decode_size = decode_size
         self.handlers = {key.lower(): handler for key, handler in (handlers or {}).items()}
         self.allow_pickle = allow_pickle
+        self.max_gunzip = MAX_GUNZIP
         # Resolved now, so spawned workers use the limit of the process that built this.
         self.max_pixels = default_max_pixels(max_pixels)
 
     def __repr__(self) -> str:
         return (f"SampleDecoder(mode={self.mode!r}, decode_size={self.decode_size!r}, "
                 f"handlers={sorted(self.handlers)!r}, allow_pickle={self.allow_pickle!r}, "
-                f"max_pixels={self.max_pixels!r})")
+                f"max_pixels={self.max_pixels!r}, exif_orientation={self.exif_orientation!r})")
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Return a new dict with every bytes field decoded; the input is not modified."""
+    def __call__(self, sample: dict[str, Any], *, only: Collection[str] | None = None) -> dict[str, Any]:
+        """Return a new dict with every bytes field decoded (with ``only``, just those
+        fields; the others stay raw bytes); the input is not modified."""
         decoded: dict[str, Any] = {}
         for field, value in sample.items():
-            if field.startswith("__") or not isinstance(value, _BYTES_TYPES):
-                decoded[field] = value  # metadata, or already decoded upstream
+            if field.startswith("__") or not isinstance(value, _BYTES_TYPES) or (only is not None
+                                                                                 and field not in only):
+                decoded[field] = value  # metadata, already decoded upstream, or not wanted
                 continue
             try:
                 decoded[field] = self.decode_field(field, value)
@@ -134,9 +161,13 @@ class SampleDecoder:
         handler = self.handlers.get(field, self.handlers.get(ext))
         if handler is not None:
             return handler(data)
+        if ext == "gz" and "." in field:
+            # webdataset's convention: "txt.gz", "json.gz", "npy.gz" are gzip-compressed
+            # members, decoded as what they hold once decompressed.
+            return self.decode_field(field[:-3], _gunzip(data, self.max_gunzip))
         if ext in IMAGE_EXTENSIONS:
-            return decode_image(data, self.mode, decode_size=self.decode_size,
-                                max_pixels=self.max_pixels, format_name=IMAGE_FORMAT_NAMES[ext])
+            return decode_image(data, self.mode, decode_size=self.decode_size, max_pixels=self.max_pixels,
+                                format_name=IMAGE_FORMAT_NAMES[ext], exif_orientation=self.exif_orientation)
         if ext in INT_EXTENSIONS:
             try:
                 return int(data)
@@ -168,7 +199,8 @@ class SampleDecoder:
 
 def make_decoder(mode: DecodeMode = "pil", *, decode_size: int | None = None,
                  handlers: dict[str, Callable[[bytes], Any]] | None = None,
-                 allow_pickle: bool = False, max_pixels: int | None = None) -> SampleDecoder:
+                 allow_pickle: bool = False, max_pixels: int | None = None,
+                 exif_orientation: bool = True) -> SampleDecoder:
     """Return a picklable callable that decodes a sample dict.
 
     Args:
@@ -183,12 +215,18 @@ def make_decoder(mode: DecodeMode = "pil", *, decode_size: int | None = None,
         max_pixels: refuse larger images (decompression-bomb guard, checked from the
             header before decoding). Default ``PIL.Image.MAX_IMAGE_PIXELS`` (~89M). PIL's
             own limit (2x its MAX_IMAGE_PIXELS) still applies to formats PIL decodes.
+        exif_orientation: rotate/flip images upright by their EXIF orientation tag (on by
+            default: a photo reads as it is shown; almost free, as the JPEG header walk
+            finds the tag). False gives the stored pixels, as webdataset, PIL and
+            torchvision do by default.
 
     Built-in decoders, by last dot-part of the field name: images (jpg jpeg png webp ppm
-    pgm pbm pnm bmp tif tiff); cls/cls2/class/count/index/inx -> int; txt/text -> str;
-    json/jsn -> parsed JSON; npy -> numpy array. Unknown extensions stay bytes, dunder
+    pgm pbm pnm bmp tif tiff gif; multi-frame files give their first frame, pixels by
+    the policy in :mod:`shardkit.pixels`); cls/cls2/class/count/index/inx -> int;
+    txt/text -> str; json/jsn -> parsed JSON; npy -> numpy array; ``X.gz`` is
+    decompressed and decoded as ``X`` (webdataset's convention). Unknown extensions stay bytes, dunder
     keys (``__key__``, ``__url__``, ...) are untouched. Any failure raises
     :class:`~shardkit.errors.SampleError` naming the URL and member.
     """
     return SampleDecoder(mode, decode_size=decode_size, handlers=handlers,
-                         allow_pickle=allow_pickle, max_pixels=max_pixels)
+                         allow_pickle=allow_pickle, max_pixels=max_pixels, exif_orientation=exif_orientation)

@@ -17,6 +17,9 @@ same without the last two fields; it is still read everywhere, and key lookups f
 to reading the shard. Keys cannot contain NUL (tar names are NUL-terminated), so the
 table needs no escaping; it sits after the offsets so a reader that only wants offsets
 can stop there.
+Compressed shards (``.tar.gz``, ``.tar.zst``, ...) get no index: a compressed stream
+cannot be entered at a byte offset. Their sample counts live in the manifest only, and
+readers skip samples inside the decompressed stream.
 
 Manifest (``NAME.manifest.json``): format version, shard file names (relative to the
 manifest), sample counts, byte sizes, sha256 of each shard, the field extensions, class
@@ -34,6 +37,7 @@ from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 
+from .compression import compression_of
 from .errors import ShardFormatError
 from .samples import group_members
 from .tar import iter_member_tuples
@@ -193,9 +197,12 @@ def manifest_name(name: str) -> str:
     return name + MANIFEST_SUFFIX
 
 
+_SHARD_NUMBER = re.compile(r"[-_.]?\d+\.(?:tar|tgz|tbz2|txz|tar\.(?:gz|zst|zstd|bz2|xz))$", re.IGNORECASE)
+
+
 def dataset_name_for(shard_names: Iterable[str]) -> str:
-    """A dataset name from shard file names: ``train-000012.tar`` -> ``train``."""
-    names = [re.sub(r"[-_.]?\d+\.tar$", "", n.rsplit("/", 1)[-1]) for n in shard_names]
+    """A dataset name from shard file names: ``train-000012.tar`` (or ``.tar.gz`` ...) -> ``train``."""
+    names = [_SHARD_NUMBER.sub("", n.rsplit("/", 1)[-1]) for n in shard_names]
     names = [n for n in names if n]
     return names[0] if names and all(n == names[0] for n in names) else "data"
 
@@ -207,11 +214,15 @@ class _HashingReader:
         self._raw = raw
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self.head = b""  # the first bytes, to tell a compressed shard
 
     def readinto(self, buffer) -> int:
         n = self._raw.readinto(buffer) or 0
         if n:
-            self.sha256.update(memoryview(buffer)[:n])
+            view = memoryview(buffer)[:n]
+            self.sha256.update(view)
+            if len(self.head) < 8:
+                self.head += bytes(view[:8 - len(self.head)])
             self.bytes += n
         return n
 
@@ -224,11 +235,16 @@ class _HashingReader:
 
 @dataclass
 class ShardScan:
+    """One pass over a shard. For a compressed shard (``compression`` set) ``offsets``
+    refer to the decompressed tar stream: they count samples but must never be used to
+    seek into the file; ``sha256`` and ``bytes`` are those of the file itself."""
+
     offsets: list[int]
     sha256: str
     bytes: int
     fields: list[str]
     keys: list[str] = field(default_factory=list)  # one per sample, in order
+    compression: str | None = None
 
 
 def scan_shard(stream: BinaryIO, *, url: str | None = None) -> ShardScan:
@@ -249,4 +265,4 @@ def scan_shard(stream: BinaryIO, *, url: str | None = None) -> ShardScan:
     if not offsets:
         end = 0
     return ShardScan(offsets + [max(end, offsets[-1] if offsets else 0)],
-                     reader.sha256.hexdigest(), reader.bytes, sorted(fields), keys)
+                     reader.sha256.hexdigest(), reader.bytes, sorted(fields), keys, compression_of(reader.head))

@@ -113,17 +113,19 @@ class ShardReader:
                 samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]), sha256)
             else:
                 samples = self._skip(self._samples(url, sha256=sha256), piece.start)
-            for sample in samples:
-                if got == wanted:
-                    break
-                got += 1
-                yield sample
+            if wanted:
+                for sample in samples:
+                    got += 1
+                    yield sample
+                    if got == wanted:
+                        break  # pulling once more would parse the next sample: not ours to report on
             if got < wanted:
                 raise ShardkitError(f"{url}: expected {piece.stop} samples (from the manifest/index) "
                                     f"but the shard has only {piece.start + got}")
         except Exception as e:  # noqa: BLE001 - routed through the user's handler
-            self.handler(e)
             lost = wanted - got
+            _note_lost(e, lost)
+            self.handler(e)
             self.stats.skipped += lost
             for _ in range(lost):
                 yield None
@@ -140,5 +142,14 @@ class ShardReader:
         try:
             yield from self._samples(url, sha256=self.sha256[shard] if self.sha256 else None)
         except Exception as e:  # noqa: BLE001
+            _note_lost(e, 0)  # unknown: the rest of the shard
             self.handler(e)
             self.stats.skipped += 1
+
+
+def _note_lost(exc: Exception, lost: int) -> None:
+    """Tell the handler how many planned samples the error costs (``handler="warn"`` says so)."""
+    try:
+        exc.lost_samples = lost  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        pass

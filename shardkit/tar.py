@@ -29,6 +29,7 @@ import zlib
 import struct
 from typing import BinaryIO, Iterator, NamedTuple
 
+from .compression import Decompressed, open_decompressed
 from .errors import ShardFormatError
 
 BLOCK = 512
@@ -111,13 +112,14 @@ def _checksum_ok(header: memoryview, url: str | None, offset: int) -> bool:
     return stored == signed
 
 
-_DECOMPRESS_HINT = ("; shardkit reads uncompressed tar shards: decompress it, or read it through "
-                    "a pipe: URL (e.g. 'pipe:{} < FILE' with allow_pipe=True)")
+# Compressed shards are decompressed before parsing (shardkit.compression), so these
+# magics at offset 0 of the *tar* stream mean the data was compressed twice.
+_TWICE = "; the shard was compressed twice: decompress the outer layer"
 _MAGIC = (
-    (b"\x1f\x8b", "it is gzip-compressed (a .tar.gz?)" + _DECOMPRESS_HINT.format("gzip -dc")),
-    (b"BZh", "it is bzip2-compressed" + _DECOMPRESS_HINT.format("bzip2 -dc")),
-    (b"\xfd7zXZ\x00", "it is xz-compressed" + _DECOMPRESS_HINT.format("xz -dc")),
-    (b"\x28\xb5\x2f\xfd", "it is zstd-compressed" + _DECOMPRESS_HINT.format("zstd -dc")),
+    (b"\x1f\x8b", "it is gzip-compressed inside the decompressed stream" + _TWICE),
+    (b"BZh", "it is bzip2-compressed inside the decompressed stream" + _TWICE),
+    (b"\xfd7zXZ\x00", "it is xz-compressed inside the decompressed stream" + _TWICE),
+    (b"\x28\xb5\x2f\xfd", "it is zstd-compressed inside the decompressed stream" + _TWICE),
     (b"PK\x03\x04", "it is a zip file, not a tar"),
     (b"PK\x05\x06", "it is an (empty) zip file, not a tar"),
 )
@@ -287,21 +289,49 @@ def iter_members(stream: BinaryIO, *, url: str | None = None, start: int = 0,
     :attr:`Member.offset`. With ``stop``, reading ends cleanly at that offset (a header
     boundary taken from an index) instead of at the end-of-archive blocks.
     """
-    window = _Window(stream, start)
-    try:
-        yield from map(Member._make, _parse(window, url, stop))
-    finally:
-        window.close()
+    yield from map(Member._make, iter_member_tuples(stream, url=url, start=start, stop=stop))
 
 
 def iter_member_tuples(stream: BinaryIO, *, url: str | None = None, start: int = 0,
                        stop: int | None = None) -> Iterator[tuple[str, bytes, int, int]]:
-    """:func:`iter_members` yielding plain ``(name, payload, offset, end)`` tuples (faster)."""
+    """:func:`iter_members` yielding plain ``(name, payload, offset, end)`` tuples (faster).
+
+    A stream read from its start (``start=0``) may be gzip/zstd/bzip2/xz-compressed
+    (recognised by its magic bytes, see :mod:`shardkit.compression`); offsets then refer
+    to the decompressed tar stream. Closing the stream stays the caller's job.
+    """
+    if start == 0:
+        stream = open_decompressed(stream, url=url)  # type: ignore[assignment]
     window = _Window(stream, start)
     try:
-        yield from _parse(window, url, stop)
+        if not isinstance(stream, Decompressed):
+            yield from _parse(window, url, stop)
+            return
+        try:
+            yield from _parse(window, url, stop)
+            # Read to the end of the compressed stream: its checksum (gzip CRC, xz check)
+            # is verified there, and a shard that is cut short or damaged must not pass.
+            while stream.read(_CHUNK):
+                pass
+            if stream.truncated:
+                raise ShardFormatError("truncated archive: the compressed stream ends before its end marker",
+                                       url=url, offset=stream.position)
+        except ShardFormatError as e:
+            raise _in_compressed(e, stream) from None
     finally:
         window.close()
+
+
+def _in_compressed(error: ShardFormatError, stream: Decompressed) -> ShardFormatError:
+    """Say that offsets are in the decompressed stream, and when the compressed data was cut."""
+    if error.offset is None:
+        return error
+    note = f" (offset in the decompressed {stream.compression} stream"
+    note += "; the compressed file itself is cut short)" if stream.truncated else ")"
+    reason = error.reason
+    if stream.truncated and not reason.startswith("truncated"):
+        reason = "truncated archive: " + reason  # e.g. "empty file": cut before the first whole block
+    return ShardFormatError(reason + note, url=error.url, offset=error.offset, member=error.member)
 
 
 def _size(field: bytes, pax: dict[str, str], url: str | None, here: int) -> int:

@@ -143,6 +143,13 @@ def test_folder_without_a_manifest_lists_sorted_tar_files(ds):
     assert shards.counts is None and shards.sha256 is None and shards.manifest is None
 
 
+def test_folder_of_indexed_shards_without_a_manifest_gets_counts_from_the_indexes(ds):
+    remove(ds, ".manifest.json")
+    shards = resolve_shards(ds)
+    assert shards.urls == [os.path.join(ds, n) for n in NAMES]
+    assert shards.counts == [tar_count(os.path.join(ds, n)) for n in NAMES] == COUNTS
+
+
 def test_folder_without_shards_is_an_error(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
     with pytest.raises(ShardkitError, match="no .tar shards or manifest"):
