@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .backend import SourceOptions
 from .cache import cache_for
+from .crop_decode import fuse_crop
 from .decode import make_decoder
 from .decode_size import decode_size_for
 from .errors import ShardkitError
@@ -83,7 +84,10 @@ class ShardDataset(IterableDataset):
         decode: None (raw bytes), "pil", "numpy" or "torch"; or a callable on the sample.
         decode_size: decode JPEGs at the smallest DCT scale that keeps this short side;
             "auto" derives it from a Resize/RandomResizedCrop in ``transform`` (see
-            :func:`shardkit.decode_size.decode_size_for`: exact, never blurrier).
+            :func:`shardkit.decode_size.decode_size_for`: exact, never blurrier) and fuses a
+            leading RandomResizedCrop into decoding (:func:`shardkit.crop_decode.fuse_crop`:
+            crop drawn from the header with the same random draws, each crop decoded at the
+            smallest DCT scale that keeps it >= the output size).
         transform: a callable on the sample dict (torchvision v2 pipelines accept dicts),
             or ``{"jpg": fn, ...}`` per-field callables.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
@@ -140,6 +144,8 @@ class ShardDataset(IterableDataset):
             log.info("no index or manifest for these shards: splitting by whole shards "
                      "(run `shardkit index` for sample-level splitting, len() and fast resume)")
         self.decode = decode
+        # "auto" also fuses a leading RandomResizedCrop into decoding (crop_decode.fuse_crop).
+        self.fuse_crop = decode_size == "auto"
         if decode_size == "auto":
             steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
             decode_size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
@@ -362,7 +368,10 @@ class ShardDataset(IterableDataset):
 
     def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
         """select -> decode -> transform -> fields as configured (one per worker)."""
-        return SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
+        decoder, transform = self._decoder(), self.transform
+        if self.fuse_crop:
+            decoder, transform = fuse_crop(decoder, transform)
+        return SamplePipeline(decoder=decoder, transform=transform, fields=self.fields,
                               handler=handler, select=self.select)
 
     # -- resume (when no ShardLoader drives the dataset) ----------------------------------
