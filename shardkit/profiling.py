@@ -13,6 +13,7 @@ them over the workers. A plain ShardDataset has none of these wrappers and pays 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -22,6 +23,27 @@ from .reader import ReadStats, ShardReader
 
 #: The timed stages, in pipeline order; each is a ``<stage>_us`` key in ``loader.stats()``.
 STAGES = ("read", "decode", "transform", "collate", "other", "handoff")
+
+
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's live children, the DataLoader workers
+    (Linux /proc; 0 elsewhere). getrusage only counts children after they exit."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 class StageTimes:

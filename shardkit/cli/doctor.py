@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import ShardkitError
-from ..profiling import STAGES
+from ..profiling import STAGES, children_cpu
 
 #: ``--transform`` presets (torchvision v2, applied to the image field).
 TRANSFORMS = ("none", "rrc224", "rrc224+flip", "resize256+center224")
@@ -40,27 +40,6 @@ def make_transform(name: str) -> Callable[[Any], Any] | None:
 def _cpu_seconds(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
-
-
-def _children_cpu() -> float:
-    """CPU seconds used so far by this process's live children, the DataLoader workers
-    (Linux /proc; 0 elsewhere). getrusage only counts children after they exit."""
-    total = 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    me = os.getpid()
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:  # ppid
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    return total
 
 
 @dataclass
@@ -158,7 +137,7 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
             if n <= warmup:
                 if n == warmup:
                     first = {"t": time.perf_counter(), "stats": loader.stats(), "main": _cpu_seconds(resource.RUSAGE_SELF),
-                             "workers": _children_cpu()}
+                             "workers": children_cpu()}
                 continue
             images += len(batch[0]) if isinstance(batch, (tuple, list)) else batch_size
             if time.perf_counter() - started >= seconds:
@@ -169,7 +148,7 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
         elapsed = time.perf_counter() - first["t"]
         stats = loader.stats()
         main_cpu = _cpu_seconds(resource.RUSAGE_SELF) - first["main"]
-        worker_cpu = _children_cpu() - first["workers"]
+        worker_cpu = children_cpu() - first["workers"]
         del iterator
         loader._iterator = None
     finally:
