@@ -167,6 +167,7 @@ class RandomResizedCropDecode:
 # Steps that may stand before the crop: no RNG, no pixel arithmetic, so running them after
 # the fused crop gives the same result.
 _MOVABLE_NAMES = ("ToImage", "ToPureTensor")
+_BYTES = (bytes, bytearray, memoryview)
 
 
 def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecode, Any] | None:
@@ -219,7 +220,7 @@ class FusedFieldDecoder:
         return f"FusedFieldDecoder({self.base!r}, {self.crops!r})"
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        fused = {f: sample[f] for f in self.crops if isinstance(sample.get(f), (bytes, bytearray, memoryview))}
+        fused = {f: sample[f] for f in self.crops if isinstance(sample.get(f), _BYTES)}
         if not fused:
             return self.base(sample)
         out = self.base({k: v for k, v in sample.items() if k not in fused})
@@ -249,8 +250,8 @@ class FusedSamplePipeline:
     def __call__(self, sample: dict[str, Any]) -> Any:
         from .decode import IMAGE_EXTENSIONS
 
-        images = [k for k, v in sample.items() if not k.startswith("__")
-                  and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and isinstance(v, (bytes, bytearray, memoryview))]
+        images = [k for k, v in sample.items() if not k.startswith("__") and isinstance(v, _BYTES)
+                  and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
         if len(images) != 1:
             return self.transform(self.base(sample))
         field = images[0]

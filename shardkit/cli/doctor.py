@@ -136,8 +136,8 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
         for n, batch in enumerate(iterator, 1):
             if n <= warmup:
                 if n == warmup:
-                    first = {"t": time.perf_counter(), "stats": loader.stats(), "main": _cpu_seconds(resource.RUSAGE_SELF),
-                             "workers": children_cpu()}
+                    first = {"t": time.perf_counter(), "stats": loader.stats(),
+                             "main": _cpu_seconds(resource.RUSAGE_SELF), "workers": children_cpu()}
                 continue
             images += len(batch[0]) if isinstance(batch, (tuple, list)) else batch_size
             if time.perf_counter() - started >= seconds:
@@ -169,7 +169,8 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
 
 
 def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tuple[str, list[str]]:
-    """Which stage bounds the run ("io", "decode", "transform", "collate", "transfer") and advice."""
+    """Which stage bounds the run ("io", "decode", "transform", "collate", "overhead" (per-sample
+    work in the workers outside those stages) or "transfer" (idle workers)), and advice."""
     streams = max(1, d.workers)
     busy = {s: d.stage_ms[s] for s in ("read", "decode", "transform", "collate", "other")}
     worker_ms = sum(busy.values())
@@ -183,12 +184,11 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
                       "use fewer workers with threads= (decode threads in one process), or larger batches")
     else:
         stage = max(busy, key=busy.get)  # type: ignore[arg-type]
-        bound = {"read": "io", "other": "collate"}.get(stage, stage)
-        if stage == "other":
-            bound = "overhead"
+        bound = {"read": "io", "other": "overhead"}.get(stage, stage)
     if bound == "io":
-        advice.append("reading dominates: " + ("add cache_dir= (a local cache) for remote shards" if remote and not cached
-                                               else "check the disk/network throughput; more workers overlap reads"))
+        advice.append("reading dominates: " + (
+            "add cache_dir= (a local cache) for remote shards" if remote and not cached
+            else "check the disk/network throughput; more workers overlap reads"))
     if bound in ("decode", "transform"):
         if d.workers < d.cores:
             advice.append(f"{d.workers} worker(s) on {d.cores} cores: use num_workers={d.cores} "
