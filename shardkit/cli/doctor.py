@@ -190,11 +190,13 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
             "add cache_dir= (a local cache) for remote shards" if remote and not cached
             else "check the disk/network throughput; more workers overlap reads"))
     if bound in ("decode", "transform"):
-        if d.workers < d.cores:
-            advice.append(f"{d.workers} worker(s) on {d.cores} cores: use num_workers={d.cores} "
-                          "(or threads= per worker) to use every core")
-        elif d.workers > d.cores:
-            advice.append(f"{d.workers} workers on {d.cores} cores: more processes than cores only adds overhead")
+        parallel = max(1, d.workers) * max(1, d.threads)  # decode streams running at once
+        if parallel < d.cores:
+            advice.append(f"{d.workers} worker(s) x {d.threads} thread(s) on {d.cores} cores: use "
+                          f"num_workers={d.cores} (or threads= per worker) to use every core")
+        elif parallel > d.cores and d.workers > 1:
+            advice.append(f"{d.workers} workers x {max(1, d.threads)} thread(s) on {d.cores} cores: more decode "
+                          "streams than cores only adds overhead")
         if d.decode_size is None and not d.fused:
             advice.append("decode_size='auto' decodes JPEGs smaller (and fuses a leading RandomResizedCrop)")
         if bound == "transform":
