@@ -285,7 +285,8 @@ def fuse_crop(decoder: Any, transform: Any) -> tuple[Any, Any]:
     """
     from .decode import IMAGE_EXTENSIONS, SampleDecoder
 
-    if not isinstance(decoder, SampleDecoder) or transform is None:
+    # torchvision passes numpy arrays through untouched, so a crop fused there would change results.
+    if not isinstance(decoder, SampleDecoder) or transform is None or decoder.mode == "numpy":
         return decoder, transform
     if isinstance(transform, Mapping):
         if not transform:

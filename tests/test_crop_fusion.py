@@ -103,6 +103,20 @@ def test_fused_output_close_to_decode_crop_resize(width, height):
         assert worst == math.inf
 
 
+@pytest.mark.parametrize("width, height", [(400, 300), (1501, 1127)])
+def test_fused_pil_mode_close_to_torchvision_on_pil(width, height):
+    aug = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
+    decoder, transform = fuse_crop(make_decoder("pil"), {"jpg": aug})
+    data = _jpeg(width, height, seed=1)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        reference = torch.from_numpy(np.array(aug(decode_image(data, "pil"))))
+        torch.manual_seed(seed)
+        fused = transform["jpg"](decoder({"jpg": data})["jpg"])
+        assert isinstance(fused, Image.Image) and fused.size == (224, 224)
+        assert _psnr(torch.from_numpy(np.array(fused)), reference) >= PSNR_BOUND
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
 def test_grayscale_and_cmyk_jpegs(mode):
     data = _jpeg(1203, 901, seed=3, mode=mode)
@@ -169,6 +183,9 @@ def test_what_fuses_and_what_does_not():
     for transform in not_fused:
         assert fuse_crop(dec, transform) == (dec, transform)
     assert fuse_crop(lambda s: s, {"jpg": rrc})[1] == {"jpg": rrc}  # custom decoders are left alone
+    numpy_decoder = make_decoder("numpy")  # torchvision leaves arrays alone: so must fusion
+    assert fuse_crop(numpy_decoder, {"jpg": rrc}) == (numpy_decoder, {"jpg": rrc})
+    assert isinstance(fuse_crop(make_decoder("pil"), {"jpg": rrc})[0], FusedFieldDecoder)
 
 
 def test_sample_level_fuses_only_single_image_samples():
