@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .backend import SourceOptions, merge_source_options
 from .cache import cache_for
+from .crop_decode import fuse_crop
 from .decode import make_decoder
-from .decode_size import decode_size_for
+from .decode_size import resolve_decode_size
 from .epochs import Batching, PlannedDataset, Progress
 from .errors import ShardkitError
 from .pipeline import SamplePipeline, collate, make_handler
@@ -46,7 +47,10 @@ class ShardDataset(PlannedDataset):
         decode: None (raw bytes), "pil", "numpy" or "torch"; or a callable on the sample.
         decode_size: decode JPEGs at the smallest DCT scale that keeps this short side;
             "auto" derives it from a Resize/RandomResizedCrop in ``transform`` (see
-            :func:`shardkit.decode_size.decode_size_for`: exact, never blurrier).
+            :func:`shardkit.decode_size.decode_size_for`: exact, never blurrier) and fuses a
+            leading RandomResizedCrop into decoding (:func:`shardkit.crop_decode.fuse_crop`:
+            crop drawn from the header with the same random draws, each crop decoded at the
+            smallest DCT scale that keeps it >= the output size).
         transform: a callable on the sample dict (torchvision v2 pipelines accept dicts),
             or ``{"jpg": fn, ...}`` per-field callables.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
@@ -99,12 +103,9 @@ class ShardDataset(PlannedDataset):
             log.info("no index or manifest for these shards: splitting by whole shards "
                      "(run `shardkit index` for sample-level splitting, len() and fast resume)")
         self.decode = decode
-        if decode_size == "auto":
-            steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
-            decode_size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
-            log.info("decode_size='auto' -> %s", decode_size)
-        elif decode_size is not None and not isinstance(decode_size, int):
-            raise ValueError(f"decode_size must be an int, 'auto' or None, got {decode_size!r}")
+        # "auto" also fuses a leading RandomResizedCrop into decoding (crop_decode.fuse_crop).
+        self.fuse_crop = decode_size == "auto"
+        decode_size = resolve_decode_size(decode_size, transform)
         self.decode_size = decode_size
         self.allow_pickle = allow_pickle
         if not isinstance(exif_orientation, bool):
@@ -252,5 +253,8 @@ class ShardDataset(PlannedDataset):
 
     def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
         """select -> decode -> transform -> fields as configured (one per worker)."""
-        return SamplePipeline(decoder=self._decoder(), transform=self.transform, fields=self.fields,
+        decoder, transform = self._decoder(), self.transform
+        if self.fuse_crop:
+            decoder, transform = fuse_crop(decoder, transform)
+        return SamplePipeline(decoder=decoder, transform=transform, fields=self.fields,
                               handler=handler, select=self.select)

@@ -8,8 +8,12 @@ torchvision is imported on first use only.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _transform_classes(*names: str) -> tuple[type, ...]:
@@ -100,3 +104,16 @@ def decode_size_for(transform: Any, *, approximate_rrc: bool = False) -> int | N
         if not isinstance(step, scale_free):
             return None
     return None
+
+
+def resolve_decode_size(decode_size: int | str | None, transform: Any) -> int | None:
+    """A dataset's ``decode_size`` argument as an int or None: ``"auto"`` asks
+    :func:`decode_size_for` of the transform (or of each per-field transform)."""
+    if decode_size == "auto":
+        steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
+        size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
+        log.info("decode_size='auto' -> %s", size)
+        return size
+    if decode_size is not None and not isinstance(decode_size, int):
+        raise ValueError(f"decode_size must be an int, 'auto' or None, got {decode_size!r}")
+    return decode_size

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from .backend import SourceOptions, merge_source_options
 from .decode import make_decoder
-from .decode_size import decode_size_for
+from .decode_size import resolve_decode_size
 from .errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from .index import decode_index, decode_index_keys, index_url
 from .pipeline import SamplePipeline, make_handler
@@ -109,12 +109,7 @@ class ShardMap(Dataset):
             counts = [len(self._offsets(s)) - 1 for s in range(len(self.urls))]
         self.counts = counts
         self._starts = np.cumsum([0, *counts], dtype=np.int64)
-        if decode_size == "auto":
-            steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
-            decode_size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
-            log.info("decode_size='auto' -> %s", decode_size)
-        elif decode_size is not None and not isinstance(decode_size, int):
-            raise ValueError(f"decode_size must be an int, 'auto' or None, got {decode_size!r}")
+        decode_size = resolve_decode_size(decode_size, transform)
         if decode is None or callable(decode):
             if decode_size is not None:
                 raise ValueError("decode_size applies to decode='pil'/'numpy'/'torch', not to "

@@ -7,7 +7,10 @@ horizontal flip, uint8 batches of 64, the same worker count):
 - the single-core decode+augment rate ("limit" = that x cores);
 - ImageFolder + DataLoader (many small files);
 - webdataset (WebDataset + WebLoader, batched in workers);
-- shardkit ShardLoader: process workers, thread decode, reduced-size decode;
+- webdataset with its own default decoding (``.decode("torchrgb8")``, PIL), as users run it;
+- shardkit ShardLoader: process workers, thread decode, reduced-size decode, and fused
+  crop decode (``decode_size="auto"``: the RandomResizedCrop drawn from the header and
+  each crop decoded at the smallest DCT scale that keeps it >= 224);
 - raw iteration without decode, warm and cold page cache;
 - time to first batch and peak RSS (each configuration runs in its own process).
 
@@ -27,8 +30,11 @@ import tempfile
 import time
 from typing import Any, Callable
 
-CONFIGS = ("limit", "imagefolder", "webdataset", "shardkit", "shardkit-threads", "shardkit-reduced",
-           "raw-shardkit", "raw-webdataset", "raw-shardkit-cold", "raw-webdataset-cold")
+CONFIGS = ("limit", "imagefolder", "webdataset", "webdataset-pil", "shardkit", "shardkit-threads",
+           "shardkit-reduced", "shardkit-fused", "raw-shardkit", "raw-webdataset", "raw-shardkit-cold",
+           "raw-webdataset-cold")
+#: What ``--rounds`` runs by default: the decode+augment peers (raw iteration is another question).
+E2E_CONFIGS = ("limit", "webdataset", "webdataset-pil", "shardkit", "shardkit-threads", "shardkit-fused")
 
 
 def augment(size: int = 224) -> Callable[[Any], Any]:
@@ -37,7 +43,7 @@ def augment(size: int = 224) -> Callable[[Any], Any]:
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
 
-def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375)) -> tuple[str, str]:
+def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), quality: int = 90) -> tuple[str, str]:
     """Image folder and shards in ``work`` (reused when already there)."""
     from .convert import write_shards
     from ..ingest import IngestOptions, open_source
@@ -46,9 +52,9 @@ def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375)) -> tup
     folder = os.path.join(work, "images")
     shards = os.path.join(work, "shards")
     if not os.path.isdir(folder):
-        make_image_folder(folder, count=count, classes=10, size=size, workers=os.cpu_count() or 2)
+        make_image_folder(folder, count=count, classes=10, size=size, workers=os.cpu_count() or 2, quality=quality)
     if not os.path.exists(os.path.join(shards, "data.manifest.json")):
-        write_shards(open_source(folder, options=IngestOptions(workers=4)), shards, shard_size="100MB",
+        write_shards(open_source(folder, options=IngestOptions(workers=4)), shards, shard_size="25MB",
                      overwrite=True, progress=False)
     return folder, shards
 
@@ -63,7 +69,19 @@ def drop_page_cache(paths: list[str]) -> None:
             os.close(fd)
 
 
+def _cpu_now() -> float:
+    """CPU seconds of this process, its exited children and its live children (workers)."""
+    from ..profiling import children_cpu
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total + children_cpu()
+
+
 def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:
+    cpu = _cpu_now()
     started = time.perf_counter()
     first = None
     n = 0
@@ -72,8 +90,10 @@ def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:
             first = time.perf_counter() - started
         n += count_of(batch)
     total = time.perf_counter() - started
+    cpu_ms = (_cpu_now() - cpu) * 1e3 / max(1, n)
     steady = n / (total - first) if first is not None and total > first else 0.0
-    return {"samples": n, "seconds": total, "first_batch_s": first or 0.0, "rate": n / total, "steady_rate": steady}
+    return {"samples": n, "seconds": total, "first_batch_s": first or 0.0, "rate": n / total, "steady_rate": steady,
+            "cpu_ms": cpu_ms}
 
 
 def run_config(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
@@ -93,11 +113,13 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         for d in data[:20]:
             aug(decode_image(d, "torch"))
         t0 = time.perf_counter()
+        c0 = time.process_time()
         for d in data:
             aug(decode_image(d, "torch"))
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         return {"samples": len(data), "seconds": dt, "rate": len(data) / dt, "steady_rate": len(data) / dt,
-                "first_batch_s": 0.0}
+                "first_batch_s": 0.0, "cpu_ms": cpu * 1e3 / len(data)}
     if name == "imagefolder":
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
@@ -109,18 +131,23 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         ds = ImageFolder(folder, loader=load, transform=aug)
         loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=False)
         return _loop(loader, lambda b: len(b[1]))
-    if name == "webdataset":
+    if name.startswith("webdataset"):
         import webdataset as wds
 
         def prep(sample: dict) -> tuple:
             return aug(decode_image(sample["jpg"], "torch")), int(sample["cls"])
 
-        ds = wds.WebDataset(urls, shardshuffle=False).shuffle(0).map(prep).batched(batch)
+        if name == "webdataset-pil":  # webdataset's own decoding, as its users run it
+            ds = (wds.WebDataset(urls, shardshuffle=False).shuffle(0).decode("torchrgb8")
+                  .map(lambda s: (aug(s["jpg"]), int(s["cls"]))).batched(batch))
+        else:
+            ds = wds.WebDataset(urls, shardshuffle=False).shuffle(0).map(prep).batched(batch)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
         return _loop(loader, lambda b: len(b[1]))
     if name.startswith("shardkit"):
         threads = 2 if name == "shardkit-threads" else 0
-        ds = ShardDataset(shards, decode="torch", decode_size=224 if name == "shardkit-reduced" else None,
+        decode_size = {"shardkit-reduced": 224, "shardkit-fused": "auto"}.get(name)
+        ds = ShardDataset(shards, decode="torch", decode_size=decode_size,
                           transform={"jpg": aug}, fields="jpg cls", threads=threads)
         loader = ShardLoader(ds, batch_size=batch, num_workers=0 if threads else workers)
         return _loop(loader, lambda b: len(b[1]))
@@ -144,34 +171,53 @@ def _run_isolated(name: str, folder: str, shards: str, workers: int, batch: int)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def format_table(results: dict[str, dict[str, Any]], workers: int) -> str:
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
+
+
+def format_table(rounds: list[dict[str, dict[str, Any]]], workers: int) -> str:
+    """Median over rounds of each rate, CPU-ms per image and ratio; ratios are taken within a
+    round (peers measured side by side), then the median of those is shown."""
     cores = os.cpu_count() or 1
-    limit = results.get("limit", {}).get("rate")
-    # img/s counts the whole epoch from iter() (worker start-up included, as a training
-    # loop sees it); steady excludes the wait for the first batch. Ratios use img/s.
-    base = {k: results.get(k, {}).get("rate") for k in ("imagefolder", "webdataset", "raw-webdataset")}
-    lines = [f"{'configuration':24s} {'img/s':>9s} {'steady':>9s} {'1st batch':>10s} {'peak RSS':>9s}  ratios"]
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"{name:24s} failed: {r['error']}")
+    streams = min(cores, max(workers, 1))
+    names = list(rounds[0])
+    lines = [f"{'configuration':18s} {'img/s':>8s} {'steady':>8s} {'CPU ms/img':>10s} {'1st batch':>10s} "
+             f"{'peak RSS':>9s}  median ratios over {len(rounds)} round(s)"]
+    for name in names:
+        runs = [r[name] for r in rounds if "error" not in r.get(name, {"error": 1})]
+        if not runs:
+            lines.append(f"{name:18s} failed: {rounds[0][name].get('error')}")
             continue
+
+        def ratio(peer: str, scale: float = 1.0, key: str = "rate", invert: bool = False) -> float:
+            values = []
+            for r in rounds:
+                mine, theirs = r.get(name, {}), r.get(peer, {})
+                if key in mine and key in theirs and theirs[key]:
+                    values.append(theirs[key] / mine[key] if invert else mine[key] / (theirs[key] * scale))
+            return _median(values)
+
         notes = []
         if name == "limit":
-            notes.append(f"1 core; {cores}-core limit {r['rate'] * cores:,.0f}")
+            notes.append(f"1 core; {streams}-core limit {_median([r['rate'] for r in runs]) * streams:,.0f} img/s")
         elif name.startswith("raw-"):
-            peer = base["raw-webdataset"] if not name.endswith("cold") else results.get("raw-webdataset-cold", {}).get("rate")
-            if peer and "shardkit" in name:
-                notes.append(f"{r['rate'] / peer:.1f}x webdataset")
+            peer = "raw-webdataset-cold" if name.endswith("cold") else "raw-webdataset"
+            if "shardkit" in name and peer in rounds[0]:
+                notes.append(f"{ratio(peer):.1f}x webdataset")
         else:
-            if base["imagefolder"] and name != "imagefolder":
-                notes.append(f"{r['rate'] / base['imagefolder']:.2f}x imagefolder")
-            if base["webdataset"] and name.startswith("shardkit"):
-                notes.append(f"{r['rate'] / base['webdataset']:.2f}x webdataset")
-            if limit:
-                notes.append(f"{r['rate'] / (limit * min(cores, max(workers, 1))):.2f}x limit")
-        rss = f"{r.get('peak_rss_mb', 0):.0f} MB"
-        lines.append(f"{name:24s} {r['rate']:9,.0f} {r['steady_rate']:9,.0f} {r['first_batch_s']:9.3f}s {rss:>9s}  "
-                     f"{', '.join(notes)}")
+            if "limit" in rounds[0]:
+                notes.append(f"{ratio('limit', streams):.2f}x limit")
+                notes.append(f"CPU/img {ratio('limit', key='cpu_ms', invert=True):.2f}x limit's")
+            for peer in ("webdataset", "webdataset-pil", "imagefolder"):
+                if peer in rounds[0] and name != peer and name.startswith("shardkit"):
+                    notes.append(f"{ratio(peer):.2f}x {peer}")
+        rss = f"{_median([r.get('peak_rss_mb', 0) for r in runs]):.0f} MB"
+        lines.append(f"{name:18s} {_median([r['rate'] for r in runs]):8,.0f} "
+                     f"{_median([r['steady_rate'] for r in runs]):8,.0f} "
+                     f"{_median([r.get('cpu_ms', float('nan')) for r in runs]):10.2f} "
+                     f"{_median([r['first_batch_s'] for r in runs]):9.3f}s {rss:>9s}  {', '.join(notes)}")
     return "\n".join(lines)
 
 
@@ -183,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--work", help="folder for the dataset (default: a temp dir, removed after)")
     parser.add_argument("--only", help="comma-separated configurations: " + ",".join(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds (each runs every configuration once; default 1). With more "
+                             "than one, only the decode+augment peers run unless --only says otherwise")
+    parser.add_argument("--size", default="500x375", help="mean image size WxH (default 500x375)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images (default 90)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -198,15 +249,27 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or tempfile.mkdtemp(prefix="shardkit-bench-")
     try:
-        folder, shards = prepare(work, args.count)
-        names = args.only.split(",") if args.only else list(CONFIGS)
-        results = {n: _run_isolated(n, folder, shards, args.workers, args.batch) for n in names}
+        try:
+            size = tuple(int(v) for v in args.size.lower().split("x"))
+            assert len(size) == 2 and min(size) > 0
+        except (ValueError, AssertionError):
+            parser.error(f"--size must be WIDTHxHEIGHT, e.g. 500x375, got {args.size!r}")
+        if args.rounds < 1:
+            parser.error("--rounds must be >= 1")
+        folder, shards = prepare(work, args.count, size=size, quality=args.quality)  # type: ignore[arg-type]
+        names = args.only.split(",") if args.only else list(CONFIGS if args.rounds == 1 else E2E_CONFIGS)
+        unknown = sorted(set(names) - set(CONFIGS))
+        if unknown:
+            parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+        rounds = [{n: _run_isolated(n, folder, shards, args.workers, args.batch) for n in names}
+                  for _ in range(args.rounds)]
         if args.json:
-            sys.stdout.write(json.dumps(results, indent=1) + "\n")
+            sys.stdout.write(json.dumps(rounds if args.rounds > 1 else rounds[0], indent=1) + "\n")
         else:
-            sys.stdout.write(f"{args.count} photo-like JPEGs (~500x375), RandomResizedCrop(224)+flip, "
+            kb = sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*", "*.jpg"))) / 1e3 / args.count
+            sys.stdout.write(f"{args.count} photo-like JPEGs (~{args.size}, {kb:.0f} KB), RandomResizedCrop(224)+flip, "
                              f"batches of {args.batch}, {args.workers} workers, {os.cpu_count()} cores\n")
-            sys.stdout.write(format_table(results, args.workers) + "\n")
+            sys.stdout.write(format_table(rounds, args.workers) + "\n")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -173,6 +173,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import diagnose, format_report, make_transform
+
+    decode_size: int | str | None = args.decode_size
+    if decode_size == "none":
+        decode_size = None
+    elif decode_size != "auto":
+        try:
+            decode_size = int(decode_size)
+        except ValueError:
+            raise ValueError(f"--decode-size must be auto, none or an integer, got {decode_size!r}") from None
+    diagnosis = diagnose(args.url, transform=make_transform(args.transform), workers=args.workers,
+                         threads=args.threads, batch_size=args.batch, decode_size=decode_size,
+                         seconds=args.seconds, field_name=args.field)
+    _out(args, diagnosis.as_dict(), format_report(diagnosis))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
@@ -268,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     d.add_argument("--keep", action="store_true", help="keep the temporary folder")
     d.set_defaults(func=cmd_demo)
+
+    dr = add("doctor", "run shards through the loader for a few seconds and say where the time goes",
+             "shardkit doctor 'shards/data-{000000..000009}.tar' --transform rrc224+flip --workers 4")
+    dr.add_argument("url", help="shards: pattern, folder, manifest, http(s):// or s3://")
+    dr.add_argument("--transform", default="rrc224+flip", help="augmentation preset: none, rrc224, "
+                    "rrc224+flip, resize256+center224 (default rrc224+flip)")
+    dr.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                    help="DataLoader worker processes (default: cores, at most 8)")
+    dr.add_argument("--threads", type=int, default=0, help="decode threads per worker (default 0)")
+    dr.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    dr.add_argument("--decode-size", default="auto", help="auto (default), none or a shorter side in pixels")
+    dr.add_argument("--seconds", type=float, default=5.0, help="how long to run (default 5)")
+    dr.add_argument("--field", default="jpg;png;jpeg;webp", help="image field alternatives (default jpg;png;jpeg;webp)")
+    dr.set_defaults(func=cmd_doctor)
 
     b = add("bench", "benchmark shardkit against ImageFolder and webdataset (see tools/bench.py)",
             "shardkit bench -- --count 2000")

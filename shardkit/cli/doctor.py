@@ -1,0 +1,237 @@
+"""``shardkit doctor URL``: run the user's shards through the loader and say where time goes.
+
+Runs a :class:`~shardkit.profiling.ProfiledShardDataset` under a ShardLoader for a few
+seconds, then reports per stage (read, decode, transform, collate, other worker time,
+hand-off to the DataLoader queue, the main process), CPU-ms per image for the workers and
+the main process, the single-core decode+transform cost of the same samples as a
+reference, which stage bounds the run, and what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import ShardkitError
+from ..profiling import STAGES, children_cpu
+
+#: ``--transform`` presets (torchvision v2, applied to the image field).
+TRANSFORMS = ("none", "rrc224", "rrc224+flip", "resize256+center224")
+
+
+def make_transform(name: str) -> Callable[[Any], Any] | None:
+    """The torchvision v2 pipeline a ``--transform`` preset names (None for "none")."""
+    if name == "none":
+        return None
+    from torchvision.transforms import v2
+
+    if name == "rrc224":
+        return v2.RandomResizedCrop(224)
+    if name == "rrc224+flip":
+        return v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
+    if name == "resize256+center224":
+        return v2.Compose([v2.Resize(256), v2.CenterCrop(224)])
+    raise ValueError(f"unknown --transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Diagnosis:
+    """What a doctor run measured, and what it concludes."""
+
+    images: int
+    seconds: float
+    workers: int
+    threads: int
+    cores: int
+    stage_ms: dict[str, float]  # per delivered image, summed over workers
+    worker_cpu_ms: float  # per image, all worker processes (the main process when 0 workers)
+    main_cpu_ms: float  # per image, the main process (0 when it is the only one)
+    wait_fraction: float  # of the run, the consumer waited for data
+    reference_ms: float  # single-core decode+transform per image, same samples, in-process
+    decode_size: Any
+    fused: bool
+    bound: str = ""
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(vars(self))
+        data["rate"] = self.rate
+        data["cpu_ms_per_image"] = self.worker_cpu_ms + self.main_cpu_ms
+        return data
+
+
+def _reference_ms(urls: Any, ds_kwargs: dict[str, Any], count: int = 64) -> float:
+    """CPU-ms per image of decode + transform alone on one core, on the first samples."""
+    import torch
+
+    from ..dataset import ShardDataset
+
+    raw = ShardDataset(urls, handler="skip")
+    samples = []
+    for sample in raw:
+        samples.append(sample)
+        if len(samples) == count:
+            break
+    pipeline = ShardDataset(urls, **{k: v for k, v in ds_kwargs.items() if k != "threads"}).pipeline(lambda e: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for sample in samples[:4]:  # warm-up (first-call imports and allocations)
+            pipeline._safe((0, dict(sample)))
+        start = time.process_time()
+        for sample in samples:
+            pipeline._safe((0, dict(sample)))
+        return (time.process_time() - start) * 1e3 / max(1, len(samples))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int = 0, batch_size: int = 64,
+             decode: str = "torch", decode_size: int | str | None = "auto", seconds: float = 5.0,
+             field_name: str = "jpg;png;jpeg;webp") -> Diagnosis:
+    """Run the loader over ``urls`` for about ``seconds`` and measure where time goes.
+
+    ``transform`` is applied to the first image field of ``field_name``'s alternatives
+    that a sample has (as ``{"jpg": transform}``); labels (``cls``) are kept when present.
+    """
+    import torch
+
+    from ..loader import ShardLoader
+    from ..profiling import ProfiledShardDataset
+
+    if workers < 0 or threads < 0 or batch_size < 1 or seconds <= 0:
+        raise ValueError("need workers >= 0, threads >= 0, batch_size >= 1 and seconds > 0")
+    alternatives = [f for f in field_name.split(";") if f]
+    transform_map = {f: transform for f in alternatives} if transform is not None else None
+    ds_kwargs = dict(decode=decode, decode_size=decode_size, transform=transform_map, threads=threads,
+                     fields=field_name, handler="warn")
+    ds = ProfiledShardDataset(urls, **ds_kwargs)
+    from ..dataset import ShardDataset
+
+    # The unprofiled pipeline shows whether the crop was fused (the profiled one wraps the decoder).
+    fused = type(ShardDataset.pipeline(ds, lambda e: None).decoder).__name__.startswith("Fused")
+    loader = ShardLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                         pin_memory=False)
+    threads_before = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # like a DataLoader worker
+    warmup = max(1, workers)  # the first batch from each worker carries the start-up: not counted
+    images = 0
+    first: dict[str, Any] = {}
+    try:
+        iterator = iter(loader)
+        started = time.perf_counter()
+        for n, batch in enumerate(iterator, 1):
+            if n <= warmup:
+                if n == warmup:
+                    first = {"t": time.perf_counter(), "stats": loader.stats(),
+                             "main": _cpu_seconds(resource.RUSAGE_SELF), "workers": children_cpu()}
+                continue
+            images += len(batch[0]) if isinstance(batch, (tuple, list)) else batch_size
+            if time.perf_counter() - started >= seconds:
+                break
+        if not first or images == 0:
+            raise ShardkitError(f"the data ran out before {warmup + 1} batches: doctor needs more samples than "
+                                f"{warmup} batch(es) of {batch_size} (try a smaller --batch)")
+        elapsed = time.perf_counter() - first["t"]
+        stats = loader.stats()
+        main_cpu = _cpu_seconds(resource.RUSAGE_SELF) - first["main"]
+        worker_cpu = children_cpu() - first["workers"]
+        del iterator
+        loader._iterator = None
+    finally:
+        torch.set_num_threads(threads_before)
+    per = 1e3 / images
+    stage_ms = {stage: (stats.get(f"{stage}_us", 0) - first["stats"].get(f"{stage}_us", 0)) / 1e3 / images
+                for stage in STAGES}
+    if workers == 0:
+        worker_cpu, main_cpu = main_cpu, 0.0
+    wait = (stats.get("wait_s", 0.0) - first["stats"].get("wait_s", 0.0)) / elapsed if elapsed else 0.0
+    diagnosis = Diagnosis(images=images, seconds=elapsed, workers=workers, threads=threads,
+                          cores=os.cpu_count() or 1, stage_ms=stage_ms, worker_cpu_ms=worker_cpu * per,
+                          main_cpu_ms=main_cpu * per, wait_fraction=wait,
+                          reference_ms=_reference_ms(urls, ds_kwargs), decode_size=ds.decode_size, fused=fused)
+    diagnosis.bound, diagnosis.advice = conclude(diagnosis, remote="://" in str(urls),
+                                                  cached=bool(ds.options.cache_dir))
+    return diagnosis
+
+
+def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tuple[str, list[str]]:
+    """Which stage bounds the run ("io", "decode", "transform", "collate", "overhead" (per-sample
+    work in the workers outside those stages) or "transfer" (idle workers)), and advice."""
+    streams = max(1, d.workers)
+    busy = {s: d.stage_ms[s] for s in ("read", "decode", "transform", "collate", "other")}
+    worker_ms = sum(busy.values())
+    # Wall time per image the workers had; if they were busy for little of it, the time went
+    # into handing batches over and the main process.
+    available_ms = d.seconds * 1e3 * streams / max(1, d.images)
+    advice: list[str] = []
+    if d.workers > 0 and worker_ms < 0.5 * available_ms:
+        bound = "transfer"
+        advice.append("workers are idle most of the time: batches wait on the hand-over to the main process; "
+                      "use fewer workers with threads= (decode threads in one process), or larger batches")
+    else:
+        stage = max(busy, key=busy.get)  # type: ignore[arg-type]
+        bound = {"read": "io", "other": "overhead"}.get(stage, stage)
+    if bound == "io":
+        advice.append("reading dominates: " + (
+            "add cache_dir= (a local cache) for remote shards" if remote and not cached
+            else "check the disk/network throughput; more workers overlap reads"))
+    if bound in ("decode", "transform"):
+        parallel = max(1, d.workers) * max(1, d.threads)  # decode streams running at once
+        if parallel < d.cores:
+            advice.append(f"{d.workers} worker(s) x {d.threads} thread(s) on {d.cores} cores: use "
+                          f"num_workers={d.cores} (or threads= per worker) to use every core")
+        elif parallel > d.cores and d.workers > 1:
+            advice.append(f"{d.workers} workers x {max(1, d.threads)} thread(s) on {d.cores} cores: more decode "
+                          "streams than cores only adds overhead")
+        if d.decode_size is None and not d.fused:
+            advice.append("decode_size='auto' decodes JPEGs smaller (and fuses a leading RandomResizedCrop)")
+        if bound == "transform":
+            advice.append("the transform costs more than decoding: move float conversion/normalisation to the GPU "
+                          "and keep uint8 batches")
+    if bound == "overhead":
+        advice.append("per-sample Python work dominates (small images?): larger batches or threads= help")
+    if bound == "collate":
+        advice.append("collating dominates: return fixed-size uint8 tensors so batches stack without lists")
+    overhead = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
+    if overhead > 1.3:
+        advice.append(f"the loader spends {overhead:.2f}x the CPU of decode+transform alone: per-image overhead "
+                      "(IPC, main process, dispatch); fewer workers with threads= may help")
+    if not advice:
+        advice.append("nothing obvious to change")
+    return bound, advice
+
+
+def format_report(d: Diagnosis) -> str:
+    """Human-readable report of a :class:`Diagnosis`."""
+    lines = [f"{d.images:,} images in {d.seconds:.1f} s = {d.rate:,.0f} img/s "
+             f"({d.workers} workers, {d.threads} threads, {d.cores} cores, decode_size={d.decode_size!r}"
+             f"{', fused crop decode' if d.fused else ''})",
+             f"{'stage':12s} {'ms/img':>8s} {'share':>6s}"]
+    total = sum(d.stage_ms[s] for s in STAGES if s != "handoff") or 1.0
+    names = {"read": "read/io", "other": "other", "handoff": "handoff"}
+    for stage in STAGES:
+        share = f"{d.stage_ms[stage] / total:6.0%}" if stage != "handoff" else "      "
+        lines.append(f"{names.get(stage, stage):12s} {d.stage_ms[stage]:8.2f} {share}")
+    lines.append(f"{'main process':12s} {d.main_cpu_ms:8.2f}        (CPU: receiving batches, the loop)")
+    lines.append(f"waiting: the consumer waited {d.wait_fraction:.0%} of the run for data")
+    ratio = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
+    lines.append(f"CPU ms/img: workers {d.worker_cpu_ms:.2f} + main {d.main_cpu_ms:.2f} = "
+                 f"{d.worker_cpu_ms + d.main_cpu_ms:.2f}; decode+transform alone on one core {d.reference_ms:.2f} "
+                 f"({ratio:.2f}x)")
+    lines.append(f"bound: {d.bound}")
+    lines.extend(f"advice: {a}" for a in d.advice)
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Per-stage timing inside the workers, for ``shardkit doctor``; off the normal path.
+
+:class:`ProfiledShardDataset` is a :class:`~shardkit.dataset.ShardDataset` whose worker
+pipeline is wrapped with ``time.perf_counter`` counters: read (tar parsing and I/O),
+decode (with a fused crop, the crop and resize too), transform, collate, the rest of the
+worker's time ("other": planning, shuffle buffer, per-sample dispatch) and the time spent
+outside the worker's generator ("handoff": handing the batch to the DataLoader queue, or
+blocking when its prefetch queue is full). The counters (integer microseconds, cumulative
+per worker and epoch) ride on the per-batch progress records, so ``loader.stats()`` sums
+them over the workers. A plain ShardDataset has none of these wrappers and pays nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from .dataset import ShardDataset
+from .epochs import Batching
+from .pipeline import SamplePipeline
+from .reader import ReadStats, ShardReader
+
+#: The timed stages, in pipeline order; each is a ``<stage>_us`` key in ``loader.stats()``.
+STAGES = ("read", "decode", "transform", "collate", "other", "handoff")
+
+
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's live children, the DataLoader workers
+    (Linux /proc; 0 elsewhere). getrusage only counts children after they exit."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+class StageTimes:
+    """Microseconds spent per stage in one worker (plain ints, summed by the loader)."""
+
+    def __init__(self) -> None:
+        self.us = dict.fromkeys(STAGES, 0)
+
+    def timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with its wall time added to ``stage`` (exceptions still counted)."""
+        us = self.us
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                us[stage] += int((time.perf_counter() - start) * 1e6)
+
+        return call
+
+    def timed_iter(self, stage: str, items: Iterator[Any]) -> Iterator[Any]:
+        """Yield from ``items`` adding the time spent producing each one to ``stage``."""
+        us = self.us
+        items = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                us[stage] += int((time.perf_counter() - start) * 1e6)
+                return
+            us[stage] += int((time.perf_counter() - start) * 1e6)
+            yield item
+
+
+class _TimedReader:
+    """A ShardReader whose sample streams count as the "read" stage."""
+
+    def __init__(self, reader: ShardReader, times: StageTimes) -> None:
+        self._reader = reader
+        self._times = times
+
+    def read_piece(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return self._times.timed_iter("read", self._reader.read_piece(*args, **kwargs))
+
+    def read_shard(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return self._times.timed_iter("read", self._reader.read_shard(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+class ProfiledShardDataset(ShardDataset):
+    """A ShardDataset that times its worker stages (same arguments, same items).
+
+    With ``threads > 1`` the decode and transform times are summed over the threads
+    (thread-seconds, not wall time).
+    """
+
+    def _times(self) -> StageTimes:
+        times = self.__dict__.get("_stage_times")
+        if times is None:
+            times = self.__dict__["_stage_times"] = StageTimes()
+        return times
+
+    def iter_items(self, batching: Batching, **kwargs: Any) -> Iterator[Any]:
+        times = self.__dict__["_stage_times"] = StageTimes()  # one per worker and epoch
+        timed = dataclasses.replace(batching, collate_fn=times.timed("collate", batching.collate_fn))
+        inner = super().iter_items(timed, **kwargs)
+        us = times.us
+        while True:
+            start = time.perf_counter()
+            staged = sum(us[s] for s in STAGES if s not in ("other", "handoff"))
+            try:
+                item = next(inner)
+            except StopIteration:
+                return
+            # The worker's own time for this item, less what the stages already counted.
+            spent = int((time.perf_counter() - start) * 1e6)
+            us["other"] += max(0, spent - (sum(us[s] for s in STAGES if s not in ("other", "handoff")) - staged))
+            handed = time.perf_counter()
+            yield item
+            us["handoff"] += int((time.perf_counter() - handed) * 1e6)
+
+    def reader(self, handler: Callable[[Exception], None], stats: ReadStats) -> ShardReader:
+        return _TimedReader(super().reader(handler, stats), self._times())  # type: ignore[return-value]
+
+    def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
+        pipeline = super().pipeline(handler)
+        times = self._times()
+        if pipeline.decoder is not None:
+            pipeline.decoder = times.timed("decode", pipeline.decoder)
+        if isinstance(pipeline.transform, Mapping):
+            pipeline.transform = {k: times.timed("transform", fn) for k, fn in pipeline.transform.items()}
+        elif pipeline.transform is not None:
+            pipeline.transform = times.timed("transform", pipeline.transform)
+        return pipeline
+
+    def _counters(self, stats: ReadStats, cache_before: dict[str, int]) -> dict[str, int]:
+        counters = super()._counters(stats, cache_before)
+        counters.update({f"{stage}_us": value for stage, value in self._times().us.items()})
+        return counters

@@ -1,0 +1,68 @@
+"""shardkit doctor: per-stage timing through the loader names the real bottleneck."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shardkit import ShardLoader, ShardWriter
+from shardkit.cli.doctor import diagnose
+from shardkit.cli.main import main
+from shardkit.cli.synthetic import photo_like
+from shardkit.profiling import STAGES, ProfiledShardDataset
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory) -> str:
+    """12 large photo-like JPEGs (2400x1800): decoding dwarfs everything else."""
+    dest = tmp_path_factory.mktemp("big")
+    pixels = photo_like(np.random.default_rng(0), 2400, 1800)
+    with ShardWriter(str(dest), shard_size="1GB") as writer:
+        for i in range(12):
+            buffer = io.BytesIO()
+            Image.fromarray(np.roll(pixels, 97 * i, axis=1)).save(buffer, "JPEG", quality=95)
+            writer.write({"__key__": f"{i:04d}", "jpg": buffer.getvalue(), "cls": i % 3})
+    return str(dest)
+
+
+def _corner(image):
+    return image[:, :64, :64]
+
+
+def test_doctor_names_decode_on_huge_images_with_no_workers(big_shards):
+    d = diagnose(big_shards, transform=_corner, workers=0, batch_size=2, decode_size=None, seconds=1.0)
+    assert d.bound == "decode"
+    assert d.stage_ms["decode"] > 2 * max(d.stage_ms[s] for s in STAGES if s != "decode")
+    assert any("num_workers" in a for a in d.advice) and any("decode_size='auto'" in a for a in d.advice)
+    assert d.worker_cpu_ms > 0 and d.reference_ms > 0 and d.images >= 2
+
+
+def test_doctor_names_a_slow_transform(big_shards):
+    def slow(image):
+        time.sleep(0.3)
+        return image[:, :8, :8]
+
+    d = diagnose(big_shards, transform=slow, workers=0, batch_size=2, decode_size="auto", seconds=0.5)
+    assert d.bound == "transform"
+
+
+def test_doctor_cli_json(big_shards, capsys):
+    assert main(["doctor", big_shards, "--workers", "1", "--batch", "2", "--seconds", "0.5",
+                 "--transform", "rrc224+flip", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fused"] is True and data["bound"] in ("decode", "transform", "io", "collate", "overhead", "transfer")
+    assert set(data["stage_ms"]) == set(STAGES) and data["cpu_ms_per_image"] > 0
+    assert main(["doctor", big_shards, "--transform", "sharpen", "--seconds", "0.5"]) == 1
+
+
+def test_profiled_counters_reach_loader_stats(uneven_shards):
+    ds = ProfiledShardDataset(uneven_shards, decode="torch", fields="jpg cls")
+    loader = ShardLoader(ds, batch_size=8, num_workers=2)
+    assert sum(len(b[1]) for b in loader) == 64
+    stats = loader.stats()
+    assert all(stats[f"{s}_us"] >= 0 for s in STAGES) and stats["decode_us"] > 0 and stats["read_us"] > 0
