@@ -370,3 +370,15 @@ def test_part_slices_cover_every_input_once_and_bad_parts_are_refused(photos, tm
     remote = shardkit("write", photos, "s3://bucket/shards", "--part", "0/2", check=False)
     assert remote.returncode == 1 and b"shared-filesystem DEST" in remote.stderr
     assert b"shared-filesystem DEST" in shardkit("merge", "s3://bucket/shards", check=False).stderr
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_python_api_same_bytes_with_every_start_method(photos, tmp_path, start_method):
+    """fork is used only when the caller has no other thread; the others must agree."""
+    paths = sorted(os.path.join(photos, "class_01", n) for n in os.listdir(os.path.join(photos, "class_01")))
+    one = write_files(paths, str(tmp_path / "one"), labels=[1] * len(paths), workers=1, shard_size="100kB")
+    two = write_files(paths, str(tmp_path / "two"), labels=[1] * len(paths), workers=2, shard_size="100kB",
+                      start_method=start_method)
+    assert one.samples == two.samples == len(paths) - 1 and two.workers == 2
+    assert [os.path.basename(p) for p, _ in two.skipped] == ["zz_cut.jpg"]
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
