@@ -2,7 +2,7 @@
 # Convert an ImageFolder tree into tar shards, check them, and train on them.
 #
 # What it shows, end to end with the command line:
-#   1. an ImageFolder (class_XX/*.jpg) -- generated here with shardkit.synthetic unless
+#   1. an ImageFolder (class_XX/*.jpg) -- generated here with shardkit.cli.synthetic unless
 #      you pass your own folder;
 #   2. `shardkit write SRC DEST`: size-bounded shards + .idx sidecars + a manifest
 #      (sample counts and class names, which ShardDataset reads for exact splits);
@@ -35,7 +35,7 @@ DEST="${2:-$WORK/shards}"
 if [[ -z "$SRC" ]]; then
     SRC="$WORK/images"
     echo "== generating $COUNT photo-like JPEGs in $SRC"
-    "$PYTHON" -c "import sys; from shardkit.synthetic import make_image_folder; \
+    "$PYTHON" -c "import sys; from shardkit.cli.synthetic import make_image_folder; \
 make_image_folder(sys.argv[1], count=int(sys.argv[2]), classes=4, size=(96, 72))" "$SRC" "$COUNT"
 fi
 

@@ -58,7 +58,7 @@ def make_demo_images(root: str, *, count: int, classes: int, size: tuple[int, in
     """An ImageFolder of photo-like JPEGs whose class shows as a colour cast (so it is learnable)."""
     import numpy as np
 
-    from shardkit.synthetic import encode, photo_like
+    from shardkit.cli.synthetic import encode, photo_like
 
     casts = np.random.default_rng(123).uniform(-70, 70, (classes, 3)).astype(np.float32)
     for c in range(classes):
@@ -75,7 +75,7 @@ def make_demo_images(root: str, *, count: int, classes: int, size: tuple[int, in
 def make_demo_shards(dest: str, *, count: int = 400, classes: int = 4, shard_size: str = "150k") -> str:
     """Generate a small ImageFolder and write it as shards (as ``shardkit write`` does);
     returns the shard folder."""
-    from shardkit.convert import write_shards
+    from shardkit.cli.convert import write_shards
     from shardkit.ingest import open_source
 
     images = os.path.join(dest, "images")

@@ -13,13 +13,14 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "SampleError", "ShardDataset", "ShardFormatError", "ShardLoader", "ShardWriter", "ShardkitError",
+    "Mix", "SampleError", "ShardDataset", "ShardFormatError", "ShardLoader", "ShardMap", "ShardWriter",
+    "ShardkitError",
     "SourceError", "format_size", "parse_size", "__version__",
 ]
 
 
 def __getattr__(name: str):
-    # ShardDataset/ShardLoader import torch: load them on first use so the CLI and the
+    # ShardDataset/ShardLoader/ShardMap import torch: load them on first use so the CLI and the
     # writer start fast.
     if name == "ShardDataset":
         from .dataset import ShardDataset
@@ -29,4 +30,12 @@ def __getattr__(name: str):
         from .loader import ShardLoader
 
         return ShardLoader
+    if name == "Mix":
+        from .mix import Mix
+
+        return Mix
+    if name == "ShardMap":
+        from .shardmap import ShardMap
+
+        return ShardMap
     raise AttributeError(f"module 'shardkit' has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """A bounded local cache of whole remote shards, shared by processes on one machine.
 
-Used by the HTTP and S3 backends when ``SourceOptions.cache_dir`` is set: the first
-reader of a URL downloads the whole object, every later reader (any DataLoader worker,
-any training process on the machine) opens the local copy.
+:mod:`shardkit.source` puts every non-local URL through it when ``SourceOptions.cache_dir``
+is set: the first reader of a URL downloads the whole object (with the backend's plain
+stream, passed in as a function: the cache knows no backend), every later reader (any
+DataLoader worker, any training process on the machine) opens the local copy.
 
 Layout under ``cache_dir``::
 
@@ -32,7 +33,6 @@ so a crash never leaves a lock behind; no shared memory):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -45,9 +45,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Callable, Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 
+from .backend import SourceOptions
 from .errors import SourceError
 from .sizes import parse_size
-from .source import DEFAULT_OPTIONS, SourceOptions, positioned
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,10 @@ class ShardCache:
     """Bounded, multi-process-safe cache of whole objects keyed by URL.
 
     ``cache_size``: an int or human size (``"20GB"``); ``None`` means unbounded.
-    ``fetch``: default ``(url, path)`` downloader for :meth:`prefetch`.
     Counters in :meth:`stats` are per process (each DataLoader worker has its own).
     """
 
-    def __init__(self, cache_dir: str, cache_size: int | str | None = None, *,
-                 fetch: UrlFetchFn | None = None) -> None:
+    def __init__(self, cache_dir: str, cache_size: int | str | None = None) -> None:
         self.cache_dir = os.path.abspath(cache_dir)
         self.limit = None if cache_size is None else parse_size(cache_size)
         self._objects = os.path.join(self.cache_dir, "objects")
@@ -95,7 +93,6 @@ class ShardCache:
         self._locks = os.path.join(self.cache_dir, "locks")
         for d in (self._objects, self._tmp, self._locks):
             os.makedirs(d, exist_ok=True)
-        self._fetch = fetch
         self._stats_lock = threading.Lock()
         self._stats = {"hits": 0, "misses": 0, "bytes_downloaded": 0, "evictions": 0,
                        "prefetched": 0}
@@ -194,14 +191,12 @@ class ShardCache:
     def contains(self, url: str) -> bool:
         return os.path.exists(self.path_for(url))
 
-    def prefetch(self, urls: Iterable[str], fetch: UrlFetchFn | None = None) -> list[Future]:
-        """Download ``urls`` in a background thread (in order) unless cached or queued.
+    def prefetch(self, urls: Iterable[str], fetch: UrlFetchFn) -> list[Future]:
+        """Download ``urls`` in a background thread (in order) unless cached or queued;
+        ``fetch(url, path)`` writes the whole object to ``path``.
 
         Errors are logged, not raised: the later :meth:`open` retries and reports them.
         """
-        fetch = fetch or self._fetch
-        if fetch is None:
-            raise ValueError("prefetch needs a fetch(url, path) function")
         pool = self._executor()
         futures = []
         for url in urls:
@@ -355,63 +350,21 @@ def _sha256_of(f: BinaryIO) -> str:
         h.update(view[:n])
 
 
-def download(url: str, path: str, options: SourceOptions = DEFAULT_OPTIONS) -> int:
-    """Copy the whole object at ``url`` into the file ``path`` (no cache); returns its size."""
-    from .source import open_stream
-
-    opts = dataclasses.replace(options, cache_dir=None)
-    n = 0
-    with open_stream(url, options=opts) as src, open(path, "wb") as dst:
-        while True:
-            data = src.read(CHUNK)
-            if not data:
-                return n
-            dst.write(data)
-            n += len(data)
-
-
 _caches: dict[tuple[int, str, str], ShardCache] = {}
 _caches_lock = threading.Lock()
 
 
 def cache_for(options: SourceOptions) -> ShardCache:
-    """The process's :class:`ShardCache` for ``options.cache_dir``/``cache_size``.
-
-    Its default prefetch downloader uses the options of the first call.
-    """
+    """The process's :class:`ShardCache` for ``options.cache_dir``/``cache_size``."""
     if not options.cache_dir:
         raise ValueError("options.cache_dir is not set")
     key = (os.getpid(), os.path.abspath(options.cache_dir), str(options.cache_size))
     with _caches_lock:
         cache = _caches.get(key)
         if cache is None:
-            cache = ShardCache(options.cache_dir, options.cache_size,
-                               fetch=lambda url, path: download(url, path, options) and None)
+            cache = ShardCache(options.cache_dir, options.cache_size)
             _caches[key] = cache
         return cache
 
 
-def open_cached(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS, *,
-                expected_sha256: str | None = None) -> BinaryIO:
-    """Open ``url`` through the cache in ``options.cache_dir`` and position at ``offset``."""
-    f = cache_for(options).open(url, lambda path: download(url, path, options) and None,
-                                expected_sha256=expected_sha256)
-    return positioned(f, offset, length)
-
-
-def prefetch(urls: Iterable[str], options: SourceOptions) -> list[Future]:
-    """Prefetch the first ``options.read_ahead`` of ``urls`` into the cache (no-op without
-    a cache dir or with ``read_ahead=0``). Pass the shards this worker will read next."""
-    if not options.cache_dir or options.read_ahead <= 0:
-        return []
-    wanted = []
-    for url in urls:
-        if len(wanted) >= options.read_ahead:
-            break
-        wanted.append(url)
-    return cache_for(options).prefetch(
-        wanted, lambda url, path: download(url, path, options) and None)
-
-
-__all__ = ["ShardCache", "cache_for", "download", "open_cached", "prefetch", "url_key"]
+__all__ = ["ShardCache", "cache_for", "url_key"]

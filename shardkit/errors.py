@@ -61,3 +61,13 @@ class SourceError(ShardkitError):
         self.status = status
         self.reason = message
         super().__init__(f"{url}: {message}" if url else message)
+
+
+class SkippedSampleWarning(UserWarning):
+    """Issued by ``handler="warn"``: one per skipped sample (or per broken piece of a
+    shard), naming the shard URL, the member and the reason.
+
+    Shown by default, each time (not once per location like most warnings); silence it
+    with ``warnings.filterwarnings("ignore", category=SkippedSampleWarning)`` or use
+    ``handler="skip"``.
+    """

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-from .decode import _check_pixels, _default_max_pixels, decode_image, read_image_header
+from .decode import decode_image
 from .errors import SampleError
+from .imageinfo import read_image_header
+from .pixels import check_pixels, default_max_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +52,13 @@ def decode_images_cuda(images: Sequence[bytes], *, device: str | torch.device | 
     """
     import torchvision.io as tvio  # deferred: only GPU users need it
 
-    limit = _default_max_pixels(max_pixels)
+    limit = default_max_pixels(max_pixels)
     jpeg_indices: list[int] = []
     for index, data in enumerate(images):
         header = read_image_header(data)
         try:
             if header is not None:
-                _check_pixels(header.width, header.height, limit)
+                check_pixels(header.width, header.height, limit)
         except SampleError as exc:
             raise SampleError(f"image {index} of the batch: {exc.reason}") from exc
         if header is not None and header.format == "JPEG" and header.components in (1, 3):

@@ -4,8 +4,8 @@ Used by ``shardkit write`` (real format, width/height) and by the decoders (the
 decompression-bomb guard checks the size before any pixel memory is allocated).
 
 ``shardkit write`` names each image member by its real format (a PNG saved as
-``x.jpg`` is stored as ``KEY.png``) and records width/height; PIL's ``Image.open``
-costs ~50-100 us per file for that, these parsers a few microseconds.
+``x.jpg`` is stored as ``KEY.png``) and records width/height; these parsers do that
+for a small fraction of what PIL's ``Image.open`` costs per file (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ class ImageInfo(NamedTuple):
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """What the first bytes of an image say: format, size and (JPEG only) channel count."""
+    """What the first bytes of an image say: format, size and (JPEG only) channel count
+    and EXIF orientation (1 = as stored, also when there is no EXIF block)."""
 
     format: str
     width: int
     height: int
     components: int | None = None
+    orientation: int = 1
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,8 +58,12 @@ def read_image_header(data: bytes | bytearray) -> ImageHeader | None:
 
 
 def _jpeg_header(data: bytes | bytearray) -> ImageHeader | None:
-    """Walk the JPEG marker segments up to the first SOFn; None if there is none."""
+    """Walk the JPEG marker segments up to the first SOFn; None if there is none.
+
+    On the way, an APP1 ``Exif`` segment gives the orientation (almost free: the walk
+    passes it anyway, and simplejpeg, which ignores EXIF, needs it from somewhere)."""
     pos, end = 2, len(data)
+    orientation = 1
     while pos + 4 <= end:
         if data[pos] != 0xFF:
             return None
@@ -75,11 +81,35 @@ def _jpeg_header(data: bytes | bytearray) -> ImageHeader | None:
             width = int.from_bytes(data[pos + 7:pos + 9], "big")
             if height == 0:  # height given later by a DNL marker: let PIL deal with it
                 return None
-            return ImageHeader("JPEG", width, height, components=data[pos + 9])
+            return ImageHeader("JPEG", width, height, components=data[pos + 9], orientation=orientation)
         if marker in (0xDA, 0xD9):  # scan data or end of image before any frame header
             return None
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and orientation == 1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            orientation = exif_orientation(bytes(data[pos + 10:pos + 2 + length]))
+        pos += 2 + length
     return None
+
+
+_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(tiff: bytes) -> int:
+    """The orientation (1..8) in an EXIF block (a TIFF structure: byte order, IFD0);
+    1 when it is absent, malformed or out of range."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "I", tiff, 4)[0]
+    if ifd + 2 > len(tiff):
+        return 1
+    count = struct.unpack_from(order + "H", tiff, ifd)[0]
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        if tag == _ORIENTATION_TAG:
+            value = struct.unpack_from(order + "H", tiff, entry + 8)[0] if kind == 3 else 1  # SHORT
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def _webp_header(data: bytes | bytearray) -> ImageHeader | None:

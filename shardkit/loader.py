@@ -1,9 +1,11 @@
 """ShardLoader: a DataLoader for ShardDataset that batches in workers and can resume.
 
 It is a real ``torch.utils.data.DataLoader`` subclass (so frameworks that check for one
-keep working); batching happens inside the workers, and each batch carries a small
-progress record that the loader strips off and keeps, which is what ``state_dict()``
-saves. The epoch advances by itself on each new pass unless ``set_epoch`` was called.
+keep working). It never changes the dataset it is given: the DataLoader runs a small
+view that asks the dataset for items with this loader's batching, resume state and
+progress records; the loader strips each batch's progress record off and keeps it,
+which is what ``state_dict()`` saves. The epoch advances by itself on each new pass
+unless ``set_epoch`` was called.
 """
 
 from __future__ import annotations
@@ -13,51 +15,107 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from .dataset import STATE_VERSION, Progress, ShardDataset, stages_from_state, stages_to_state
+from .epochs import Batching, PlannedDataset, Progress
 from .errors import ShardkitError
-from .plan import Stage, Topology, simulate_consumption
+from .pipeline import collate
+from .plan import simulate_consumption
+from .state import ResumeState
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BATCH_SIZE = 64
+_UNSET: Any = object()
+
+
+class LoaderView(IterableDataset):
+    """What the DataLoader iterates: the user's dataset under one loader's settings.
+
+    Attribute access falls through to the dataset, so ``loader.dataset.set_epoch(e)``
+    and ``loader.dataset.urls`` work as with a plain DataLoader; the dataset itself is
+    ``loader.shard_dataset``.
+    """
+
+    def __init__(self, dataset: PlannedDataset, batching: Batching, num_workers: int) -> None:
+        self.shard_dataset = dataset
+        self.batching = batching
+        self.num_workers = num_workers
+        self.resume: ResumeState | None = None
+        self.rotation = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.shard_dataset.iter_items(self.batching, resume=self.resume, progress=True,
+                                             rotation=self.rotation)
+
+    def __len__(self) -> int:
+        return self.shard_dataset.num_items(self.batching, num_workers=self.num_workers)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "shard_dataset":
+            raise AttributeError(name)
+        return getattr(self.shard_dataset, name)
+
+
+def _batching(dataset: PlannedDataset, batch_size: Any, drop_last: Any,
+              collate_fn: Callable[[list[Any]], Any] | None) -> Batching:
+    """The one batching in force: the dataset's when it batches, else the loader's.
+    A conflict is an error, never a silent override."""
+    own = dataset.batching
+    if own.batch_size is None:
+        return Batching(DEFAULT_BATCH_SIZE if batch_size is _UNSET else batch_size,
+                        False if drop_last is _UNSET else bool(drop_last), collate_fn or collate)
+    # The dataset batches. batch_size=None is the webdataset idiom for "the dataset
+    # already batches": honour it, as an unset or equal value.
+    if batch_size not in (_UNSET, None, own.batch_size):
+        raise ShardkitError(f"the dataset already batches by {own.batch_size}; ShardLoader(batch_size="
+                            f"{batch_size}) would change it. Set batch_size in one place: on the dataset "
+                            "or on the loader")
+    if drop_last is not _UNSET and bool(drop_last) != own.drop_last:
+        raise ShardkitError(f"the dataset batches with drop_last={own.drop_last}; ShardLoader(drop_last="
+                            f"{drop_last}) would change it. Set it in one place")
+    if collate_fn is not None and collate_fn is not own.collate_fn:
+        raise ShardkitError("the dataset batches with its own collate_fn; pass collate_fn to the "
+                            "dataset or to the loader, not both")
+    return own
+
 
 class ShardLoader(DataLoader):
-    """Iterate batches of a :class:`ShardDataset` with worker processes.
+    """Iterate batches of a :class:`ShardDataset` (or a :class:`~shardkit.mix.Mix`) with worker processes.
 
     Args:
-        dataset: the ShardDataset (its batch_size/drop_last/collate_fn are set from here).
-        batch_size: samples per batch (collated inside the worker); None = single samples.
+        dataset: the ShardDataset or Mix (never modified by the loader).
+        batch_size: samples per batch, collated inside the worker (default 64); None
+            yields single samples. When the dataset was built with its own batch_size,
+            that one is used: leave this unset (or None, the webdataset idiom), since a
+            different value raises.
         num_workers: worker processes (0 = in the main process).
         persistent_workers: keep workers between epochs (default: on when num_workers > 0).
         pin_memory: default on when CUDA is available.
         prefetch_factor: batches each worker prepares ahead (default 4 with workers).
-        drop_last: drop each worker's partial last batch.
+        drop_last: drop each worker's partial last batch (same rule as batch_size).
         collate_fn: how to collate a list of samples (default: stack tensors, keep lists).
         Other keyword arguments go to DataLoader.
     """
 
-    def __init__(self, dataset: ShardDataset, *, batch_size: int | None = 64, num_workers: int = 2,
+    def __init__(self, dataset: PlannedDataset, *, batch_size: int | None = _UNSET, num_workers: int = 2,
                  persistent_workers: bool | None = None, pin_memory: bool | None = None,
-                 prefetch_factor: int | None = None, drop_last: bool = False,
+                 prefetch_factor: int | None = None, drop_last: bool = _UNSET,
                  collate_fn: Callable[[list[Any]], Any] | None = None, **kwargs: Any) -> None:
-        if not isinstance(dataset, ShardDataset):
-            raise TypeError("ShardLoader needs a ShardDataset; use DataLoader for other datasets")
-        dataset.batch_size = batch_size
-        dataset.drop_last = drop_last
-        if collate_fn is not None:
-            dataset.collate_fn = collate_fn
-        dataset._num_workers_hint = num_workers
-        dataset._emit_progress = True
+        if not isinstance(dataset, PlannedDataset):
+            raise TypeError("ShardLoader needs a ShardDataset or a Mix; use DataLoader for other datasets")
+        view = LoaderView(dataset, _batching(dataset, batch_size, drop_last, collate_fn), num_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 4
-        super().__init__(dataset, batch_size=None, num_workers=num_workers,
+        super().__init__(view, batch_size=None, num_workers=num_workers,
                          persistent_workers=persistent_workers, pin_memory=pin_memory,
                          prefetch_factor=prefetch_factor, **kwargs)
+        self.shard_dataset = dataset
+        self._view = view
         self._progress: dict[int, int] = {}
         self._batches_taken = 0
         self._epoch_started = False
@@ -65,30 +123,39 @@ class ShardLoader(DataLoader):
         self._stats: dict[str, float] = {}
         self._worker_stats: dict[int, dict[str, int]] = {}
 
+    @property
+    def batching(self) -> Batching:
+        """The batch size, drop_last and collate_fn in force."""
+        return self._view.batching
+
     # -- epochs ---------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch for the next pass (every rank must use the same value)."""
-        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        self.shard_dataset.set_epoch(epoch)
         self._epoch_set = True
 
     @property
     def epoch(self) -> int:
-        return self.dataset.epoch  # type: ignore[attr-defined]
+        return self.shard_dataset.epoch
+
+    def _resume_for_epoch(self) -> ResumeState:
+        resume = self._view.resume
+        return resume if resume is not None and resume.epoch == self.epoch else ResumeState(self.epoch)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        dataset: ShardDataset = self.dataset  # type: ignore[assignment]
+        dataset = self.shard_dataset
         if self._epoch_started and not self._epoch_set:
             dataset.set_epoch(dataset.epoch + 1)
             log.debug("set_epoch not called: advancing to epoch %d", dataset.epoch)
         self._epoch_started = True
         self._epoch_set = False
-        resumed = dataset._stages_epoch == dataset.epoch and dataset._stages
-        if not resumed:
+        resume = self._resume_for_epoch()
+        if not resume.stages:
             self._progress, self._batches_taken = {}, 0
         self._worker_stats = {}
         self._stats = {"wait_s": 0.0, "batches": 0, "samples": 0}
-        if dataset.counts is not None and not dataset.resampled and dataset.epoch_length is None:
-            info = dataset.epoch_info(num_workers=self.num_workers)
+        if dataset.planned:
+            info = dataset.epoch_info(num_workers=self.num_workers, resume=resume)
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
         it = super().__iter__()
@@ -108,7 +175,7 @@ class ShardLoader(DataLoader):
             yield item
         self._stats["epoch_s"] = time.perf_counter() - started
         # A finished epoch leaves nothing to resume.
-        dataset._stages, dataset._stages_epoch, dataset._rotation = [], None, 0
+        self._view.resume, self._view.rotation = None, 0
 
     # -- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -119,55 +186,47 @@ class ShardLoader(DataLoader):
         state can resume all ranks, under any world size or worker count. That holds
         with ``even="pad"``/``"drop"`` (equal batch counts on every rank) or while every
         rank still has batches left; with ``even=None`` a state saved after a shorter
-        rank finished its epoch misjudges the longer ranks by up to a batch.
+        rank finished its epoch misjudges the longer ranks by up to a batch. With
+        ``select=`` the batch count no longer says how many positions another rank
+        passed: each rank must then save and load its own state (same topology).
         """
-        dataset: ShardDataset = self.dataset  # type: ignore[assignment]
+        dataset = self.shard_dataset
         topo = dataset.topology(self.num_workers)
-        rank, world = dataset._dist()
-        prior = dataset._stages_for(dataset.epoch)
-        last_same = bool(prior) and prior[-1].topology == topo
-        history = prior[:-1] if last_same else prior
-        bs = dataset.batch_size or 1
-        sizes = None
-        if dataset.counts is not None and not dataset.resampled and dataset.epoch_length is None:
-            sizes = dataset._planner(dataset.epoch).stream_sizes(topo, prior)
+        rank, world = dataset.rank_and_world()
+        resume = self._resume_for_epoch()
+        sizes = dataset.stream_sizes(num_workers=self.num_workers, resume=resume)
+        batching = self._view.batching
         emitted: list[list[int]] = []
         for r in range(world):
             if r == rank or sizes is None:
-                emitted.append([self._progress.get(w, self._base(prior, topo, r, w)) for w in range(topo.streams)])
+                emitted.append([self._progress.get(w, resume.skip(topo, r, w)) for w in range(topo.streams)])
                 continue
             # Replay the same number of batches on rank r's stream sizes.
-            batches = [n // bs if dataset.drop_last else -(-n // bs) for n in sizes[r]]
-            taken = simulate_consumption(batches, self._batches_taken)
+            taken = simulate_consumption([batching.items(n) for n in sizes[r]], self._batches_taken)
+            bs = batching.batch_size or 1
             emitted.append([min(t * bs, n) for t, n in zip(taken, sizes[r])])
-        stages = list(history) + [Stage(topo, tuple(tuple(e) for e in emitted))]
-        return {"version": STATE_VERSION, "kind": "loader", "epoch": dataset.epoch, "seed": dataset.seed,
-                "batches": self._batches_taken, "stages": stages_to_state(stages)}
-
-    @staticmethod
-    def _base(prior: list[Stage], topo: Topology, rank: int, worker: int) -> int:
-        if prior and prior[-1].topology == topo:
-            return prior[-1].emitted[rank][worker]
-        return 0
+        return resume.with_progress(topo, emitted).to_dict(kind="loader", seed=dataset.seed,
+                                                           batches=self._batches_taken)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (also with another world size or worker count)."""
-        dataset: ShardDataset = self.dataset  # type: ignore[assignment]
         if state.get("kind") != "loader":
             raise ShardkitError("not a ShardLoader state (use dataset.load_state_dict for worker states)")
-        dataset.load_state_dict(state)
-        stages = stages_from_state(state["stages"])
+        dataset = self.shard_dataset
+        resume = ResumeState.from_dict(state, seed=dataset.seed)
+        dataset.set_epoch(resume.epoch)
         topo = dataset.topology(self.num_workers)
-        if stages and stages[-1].topology == topo:
-            rank, _ = dataset._dist()
-            self._progress = dict(enumerate(stages[-1].emitted[rank]))
+        self._view.resume = resume
+        if resume.continues(topo):
+            rank, _ = dataset.rank_and_world()
+            self._progress = dict(enumerate(resume.stages[-1].emitted[rank]))
             self._batches_taken = int(state.get("batches", 0))
             # DataLoader restarts its round-robin at worker 0; rotate which plan each
             # worker runs so batches come in exactly the uninterrupted order.
-            dataset._rotation = self._batches_taken % topo.streams
+            self._view.rotation = self._batches_taken % topo.streams
         else:
             self._progress, self._batches_taken = {}, 0
-            dataset._rotation = 0
+            self._view.rotation = 0
         self._epoch_set = True
         self._epoch_started = False
         # Persistent workers hold the old plan: start fresh ones on the next iteration.

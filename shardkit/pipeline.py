@@ -7,9 +7,11 @@ Runs inside DataLoader workers, so batches cross the process boundary already co
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .errors import SampleError, ShardkitError
+from .decode import SampleDecoder
+from .errors import SampleError, ShardkitError, SkippedSampleWarning
 from .parallel import ordered_map
 
 log = logging.getLogger(__name__)
@@ -18,8 +20,9 @@ HANDLERS = ("raise", "warn", "skip")
 
 
 def make_handler(handler: str | Callable[[Exception], Any]) -> Callable[[Exception], None]:
-    """"raise" re-raises; "warn" logs and skips; "skip" skips silently; a callable is
-    called with the exception and skips unless it raises."""
+    """"raise" re-raises; "warn" skips with a :class:`~shardkit.errors.SkippedSampleWarning`
+    (one line on stderr per skip, shown by default); "skip" skips silently; a callable
+    is called with the exception and skips unless it raises."""
     if callable(handler):
         return handler  # type: ignore[return-value]
     if handler not in HANDLERS:
@@ -32,7 +35,13 @@ def _raise(exc: Exception) -> None:
 
 
 def _warn(exc: Exception) -> None:
-    log.warning("skipping: %s", exc)
+    # A warning, not a log record: the package's logger has only a NullHandler until the
+    # user configures logging, and a skipped sample must be visible without that. A fresh
+    # registry per call shows every occurrence (the default filter shows one per
+    # location), while the user's own filters still apply.
+    lost = getattr(exc, "lost_samples", 1)
+    what = "1 sample" if lost == 1 else f"{lost} samples" if lost else "the rest of a shard"
+    warnings.warn_explicit(f"skipped {what}: {exc}", SkippedSampleWarning, "shardkit", 0, registry={})
 
 
 def _skip(exc: Exception) -> None:
@@ -52,12 +61,17 @@ def parse_fields(fields: str | Sequence[str]) -> list[list[str]]:
 
 
 class SamplePipeline:
-    """decode -> transform -> fields, with errors routed through the handler."""
+    """select -> decode -> transform -> fields, with errors routed through the handler.
+
+    ``select(raw_sample) -> bool`` sees the undecoded sample, so a rejected sample costs
+    no decode."""
 
     def __init__(self, *, decoder: Callable[[dict], dict] | None = None,
                  transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
                  fields: str | Sequence[str] | None = None,
-                 handler: Callable[[Exception], None]) -> None:
+                 handler: Callable[[Exception], None],
+                 select: Callable[[dict], bool] | None = None) -> None:
+        self.select = select
         self.decoder = decoder
         self.transform = transform
         self.fields = parse_fields(fields) if fields is not None else None
@@ -76,9 +90,27 @@ class SamplePipeline:
                                   url=sample.get("__url__"), key=sample.get("__key__"))
         return tuple(out)
 
+    def _wanted(self, sample: dict) -> set[str]:
+        """The fields ``fields`` will pick from this sample (the first present alternative
+        of each slot): the only ones worth decoding."""
+        wanted = set()
+        for slot in self.fields or []:
+            for ext in slot:
+                if ext in sample:
+                    wanted.add(ext)
+                    break
+        return wanted
+
     def __call__(self, sample: dict) -> Any:
+        if self.select is not None and not self.select(sample):
+            return FILTERED
         if self.decoder is not None:
-            sample = self.decoder(sample)
+            if self.fields is not None and isinstance(self.decoder, SampleDecoder):
+                # Decode only what the tuple will hold: a broken member of another field
+                # costs nothing and cannot fail the sample (other fields stay raw bytes).
+                sample = self.decoder(sample, only=self._wanted(sample))
+            else:
+                sample = self.decoder(sample)
         if isinstance(self.transform, Mapping):
             for ext, fn in self.transform.items():
                 if ext in sample:
@@ -100,16 +132,38 @@ class SamplePipeline:
             return tag, _Failed(e)
 
     def map(self, tagged: Iterable[tuple[Any, dict]], on_skip: Callable[[], None], *,
-            threads: int = 0) -> Iterator[tuple[Any, Any]]:
+            threads: int = 0, on_filter: Callable[[], None] | None = None) -> Iterator[tuple[Any, Any]]:
         """Process ``(tag, sample)`` pairs in order (on ``threads`` threads when > 1),
-        yielding ``(tag, result)``; failures go to the handler, which raises or skips.
+        yielding ``(tag, result)``; failures go to the handler, which raises or skips;
+        samples ``select`` rejects are dropped (``on_filter`` counts them).
         The tag travels with its sample so progress counts never run ahead of output."""
-        for tag, result in ordered_map(self._safe, tagged, threads):
-            if isinstance(result, _Failed):
-                self.handler(result.error)
-                on_skip()
-                continue
-            yield tag, result
+        return map_parts([self], ((tag, (0, sample)) for tag, sample in tagged), on_skip, threads=threads,
+                         on_filter=on_filter)
+
+
+def map_parts(pipelines: Sequence[SamplePipeline], tagged: Iterable[tuple[Any, tuple[int, dict]]],
+              on_skip: Callable[[], None], *, threads: int = 0,
+              on_filter: Callable[[], None] | None = None) -> Iterator[tuple[Any, Any]]:
+    """:meth:`SamplePipeline.map` where each ``(tag, (part, sample))`` goes through
+    ``pipelines[part]`` and that part's handler (a Mix of datasets)."""
+
+    def run(item: tuple[Any, tuple[int, dict]]) -> tuple[Any, int, Any]:
+        tag, (part, sample) = item
+        return (tag, part) + (pipelines[part]._safe((tag, sample))[1],)
+
+    for tag, part, result in ordered_map(run, tagged, threads):
+        if result is FILTERED:
+            if on_filter is not None:
+                on_filter()
+            continue
+        if isinstance(result, _Failed):
+            pipelines[part].handler(result.error)
+            on_skip()
+            continue
+        yield tag, result
+
+
+FILTERED: Any = object()  # what a sample ``select`` rejected becomes
 
 
 class _Failed:

@@ -25,6 +25,7 @@ as webdataset does.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence, TypeVar
@@ -77,13 +78,20 @@ class Stage:
 
 @dataclass
 class WorkerPlan:
-    """What one DataLoader worker of one rank does in one epoch (or stage)."""
+    """What one DataLoader worker of one rank does in one epoch (or stage).
+
+    The worker executes exactly this: it reads ``pieces`` in order (the samples at stream
+    positions ``positions``) and emits them in ``emission_order()``. After a
+    same-topology resume (``skip`` > 0) the positions already emitted are neither read
+    nor emitted again.
+    """
 
     pieces: list[Piece]  # read in this order
-    ids: np.ndarray  # global sample ids of the stream positions, in read order
+    ids: np.ndarray  # global sample ids of all stream positions, in read order
     buffer: int
     rng_seed: str
     skip: int = 0  # emissions already consumed (same-topology resume)
+    positions: np.ndarray | None = None  # stream positions that ``pieces`` read; None: all
 
     @property
     def size(self) -> int:
@@ -95,6 +103,16 @@ class WorkerPlan:
         for _ in range(self.skip):
             next(order)
         return order
+
+    def read_positions(self) -> np.ndarray:
+        """The stream position of each sample ``pieces`` yields, in read order."""
+        return np.arange(len(self.ids)) if self.positions is None else self.positions
+
+
+def continues(stages: Sequence[Stage], topology: Topology) -> bool:
+    """Whether a resume with ``topology`` continues the last stage (same topology: every
+    worker picks up its own plan where it stopped) rather than re-planning what is left."""
+    return bool(stages) and stages[-1].topology == topology
 
 
 @dataclass
@@ -180,6 +198,43 @@ def to_pieces(ids: np.ndarray, shard_starts: np.ndarray) -> list[Piece]:
     return [Piece(int(shards[a]), int(local[a]), int(local[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def split_streams(remaining: np.ndarray, topology: Topology) -> tuple[list[list[np.ndarray]], int, int]:
+    """Cut ``remaining`` (in epoch order) into [rank][worker] contiguous streams; also
+    (padded, dropped) under the topology's even mode."""
+    slices, padded, dropped = rank_slices(len(remaining), topology.world_size, topology.even)
+    streams = []
+    for positions in slices:
+        rank_items = remaining[positions]
+        streams.append([rank_items[a:b] for a, b in _split(len(rank_items), topology.streams)])
+    return streams, padded, dropped
+
+
+def emitted_first(size: int, buffer: int, rng_seed: str, k: int) -> np.ndarray:
+    """Stream positions of the first ``k`` emissions of a stream of ``size`` positions."""
+    if k > size:
+        raise ValueError(f"resume state says {k} samples were emitted but the plan has only {size}")
+    order = shuffle_order(size, buffer, random.Random(rng_seed))
+    return np.fromiter(itertools.islice(order, k), dtype=np.int64, count=k)
+
+
+def check_stage(stage: Stage) -> None:
+    topo = stage.topology
+    if len(stage.emitted) != topo.world_size or any(len(e) != topo.streams for e in stage.emitted):
+        raise ValueError("resume state does not match its own topology")
+
+
+def worker_plan(ids: np.ndarray, shard_starts: np.ndarray, *, buffer: int, rng_seed: str,
+                skip: int = 0) -> WorkerPlan:
+    """The plan of one stream of global ``ids`` whose first ``skip`` emissions were consumed:
+    read only what is still to be emitted (pieces rebuilt around the holes)."""
+    if not skip:
+        return WorkerPlan(to_pieces(ids, shard_starts), ids, buffer, rng_seed)
+    needed = np.ones(len(ids), dtype=bool)
+    needed[emitted_first(len(ids), buffer, rng_seed, skip)] = False
+    return WorkerPlan(to_pieces(ids[needed], shard_starts), ids, buffer, rng_seed, skip=skip,
+                      positions=np.flatnonzero(needed))
+
+
 class EpochPlanner:
     """Plans for one epoch of a dataset with known per-shard sample counts."""
 
@@ -197,27 +252,17 @@ class EpochPlanner:
     def total(self) -> int:
         return len(self.sequence)
 
-    def _stage_streams(self, remaining: np.ndarray, topo: Topology, stage_no: int
-                       ) -> tuple[list[list[np.ndarray]], int, int]:
-        """ids per [rank][worker] for a stage planned over ``remaining`` (epoch order)."""
-        slices, padded, dropped = rank_slices(len(remaining), topo.world_size, topo.even)
-        streams = []
-        for positions in slices:
-            rank_ids = remaining[positions]
-            streams.append([rank_ids[a:b] for a, b in _split(len(rank_ids), topo.streams)])
-        return streams, padded, dropped
-
     def _rng_seed(self, stage_no: int, rank: int, worker: int) -> str:
         return f"shardkit:{self.seed}:{self.epoch}:{stage_no}:{rank}:{worker}"
 
     def _current(self, topology: Topology, stages: Sequence[Stage]):
         """Plan the current stage: (streams, padded, dropped, remaining, stage_no, continuing)."""
         remaining = self.sequence
-        continuing = bool(stages) and stages[-1].topology == topology
+        continuing = continues(stages, topology)
         history = stages[:-1] if continuing else stages
         for stage_no, stage in enumerate(history):
             remaining = self._without_consumed(remaining, stage, stage_no)
-        streams, padded, dropped = self._stage_streams(remaining, topology, len(history))
+        streams, padded, dropped = split_streams(remaining, topology)
         return streams, padded, dropped, remaining, len(history), continuing
 
     def stream_sizes(self, topology: Topology, stages: Sequence[Stage] = ()) -> list[list[int]]:
@@ -235,27 +280,21 @@ class EpochPlanner:
         streams, padded, dropped, remaining, stage_no, continuing = self._current(topology, stages)
         ids = streams[rank][worker]
         skip = stages[-1].emitted[rank][worker] if continuing else 0
-        worker_plan = WorkerPlan(to_pieces(ids, self.shard_starts), ids, topology.buffer,
-                                 self._rng_seed(stage_no, rank, worker), skip=skip)
+        plan = worker_plan(ids, self.shard_starts, buffer=topology.buffer,
+                           rng_seed=self._rng_seed(stage_no, rank, worker), skip=skip)
         info = EpochInfo(self.epoch, self.total, len(remaining), sum(len(s) for s in streams[rank]),
                          padded, dropped, [len(s) for s in streams[rank]])
-        return worker_plan, info
+        return plan, info
 
     def _without_consumed(self, remaining: np.ndarray, stage: Stage, stage_no: int) -> np.ndarray:
+        check_stage(stage)
         topo = stage.topology
-        if len(stage.emitted) != topo.world_size or any(len(e) != topo.streams for e in stage.emitted):
-            raise ValueError("resume state does not match its own topology")
-        streams, _, _ = self._stage_streams(remaining, topo, stage_no)
+        streams, _, _ = split_streams(remaining, topo)
         consumed = []
         for rank, per_worker in enumerate(streams):
             for worker, ids in enumerate(per_worker):
                 k = stage.emitted[rank][worker]
-                if k > len(ids):
-                    raise ValueError(f"resume state says rank {rank} worker {worker} emitted {k} "
-                                     f"samples but its plan has only {len(ids)}")
-                order = shuffle_order(len(ids), topo.buffer, random.Random(self._rng_seed(stage_no, rank, worker)))
-                positions = [next(order) for _ in range(k)]
-                consumed.append(ids[np.asarray(positions, dtype=np.int64)])
+                consumed.append(ids[emitted_first(len(ids), topo.buffer, self._rng_seed(stage_no, rank, worker), k)])
         done = np.concatenate(consumed) if consumed else np.zeros(0, dtype=np.int64)
         return remaining[~np.isin(remaining, done)]
 

@@ -19,7 +19,7 @@ from .errors import ShardkitError, SourceError
 from .index import decode_index, index_url
 from .plan import Piece
 from .samples import Sample, group_members
-from .source import SourceOptions, local_path, open_stream, read_bytes
+from .source import SourceOptions, local_path, open_stream, prefetch, read_bytes
 from .tar import iter_member_tuples
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,14 @@ class ReadStats:
         self.samples_read = 0
         self.bytes_read = 0
         self.skipped = 0  # samples lost to errors (reading, decoding or transforming)
+        self.filtered = 0  # samples a ``select`` function rejected
         self.shards_opened = 0
+
+    def count_skipped(self) -> None:
+        self.skipped += 1
+
+    def count_filtered(self) -> None:
+        self.filtered += 1
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -52,6 +59,12 @@ class ShardReader:
         self.handler = handler
         self.stats = stats or ReadStats()
         self._offsets: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def prefetch(self, urls: list[str]) -> None:
+        """Start downloading ``urls`` into the cache (``options.read_ahead``); errors show
+        up when they are opened."""
+        if urls:
+            prefetch(urls, self.options)
 
     def offsets(self, shard: int) -> np.ndarray | None:
         """The shard's sample offsets from its ``.idx``, or None when it has none."""
@@ -100,17 +113,19 @@ class ShardReader:
                 samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]), sha256)
             else:
                 samples = self._skip(self._samples(url, sha256=sha256), piece.start)
-            for sample in samples:
-                if got == wanted:
-                    break
-                got += 1
-                yield sample
+            if wanted:
+                for sample in samples:
+                    got += 1
+                    yield sample
+                    if got == wanted:
+                        break  # pulling once more would parse the next sample: not ours to report on
             if got < wanted:
                 raise ShardkitError(f"{url}: expected {piece.stop} samples (from the manifest/index) "
                                     f"but the shard has only {piece.start + got}")
         except Exception as e:  # noqa: BLE001 - routed through the user's handler
-            self.handler(e)
             lost = wanted - got
+            _note_lost(e, lost)
+            self.handler(e)
             self.stats.skipped += lost
             for _ in range(lost):
                 yield None
@@ -127,5 +142,14 @@ class ShardReader:
         try:
             yield from self._samples(url, sha256=self.sha256[shard] if self.sha256 else None)
         except Exception as e:  # noqa: BLE001
+            _note_lost(e, 0)  # unknown: the rest of the shard
             self.handler(e)
             self.stats.skipped += 1
+
+
+def _note_lost(exc: Exception, lost: int) -> None:
+    """Tell the handler how many planned samples the error costs (``handler="warn"`` says so)."""
+    try:
+        exc.lost_samples = lost  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        pass

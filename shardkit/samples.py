@@ -57,26 +57,38 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], *, url: str | 
     """Yield ``(start_offset, end_offset, sample)`` for each run of members sharing a key.
 
     ``members`` are ``(name, payload, offset, end)`` tuples or :class:`~shardkit.tar.Member`.
+
+    A sample is complete when the next key starts. When the archive breaks (truncated or
+    corrupt), every complete sample before the damage is yielded before the error is
+    re-raised: if the error names a member of a *new* key (cut in its payload), the
+    sample in progress is complete and yielded too; otherwise it may be partial and is
+    dropped.
     """
     sample: Sample | None = None
     key = None
     start = end = 0
-    for name, payload, offset, member_end in members:
-        parts = split_name(name)
-        if parts is None:
-            continue
-        member_key, ext = parts
-        if member_key != key or sample is None:
-            if sample is not None:
-                yield start, end, sample
-            key = member_key
-            sample = {"__key__": key, "__url__": url}
-            start = offset
-        if ext in sample:
-            raise ShardFormatError(f"sample {key!r} has a second {ext!r} member",
-                                   url=url, offset=offset, member=name)
-        sample[ext] = payload
-        end = member_end
+    try:
+        for name, payload, offset, member_end in members:
+            parts = split_name(name)
+            if parts is None:
+                continue
+            member_key, ext = parts
+            if member_key != key or sample is None:
+                if sample is not None:
+                    yield start, end, sample
+                key = member_key
+                sample = {"__key__": key, "__url__": url}
+                start = offset
+            if ext in sample:
+                raise ShardFormatError(f"sample {key!r} has a second {ext!r} member",
+                                       url=url, offset=offset, member=name)
+            sample[ext] = payload
+            end = member_end
+    except ShardFormatError as e:
+        cut = split_name(e.member) if e.member is not None and sample is not None else None
+        if cut is not None and cut[0] != key:
+            yield start, end, sample  # type: ignore[misc]
+        raise
     if sample is not None:
         yield start, end, sample
 

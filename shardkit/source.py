@@ -1,174 +1,46 @@
-"""Open a shard URL as a readable byte stream: one scheme table for every backend.
+"""Open a shard URL as a readable byte stream: the one place that picks a backend and
+puts remote URLs through the cache.
 
-Schemes: local paths and ``file://`` (here), ``http(s)://`` and ``s3://``
-(:mod:`shardkit.remote`), other fsspec schemes when fsspec is installed, and ``pipe:``
-only when the caller passes ``allow_pipe=True``.
-
-Every backend provides the same three calls, so the reader never cares where bytes
-come from:
-
-- ``open_stream(url, offset=0, length=None, options=...)``: a binary file-like object
-  positioned at ``offset`` that yields ``length`` bytes (or to the end);
-- ``read_bytes(url, options=...)``: a whole small object (manifest, index), or ``None``
-  when it does not exist;
-- ``list_prefix(url, options=...)``: URLs of the objects directly below a folder/prefix.
+Schemes: local paths and ``file://`` (:mod:`shardkit.localfile`), ``http(s)://`` and
+``s3://`` (:mod:`shardkit.remote`), other fsspec schemes when fsspec is installed, and
+``pipe:`` only with ``allow_pipe=True``. With ``options.cache_dir`` every non-local URL
+is read through :class:`~shardkit.cache.ShardCache`, which downloads the whole object
+once with the backend's plain stream; the backends never know the cache exists.
 """
 
 from __future__ import annotations
 
-import io
 import os
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
-from urllib.parse import unquote, urlparse
+from concurrent.futures import Future
+from typing import BinaryIO, Sequence
 
+from . import localfile
+from .backend import DEFAULT_OPTIONS, Backend, SourceOptions, copy_to_file, local_path, positioned, scheme_of
+from .cache import cache_for
 from .errors import SourceError
 
-
-@dataclass
-class SourceOptions:
-    """How remote sources behave; local files ignore everything here.
-
-    headers: extra HTTP headers per URL prefix, e.g. ``{"https://host/": {"Authorization": ...}}``.
-    retries / timeout / backoff: transient-failure policy for HTTP and S3.
-    cache_dir / cache_size: keep downloaded shards on local disk (bounded, LRU).
-    allow_pipe: permit ``pipe:CMD`` URLs (they run a shell command).
-    """
-
-    headers: dict[str, dict[str, str]] = field(default_factory=dict)
-    retries: int = 8
-    timeout: float = 60.0
-    backoff: float = 0.5
-    cache_dir: str | None = None
-    cache_size: int | str | None = None
-    read_ahead: int = 0
-    allow_pipe: bool = False
+__all__ = ["SourceOptions", "backend_for", "join_url", "list_prefix", "local_path", "open_stream", "prefetch",
+           "put_file", "read_bytes", "scheme_of"]
 
 
-DEFAULT_OPTIONS = SourceOptions()
-
-
-def scheme_of(url: str) -> str:
-    """'' for local paths, else the lower-case URL scheme ('http', 's3', 'pipe', ...)."""
-    if url.startswith("pipe:"):
-        return "pipe"
-    parsed = urlparse(url)
-    # A one-letter scheme is a Windows drive letter, not a URL scheme.
-    if len(parsed.scheme) <= 1:
-        return ""
-    return parsed.scheme.lower()
-
-
-def local_path(url: str) -> str | None:
-    """The filesystem path for a local URL (plain path or file://), else None."""
-    scheme = scheme_of(url)
-    if scheme == "":
-        return url
-    if scheme == "file":
-        return unquote(urlparse(url).path)
-    return None
-
-
-class _BoundedReader(io.RawIOBase):
-    """Expose at most ``length`` bytes of a file, from its current position."""
-
-    def __init__(self, raw: BinaryIO, length: int) -> None:
-        self._raw = raw
-        self._left = length
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        if self._left <= 0:
-            return 0
-        view = memoryview(buffer)
-        if len(view) > self._left:
-            view = view[: self._left]
-        n = self._raw.readinto(view)
-        self._left -= n or 0
-        return n or 0
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def positioned(f: BinaryIO, offset: int = 0, length: int | None = None) -> BinaryIO:
-    """Seek a seekable file to ``offset`` and expose at most ``length`` bytes from there."""
-    if offset:
-        f.seek(offset)
-    if length is not None:
-        return _BoundedReader(f, length)  # type: ignore[return-value]
-    return f
-
-
-def _open_local(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
-    path = local_path(url)
-    assert path is not None
-    try:
-        f = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise SourceError("no such file", url=url) from None
-    except IsADirectoryError:
-        raise SourceError("is a directory, not a shard", url=url) from None
-    except OSError as e:
-        raise SourceError(f"cannot open: {e.strerror}", url=url) from None
-    return positioned(f, offset, length)  # type: ignore[arg-type]
-
-
-def _read_local(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:
-    path = local_path(url)
-    assert path is not None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise SourceError(f"cannot read: {e.strerror}", url=url) from None
-
-
-def _list_local(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> list[str]:
-    path = local_path(url)
-    assert path is not None
-    try:
-        names = sorted(os.listdir(path))
-    except OSError as e:
-        raise SourceError(f"cannot list folder: {e.strerror}", url=url) from None
-    return [os.path.join(path, n) for n in names]
-
-
-@dataclass(frozen=True)
-class Backend:
-    open_stream: Callable[..., BinaryIO]
-    read_bytes: Callable[..., bytes | None]
-    list_prefix: Callable[..., list[str]]
-    put_file: Callable[..., None] | None = None  # upload a finished local file
-
-
-_LOCAL = Backend(_open_local, _read_local, _list_local)
-
-
-def _backend(url: str, options: SourceOptions) -> Backend:
+def backend_for(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Backend:
+    """The backend of ``url``'s scheme (raises SourceError for unusable schemes)."""
     scheme = scheme_of(url)
     if scheme in ("", "file"):
-        return _LOCAL
+        return localfile.BACKEND
     if scheme in ("http", "https", "s3"):
         try:
             if scheme == "s3":
                 from .remote import s3 as module
             else:
-                from .remote import http as module
+                from .remote import http as module  # type: ignore[no-redef]
         except ImportError as e:
             raise SourceError(f"{scheme}:// URLs need {e.name!r}: pip install 'shardkit[remote]'",
                               url=url) from None
         return module.BACKEND
     if scheme == "pipe":
         if not options.allow_pipe:
-            raise SourceError("pipe: URLs run a shell command; pass allow_pipe=True to permit it",
-                              url=url)
+            raise SourceError("pipe: URLs run a shell command; pass allow_pipe=True to permit it", url=url)
         from .remote import pipe
 
         return pipe.BACKEND
@@ -180,36 +52,59 @@ def _backend(url: str, options: SourceOptions) -> Backend:
     return fsspec_backend.BACKEND
 
 
+def _fetcher(backend: Backend, options: SourceOptions):  # -> Callable[[str, str], None]
+    def fetch(url: str, path: str) -> None:
+        with backend.open_stream(url, options=options) as src:
+            copy_to_file(src, path)
+
+    return fetch
+
+
 def open_stream(url: str, *, offset: int = 0, length: int | None = None,
                 options: SourceOptions = DEFAULT_OPTIONS, expected_sha256: str | None = None) -> BinaryIO:
     """Open ``url`` for reading from byte ``offset``, at most ``length`` bytes.
 
-    ``expected_sha256`` (from a manifest) is checked when a remote shard is downloaded
-    whole into the cache.
+    Remote URLs go through the cache when ``options.cache_dir`` is set; the whole object
+    is then downloaded once and checked against ``expected_sha256`` (from a manifest) if
+    given. Without a cache ``expected_sha256`` is not checked (a range read cannot be).
     """
-    backend = _backend(url, options)
-    if expected_sha256 is not None and backend is not _LOCAL and options.cache_dir:
-        return backend.open_stream(url, offset=offset, length=length, options=options,
-                                   expected_sha256=expected_sha256)
-    return backend.open_stream(url, offset=offset, length=length, options=options)
+    backend = backend_for(url, options)
+    if not (backend.remote and options.cache_dir):
+        return backend.open_stream(url, offset, length, options)
+    fetch = _fetcher(backend, options)
+    f = cache_for(options).open(url, lambda path: fetch(url, path), expected_sha256=expected_sha256)
+    return positioned(f, offset, length)
+
+
+def prefetch(urls: Sequence[str], options: SourceOptions) -> list[Future]:
+    """Download the first ``options.read_ahead`` remote ``urls`` into the cache in the
+    background (nothing without a cache or with ``read_ahead=0``). Pass the shards this
+    worker reads next; errors surface later, when they are opened."""
+    if not options.cache_dir or options.read_ahead <= 0:
+        return []
+    wanted = [u for u in urls if backend_for(u, options).remote][: options.read_ahead]
+    if not wanted:
+        return []
+    return cache_for(options).prefetch(wanted, lambda url, path: _fetcher(backend_for(url, options), options)(url, path))
 
 
 def put_file(local: str, url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> None:
     """Upload a finished local file to ``url`` (S3 or an HTTP server accepting PUT)."""
-    backend = _backend(url, options)
+    backend = backend_for(url, options)
     if backend.put_file is None:
         raise SourceError("this URL scheme does not support writing", url=url)
     backend.put_file(local, url, options=options)
 
 
 def read_bytes(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:
-    """Read a whole (small) object; ``None`` when it does not exist."""
-    return _backend(url, options).read_bytes(url, options=options)
+    """Read a whole (small) object; ``None`` when it does not exist. Never cached: these
+    are indexes and manifests, which may change when a dataset is rewritten."""
+    return backend_for(url, options).read_bytes(url, options=options)
 
 
 def list_prefix(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> list[str]:
     """URLs of the entries directly below a folder or object-store prefix, sorted."""
-    return _backend(url, options).list_prefix(url, options=options)
+    return backend_for(url, options).list_prefix(url, options=options)
 
 
 def join_url(base: str, name: str) -> str:

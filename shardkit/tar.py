@@ -1,4 +1,6 @@
-"""A fast streaming tar parser: (name, payload, offset) for each regular file.
+"""The tar format both ways: a fast streaming parser and the header encoder.
+
+Reading: :func:`iter_members` yields (name, payload, offset, end) for each regular file.
 
 Python's ``tarfile`` builds a TarInfo object per member and reads headers with small
 reads; on shards of small images that overhead dominates. This parser reads the stream
@@ -13,6 +15,11 @@ are skipped. The archive ends at the first zero block; a stream that ends anywhe
 (mid-header, mid-payload, or without end-of-archive blocks) is truncated and raises
 :class:`ShardFormatError` naming the URL and byte offset. Python's ``tarfile`` is the
 correctness oracle in the tests.
+
+Writing: :func:`member_header` encodes the header block(s) for one regular file (ustar
+when the name fits, pax otherwise), with fixed mtime/uid/gid/mode so output is
+deterministic; :data:`END_BLOCKS` ends an archive. Both directions share
+:data:`BLOCK` and :func:`header_checksum`.
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ import zlib
 import struct
 from typing import BinaryIO, Iterator, NamedTuple
 
+from .compression import Decompressed, open_decompressed
 from .errors import ShardFormatError
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+END_BLOCKS = bytes(2 * BLOCK)  # end-of-archive marker
+_MAX_OCTAL_SIZE = 8**11 - 1  # largest size the 12-byte octal field holds; pax beyond
 _REGULAR = (b"0", b"\0", b"7")
 # Types whose size field is ignored by tarfile (no payload follows); unknown types
 # are skipped over their payload, like tarfile does.
@@ -76,13 +86,19 @@ def _number(field: memoryview, what: str, url: str | None, offset: int) -> int:
                                offset=offset) from None
 
 
-def _checksum_ok(header: memoryview, url: str | None, offset: int) -> bool:
+def header_checksum(header: bytes | bytearray | memoryview) -> int:
+    """The ustar checksum of a 512-byte header: the unsigned sum of its bytes, with the
+    checksum field (bytes 148-155) counted as eight spaces whatever it holds."""
     # adler32's low half is 1 + (sum of bytes) mod 65521; a 256-byte half sums to at
     # most 65280, so two adler32 calls give the exact unsigned byte sum in C speed.
     total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    return total - sum(header[148:156]) + 8 * 0x20
+
+
+def _checksum_ok(header: memoryview, url: str | None, offset: int) -> bool:
+    """Slow path: odd checksum field layouts and the old signed-char variant."""
+    total = header_checksum(header)
     stored_field = header[148:156]
-    total -= sum(stored_field)
-    total += 8 * 0x20  # the checksum field counts as eight spaces
     text = _nts(stored_field).strip(b" \0")
     try:
         stored = int(text, 8) if text else -1
@@ -96,13 +112,14 @@ def _checksum_ok(header: memoryview, url: str | None, offset: int) -> bool:
     return stored == signed
 
 
-_DECOMPRESS_HINT = ("; shardkit reads uncompressed tar shards: decompress it, or read it through "
-                    "a pipe: URL (e.g. 'pipe:{} < FILE' with allow_pipe=True)")
+# Compressed shards are decompressed before parsing (shardkit.compression), so these
+# magics at offset 0 of the *tar* stream mean the data was compressed twice.
+_TWICE = "; the shard was compressed twice: decompress the outer layer"
 _MAGIC = (
-    (b"\x1f\x8b", "it is gzip-compressed (a .tar.gz?)" + _DECOMPRESS_HINT.format("gzip -dc")),
-    (b"BZh", "it is bzip2-compressed" + _DECOMPRESS_HINT.format("bzip2 -dc")),
-    (b"\xfd7zXZ\x00", "it is xz-compressed" + _DECOMPRESS_HINT.format("xz -dc")),
-    (b"\x28\xb5\x2f\xfd", "it is zstd-compressed" + _DECOMPRESS_HINT.format("zstd -dc")),
+    (b"\x1f\x8b", "it is gzip-compressed inside the decompressed stream" + _TWICE),
+    (b"BZh", "it is bzip2-compressed inside the decompressed stream" + _TWICE),
+    (b"\xfd7zXZ\x00", "it is xz-compressed inside the decompressed stream" + _TWICE),
+    (b"\x28\xb5\x2f\xfd", "it is zstd-compressed inside the decompressed stream" + _TWICE),
     (b"PK\x03\x04", "it is a zip file, not a tar"),
     (b"PK\x05\x06", "it is an (empty) zip file, not a tar"),
 )
@@ -272,21 +289,49 @@ def iter_members(stream: BinaryIO, *, url: str | None = None, start: int = 0,
     :attr:`Member.offset`. With ``stop``, reading ends cleanly at that offset (a header
     boundary taken from an index) instead of at the end-of-archive blocks.
     """
-    window = _Window(stream, start)
-    try:
-        yield from map(Member._make, _parse(window, url, stop))
-    finally:
-        window.close()
+    yield from map(Member._make, iter_member_tuples(stream, url=url, start=start, stop=stop))
 
 
 def iter_member_tuples(stream: BinaryIO, *, url: str | None = None, start: int = 0,
                        stop: int | None = None) -> Iterator[tuple[str, bytes, int, int]]:
-    """:func:`iter_members` yielding plain ``(name, payload, offset, end)`` tuples (faster)."""
+    """:func:`iter_members` yielding plain ``(name, payload, offset, end)`` tuples (faster).
+
+    A stream read from its start (``start=0``) may be gzip/zstd/bzip2/xz-compressed
+    (recognised by its magic bytes, see :mod:`shardkit.compression`); offsets then refer
+    to the decompressed tar stream. Closing the stream stays the caller's job.
+    """
+    if start == 0:
+        stream = open_decompressed(stream, url=url)  # type: ignore[assignment]
     window = _Window(stream, start)
     try:
-        yield from _parse(window, url, stop)
+        if not isinstance(stream, Decompressed):
+            yield from _parse(window, url, stop)
+            return
+        try:
+            yield from _parse(window, url, stop)
+            # Read to the end of the compressed stream: its checksum (gzip CRC, xz check)
+            # is verified there, and a shard that is cut short or damaged must not pass.
+            while stream.read(_CHUNK):
+                pass
+            if stream.truncated:
+                raise ShardFormatError("truncated archive: the compressed stream ends before its end marker",
+                                       url=url, offset=stream.position)
+        except ShardFormatError as e:
+            raise _in_compressed(e, stream) from None
     finally:
         window.close()
+
+
+def _in_compressed(error: ShardFormatError, stream: Decompressed) -> ShardFormatError:
+    """Say that offsets are in the decompressed stream, and when the compressed data was cut."""
+    if error.offset is None:
+        return error
+    note = f" (offset in the decompressed {stream.compression} stream"
+    note += "; the compressed file itself is cut short)" if stream.truncated else ")"
+    reason = error.reason
+    if stream.truncated and not reason.startswith("truncated"):
+        reason = "truncated archive: " + reason  # e.g. "empty file": cut before the first whole block
+    return ShardFormatError(reason + note, url=error.url, offset=error.offset, member=error.member)
 
 
 def _size(field: bytes, pax: dict[str, str], url: str | None, here: int) -> int:
@@ -313,7 +358,7 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
     long_name: str | None = None
     member_start: int | None = None
     unpack = _HEADER.unpack_from
-    adler32 = zlib.adler32
+    checksum = header_checksum
     while True:
         here = w.base + w.lo
         if stop is not None and here >= stop:
@@ -335,10 +380,9 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
                                        url=url, offset=here)
             return
         raw_name, size_field, chksum, typeflag, magic, prefix = unpack(buf, lo)
-        # Exact unsigned byte sum in two C calls (see _checksum_ok); the slow path
-        # handles odd checksum fields and the old signed variant.
-        total = (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - 2
-        if chksum != b"%06o\0 " % (total - sum(chksum) + 256) and not _checksum_ok(header, url, here):
+        # The field as this module writes it (and GNU tar, Python's tarfile); the slow
+        # path handles other layouts of the field and the old signed variant.
+        if chksum != b"%06o\0 " % checksum(header) and not _checksum_ok(header, url, here):
             if here == 0:
                 raise _not_a_tar(bytes(header), url)
             raise ShardFormatError("bad tar header checksum", url=url, offset=here)
@@ -398,3 +442,56 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
                 raise ShardFormatError(
                     f"truncated archive: member of {size} bytes runs past the end of the stream",
                     url=url, offset=here, member=name)
+
+
+# -- writing ------------------------------------------------------------------------------
+
+def padding(size: int) -> bytes:
+    """The zero bytes that pad a payload of ``size`` bytes to a whole block."""
+    return _ZERO_BLOCK[:-size % BLOCK]
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _pax_header(records: dict[str, str]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        item = f" {key}={value}\n".encode("utf-8")
+        length = len(item) + 1
+        while len(str(length)) + len(item) != length:
+            length = len(str(length)) + len(item)
+        body += str(length).encode() + item
+    return _ustar_header(b"././@PaxHeader", len(body), b"x") + body + padding(len(body))
+
+
+def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes = b"") -> bytes:
+    header = bytearray(BLOCK)
+    header[0:len(name)] = name
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = _octal(size, 12) if size <= _MAX_OCTAL_SIZE else _octal(0, 12)
+    header[136:148] = b"00000000000\0"  # mtime 0: deterministic output
+    header[156:157] = typeflag
+    header[257:265] = b"ustar\x0000"
+    header[345:345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % header_checksum(header)
+    return bytes(header)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """Tar header block(s) for a regular file: ustar when the name fits, else pax."""
+    raw = name.encode("utf-8")
+    if raw.isascii() and size <= _MAX_OCTAL_SIZE:
+        if len(raw) <= 100:
+            return _ustar_header(raw, size)
+        # ustar can split a long name at a slash into prefix (155) + name (100).
+        cut = raw.find(b"/", len(raw) - 101)
+        if 0 < cut <= 155 and len(raw) - cut - 1 <= 100:
+            return _ustar_header(raw[cut + 1:], size, prefix=raw[:cut])
+    records = {"path": name}
+    if size > _MAX_OCTAL_SIZE:
+        records["size"] = str(size)
+    return _pax_header(records) + _ustar_header(raw[:100].decode("utf-8", "ignore").encode(), size)

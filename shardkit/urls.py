@@ -17,6 +17,7 @@ from typing import Sequence
 
 import braceexpand
 
+from .compression import is_shard_name
 from .errors import ShardFormatError, ShardkitError, SourceError
 from .index import MANIFEST_SUFFIX, Manifest, dataset_name_for, decode_index, index_url, manifest_name
 from .source import DEFAULT_OPTIONS, SourceOptions, join_url, list_prefix, local_path, read_bytes, scheme_of
@@ -82,10 +83,11 @@ def _from_folder(url: str, options: SourceOptions) -> ShardList:
     if len(manifests) > 1:
         raise ShardkitError(f"{url}: holds several manifests ({', '.join(os.path.basename(m) for m in manifests)}); "
                             "pass the one you mean")
-    shards = sorted(e for e in entries if e.endswith(".tar"))
+    shards = sorted(e for e in entries if is_shard_name(e))
     if not shards:
-        raise ShardkitError(f"{url}: no .tar shards or manifest found there")
-    return ShardList(shards)
+        raise ShardkitError(f"{url}: no .tar shards or manifest found there (also looked for .tar.gz, .tgz, "
+                            ".tar.zst, .tar.bz2, .tar.xz)")
+    return _counts_beside(shards, options)  # a folder of indexed shards plans by sample, like a pattern
 
 
 def _check_local_exist(urls: list[str]) -> None:

@@ -20,20 +20,16 @@ import os
 import queue
 import re
 import threading
-import zlib
 from typing import Any, Mapping
 
 from .errors import ShardkitError
 from .index import Manifest, ShardInfo, encode_index, manifest_name
 from .sizes import parse_size
+from .tar import BLOCK, END_BLOCKS, member_header, padding
 
 log = logging.getLogger(__name__)
 
-BLOCK = 512
-END_BLOCKS = bytes(2 * BLOCK)
 TMP_SUFFIX = ".tmp"
-_PAD = bytes(BLOCK)
-_MAX_OCTAL_SIZE = 8**11 - 1
 
 
 class KeyError_(ShardkitError, ValueError):
@@ -78,55 +74,6 @@ def encode_field(ext: str, value: Any) -> bytes:
         return buf.getvalue()
     raise TypeError(f"field {ext!r}: cannot store a {type(value).__name__}; pass bytes, str, int, "
                     "float, dict/list (JSON) or a numpy array for .npy")
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
-def _pax_header(records: dict[str, str]) -> bytes:
-    body = b""
-    for key, value in records.items():
-        item = f" {key}={value}\n".encode("utf-8")
-        length = len(item) + 1
-        while len(str(length)) + len(item) != length:
-            length = len(str(length)) + len(item)
-        body += str(length).encode() + item
-    return _ustar_header(b"././@PaxHeader", len(body), b"x") + body + _PAD[:(-len(body)) % BLOCK]
-
-
-def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes = b"") -> bytes:
-    header = bytearray(BLOCK)
-    header[0:len(name)] = name
-    header[100:108] = b"0000644\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = _octal(size, 12) if size <= _MAX_OCTAL_SIZE else _octal(0, 12)
-    header[136:148] = b"00000000000\0"  # mtime 0: deterministic output
-    header[148:156] = b"        "
-    header[156:157] = typeflag
-    header[257:265] = b"ustar\x0000"
-    header[345:345 + len(prefix)] = prefix
-    # Byte sum via adler32 of two halves (each sums below 65521, so it is exact).
-    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
-    header[148:156] = b"%06o\0 " % total
-    return bytes(header)
-
-
-def member_header(name: str, size: int) -> bytes:
-    """Tar header block(s) for a regular file: ustar when the name fits, else pax."""
-    raw = name.encode("utf-8")
-    if raw.isascii() and size <= _MAX_OCTAL_SIZE:
-        if len(raw) <= 100:
-            return _ustar_header(raw, size)
-        # ustar can split a long name at a slash into prefix (155) + name (100).
-        cut = raw.find(b"/", len(raw) - 101)
-        if 0 < cut <= 155 and len(raw) - cut - 1 <= 100:
-            return _ustar_header(raw[cut + 1:], size, prefix=raw[:cut])
-    records = {"path": name}
-    if size > _MAX_OCTAL_SIZE:
-        records["size"] = str(size)
-    return _pax_header(records) + _ustar_header(raw[:100].decode("utf-8", "ignore").encode(), size)
 
 
 def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -268,6 +215,7 @@ class ShardWriter:
         self.bytes_written = 0
         self._file: _ShardFile | None = None
         self._offsets: list[int] = []
+        self._keys: list[str] = []  # the shard's sample keys, for its version-2 index
         self._fields: set[str] = set()
         self._size = 0
         self._closed = False
@@ -311,9 +259,10 @@ class ShardWriter:
             self._start_shard()
         assert self._file is not None
         self._offsets.append(self._size)
+        self._keys.append(sample["__key__"])
         pieces: list[bytes] = []
         for header, payload in members:
-            pieces += (header, payload, _PAD[:(-len(payload)) % BLOCK])
+            pieces += (header, payload, padding(len(payload)))
         try:
             self._file.write(pieces)
         except BaseException:
@@ -358,6 +307,7 @@ class ShardWriter:
         path = shard_path(self.dest, self.name, len(self.shards))
         self._file = _ShardFile(path + TMP_SUFFIX)
         self._offsets = []
+        self._keys = []
         self._fields = set()
         self._size = 0
 
@@ -374,7 +324,7 @@ class ShardWriter:
             raise
         self._file = None
         path = shard_path(self.dest, self.name, len(self.shards))
-        _atomic_write(path + ".idx", encode_index(self._offsets + [end]))
+        _atomic_write(path + ".idx", encode_index(self._offsets + [end], self._keys))
         os.replace(path + TMP_SUFFIX, path)
         if self.remote is not None:
             self._upload(path)

@@ -25,7 +25,7 @@ def uneven_shards(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> str:
     """An ImageFolder tree: 3 classes, 45 small photo-like JPEGs."""
-    from shardkit.synthetic import make_image_folder
+    from shardkit.cli.synthetic import make_image_folder
 
     root = str(tmp_path_factory.mktemp("imgs"))
     make_image_folder(root, count=45, classes=3, size=(96, 72), workers=2)

@@ -53,3 +53,20 @@ def keys_of(items) -> list[str]:
         key = item["__key__"]
         out.extend(key if isinstance(key, list) else [key])
     return out
+
+
+def stop_after(loader, k: int, keys=keys_of) -> tuple[list[str], dict]:
+    """Take ``k`` batches from a fresh pass of ``loader`` (a ShardLoader or torchdata's
+    StatefulDataLoader), then return their ``keys(...)`` and the ``state_dict()`` saved
+    right there."""
+    it = iter(loader)
+    before = keys(next(it) for _ in range(k))
+    state = loader.state_dict()
+    del it
+    return before, state
+
+
+def resumed_keys(loader, state: dict, keys=keys_of) -> list[str]:
+    """``keys(...)`` of the rest of the epoch after ``loader.load_state_dict(state)``."""
+    loader.load_state_dict(state)
+    return keys(loader)

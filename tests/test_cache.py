@@ -15,7 +15,7 @@ import pytest
 from shardkit import cache as cache_mod
 from shardkit.cache import ShardCache, url_key
 from shardkit.errors import SourceError
-from shardkit.source import SourceOptions, open_stream
+from shardkit.source import SourceOptions, open_stream, prefetch
 from tests.servers import BUCKET
 
 
@@ -202,17 +202,15 @@ def test_failed_fetch_leaves_nothing(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_sha256_verified(nginx_server, shard_files, tmp_path):
-    from shardkit.remote import http
-
     name = shard_files.names[0]
     url = nginx_server.url + name
     opts = SourceOptions(cache_dir=str(tmp_path / "c"), cache_size="100MB")
     with pytest.raises(SourceError, match="sha256 mismatch"):
-        http.open_stream(url, options=opts, expected_sha256="0" * 64)
+        open_stream(url, options=opts, expected_sha256="0" * 64)
     assert os.listdir(tmp_path / "c" / "objects") == []
-    with http.open_stream(url, options=opts, expected_sha256=shard_files.sha256(name)) as f:
+    with open_stream(url, options=opts, expected_sha256=shard_files.sha256(name)) as f:
         assert f.read() == shard_files.data(name)
-    with http.open_stream(url, offset=100, length=50, options=opts) as f:  # served from cache
+    with open_stream(url, offset=100, length=50, options=opts) as f:  # served from cache
         assert f.read() == shard_files.data(name)[100:150]
 
 
@@ -220,7 +218,7 @@ def test_sha256_verified(nginx_server, shard_files, tmp_path):
 def test_prefetch(nginx_server, shard_files, tmp_path):
     urls = [nginx_server.url + n for n in shard_files.names]
     opts = SourceOptions(cache_dir=str(tmp_path), cache_size="100MB", read_ahead=3)
-    futures = cache_mod.prefetch(urls, opts)
+    futures = prefetch(urls, opts)
     assert len(futures) == 3
     for fut in futures:
         fut.result(timeout=10)
@@ -239,3 +237,35 @@ def test_s3_through_cache(s3_server, shard_files, tmp_path):
     for _ in range(2):
         with open_stream(f"s3://{BUCKET}/{name}", options=opts) as f:
             assert f.read() == shard_files.data(name)
+
+
+@pytest.mark.timeout(30)
+def test_pipe_urls_go_through_the_cache_too(shard_files, tmp_path):
+    # Before: pipe: (and fsspec) URLs silently ignored cache_dir.
+    name = shard_files.names[2]
+    url = f"pipe:cat {shard_files.path(name)}"
+    opts = SourceOptions(cache_dir=str(tmp_path), cache_size="50MB", allow_pipe=True)
+    for _ in range(2):
+        with open_stream(url, offset=1000, length=500, options=opts) as f:
+            assert f.read() == shard_files.data(name)[1000:1500]
+    stats = cache_mod.cache_for(opts).stats()
+    assert stats["misses"] == 1 and stats["hits"] == 1 and stats["bytes_cached"] == len(shard_files.data(name))
+
+
+@pytest.mark.timeout(60)
+def test_dataset_read_ahead_downloads_upcoming_shards(nginx_server, shard_files, tmp_path):
+    from shardkit.dataset import ShardDataset
+
+    urls = [nginx_server.url + n for n in shard_files.names]
+    opts = SourceOptions(cache_dir=str(tmp_path / "c"), cache_size="100MB", read_ahead=2)
+    ds = ShardDataset(urls, source_options=opts)
+    it = iter(ds)
+    first = next(it)  # reading shard 0 queues shards 1 and 2 in the background
+    assert first["__url__"] == urls[0]
+    cache = cache_mod.cache_for(ds.options)
+    for future in list(cache._pending.values()):
+        future.result(timeout=20)
+    assert [cache.contains(u) for u in urls[:4]] == [True, True, True, False]
+    assert cache.stats()["prefetched"] == 2
+    rest = [s["__url__"] for s in it]
+    assert len(rest) == 8 * len(urls) - 1

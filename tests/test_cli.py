@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from shardkit.index import Manifest
-from shardkit.synthetic import make_image_folder
+from shardkit.cli.synthetic import make_image_folder
 
 
 def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -55,7 +55,7 @@ def sha256(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> str:
-    from shardkit.synthetic import make_image_folder
+    from shardkit.cli.synthetic import make_image_folder
 
     root = str(tmp_path_factory.mktemp("photos"))
     make_image_folder(root, count=300, classes=3, size=(96, 72), workers=2)

@@ -12,7 +12,7 @@ import torch
 from shardkit.dataset import ShardDataset
 from shardkit.errors import ShardkitError
 from shardkit.loader import ShardLoader
-from tests.helpers import keys_of, make_shards
+from tests.helpers import keys_of, make_shards, resumed_keys, stop_after
 
 warnings.filterwarnings("ignore", message=".*worker processes in total.*")
 ALL_KEYS = [f"s{i:06d}" for i in range(64)]
@@ -88,15 +88,10 @@ def test_resume_mid_epoch(uneven_shards, k):
         return ShardLoader(ShardDataset(uneven_shards, shuffle=7, seed=11), batch_size=4, num_workers=workers)
 
     full = keys_of(make(2))
-    loader = make(2)
-    it = iter(loader)
-    before = keys_of(next(it) for _ in range(k))
-    state = loader.state_dict()
-    del it
+    before, state = stop_after(make(2), k)
     for workers in (2, 0, 3):
         again = make(workers)
-        again.load_state_dict(state)
-        after = keys_of(again)
+        after = resumed_keys(again, state)
         assert sorted(before + after) == sorted(full)
         if workers == 2:
             assert before + after == full
@@ -109,17 +104,11 @@ def test_resume_from_a_resumed_run_with_yet_another_topology(uneven_shards):
         ds = ShardDataset(uneven_shards, shuffle=3, seed=2, world_size=world, rank=rank, even=None)
         return ShardLoader(ds, batch_size=2, num_workers=workers)
 
-    first = make(3)
-    it = iter(first)
-    seen = keys_of(next(it) for _ in range(4))
-    state = first.state_dict()
-    del it
+    seen, state = stop_after(make(3), 4)
     second = make(2)
     second.load_state_dict(state)
-    it = iter(second)
-    seen += keys_of(next(it) for _ in range(5))
-    state = second.state_dict()
-    del it
+    more, state = stop_after(second, 5)
+    seen += more
     rest = []
     for rank in range(2):  # finish on two ranks
         third = make(0, world=2, rank=rank)
@@ -136,14 +125,8 @@ def test_stateful_dataloader_protocol(uneven_shards):
         return tdl.StatefulDataLoader(ds, batch_size=None, num_workers=2)
 
     full = keys_of(make())
-    loader = make()
-    it = iter(loader)
-    before = keys_of(next(it) for _ in range(5))
-    state = loader.state_dict()
-    del it
-    again = make()
-    again.load_state_dict(state)
-    after = keys_of(again)
+    before, state = stop_after(make(), 5)
+    after = resumed_keys(make(), state)
     assert sorted(before + after) == sorted(full) == ALL_KEYS
 
 
@@ -192,14 +175,8 @@ def test_thread_decode_keeps_order_and_resume_exact(uneven_shards):
 
     full = keys_of(make(0))
     assert keys_of(make(3)) == full
-    loader = make(3)
-    it = iter(loader)
-    before = keys_of(next(it) for _ in range(4))
-    state = loader.state_dict()
-    del it
-    again = make(3)
-    again.load_state_dict(state)
-    assert before + keys_of(again) == full
+    before, state = stop_after(make(3), 4)
+    assert before + resumed_keys(make(3), state) == full
 
 
 def test_decode_size_auto_from_the_transform(uneven_shards):

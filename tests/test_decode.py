@@ -1,4 +1,5 @@
-"""Tests for shardkit.decode: image backends, modes, reduced-size decode, bomb guard, errors."""
+"""Tests for shardkit.decode, .pixels, .decode_size and .crop_decode: image backends, modes,
+reduced-size decode, bomb guard, errors."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvf
 
-from shardkit import decode
-from shardkit.decode import (
-    IMAGE_EXTENSIONS, RandomResizedCropDecode, decode_image, decode_size_for, dct_scale_for,
-    make_decoder, read_image_header, rrc_safe_decode_size,
-)
+from shardkit import pixels
+from shardkit.crop_decode import RandomResizedCropDecode
+from shardkit.decode import IMAGE_EXTENSIONS, decode_image, make_decoder
+from shardkit.decode_size import decode_size_for, rrc_safe_decode_size
+from shardkit.imageinfo import read_image_header
+from shardkit.pixels import dct_scale_for
 from shardkit.errors import SampleError
 
 MODES = ("pil", "numpy", "torch")
@@ -78,8 +80,8 @@ def jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
 def jpeg_backend(request, monkeypatch) -> str:
     """Run a test with simplejpeg, and again with it 'not installed' (PIL fallback)."""
     if request.param == "pil":
-        monkeypatch.setattr(decode, "_simplejpeg", None)
-    elif decode._simplejpeg is None:
+        monkeypatch.setattr(pixels, "_simplejpeg", None)
+    elif pixels._simplejpeg is None:
         pytest.skip("simplejpeg not installed")
     return request.param
 
@@ -115,7 +117,7 @@ def test_output_type_shape_dtype_per_mode(jpeg, mode, jpeg_backend):
 @pytest.mark.parametrize("mode", MODES)
 def test_jpeg_backends_agree_and_match_source(rgb, jpeg, mode, monkeypatch):
     fast = as_hwc(decode_image(jpeg, mode)).astype(int)
-    monkeypatch.setattr(decode, "_simplejpeg", None)
+    monkeypatch.setattr(pixels, "_simplejpeg", None)
     reference = as_hwc(decode_image(jpeg, mode)).astype(int)
     assert np.abs(fast - reference).mean() < 1.0 and np.abs(fast - reference).max() <= 16
     assert np.abs(fast - rgb).mean() < 4  # really the encoded picture
@@ -180,7 +182,7 @@ def test_gray_and_cmyk_jpeg_identical_across_backends(rgb, mode, monkeypatch):
     gray = encode(Image.fromarray(rgb[..., 0]), "JPEG", quality=95)
     cmyk = encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
     fast = [as_hwc(decode_image(data, mode)) for data in (gray, cmyk)]
-    monkeypatch.setattr(decode, "_simplejpeg", None)
+    monkeypatch.setattr(pixels, "_simplejpeg", None)
     slow = [as_hwc(decode_image(data, mode)) for data in (gray, cmyk)]
     for out in fast + slow:
         assert out.shape == (48, 64, 3)
@@ -473,13 +475,13 @@ class _RecordingSimplejpeg:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rrc_decode_reduced_matches_full_path(mode, monkeypatch):
-    if decode._simplejpeg is None:
+    if pixels._simplejpeg is None:
         pytest.skip("simplejpeg not installed")
     source = photo(768, 1024, seed=3)
     data = encode(source, "JPEG", quality=95)
     crop = RandomResizedCropDecode(48, scale=(0.5, 1.0), mode=mode)
-    recorder = _RecordingSimplejpeg(decode._simplejpeg)
-    monkeypatch.setattr(decode, "_simplejpeg", recorder)
+    recorder = _RecordingSimplejpeg(pixels._simplejpeg)
+    monkeypatch.setattr(pixels, "_simplejpeg", recorder)
     torch.manual_seed(0)
     plan = crop.plan(768, 1024)
     torch.manual_seed(0)

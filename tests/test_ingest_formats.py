@@ -20,6 +20,9 @@ from PIL import Image
 from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions, _module, detect_format, open_source
 from shardkit.ingest import tfrecord as tfr
+from shardkit.ingest.protobuf import parse_example
+from shardkit.writer import ShardWriter
+from tests.tfrecord_writer import encode_example, enc_varint, frame_record, reference_crc32c, write_tfrecord
 
 N = 200
 
@@ -107,8 +110,8 @@ def build_sqlite(tmp_path, data) -> tuple[str, IngestOptions]:
 
 def build_tfrecord(tmp_path, data) -> tuple[str, IngestOptions]:
     path = str(tmp_path / "set.tfrecord")
-    tfr.write_tfrecord(path, ({"image/encoded": j, "image/class/label": l, "image/filename": i}
-                              for j, l, i in zip(data["jpegs"], data["labels"], data["ids"])))
+    write_tfrecord(path, ({"image/encoded": j, "image/class/label": l, "image/filename": i}
+                          for j, l, i in zip(data["jpegs"], data["labels"], data["ids"])))
     return path, IngestOptions()
 
 
@@ -180,12 +183,11 @@ def test_round_trip(tmp_path, data, name):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_convert_to_shards(tmp_path, data, name):
-    writer_module = pytest.importorskip("shardkit.writer")
     fmt, build = BUILDERS[name]
     path, options = build(tmp_path, data)
     source = open_source(path, fmt=fmt, options=options)
     out = tmp_path / "shards"
-    with writer_module.ShardWriter(str(out), shard_size="40kB", classes=source.classes) as writer:
+    with ShardWriter(str(out), shard_size="40kB", classes=source.classes) as writer:
         for sample in source:
             writer.write(sample)
     shards = sorted(p for p in os.listdir(out) if p.endswith(".tar"))
@@ -338,25 +340,25 @@ def test_tfrecord_crc_and_protobuf_details(tmp_path, data):
     assert tfr.crc32c(b"\xff" * 32) == 0x62A8AB43
     assert tfr.crc32c(bytes(range(32))) == 0x46DD794E
     big = os.urandom(300_000)
-    assert tfr.crc32c(big) == tfr._py_update(0xFFFFFFFF, big) ^ 0xFFFFFFFF
+    assert tfr.crc32c(big) == reference_crc32c(big)
     assert tfr.crc32c(big[1000:], tfr.crc32c(big[:1000])) == tfr.crc32c(big)
 
     # Hand-built Example with an *unpacked* int64 label and an unpacked float.
     def ld(field: int, payload: bytes) -> bytes:
-        return bytes([field << 3 | 2]) + tfr._enc_varint(len(payload)) + payload
+        return bytes([field << 3 | 2]) + enc_varint(len(payload)) + payload
 
     image = ld(1, ld(1, data["jpegs"][0]))  # Feature{bytes_list{value}}
-    label = ld(3, bytes([1 << 3 | 0]) + tfr._enc_varint(5))  # Feature{int64_list{value: 5}} unpacked
+    label = ld(3, bytes([1 << 3 | 0]) + enc_varint(5))  # Feature{int64_list{value: 5}} unpacked
     score = ld(2, bytes([1 << 3 | 5]) + struct.pack("<f", 0.5))  # Feature{float_list} unpacked
     entries = b"".join(ld(1, ld(1, k) + ld(2, v)) for k, v in
                        ((b"image", image), (b"label", label), (b"score", score)))
     record = ld(1, entries)
-    assert tfr.parse_example(record) == {"image": [data["jpegs"][0]], "label": [5], "score": [0.5]}
-    assert tfr.parse_example(tfr.encode_example({"x": [-1, 2**40]})) == {"x": [-1, 2**40]}
+    assert parse_example(record) == {"image": [data["jpegs"][0]], "label": [5], "score": [0.5]}
+    assert parse_example(encode_example({"x": [-1, 2**40]})) == {"x": [-1, 2**40]}
 
     gz = str(tmp_path / "hand.tfrecord.gz")
     with gzip.open(gz, "wb") as f:
-        f.write(tfr.frame_record(record) * 3)
+        f.write(frame_record(record) * 3)
     assert detect_format(gz) == "tfrecord"
     samples = list(open_source(gz))
     assert [s["cls"] for s in samples] == [5, 5, 5] and samples[2]["jpg"] == data["jpegs"][0]
@@ -424,9 +426,9 @@ def test_tfrecord_folder_and_bad_protobuf(tmp_path, data):
     folder = tmp_path / "tfr"
     folder.mkdir()
     for k in range(2):
-        tfr.write_tfrecord(str(folder / f"part-{k}.tfrec"),
-                           [{"image": data["jpegs"][k * 10 + i], "label": data["labels"][k * 10 + i]}
-                            for i in range(10)])
+        write_tfrecord(str(folder / f"part-{k}.tfrec"),
+                       [{"image": data["jpegs"][k * 10 + i], "label": data["labels"][k * 10 + i]}
+                        for i in range(10)])
     (folder / "part-0.tfrec.idx").write_text("0 100\n")  # sidecars (e.g. DALI's) are ignored
     assert tfr.detect(str(folder))
     source = open_source(str(folder), fmt="tfrecord")
@@ -437,7 +439,7 @@ def test_tfrecord_folder_and_bad_protobuf(tmp_path, data):
     assert samples[12]["json"]["source"].endswith("part-1.tfrec") and samples[12]["json"]["source_id"] == 2
 
     bad = str(tmp_path / "garbage.tfrecord")
-    tfr.write_tfrecord(bad, [{"image": data["jpegs"][0]}, b"\x0a\xff\xff"])  # valid CRCs, bad protobuf
+    write_tfrecord(bad, [{"image": data["jpegs"][0]}, b"\x0a\xff\xff"])  # valid CRCs, bad protobuf
     with pytest.raises(ShardkitError, match=r"garbage.tfrecord: record 1 \(byte offset \d+\): malformed"):
         list(open_source(bad))
     with pytest.raises(ShardkitError, match="no image feature 'pixels'"):

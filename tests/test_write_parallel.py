@@ -18,7 +18,7 @@ from PIL import Image
 
 from shardkit.errors import ShardkitError
 from shardkit.index import Manifest
-from shardkit.synthetic import make_image_folder
+from shardkit.cli.synthetic import make_image_folder
 from shardkit.write_parallel import WorkerDied, write_files, write_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

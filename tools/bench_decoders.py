@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shardkit.decode import RandomResizedCropDecode, decode_image, decode_size_for, dct_scale_for
+from shardkit.crop_decode import RandomResizedCropDecode
+from shardkit.decode import decode_image
+from shardkit.decode_size import decode_size_for
+from shardkit.pixels import dct_scale_for
 
 try:
     import simplejpeg

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardkit.synthetic import make_image_folder  # noqa: E402
+from shardkit.cli.synthetic import make_image_folder  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:
@@ -71,7 +71,7 @@ def bench_write(folder: str, work: str, count: int, repeat: int) -> list[tuple[s
 
     t_sk = best_of(write, repeat)
     # Library call without interpreter start-up, for the per-sample cost.
-    from shardkit.convert import write_shards
+    from shardkit.cli.convert import write_shards
     from shardkit.ingest import IngestOptions, open_source
 
     def write_lib() -> None:

@@ -46,6 +46,8 @@ from torchvision.transforms.functional import pil_to_tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardkit.ingest import tfrecord as tfr  # noqa: E402
+from shardkit.ingest.protobuf import parse_example  # noqa: E402
+from tests.tfrecord_writer import write_tfrecord  # noqa: E402
 
 BATCH = 64
 CLASSES = 100
@@ -163,9 +165,9 @@ def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, st
         os.makedirs(path)
         per = -(-n // TFRECORD_FILES)
         for k in range(TFRECORD_FILES):
-            tfr.write_tfrecord(os.path.join(path, f"train-{k:05d}.tfrecord"),
-                               ({"image/encoded": j, "image/class/label": l}
-                                for j, l in zip(jpegs[k * per:(k + 1) * per], labels[k * per:(k + 1) * per])))
+            write_tfrecord(os.path.join(path, f"train-{k:05d}.tfrecord"),
+                           ({"image/encoded": j, "image/class/label": l}
+                            for j, l in zip(jpegs[k * per:(k + 1) * per], labels[k * per:(k + 1) * per])))
 
     def binary(path: str) -> None:
         os.makedirs(path)
@@ -287,7 +289,7 @@ class TFRecordImages(IterableDataset):
         files = self.files[info.id::info.num_workers] if info else self.files
         for path in files:
             for _, _, data in tfr.iter_records(path, verify=self.verify):
-                features = tfr.parse_example(data)
+                features = parse_example(data)
                 yield self.fn(features["image/encoded"][0]), features["image/class/label"][0]
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardkit.bench import drop_page_cache  # noqa: E402
+from shardkit.cli.bench import drop_page_cache  # noqa: E402
 from shardkit.source import SourceOptions, open_stream  # noqa: E402
 
 CHUNK = 1 << 20

@@ -111,7 +111,7 @@ def drop_page_cache(paths: list[str]) -> None:
 def make_source(folder: str, count: int) -> list[str]:
     marker = os.path.join(folder, f".complete-{count}")
     if not os.path.exists(marker):
-        from shardkit.synthetic import make_image_folder
+        from shardkit.cli.synthetic import make_image_folder
 
         shutil.rmtree(folder, ignore_errors=True)
         print(f"generating {count} JPEGs ~500x375 in {folder} ...", file=sys.stderr)

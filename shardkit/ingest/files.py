@@ -9,9 +9,11 @@ Relative paths resolve against the list file's folder. Integer labels are used a
 they are; label names become indices into their sorted set (recorded as classes).
 
 Images are stored byte-for-byte as on disk, under the extension of their real format
-(probed from magic bytes), unless re-encoding is asked for (resize / quality).
-Files that are not images, or do not fully decode (unless ``validate`` is off), are
-reported and skipped (or fatal with ``strict``).
+(probed from magic bytes), unless re-encoding is asked for (resize / quality): then the
+pixels go through the reader's pixel policy (:func:`shardkit.pixels.pil_to_rgb`) and are
+turned upright by their EXIF orientation before resizing. Files that are not images, or
+do not fully decode (unless ``validate`` is off), are reported and skipped (or fatal
+with ``strict``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Iterator
 from ..decodable import decode_problem
 from ..errors import ShardkitError
 from ..imageinfo import probe_image
+from ..pixels import upright_rgb
 from ..parallel import ordered_map
 from . import IngestOptions
 
@@ -169,10 +172,15 @@ def looks_truncated(ext: str, data: bytes) -> bool:
 
 
 def _reencode(data: bytes, max_side: int | None, quality: int | None) -> tuple[bytes, int, int]:
+    """Decode with the reader's pixel policy (16-bit scaled, alpha dropped, first frame,
+    ...), turn the pixels upright by the EXIF orientation, resize, encode as JPEG.
+
+    The output carries no EXIF block, so no orientation tag can rotate it a second time.
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+        img = upright_rgb(img)
         if max_side and max(img.size) > max_side:
             img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         out = io.BytesIO()

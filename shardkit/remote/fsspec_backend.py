@@ -13,8 +13,8 @@ from typing import BinaryIO
 import fsspec  # noqa: F401  (ImportError here is the "not installed" signal)
 from fsspec.core import url_to_fs
 
+from ..backend import DEFAULT_OPTIONS, Backend, SourceOptions, positioned
 from ..errors import SourceError
-from ..source import DEFAULT_OPTIONS, Backend, SourceOptions, positioned
 
 
 def _fs(url: str):  # -> (AbstractFileSystem, path)

@@ -2,15 +2,14 @@
 
 Why ``requests`` and not ``httpx``: requests (on urllib3) is the ubiquitous, light choice
 and already in the ``remote`` extra; httpx would add httpcore, h11, anyio and sniffio for
-features we do not use here (async, HTTP/2) on big sequential GETs. httpx was not
-measured (not installed); the client is not the bottleneck: from nginx on loopback this
-backend reads as fast as ``curl -o /dev/null`` or faster (1.6 vs 1.9-2.5 GB/s on 2
-shared cores; ``tools/bench_remote.py``). Bodies are read with urllib3's public
-``read1(n)`` -- one ``recv`` per call -- for ``read()`` and ``readinto()`` alike: it
-measured the same as ``read(n)`` and ``http.client``'s ``readinto`` (within noise) while
-urllib3's own ``readinto`` was 3x slower, and unlike ``read(n)`` it returns the bytes
-that arrived before a connection reset, so a link that dies every few hundred KB still
-makes progress with 1 MiB reads.
+features we do not use here (async, HTTP/2) on big sequential GETs. The client is not the
+bottleneck (``tools/bench_remote.py``, BENCHMARKS.md). Bodies are read with urllib3's
+public ``read1(n)`` -- one ``recv`` per call: unlike ``read(n)`` it returns the bytes that
+arrived before a connection reset, so a link that dies every few hundred KB still makes
+progress with 1 MiB reads.
+
+Retries, backoff and resume at byte N are :class:`~shardkit.remote.stream.ResumableStream`'s;
+this module only opens a GET at an offset and reads its body.
 
 Behaviour:
 
@@ -43,25 +42,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import threading
-import time
 from html.parser import HTMLParser
 from http.client import HTTPException
-from typing import Any, BinaryIO, Iterator
+from typing import BinaryIO
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
+from ..backend import CHUNK, DEFAULT_OPTIONS, Backend, SourceOptions
 from ..errors import SourceError
-from ..source import DEFAULT_OPTIONS, Backend, SourceOptions
-from .stream import CHUNK, ChunkStream, open_maybe_cached
+from .stream import AtEnd, ResumableStream, Retry, describe, with_retries
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF = 30.0
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _OK_PUT = frozenset({200, 201, 204})
 # Errors raised while connecting or reading a body that a retry can cure.
@@ -121,24 +117,6 @@ def is_transient_status(status: int) -> bool:
     return status in _TRANSIENT_STATUS or status >= 500
 
 
-def backoff_delay(attempt: int, options: SourceOptions, retry_after: str | None = None) -> float:
-    """Seconds to wait before retry ``attempt`` (1-based): exponential with jitter."""
-    delay = min(options.backoff * 2 ** (attempt - 1), MAX_BACKOFF) * random.uniform(0.5, 1.0)
-    if retry_after:
-        try:
-            delay = max(delay, min(float(retry_after), MAX_BACKOFF))
-        except ValueError:  # an HTTP date; not worth parsing for a cap of 30 s
-            pass
-    return delay
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if len(text) > 200:
-        text = text[:200] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _status_error(url: str, resp: requests.Response) -> SourceError:
     reason = f" {resp.reason}" if resp.reason else ""
     return SourceError(f"HTTP {resp.status_code}{reason}", url=url, status=resp.status_code)
@@ -160,45 +138,22 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int
         return None, None, total
 
 
-class HTTPStream(ChunkStream):
+class HTTPStream(ResumableStream):
     """A GET body as a read-only stream that reconnects and resumes transparently.
 
     ``offset``/``length`` select a byte range of the object; ``tell()`` is the absolute
     position in the object.
     """
 
+    transient_errors = _TRANSIENT_READ_ERRORS
+
     def __init__(self, url: str, offset: int = 0, length: int | None = None,
                  options: SourceOptions = DEFAULT_OPTIONS) -> None:
-        super().__init__()
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError(f"bad range offset={offset} length={length}")
-        self.url = url
-        self._options = options
-        self._pos = offset
-        self._end = None if length is None else offset + length
         self._resp: requests.Response | None = None
-        self._body_end: int | None = None  # absolute end of the current body, if known
         self._skip = 0  # body bytes to discard first (server ignored Range)
         self._size: int | None = None
         self._etag: str | None = None
-        self._eof = length == 0
-        self._failures = 0
-        self.reconnects = 0
-        if not self._eof:
-            self._connect()  # fail at open time on 404/403, not on first read
-
-    # -- connection handling ------------------------------------------------------
-
-    def _fail(self, what: str, status: int | None = None, retry_after: str | None = None) -> None:
-        """Count one transient failure; sleep, or raise once the budget is spent."""
-        self._failures += 1
-        retries = self._options.retries
-        if self._failures > retries:
-            at = f" at byte {self._pos}" if self._pos else ""
-            raise SourceError(f"{what} after {retries} retries{at}", url=self.url, status=status)
-        log.debug("%s: %s; retry %d/%d from byte %d", self.url, what, self._failures, retries,
-                  self._pos)
-        time.sleep(backoff_delay(self._failures, self._options, retry_after))
+        super().__init__(url, offset, length, options)
 
     def _check_same_object(self, size: int | None, etag: str | None) -> None:
         # A resume must continue the same object, not a replaced one.
@@ -213,60 +168,45 @@ class HTTPStream(ChunkStream):
                                   url=self.url)
             self._etag = etag
 
-    def _connect(self) -> None:
-        """Issue the GET for the bytes from ``self._pos``; retry transient failures."""
-        while True:
-            headers = headers_for(self.url, self._options)
-            ranged = self._pos > 0 or self._end is not None
-            if ranged:
-                last = "" if self._end is None else str(self._end - 1)
-                headers["Range"] = f"bytes={self._pos}-{last}"
-            try:
-                resp = session().get(self.url, headers=headers, stream=True,
-                                     timeout=self._options.timeout)
-            except _TRANSIENT_REQUEST_ERRORS as e:
-                if isinstance(e, requests.exceptions.SSLError):
-                    raise SourceError(f"TLS error: {_describe(e)}", url=self.url) from None
-                self._fail(_describe(e))
-                continue
-            except requests.RequestException as e:
-                raise SourceError(_describe(e), url=self.url) from None
-            status = resp.status_code
-            if status == 206:
-                first, last_byte, total = _parse_content_range(resp.headers.get("Content-Range"))
-                if first != self._pos or last_byte is None:
-                    resp.close()
-                    raise SourceError(
-                        f"asked for bytes from {self._pos}, server answered Content-Range "
-                        f"{resp.headers.get('Content-Range')!r}", url=self.url, status=206)
-                self._check_same_object(total, resp.headers.get("ETag"))
-                self._body_end, self._skip = last_byte + 1, 0
-            elif status == 200:
-                size = _content_length(resp)
-                self._check_same_object(size, resp.headers.get("ETag"))
-                self._body_end, self._skip = size, self._pos
-                if self._pos > 0:
-                    self._warn_no_range()
-            elif status == 416:
-                _, _, total = _parse_content_range(resp.headers.get("Content-Range"))
+    def _open_body(self, pos: int, end: int | None) -> int | None:
+        headers = headers_for(self.url, self._options)
+        if pos > 0 or end is not None:
+            headers["Range"] = f"bytes={pos}-{'' if end is None else end - 1}"
+        try:
+            resp = session().get(self.url, headers=headers, stream=True, timeout=self._options.timeout)
+        except _TRANSIENT_REQUEST_ERRORS as e:
+            if isinstance(e, requests.exceptions.SSLError):
+                raise SourceError(f"TLS error: {describe(e)}", url=self.url) from None
+            raise Retry(describe(e)) from None
+        except requests.RequestException as e:
+            raise SourceError(describe(e), url=self.url) from None
+        status = resp.status_code
+        if status == 206:
+            first, last_byte, total = _parse_content_range(resp.headers.get("Content-Range"))
+            if first != pos or last_byte is None:
                 resp.close()
-                if total is not None and self._pos >= total:
-                    self._eof = True  # asked to start at/after the end: an empty read
-                    return
-                raise _status_error(self.url, resp)
-            elif is_transient_status(status):
-                retry_after = resp.headers.get("Retry-After")
-                reason = f" {resp.reason}" if resp.reason else ""
-                resp.close()
-                self._fail(f"HTTP {status}{reason}", status, retry_after)
-                continue
-            else:
-                resp.close()
-                raise _status_error(self.url, resp)
-            self._resp = resp
-            if self._failures:
-                self.reconnects += 1
-            return
+                raise SourceError(f"asked for bytes from {pos}, server answered Content-Range "
+                                  f"{resp.headers.get('Content-Range')!r}", url=self.url, status=206)
+            self._check_same_object(total, resp.headers.get("ETag"))
+            self._resp, self._skip = resp, 0
+            return last_byte + 1
+        if status == 200:
+            size = _content_length(resp)
+            self._check_same_object(size, resp.headers.get("ETag"))
+            if pos > 0:
+                self._warn_no_range()
+            self._resp, self._skip = resp, pos
+            return size
+        resp.close()
+        if status == 416:
+            _, _, total = _parse_content_range(resp.headers.get("Content-Range"))
+            if total is not None and pos >= total:
+                raise AtEnd()  # asked to start at/after the end: an empty read
+            raise _status_error(self.url, resp)
+        if is_transient_status(status):
+            reason = f" {resp.reason}" if resp.reason else ""
+            raise Retry(f"HTTP {status}{reason}", status, resp.headers.get("Retry-After"))
+        raise _status_error(self.url, resp)
 
     def _warn_no_range(self) -> None:
         server = urlsplit(self.url).netloc
@@ -275,82 +215,29 @@ class HTTPStream(ChunkStream):
             log.warning("%s ignores HTTP Range requests: seeking or resuming re-downloads the "
                         "object from byte 0 (%s)", server, self.url)
 
-    def _drop(self, reusable: bool = False) -> None:
+    def _read_body(self, size: int) -> bytes:
+        assert self._resp is not None
+        raw = self._resp.raw
+        while self._skip:
+            dropped = raw.read1(min(self._skip, CHUNK), decode_content=False)
+            if not dropped:
+                raise Retry("body ended early")
+            self._skip -= len(dropped)
+        # read1: what one recv delivers, so bytes that arrived before a reset count as
+        # progress (read(n) blocks for n bytes and loses them).
+        return raw.read1(size, decode_content=False) or b""
+
+    def _close_body(self, complete: bool) -> None:
         resp, self._resp = self._resp, None
         if resp is None:
             return
-        if reusable:
+        if complete:
             # Body fully read: let http.client see its end (read1 does not close it at
             # length 0), then keep the connection in the pool.
             resp.raw.drain_conn()
             resp.raw.release_conn()
         else:
             resp.close()
-
-    # -- reading ------------------------------------------------------------------
-
-    def _pull(self, size: int, dest: memoryview | None) -> bytes | int:
-        """Up to ``size`` bytes (at least 1 unless at the end): returned as bytes, or
-        written into ``dest`` and counted."""
-        if self._end is not None:
-            size = min(size, self._end - self._pos)
-        if size <= 0 or self._eof:
-            self._drop()
-            return b"" if dest is None else 0
-        while True:
-            if self._resp is None:
-                self._connect()
-                if self._eof:
-                    return b"" if dest is None else 0
-                continue
-            raw = self._resp.raw
-            data = b""
-            try:
-                while self._skip:
-                    dropped = raw.read1(min(self._skip, CHUNK), decode_content=False)
-                    if not dropped:
-                        break
-                    self._skip -= len(dropped)
-                if not self._skip:
-                    # read1: what one recv delivers, so bytes that arrived before a reset
-                    # count as progress (read(n) blocks for n bytes and loses them).
-                    data = raw.read1(size, decode_content=False) or b""
-                n = len(data)
-            except _TRANSIENT_READ_ERRORS as e:
-                self._drop()
-                self._fail(f"connection lost mid-body ({_describe(e)})")
-                continue
-            if not n:
-                body_end = self._body_end
-                if self._skip or (body_end is not None and self._pos < body_end):
-                    self._drop()
-                    self._fail("body ended early")
-                    continue
-                self._drop(reusable=True)
-                self._eof = True
-                return b"" if dest is None else 0
-            self._pos += n
-            self._failures = 0
-            if self._end is not None and self._pos >= self._end:
-                # Stopped inside a 200 body of a server without Range: cannot reuse it.
-                self._drop(reusable=self._body_end == self._pos)
-                self._eof = True
-            if dest is None:
-                return data
-            dest[:n] = data
-            return n
-
-    def _chunk(self, size: int) -> bytes:
-        return self._pull(size, None)  # type: ignore[return-value]
-
-    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
-        # Straight into the caller's buffer: no intermediate bytes object.
-        return self._pull(len(buffer), memoryview(buffer).cast("B"))  # type: ignore[return-value]
-
-    def close(self) -> None:
-        if not self.closed:
-            self._drop()
-        super().close()
 
 
 def _content_length(resp: requests.Response) -> int | None:
@@ -367,44 +254,33 @@ def _request(method: str, url: str, options: SourceOptions, *,
              body_path: str | None = None) -> requests.Response:
     """One non-streaming request with the retry policy; returns the final response
     (any non-transient status: the caller decides what it means)."""
-    last, status = "", None
-    for attempt in range(options.retries + 1):
-        if attempt:
-            time.sleep(backoff_delay(attempt, options))
+
+    def attempt() -> requests.Response:
         try:
-            with (open(body_path, "rb") if body_path is not None else _no_body()) as data:
-                resp = session().request(method, url, data=data,
-                                         headers=headers_for(url, options),
+            with open(body_path, "rb") if body_path is not None else contextlib.nullcontext() as data:
+                resp = session().request(method, url, data=data, headers=headers_for(url, options),
                                          timeout=options.timeout)
         except _TRANSIENT_REQUEST_ERRORS as e:
             if isinstance(e, requests.exceptions.SSLError):
-                raise SourceError(f"TLS error: {_describe(e)}", url=url) from None
-            last, status = _describe(e), None
-            continue
+                raise SourceError(f"TLS error: {describe(e)}", url=url) from None
+            raise Retry(describe(e)) from None
         except requests.RequestException as e:
-            raise SourceError(_describe(e), url=url) from None
+            raise SourceError(describe(e), url=url) from None
         if is_transient_status(resp.status_code):
-            last, status = f"HTTP {resp.status_code}", resp.status_code
             resp.close()
-            continue
+            raise Retry(f"HTTP {resp.status_code}", resp.status_code, resp.headers.get("Retry-After"))
         return resp
-    raise SourceError(f"{last} after {options.retries} retries", url=url, status=status)
 
-
-@contextlib.contextmanager
-def _no_body() -> Iterator[None]:
-    yield None
+    return with_retries(url, options, attempt)
 
 
 # -- backend API ------------------------------------------------------------------
 
 
 def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS, *,
-                expected_sha256: str | None = None) -> BinaryIO:
-    """Stream ``url`` from ``offset`` (``length`` bytes or to the end), through the local
-    cache when ``options.cache_dir`` is set."""
-    return open_maybe_cached(HTTPStream, url, offset, length, options, expected_sha256)  # type: ignore[arg-type]
+                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+    """Stream ``url`` from ``offset`` (``length`` bytes or to the end)."""
+    return HTTPStream(url, offset, length, options)  # type: ignore[return-value]
 
 
 def read_bytes(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:

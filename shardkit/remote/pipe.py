@@ -17,9 +17,8 @@ import subprocess
 import tempfile
 from typing import BinaryIO
 
+from ..backend import CHUNK, DEFAULT_OPTIONS, Backend, ChunkStream, SourceOptions
 from ..errors import SourceError
-from ..source import DEFAULT_OPTIONS, Backend, SourceOptions
-from .stream import CHUNK, ChunkStream
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Why boto3 and not s3fs: s3fs is fsspec + aiobotocore + aiohttp (and pins botocore to
 the versions aiobotocore supports), i.e. boto3's stack plus an async stack we do not
 need for large sequential GETs; boto3 alone is one well-known dependency (the ``remote``
-extra). Throughput is the socket copy either way (see ``tools/bench_remote.py``).
+extra).
 
 Configuration is boto3's own: credentials, region, profile and endpoint
 (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``~/.aws/config``) -- shardkit adds no
@@ -11,7 +11,7 @@ variables. Clients use path-style addressing (works with MinIO/SeaweedFS/moto an
 bucket name). One client per process (boto3 clients are thread-safe, not fork-safe), re-
 created after fork and whenever the ``AWS_*`` environment changes.
 
-Retries mirror :mod:`shardkit.remote.http`: botocore's own retries are off so that a
+Retries are :class:`~shardkit.remote.stream.ResumableStream`'s: botocore's own are off so that a
 body cut mid-stream is resumed by a new ``GetObject`` with ``Range: bytes=N-`` and
 ``IfMatch: <ETag>`` from the exact next byte (the object must not change underneath).
 Transient: connection errors, timeouts, 429, 5xx, ``SlowDown``/``RequestTimeout``-style
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
 from typing import Any, BinaryIO
 
 import boto3
@@ -34,14 +32,13 @@ import botocore.exceptions
 import urllib3.exceptions
 from botocore.config import Config
 
+from ..backend import DEFAULT_OPTIONS, Backend, SourceOptions
 from ..errors import SourceError
-from ..source import DEFAULT_OPTIONS, Backend, SourceOptions
-from .stream import ChunkStream, open_maybe_cached
+from .stream import AtEnd, ResumableStream, Retry, with_retries
 
 log = logging.getLogger(__name__)
 
 PIECE = 256 * 1024
-MAX_BACKOFF = 30.0
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
@@ -117,10 +114,6 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
-def _backoff(attempt: int, options: SourceOptions) -> float:
-    return min(options.backoff * 2 ** (attempt - 1), MAX_BACKOFF) * random.uniform(0.5, 1.0)
-
-
 def _permanent(url: str, e: BaseException) -> SourceError:
     if isinstance(e, botocore.exceptions.NoCredentialsError):
         return SourceError("no AWS credentials found (boto3 looked at AWS_ACCESS_KEY_ID/"
@@ -132,102 +125,78 @@ def _permanent(url: str, e: BaseException) -> SourceError:
 
 def _call(url: str, options: SourceOptions, fn: Any, **kwargs: Any) -> Any:
     """``fn(**kwargs)`` with the retry policy for non-streaming calls."""
-    last, status = "", None
-    for attempt in range(options.retries + 1):
-        if attempt:
-            time.sleep(_backoff(attempt, options))
+
+    def attempt() -> Any:
         try:
             return fn(**kwargs)
         except botocore.exceptions.ClientError as e:
-            code, st = _error_info(e)
-            if not _is_transient(code, st):
+            code, status = _error_info(e)
+            if not _is_transient(code, status):
                 raise
-            last, status = _describe(e), st
+            raise Retry(_describe(e), status) from None
         except _TRANSIENT_ERRORS as e:
-            last, status = _describe(e), None
-    raise SourceError(f"{last} after {options.retries} retries", url=url, status=status)
+            raise Retry(_describe(e)) from None
+
+    return with_retries(url, options, attempt)
 
 
-class S3Stream(ChunkStream):
-    """A GetObject body that re-issues a ranged GetObject when the stream breaks."""
+class S3Stream(ResumableStream):
+    """A GetObject body that re-issues a ranged GetObject (``IfMatch`` the first ETag)
+    when the stream breaks; the retry loop is :class:`ResumableStream`'s."""
+
+    transient_errors = _TRANSIENT_ERRORS
 
     def __init__(self, url: str, offset: int = 0, length: int | None = None,
                  options: SourceOptions = DEFAULT_OPTIONS) -> None:
-        super().__init__()
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError(f"bad range offset={offset} length={length}")
-        self.url = url
         self._bucket, self._key = split_url(url)
-        self._options = options
-        self._pos = offset
-        self._end = None if length is None else offset + length
         self._body: Any = None
-        self._body_end: int | None = None
         self._etag: str | None = None
-        self._eof = length == 0
-        self._failures = 0
-        self.reconnects = 0
-        if not self._eof:
-            self._connect()
+        super().__init__(url, offset, length, options)
 
-    def _fail(self, what: str, status: int | None = None) -> None:
-        self._failures += 1
-        retries = self._options.retries
-        if self._failures > retries:
-            at = f" at byte {self._pos}" if self._pos else ""
-            raise SourceError(f"{what} after {retries} retries{at}", url=self.url, status=status)
-        log.debug("%s: %s; retry %d/%d from byte %d", self.url, what, self._failures, retries,
-                  self._pos)
-        time.sleep(_backoff(self._failures, self._options))
-
-    def _connect(self) -> None:
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
-            if self._pos > 0 or self._end is not None:
-                last = "" if self._end is None else str(self._end - 1)
-                kwargs["Range"] = f"bytes={self._pos}-{last}"
-            if self._etag:
-                kwargs["IfMatch"] = self._etag
-            try:
-                resp = client(self._options).get_object(**kwargs)
-            except botocore.exceptions.ClientError as e:
-                code, status = _error_info(e)
-                if code == "InvalidRange" or status == 416:
-                    self._eof = True  # starts at/after the end of the object
-                    return
-                if code == "PreconditionFailed" or status == 412:
-                    raise SourceError(f"object changed while reading (ETag was {self._etag})",
-                                      url=self.url, status=status) from None
-                if _is_transient(code, status):
-                    self._fail(_describe(e), status)
-                    continue
-                raise _permanent(self.url, e) from None
-            except _TRANSIENT_ERRORS as e:
-                self._fail(_describe(e))
-                continue
-            except botocore.exceptions.BotoCoreError as e:
-                raise _permanent(self.url, e) from None
-            start = self._pos
-            content_range = resp.get("ContentRange")
-            if content_range:
-                spec = content_range.split()[-1]
-                first = spec.split("-", 1)[0]
-                if not first.isdigit() or int(first) != self._pos:
-                    resp["Body"].close()
-                    raise SourceError(f"asked for bytes from {self._pos}, got Content-Range "
-                                      f"{content_range!r}", url=self.url, status=206)
-            elif self._pos > 0:
+    def _open_body(self, pos: int, end: int | None) -> int | None:
+        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
+        if pos > 0 or end is not None:
+            kwargs["Range"] = f"bytes={pos}-{'' if end is None else end - 1}"
+        if self._etag:
+            kwargs["IfMatch"] = self._etag
+        try:
+            resp = client(self._options).get_object(**kwargs)
+        except botocore.exceptions.ClientError as e:
+            code, status = _error_info(e)
+            if code == "InvalidRange" or status == 416:
+                raise AtEnd() from None  # starts at/after the end of the object
+            if code == "PreconditionFailed" or status == 412:
+                raise SourceError(f"object changed while reading (ETag was {self._etag})",
+                                  url=self.url, status=status) from None
+            if _is_transient(code, status):
+                raise Retry(_describe(e), status) from None
+            raise _permanent(self.url, e) from None
+        except _TRANSIENT_ERRORS as e:
+            raise Retry(_describe(e)) from None
+        except botocore.exceptions.BotoCoreError as e:
+            raise _permanent(self.url, e) from None
+        content_range = resp.get("ContentRange")
+        if content_range:
+            first = content_range.split()[-1].split("-", 1)[0]
+            if not first.isdigit() or int(first) != pos:
                 resp["Body"].close()
-                raise SourceError("S3 server ignored the Range header", url=self.url)
-            self._etag = self._etag or resp.get("ETag")
-            length = resp.get("ContentLength")
-            self._body_end = None if length is None else start + int(length)
-            self._body = resp["Body"]
-            if self._failures:
-                self.reconnects += 1
-            return
+                raise SourceError(f"asked for bytes from {pos}, got Content-Range {content_range!r}",
+                                  url=self.url, status=206)
+        elif pos > 0:
+            resp["Body"].close()
+            raise SourceError("S3 server ignored the Range header", url=self.url)
+        self._etag = self._etag or resp.get("ETag")
+        self._body = resp["Body"]
+        length = resp.get("ContentLength")
+        return None if length is None else pos + int(length)
 
-    def _drop(self) -> None:
+    def _read_body(self, size: int) -> bytes:
+        # Bounded pieces: StreamingBody.read(n) blocks until n bytes arrive and loses them
+        # on a reset, so a huge n could never make progress on a link that drops every few
+        # hundred KB. (Its raw read1 would skip botocore's checksum validation.)
+        return self._body.read(min(size, PIECE))
+
+    def _close_body(self, complete: bool) -> None:
         body, self._body = self._body, None
         if body is not None:
             try:
@@ -235,55 +204,14 @@ class S3Stream(ChunkStream):
             except Exception:  # closing a broken stream must not mask the read error
                 pass
 
-    def _chunk(self, size: int) -> bytes:
-        if self._end is not None:
-            size = min(size, self._end - self._pos)
-        if size <= 0 or self._eof:
-            self._drop()
-            return b""
-        while True:
-            if self._body is None:
-                self._connect()
-                if self._eof:
-                    return b""
-                continue
-            try:
-                # Bounded pieces: StreamingBody.read(n) blocks until n bytes arrive and
-                # loses them on a reset, so a huge n could never make progress on a link
-                # that drops every few hundred KB. (Its raw read1 would skip botocore's
-                # checksum validation of whole-object GETs.)
-                data = self._body.read(min(size, PIECE))
-            except _TRANSIENT_ERRORS as e:
-                self._drop()
-                self._fail(f"connection lost mid-body ({_describe(e)})")
-                continue
-            if not data:
-                if self._body_end is not None and self._pos < self._body_end:
-                    self._drop()
-                    self._fail("body ended early")
-                    continue
-                self._drop()
-                self._eof = True
-                return b""
-            self._pos += len(data)
-            self._failures = 0
-            return data
-
-    def close(self) -> None:
-        if not self.closed:
-            self._drop()
-        super().close()
-
 
 # -- backend API ------------------------------------------------------------------
 
 
 def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS, *,
-                expected_sha256: str | None = None) -> BinaryIO:
-    """Stream ``s3://bucket/key`` from ``offset``; through the local cache when
-    ``options.cache_dir`` is set."""
-    return open_maybe_cached(S3Stream, url, offset, length, options, expected_sha256)  # type: ignore[arg-type]
+                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+    """Stream ``s3://bucket/key`` from ``offset`` (``length`` bytes or to the end)."""
+    return S3Stream(url, offset, length, options)  # type: ignore[return-value]
 
 
 def read_bytes(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:

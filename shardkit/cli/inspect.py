@@ -10,12 +10,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import ShardkitError
-from .index import Manifest, ShardInfo, dataset_name_for, decode_index, encode_index, index_url, manifest_name, scan_shard
-from .samples import Sample, iter_samples
-from .source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
-from .urls import ShardList, resolve_shards
-from .writer import _atomic_write
+from ..errors import ShardkitError
+from ..index import (Manifest, ShardInfo, dataset_name_for, decode_index, decode_index_keys, encode_index, index_url,
+                     manifest_name, scan_shard)
+from ..samples import Sample, iter_samples
+from ..source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
+from ..urls import ShardList, resolve_shards
+from ..writer import _atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
     report = VerifyReport()
     decoder = None
     if decode:
-        from .decode import make_decoder
+        from ..decode import make_decoder
 
         decoder = make_decoder("pil")
     for i, url in enumerate(tqdm(shards.urls, unit="shard", disable=not progress)):
@@ -79,6 +80,8 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
                 stream.close()
         except ShardkitError as e:
             report.problems.append(Problem(url, str(e)))
+            if decoder is not None:  # the samples before the damage may still hide bad members
+                _decode_members(url, decoder, options, report, stop_on_error=True)
             continue
         n = len(scan.offsets) - 1
         report.samples += n
@@ -91,20 +94,41 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
             if info.bytes != scan.bytes:
                 report.problems.append(Problem(url, f"is {scan.bytes} bytes, the manifest says {info.bytes}"))
         idx = read_bytes(index_url(url), options=options)
-        if idx is not None:
+        if idx is not None and scan.compression is not None:
+            report.problems.append(Problem(index_url(url), f"an index beside a {scan.compression}-compressed "
+                                           "shard cannot be used (offsets cannot seek into it): delete it"))
+        elif idx is not None:
             try:
                 offsets = decode_index(idx, url=index_url(url))
                 if list(offsets) != scan.offsets:
                     report.problems.append(Problem(index_url(url), "index offsets do not match the shard"))
+                keys = decode_index_keys(idx, url=index_url(url))
+                if keys is not None and keys != scan.keys:
+                    report.problems.append(Problem(index_url(url), "index keys do not match the shard"))
             except ShardkitError as e:
                 report.problems.append(Problem(index_url(url), str(e)))
         if decoder is not None:
-            for sample in shard_samples(url, options):
-                try:
-                    decoder(sample)
-                except Exception as e:  # noqa: BLE001 - reported, not raised
-                    report.problems.append(Problem(url, f"sample {sample['__key__']!r}: {e}"))
+            _decode_members(url, decoder, options, report)
     return report
+
+
+def _decode_members(url: str, decoder: Any, options: SourceOptions, report: VerifyReport, *,
+                    stop_on_error: bool = False) -> None:
+    """Decode every member of every sample on its own, reporting each one that fails by name."""
+    try:
+        for sample in shard_samples(url, options):
+            key = sample["__key__"]
+            for field, value in sample.items():
+                if field.startswith("__"):
+                    continue
+                try:
+                    decoder.decode_field(field, value)
+                except Exception as e:  # noqa: BLE001 - reported, not raised
+                    reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+                    report.problems.append(Problem(url, f"member {f'{key}.{field}'!r} does not decode: {reason}"))
+    except ShardkitError as e:
+        if not stop_on_error:  # a format error already reported by the scan
+            report.problems.append(Problem(url, str(e)))
 
 
 def stats(urls: str | list[str], *, options: SourceOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
@@ -154,7 +178,14 @@ def build_index(urls: str | list[str], *, name: str | None = None, options: Sour
             raise ShardkitError(f"{url}: `shardkit index` writes sidecars next to local shards only")
         with open(path, "rb") as f:
             scan = scan_shard(io.BufferedReader(f, 1 << 20), url=url)  # type: ignore[arg-type]
-        _atomic_write(path + ".idx", encode_index(scan.offsets))
+        if scan.compression is None:
+            _atomic_write(path + ".idx", encode_index(scan.offsets, scan.keys))
+        elif os.path.exists(path + ".idx"):
+            # Offsets cannot seek into a compressed file: counts go to the manifest only,
+            # and a stale index (written before the shard was compressed) must not be used.
+            log.warning("%s is %s-compressed: removing its stale .idx (counts go to the manifest)",
+                        url, scan.compression)
+            os.remove(path + ".idx")
         infos.append(ShardInfo(os.path.basename(path), len(scan.offsets) - 1, scan.bytes, scan.sha256, scan.fields))
         folder = folder or os.path.dirname(path)
         if os.path.dirname(path) != folder:

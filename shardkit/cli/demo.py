@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from .sizes import format_size
+from ..sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
     """Run the demo; returns a process exit code."""
     from .bench import drop_page_cache, _loop, augment
     from .convert import write_shards
-    from .dataset import ShardDataset
-    from .ingest import IngestOptions, open_source
-    from .loader import ShardLoader
+    from ..dataset import ShardDataset
+    from ..ingest import IngestOptions, open_source
+    from ..loader import ShardLoader
     from .synthetic import make_image_folder
 
     work = tempfile.mkdtemp(prefix="shardkit-demo-")
@@ -61,7 +61,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
-        from .decode import decode_image
+        from ..decode import decode_image
 
         def load(path: str):
             with open(path, "rb") as f:

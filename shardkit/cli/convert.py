@@ -10,8 +10,8 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from .index import Manifest
-from .writer import ShardWriter
+from ..index import Manifest
+from ..writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def augment(size: int = 224) -> Callable[[Any], Any]:
 def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375)) -> tuple[str, str]:
     """Image folder and shards in ``work`` (reused when already there)."""
     from .convert import write_shards
-    from .ingest import IngestOptions, open_source
+    from ..ingest import IngestOptions, open_source
     from .synthetic import make_image_folder
 
     folder = os.path.join(work, "images")
@@ -79,9 +79,9 @@ def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:
 def run_config(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
     import torch
 
-    from .dataset import ShardDataset
-    from .decode import decode_image
-    from .loader import ShardLoader
+    from ..dataset import ShardDataset
+    from ..decode import decode_image
+    from ..loader import ShardLoader
 
     urls = sorted(glob.glob(os.path.join(shards, "*.tar")))
     aug = augment()
@@ -136,7 +136,7 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
 
 
 def _run_isolated(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "shardkit.bench", "--one", name, "--folder", folder, "--shards", shards,
+    cmd = [sys.executable, "-m", "shardkit.cli.bench", "--one", name, "--folder", folder, "--shards", shards,
            "--workers", str(workers), "--batch", str(batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import ShardkitError
-from .sizes import format_size
+from .. import __version__
+from ..errors import ShardkitError
+from ..sizes import format_size
 
 log = logging.getLogger("shardkit")
 
@@ -37,9 +37,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    from .ingest import IngestOptions
-    from .merge import parse_part
-    from .write_parallel import write_source
+    from ..ingest import IngestOptions
+    from ..merge import parse_part
+    from ..write_parallel import write_source
 
     options = IngestOptions(images_key=args.images_key, labels_key=args.labels_key, keys_key=args.keys_key,
                             image_format=args.format, quality=args.quality or 95, shape=args.shape,
@@ -75,8 +75,8 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_parts
-    from .write_parallel import shard_pattern
+    from ..merge import merge_parts
+    from ..write_parallel import shard_pattern
 
     manifest = merge_parts(args.dest, name=args.name)
     pattern = shard_pattern(args.dest, args.name, len(manifest.shards))
@@ -100,7 +100,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from .inspect import describe, shard_samples
-    from .urls import resolve_shards
+    from ..urls import resolve_shards
 
     rows = []
     for url in resolve_shards(args.url).urls:
@@ -116,7 +116,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_cat(args: argparse.Namespace) -> int:
     from .inspect import find_sample
-    from .urls import resolve_shards
+    from ..urls import resolve_shards
 
     sample = find_sample(resolve_shards(args.url), args.key)
     fields = [k for k in sample if not k.startswith("__")]

@@ -1,0 +1,5 @@
+"""``python -m shardkit.cli``: the same as the ``shardkit`` console script."""
+
+from .main import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The package's import graph has no cycles, counting imports inside functions.
+
+Imports are read from the source with ``ast`` (not by importing), so an import hidden
+in a function body counts the same as one at the top of a module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import shardkit
+
+ROOT = Path(shardkit.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _resolve(current: str, is_package: bool, level: int, target: str | None) -> str:
+    base = current.split(".") if is_package else current.split(".")[:-1]
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the shardkit modules it imports anywhere in its body."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (_resolve(name, is_package, node.level, node.module) if node.level
+                        else node.module or "")
+                # `from .pkg import mod` imports the submodule when there is one.
+                subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+                targets = subs or [base]
+            for target in targets:
+                if target in modules and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_sees_function_level_imports(tmp_path):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_graph_reads_imports_inside_functions():
+    graph = import_graph()
+    # source.backend_for imports the remote backends inside a function body.
+    assert "shardkit.remote.http" in graph["shardkit.source"]
+    assert "shardkit.backend" in graph["shardkit.remote.http"]
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert cycles == [], f"import cycles among shardkit modules: {cycles}"
+
+
+def test_backend_vocabulary_imports_nothing_from_the_package():
+    assert import_graph()["shardkit.backend"] == set()
+
+
+def test_backends_never_import_the_cache():
+    graph = import_graph()
+    for name in ("shardkit.remote.http", "shardkit.remote.s3", "shardkit.remote.pipe",
+                 "shardkit.remote.fsspec_backend", "shardkit.localfile", "shardkit.remote.stream"):
+        assert "shardkit.cache" not in graph[name] and "shardkit.source" not in graph[name], name
+    assert "shardkit.source" not in graph["shardkit.cache"]
