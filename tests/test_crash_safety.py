@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(60)
 
 KILLS = 10
 FINAL = re.compile(r"^data-\d{6}\.tar(\.idx)?$")
-TEMP = re.compile(r"^data(-\d{6}\.tar(\.idx)?|\.manifest\.json)\.tmp$")
+TEMP = re.compile(r"^data(-\d{6}\.tar(\.idx)?|\.manifest\.json|\.resume\.json)\.tmp$")
 
 
 def shardkit_cmd() -> list[str]:
@@ -94,7 +94,9 @@ def check_kill_leftovers(dest: str, reference: dict[str, str]) -> set[str]:
     names = set(os.listdir(dest))
     temps = {n for n in names if TEMP.match(n)}
     finals = {n for n in names if FINAL.match(n)}
-    assert names - temps - finals <= {"data.manifest.json"}, f"unexpected files {names - temps - finals}"
+    # data.resume.json: the parallel writer's record of where each finished shard's successor starts
+    assert names - temps - finals <= {"data.manifest.json", "data.resume.json"}, \
+        f"unexpected files {names - temps - finals}"
     if "data.manifest.json" in names:
         # Rewritten after every finished shard: complete only when the run finished, and
         # otherwise listing exactly the complete shards that are there.

@@ -18,7 +18,7 @@ from PIL import Image
 
 from shardkit.errors import ShardkitError
 from shardkit.index import Manifest
-from shardkit.synthetic import make_image_folder
+from shardkit.cli.synthetic import make_image_folder
 from shardkit.write_parallel import WorkerDied, write_files, write_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,3 +351,34 @@ def test_dask_engine_on_a_local_two_worker_cluster(photos, tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_part_slices_cover_every_input_once_and_bad_parts_are_refused(photos, tmp_path):
+    from shardkit.merge import parse_part, part_slice
+
+    for total in (0, 1, 7, 240, 1001):
+        for count in (1, 2, 3, 8):
+            slices = [part_slice(total, i, count) for i in range(count)]
+            assert [i for a, b in slices for i in range(a, b)] == list(range(total))
+            assert max(b - a for a, b in slices) - min(b - a for a, b in slices) <= 1
+    assert parse_part("2/8") == (2, 8)
+    for bad in ("8/8", "-1/3", "1/0", "a/b", "3"):
+        with pytest.raises(ValueError):
+            parse_part(bad)
+    usage = shardkit("write", photos, str(tmp_path / "x"), "--part", "3/3", check=False)
+    assert usage.returncode == 1 and b"0 <= I < N" in usage.stderr
+    remote = shardkit("write", photos, "s3://bucket/shards", "--part", "0/2", check=False)
+    assert remote.returncode == 1 and b"shared-filesystem DEST" in remote.stderr
+    assert b"shared-filesystem DEST" in shardkit("merge", "s3://bucket/shards", check=False).stderr
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_python_api_same_bytes_with_every_start_method(photos, tmp_path, start_method):
+    """fork is used only when the caller has no other thread; the others must agree."""
+    paths = sorted(os.path.join(photos, "class_01", n) for n in os.listdir(os.path.join(photos, "class_01")))
+    one = write_files(paths, str(tmp_path / "one"), labels=[1] * len(paths), workers=1, shard_size="100kB")
+    two = write_files(paths, str(tmp_path / "two"), labels=[1] * len(paths), workers=2, shard_size="100kB",
+                      start_method=start_method)
+    assert one.samples == two.samples == len(paths) - 1 and two.workers == 2
+    assert [os.path.basename(p) for p, _ in two.skipped] == ["zz_cut.jpg"]
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,7 +35,8 @@ import webdataset as wds
 started = time.perf_counter()
 src, out, workers, maxsize = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-entries = [(os.path.join(src, c, n), i) for i, c in enumerate(classes) for n in sorted(os.listdir(os.path.join(src, c)))]
+entries = [(os.path.join(src, c, n), i) for i, c in enumerate(classes)
+           for n in sorted(os.listdir(os.path.join(src, c)))]
 def load(path):
     with open(path, "rb") as f:
         return f.read()
@@ -52,13 +54,31 @@ from litdata import optimize
 started = time.perf_counter()
 src, out, workers, maxsize = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-entries = [(os.path.join(src, c, n), i) for i, c in enumerate(classes) for n in sorted(os.listdir(os.path.join(src, c)))]
+entries = [(os.path.join(src, c, n), i) for i, c in enumerate(classes)
+           for n in sorted(os.listdir(os.path.join(src, c)))]
 def load(entry):
     with open(entry[0], "rb") as f:
         return {"jpg": f.read(), "cls": entry[1]}
 if __name__ == "__main__":
     optimize(fn=load, inputs=entries, output_dir=out, chunk_bytes=maxsize, num_workers=workers, mode="overwrite",
              verbose=False, start_method="fork")
+    print(f"work={time.perf_counter() - started:.3f}")
+"""
+
+# Control: the same pure-Python CPU work in 1 process, then split over 2. Its ratio is what
+# this machine gives a second process right now (other users' load included).
+BURN = r"""
+import multiprocessing as mp, sys, time
+def burn(n):
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+if __name__ == "__main__":
+    procs, n = int(sys.argv[1]), 12_000_000
+    started = time.perf_counter()
+    with mp.get_context("fork").Pool(procs) as pool:
+        pool.map(burn, [n // procs] * procs)
     print(f"work={time.perf_counter() - started:.3f}")
 """
 
@@ -91,7 +111,7 @@ def drop_page_cache(paths: list[str]) -> None:
 def make_source(folder: str, count: int) -> list[str]:
     marker = os.path.join(folder, f".complete-{count}")
     if not os.path.exists(marker):
-        from shardkit.synthetic import make_image_folder
+        from shardkit.cli.synthetic import make_image_folder
 
         shutil.rmtree(folder, ignore_errors=True)
         print(f"generating {count} JPEGs ~500x375 in {folder} ...", file=sys.stderr)
@@ -115,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", default="100MB")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "shardkit-bench-write"))
     parser.add_argument("--json", help="also write the raw timings here")
+    parser.add_argument("--only", help="run only the cases whose name matches this regular expression")
     args = parser.parse_args(argv)
 
     from shardkit.sizes import parse_size
@@ -131,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return [py, "-m", "shardkit.cli", "write", src, out, "--shard-size", args.shard_size, "--json", *extra]
 
     cases: dict[str, tuple[list[str], bool]] = {
+        "control: CPU burn, 1 process": ([py, "-c", BURN, "1"], False),
+        "control: CPU burn, 2 processes": ([py, "-c", BURN, "2"], False),
         "tar cf": (["tar", "cf", os.path.join(out, "all.tar"), "-C", src, "."], False),
         "tar cf, cold": (["tar", "cf", os.path.join(out, "all.tar"), "-C", src, "."], True),
         # shardkit fsyncs each shard before renaming it: the same durability for tar
@@ -151,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         print("litdata is not importable: skipped", file=sys.stderr)
     if dask_available():
         cases["dask engine, 2 parts, local 2-worker cluster"] = ([py, "-c", DASK, src, out, args.shard_size], False)
+    if args.only:
+        import re
+
+        cases = {k: v for k, v in cases.items() if re.search(args.only, k)}
     times: dict[str, list[float]] = {name: [] for name in cases}  # work: after start-up and imports
     walls: dict[str, list[float]] = {name: [] for name in cases}  # the whole command
+    cpus: dict[str, list[float]] = {name: [] for name in cases}  # CPU seconds of the command and its children
     extra: dict[str, list[dict[str, float]]] = {}
     for round_ in range(args.rounds):
         digests = {}
@@ -161,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(out)
             if cold:
                 drop_page_cache(files)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
             elapsed = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed: {proc.stderr[-2000:]}")
             walls[name].append(elapsed)
@@ -184,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.count / work:7,.0f} img/s", file=sys.stderr)
         values = list(digests.values())
         assert all(v == values[0] for v in values), "--workers changed the output bytes"
+        if len(values) > 1:
+            print(f"round {round_ + 1}: output identical for {', '.join(digests)}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
 
     def ratio(a: str, b: str, table: dict[str, list[float]]) -> float:
@@ -194,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
           f"shard size {args.shard_size}, {args.rounds} interleaved rounds, median times; load average "
           f"{os.getloadavg()[0]:.1f} at the end\n")
     print("work = after interpreter start-up and imports; command = the whole command, wall clock\n")
-    print(f"{'case':52s} {'work s':>7s} {'img/s':>7s} {'MB/s':>5s} {'command s':>9s} {'img/s':>7s}")
+    print(f"{'case':52s} {'work s':>7s} {'img/s':>7s} {'MB/s':>5s} {'command s':>9s} {'img/s':>7s} "
+          f"{'CPU ms/img':>10s}")
     for name, values in times.items():
         t, w = statistics.median(values), statistics.median(walls[name])
         print(f"{name:52s} {t:7.2f} {args.count / t:7,.0f} {total_bytes / 1e6 / t:5.0f} {w:9.2f} "
-              f"{args.count / w:7,.0f}")
+              f"{args.count / w:7,.0f} {statistics.median(cpus[name]) / args.count * 1e3:10.2f}")
     print("\nratios of rates (median of per-round ratios), work and whole command:")
-    pairs = [("shardkit --workers 2", "shardkit --workers 1"),
+    pairs = [("control: CPU burn, 2 processes", "control: CPU burn, 1 process"),
+             ("shardkit --workers 2", "shardkit --workers 1"),
              ("shardkit --workers 2 --no-validate", "shardkit --workers 1 --no-validate"),
              ("shardkit --workers 2", "shardkit --workers 2 --no-validate"),
              ("shardkit --workers 2", "tar cf"),
@@ -213,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
              ("shardkit --workers 2 --no-validate", "litdata optimize, 2 workers"),
              ("dask engine, 2 parts, local 2-worker cluster", "shardkit --workers 2")]
     for a, b in pairs:
-        if a in times and b in times:
+        if a in times and b in times and times[a] and times[b]:
             print(f"  {a:41s} vs {b:41s} {ratio(a, b, times):5.2f}x {ratio(a, b, walls):5.2f}x")
     for name, rows in extra.items():
-        print(f"  {name}: cluster start {statistics.median(r['cluster_start'] for r in rows):.2f} s")
+        if rows:
+            print(f"  {name}: cluster start {statistics.median(r['cluster_start'] for r in rows):.2f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"work": times, "command": walls, "extra": extra, "count": args.count,
+            json.dump({"work": times, "command": walls, "cpu": cpus, "extra": extra, "count": args.count,
                        "bytes": total_bytes}, f, indent=1)
     return 0
 

@@ -75,8 +75,8 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_parts
-    from .write_parallel import shard_pattern
+    from ..merge import merge_parts
+    from ..write_parallel import shard_pattern
 
     manifest = merge_parts(args.dest, name=args.name)
     pattern = shard_pattern(args.dest, args.name, len(manifest.shards))
