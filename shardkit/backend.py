@@ -159,7 +159,7 @@ class _BoundedReader(io.RawIOBase):
         view = memoryview(buffer)
         if len(view) > self._left:
             view = view[: self._left]
-        n = self._raw.readinto(view)
+        n = self._raw.readinto(view)  # type: ignore[attr-defined]  # typeshed's BinaryIO lacks readinto
         self._left -= n or 0
         return n or 0
 

@@ -344,7 +344,7 @@ def _sha256_of(f: BinaryIO) -> str:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     while True:
-        n = f.readinto(buf)
+        n = f.readinto(buf)  # type: ignore[attr-defined]  # typeshed's BinaryIO lacks readinto
         if not n:
             return h.hexdigest()
         h.update(view[:n])

@@ -69,7 +69,7 @@ def peek_head(stream: BinaryIO) -> tuple[bytes, BinaryIO]:
         if not more:
             break
         head += more
-    return head, _Replay(head, stream)
+    return head, _Replay(head, stream)  # type: ignore[return-value]  # a file-like, not an IO subclass
 
 
 def _read(stream: Any, n: int) -> bytes:
@@ -92,7 +92,7 @@ class _Replay:
             memoryview(buffer)[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        return self._stream.readinto(buffer) or 0
+        return self._stream.readinto(buffer) or 0  # type: ignore[attr-defined]
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:

@@ -90,7 +90,7 @@ class RandomResizedCropDecode:
         log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()  # type: ignore[arg-type]  # as torchvision
             crop_w = int(round(math.sqrt(target_area * aspect)))
             crop_h = int(round(math.sqrt(target_area / aspect)))
             if 0 < crop_w <= width and 0 < crop_h <= height:
@@ -152,7 +152,7 @@ class RandomResizedCropDecode:
             image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
             # resize(box=...) crops with sub-pixel precision and filters in one pass.
             return image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR),
-                                box=box)
+                                box=box)  # type: ignore[arg-type]  # a 4-tuple
         chw = to_mode(pixels, "torch")
         left, top, right, bottom = (int(round(v)) for v in box)
         crop = chw[:, top:max(bottom, top + 1), left:max(right, left + 1)]

@@ -238,7 +238,8 @@ class ShardDataset(PlannedDataset):
     def _decoder(self) -> Callable[[dict], dict] | None:
         if self.decode is None or callable(self.decode):
             return self.decode  # type: ignore[return-value]
-        return make_decoder(self.decode, decode_size=self.decode_size, allow_pickle=self.allow_pickle,
+        return make_decoder(self.decode,  # type: ignore[arg-type]  # checked by make_decoder
+                            decode_size=self.decode_size, allow_pickle=self.allow_pickle,
                             exif_orientation=self.exif_orientation)
 
     # -- the parts a driver (this dataset's own iteration, or a Mix) runs in a worker ------

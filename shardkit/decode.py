@@ -156,8 +156,8 @@ class SampleDecoder:
         """
         field = field.lower()
         ext = field.rsplit(".", 1)[-1]
-        if isinstance(data, memoryview):
-            data = data.tobytes()
+        if not isinstance(data, bytes):
+            data = bytes(data)
         handler = self.handlers.get(field, self.handlers.get(ext))
         if handler is not None:
             return handler(data)

@@ -16,7 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _transform_classes(*names: str) -> tuple[type, ...]:
+def _transform_classes(*names: str) -> tuple[Any, ...]:
     """The v1 and v2 torchvision classes with these names (v2 ones are not subclasses)."""
     import torchvision.transforms as v1
     import torchvision.transforms.v2 as v2

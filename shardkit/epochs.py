@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import ShardkitError
 from .pipeline import batched, collate
-from .plan import Topology
+from .plan import EpochInfo, Topology
 from .state import ResumeState
 
 EVEN_MODES = (None, "pad", "drop")
@@ -111,8 +111,27 @@ class PlannedDataset(IterableDataset):
             raise ShardkitError(f"rank {rank} out of range for world_size {world}")
         return rank, world
 
+    # -- what a driver (ShardLoader) asks of every planned dataset ------------------------
     def topology(self, num_workers: int = 0) -> Topology:
         """The topology this rank runs with ``num_workers`` DataLoader workers."""
+        raise NotImplementedError
+
+    @property
+    def planned(self) -> bool:
+        """True when the epoch follows a sample-level plan, so every count is exact."""
+        raise NotImplementedError
+
+    def epoch_info(self, epoch: int | None = None, *, num_workers: int = 0,
+                   resume: ResumeState | None = None) -> EpochInfo:
+        """Counts for this rank's epoch: samples, padded, dropped, per worker."""
+        raise NotImplementedError
+
+    def stream_sizes(self, *, num_workers: int, resume: ResumeState | None = None) -> list[list[int]] | None:
+        """Samples in each [rank][worker] stream of the current epoch, or None when unplanned."""
+        raise NotImplementedError
+
+    def num_items(self, batching: Batching, *, num_workers: int = 0) -> int:
+        """Items this rank yields per epoch under ``batching`` with ``num_workers`` workers."""
         raise NotImplementedError
 
     def _stages(self, epoch: int, resume: ResumeState | None) -> list:

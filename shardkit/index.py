@@ -217,7 +217,7 @@ class _HashingReader:
         self.head = b""  # the first bytes, to tell a compressed shard
 
     def readinto(self, buffer) -> int:
-        n = self._raw.readinto(buffer) or 0
+        n = self._raw.readinto(buffer) or 0  # type: ignore[attr-defined]
         if n:
             view = memoryview(buffer)[:n]
             self.sha256.update(view)

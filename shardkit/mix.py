@@ -93,7 +93,9 @@ class Mix(PlannedDataset):
         _, world = self.rank_and_world()
         return Topology(world_size=world, num_workers=num_workers, even=self.even, buffer=0)
 
-    planned = True  # exact counts always: every part has them
+    @property
+    def planned(self) -> bool:
+        return True  # exact counts always: every part has them
 
     def _planner(self, epoch: int) -> MixPlanner:
         return MixPlanner(self.parts, epoch=epoch, seed=self.seed, weights=self.weights,

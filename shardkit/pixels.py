@@ -196,7 +196,9 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
     if mode == "LAB":
         from PIL import ImageCms
 
-        return ImageCms.applyTransform(image, _lab_to_srgb())
+        converted = ImageCms.applyTransform(image, _lab_to_srgb())
+        assert converted is not None  # None only with inPlace=True
+        return converted
     if mode == "P" and isinstance(image.info.get("transparency"), bytes):
         # Same colours as convert("RGB"), without PIL's warning about byte transparency.
         return image.convert("RGBA").convert("RGB")

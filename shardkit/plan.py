@@ -161,7 +161,7 @@ def shard_order(n_shards: int, *, epoch: int, seed: int, shuffle: bool) -> np.nd
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, 7]).permutation(n_shards)
 
 
-def epoch_sequence(counts: Sequence[int], *, epoch: int, seed: int, shuffle_shards: bool) -> np.ndarray:
+def epoch_sequence(counts: Sequence[int] | np.ndarray, *, epoch: int, seed: int, shuffle_shards: bool) -> np.ndarray:
     """Global sample ids in epoch order (shards permuted, samples in shard order)."""
     counts_arr = np.asarray(counts, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts_arr)[:-1]]) if len(counts_arr) else counts_arr

@@ -226,7 +226,7 @@ class _Window:
                 self._raw[:keep] = self._raw[self.lo:self.hi]
                 self.base += self.lo
                 self.lo, self.hi = 0, keep
-            got = self._stream.readinto(self.buf[self.hi:])
+            got = self._stream.readinto(self.buf[self.hi:])  # type: ignore[attr-defined]
             if not got:
                 self.eof = True
             else:
@@ -266,7 +266,7 @@ class _Window:
             try:
                 have = 0
                 while have < len(part):
-                    got = self._stream.readinto(view[have:])
+                    got = self._stream.readinto(view[have:])  # type: ignore[attr-defined]
                     if not got:
                         self.eof = True
                         return None
@@ -408,7 +408,7 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
                 long_name = _nts(data).decode("utf-8", "surrogateescape")
             continue  # K (long link name) only matters for links, which we skip
         if "path" in pax or "path" in global_pax:
-            name = pax.get("path", global_pax.get("path"))
+            name = pax["path"] if "path" in pax else global_pax["path"]
         elif long_name is not None:
             name = long_name
         else:
@@ -428,11 +428,12 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
                 payload = bytes(w.buf[lo:lo + size])
                 w.lo = lo + padded
             else:
-                payload = w.take(size)
-                if payload is None:
+                taken = w.take(size)
+                if taken is None:
                     raise ShardFormatError(
                         f"truncated archive: member of {size} bytes runs past the end of the stream",
                         url=url, offset=here, member=name)
+                payload = taken
                 if not w.skip(padded - size):
                     raise ShardFormatError("truncated archive: stream ended in member padding",
                                            url=url, offset=here, member=name)

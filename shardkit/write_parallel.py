@@ -186,8 +186,8 @@ class _Workers:
         ctx = _context(start_method)
         forked = ctx.get_start_method() == "fork"
         self.slots = ctx.RawArray("q", [-1] * count)
-        self.procs = []
-        self.conns = []
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
         for slot in range(count):
             parent, child = ctx.Pipe(duplex=True)
             inherited = [c.fileno() for c in (*self.conns, parent)] if forked else []

@@ -146,7 +146,8 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         return _loop(loader, lambda b: len(b[1]))
     if name.startswith("shardkit"):
         threads = 2 if name == "shardkit-threads" else 0
-        decode_size = {"shardkit-reduced": 224, "shardkit-fused": "auto"}.get(name)
+        sizes: dict[str, int | str] = {"shardkit-reduced": 224, "shardkit-fused": "auto"}
+        decode_size = sizes.get(name)
         ds = ShardDataset(shards, decode="torch", decode_size=decode_size,
                           transform={"jpg": aug}, fields="jpg cls", threads=threads)
         loader = ShardLoader(ds, batch_size=batch, num_workers=0 if threads else workers)

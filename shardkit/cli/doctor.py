@@ -115,8 +115,8 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
         raise ValueError("need workers >= 0, threads >= 0, batch_size >= 1 and seconds > 0")
     alternatives = [f for f in field_name.split(";") if f]
     transform_map = {f: transform for f in alternatives} if transform is not None else None
-    ds_kwargs = dict(decode=decode, decode_size=decode_size, transform=transform_map, threads=threads,
-                     fields=field_name, handler="warn")
+    ds_kwargs: dict[str, Any] = dict(decode=decode, decode_size=decode_size, transform=transform_map,
+                                     threads=threads, fields=field_name, handler="warn")
     ds = ProfiledShardDataset(urls, **ds_kwargs)
     from ..dataset import ShardDataset
 

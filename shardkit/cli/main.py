@@ -176,14 +176,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import diagnose, format_report, make_transform
 
-    decode_size: int | str | None = args.decode_size
-    if decode_size == "none":
-        decode_size = None
-    elif decode_size != "auto":
+    text: str = args.decode_size
+    decode_size: int | str | None = None if text == "none" else text
+    if text not in ("none", "auto"):
         try:
-            decode_size = int(decode_size)
+            decode_size = int(text)
         except ValueError:
-            raise ValueError(f"--decode-size must be auto, none or an integer, got {decode_size!r}") from None
+            raise ValueError(f"--decode-size must be auto, none or an integer, got {text!r}") from None
     diagnosis = diagnose(args.url, transform=make_transform(args.transform), workers=args.workers,
                          threads=args.threads, batch_size=args.batch, decode_size=decode_size,
                          seconds=args.seconds, field_name=args.field)

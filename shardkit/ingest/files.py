@@ -156,6 +156,7 @@ def _table_entries(src: str, fmt: str) -> tuple[list[Entry], list[str] | None]:
         raise ShardkitError(f"{src}: has no rows")
     columns = list(records[0].keys())
     path_col = _pick_column(columns, _PATH_COLUMNS, src, "path", True)
+    assert path_col is not None  # required=True raises instead of returning None
     label_col = _pick_column(columns, _LABEL_COLUMNS, src, "label", False)
     rows = [(str(r[path_col]), None if label_col is None or r.get(label_col) is None else str(r[label_col]))
             for r in records]

@@ -155,11 +155,11 @@ class NumpySource:
         elif "images" in members:
             name = "images"
         else:
-            name = next((n for n, (s, _, d) in members.items()
-                         if d == np.uint8 and len(s) in (3, 4)), None)
-            if name is None:
+            found = next((n for n, (s, _, d) in members.items() if d == np.uint8 and len(s) in (3, 4)), None)
+            if found is None:
                 raise ShardkitError(f"{self.path}: no 'images' array and no 3-D/4-D uint8 array; "
                                     f"it has: {listing} (pass --images-key)")
+            name = found
         self._member = name
         self.shape, self._fortran, self.dtype = members[name]
         arrays = None

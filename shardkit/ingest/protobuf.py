@@ -32,6 +32,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
     """``(field number, wire type, value)``: int for varints, memoryview otherwise."""
     pos, end = 0, len(buf)
+    value: Any
     while pos < end:
         tag, pos = _varint(buf, pos)
         wire = tag & 7

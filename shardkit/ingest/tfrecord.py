@@ -65,7 +65,7 @@ def masked_crc32c(data: bytes | bytearray | memoryview) -> int:
 def _open(path: str) -> IO[bytes]:
     with open(path, "rb") as f:
         compressed = f.read(2) == _GZIP_MAGIC
-    return gzip.open(path, "rb") if compressed else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[return-value]  # noqa: SIM115
 
 
 def _error(path: str, number: int, offset: int, message: str) -> ShardkitError:
