@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shardkit.errors import SampleError, ShardkitError
+from shardkit.errors import SampleError, ShardkitError, SkippedSampleWarning
 from shardkit.pipeline import SamplePipeline, batched, collate, make_handler, parse_fields
 
 pytestmark = pytest.mark.timeout(30)
@@ -55,12 +55,13 @@ def test_raise_handler_reraises_the_same_exception():
     assert info.value is error
 
 
-def test_warn_handler_logs_and_returns(caplog):
-    with caplog.at_level(logging.WARNING, logger="shardkit"):
+def test_warn_handler_warns_visibly_and_returns():
+    # A warning, not a log record: visible without any logging set-up (issue 13).
+    with pytest.warns(SkippedSampleWarning) as caught:
         assert make_handler("warn")(SampleError("bad pixels", url=URL, key="k0001")) is None
-    records = [r for r in caplog.records if r.name == "shardkit.pipeline"]
-    assert len(records) == 1 and records[0].levelno == logging.WARNING
-    assert "bad pixels" in records[0].getMessage() and URL in records[0].getMessage()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "bad pixels" in message and URL in message and message.startswith("skipped 1 sample")
 
 
 def test_skip_handler_is_silent(caplog):
