@@ -84,8 +84,11 @@ def shard_requests() -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description="Train from shards over HTTP with a local cache")
-    p.add_argument("--url", help="shard URL pattern, e.g. 'https://host/train-{000000..000099}.tar' "
-                                 "(default: serve a generated demo set on 127.0.0.1)")
+    p.add_argument(
+        "--url",
+        help="shard URL pattern, e.g. 'https://host/train-{000000..000099}.tar' "
+        "(default: serve a generated demo set on 127.0.0.1)",
+    )
     p.add_argument("--cache-dir", help="shard cache folder (default: a temp dir)")
     p.add_argument("--cache-size", default="1GB", help="cache bound, e.g. 50GB (default 1GB)")
     p.add_argument("--no-cache", action="store_true", help="stream without caching")
@@ -114,10 +117,17 @@ def main() -> int:
             url = f"{base}/data-{{000000..{n - 1:06d}}}.tar"
             print(f"serving {n} generated shards: {url}", flush=True)
         cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(tmp, "cache"))
-        dataset = ShardDataset(url, shuffle=args.shuffle, seed=args.seed, even=None, decode="torch",
-                               transform={"jpg": tc.build_augment(args.size)},
-                               cache_dir=cache_dir, cache_size=args.cache_size if cache_dir else None,
-                               handler="warn")
+        dataset = ShardDataset(
+            url,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            even=None,
+            decode="torch",
+            transform={"jpg": tc.build_augment(args.size)},
+            cache_dir=cache_dir,
+            cache_size=args.cache_size if cache_dir else None,
+            handler="warn",
+        )
         loader = ShardLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
         model = tc.build_model(args.model, tc.num_classes_of(loader, args.num_classes))
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -137,16 +147,26 @@ def main() -> int:
                 if args.steps and steps >= args.steps:
                     break
             stats = loader.stats()
-            result = {"epoch": epoch, "steps": steps, "samples": seen,
-                      "seconds": round(time.perf_counter() - t0, 2), "stats": stats}
-            line = (f"epoch {epoch}: {steps} steps, {seen} samples, loss {loss.item():.3f}, "
-                    f"read {stats['bytes_read'] / 1e6:.2f} MB, waited {stats['wait_s']:.2f} s for data")
+            result = {
+                "epoch": epoch,
+                "steps": steps,
+                "samples": seen,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "stats": stats,
+            }
+            line = (
+                f"epoch {epoch}: {steps} steps, {seen} samples, loss {loss.item():.3f}, "
+                f"read {stats['bytes_read'] / 1e6:.2f} MB, waited {stats['wait_s']:.2f} s for data"
+            )
             if server is not None:
                 result["shard_requests"] = shard_requests() - before
                 line += f", {result['shard_requests']} shard downloads from the server"
             if cache_dir:
-                cached = sum(os.path.getsize(os.path.join(root, f))
-                             for root, _, files in os.walk(os.path.join(cache_dir, "objects")) for f in files)
+                cached = sum(
+                    os.path.getsize(os.path.join(root, f))
+                    for root, _, files in os.walk(os.path.join(cache_dir, "objects"))
+                    for f in files
+                )
                 result["cache_bytes"] = cached
                 line += f", cache holds {cached / 1e6:.2f} MB"
             print(line, flush=True)

@@ -82,17 +82,18 @@ def make_demo_shards(dest: str, *, count: int = 400, classes: int = 4, shard_siz
     make_demo_images(images, count=count, classes=classes)
     shards = os.path.join(dest, "shards")
     source = open_source(images, shuffle=True, seed=0)  # shuffled at write time, too
-    write_shards(source, shards, shard_size=shard_size, classes=getattr(source, "classes", None),
-                 progress=False)
+    write_shards(source, shards, shard_size=shard_size, classes=getattr(source, "classes", None), progress=False)
     return shards
 
 
 def build_augment(size: int) -> v2.Compose:
     """Per-sample augmentation on uint8 CHW tensors, run inside the DataLoader workers."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
 
 
 def build_normalize() -> v2.Compose:
@@ -104,10 +105,18 @@ class TinyCNN(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,13 +164,18 @@ def parse_args(argv: list[str] | None = None, *, description: str | None = None)
     p.add_argument("--count", type=int, default=400, help="images in the generated demo set")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--steps", type=int, default=0, help="at most this many steps per epoch (0 = all)")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="save a checkpoint and exit after this many steps in all (simulated preemption)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="save a checkpoint and exit after this many steps in all (simulated preemption)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--size", type=int, default=64, help="training resolution")
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (a 3-layer CNN, fast on CPU) or a torchvision model name, e.g. resnet18")
+    p.add_argument(
+        "--model", default="tiny", help="'tiny' (a 3-layer CNN, fast on CPU) or a torchvision model name, e.g. resnet18"
+    )
     p.add_argument("--num-classes", type=int, help="when the manifest has no class list")
     p.add_argument("--shuffle", type=int, default=1000, help="shuffle-buffer size")
     p.add_argument("--lr", type=float, default=0.05)
@@ -232,28 +246,51 @@ def train(data: str, checkpoint: str, args: argparse.Namespace) -> int:
             steps += 1
             total_steps += 1
             if args.stop_after and total_steps >= args.stop_after:
-                save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "loader": loader.state_dict(), "epoch": epoch,
-                                             "samples_in_epoch": seen, "steps": total_steps})
-                print(f"stopped after {total_steps} steps (epoch {epoch}, {seen} samples of it done); "
-                      f"checkpoint: {checkpoint}; continue with --resume")
-                print("RESULT " + json.dumps({"epoch": epoch, "samples": seen, "stopped": True,
-                                              "steps": total_steps}))
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "loader": loader.state_dict(),
+                        "epoch": epoch,
+                        "samples_in_epoch": seen,
+                        "steps": total_steps,
+                    },
+                )
+                print(
+                    f"stopped after {total_steps} steps (epoch {epoch}, {seen} samples of it done); "
+                    f"checkpoint: {checkpoint}; continue with --resume"
+                )
+                print("RESULT " + json.dumps({"epoch": epoch, "samples": seen, "stopped": True, "steps": total_steps}))
                 return 0
             if args.steps and steps >= args.steps:
                 break
         elapsed = time.perf_counter() - t0
         stats = loader.stats()
         new = seen - done_in_epoch
-        print(f"epoch {epoch}: {steps} steps, {seen} samples in the epoch, loss {loss_sum / max(new, 1):.3f}, "
-              f"train acc {correct / max(new, 1):.2f}, {new / elapsed:.0f} samples/s, "
-              f"waited {stats['wait_s']:.2f} s for data, read {stats['bytes_read'] / 1e6:.1f} MB")
+        print(
+            f"epoch {epoch}: {steps} steps, {seen} samples in the epoch, loss {loss_sum / max(new, 1):.3f}, "
+            f"train acc {correct / max(new, 1):.2f}, {new / elapsed:.0f} samples/s, "
+            f"waited {stats['wait_s']:.2f} s for data, read {stats['bytes_read'] / 1e6:.1f} MB"
+        )
         # Epoch finished (or cut by --steps): the next run starts at the next epoch.
-        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "loader": None, "epoch": epoch + 1, "samples_in_epoch": 0,
-                                     "steps": total_steps})
-        print("RESULT " + json.dumps({"epoch": epoch, "samples": seen, "steps": total_steps,
-                                      "loss": loss_sum / max(new, 1), "stats": stats}))
+        save_checkpoint(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "loader": None,
+                "epoch": epoch + 1,
+                "samples_in_epoch": 0,
+                "steps": total_steps,
+            },
+        )
+        print(
+            "RESULT "
+            + json.dumps(
+                {"epoch": epoch, "samples": seen, "steps": total_steps, "loss": loss_sum / max(new, 1), "stats": stats}
+            )
+        )
         resumed = False
     return 0
 

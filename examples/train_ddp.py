@@ -114,8 +114,11 @@ def train(data: str, checkpoint: str, args, rank: int, world: int, device: torch
             loader.load_state_dict(ck["loader"])
             resumed = True
         if rank == 0:
-            print(f"resumed from {checkpoint} at epoch {start_epoch} (saved with "
-                  f"{ck['world_size']} rank(s), now {world})", flush=True)
+            print(
+                f"resumed from {checkpoint} at epoch {start_epoch} (saved with "
+                f"{ck['world_size']} rank(s), now {world})",
+                flush=True,
+            )
 
     for epoch in range(start_epoch, args.epochs):
         if not (resumed and epoch == start_epoch):
@@ -137,12 +140,22 @@ def train(data: str, checkpoint: str, args, rank: int, world: int, device: torch
             total_steps += 1
             if args.stop_after and total_steps >= args.stop_after:
                 if rank == 0:
-                    tc.save_checkpoint(checkpoint, {
-                        "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-                        "loader": loader.state_dict(), "epoch": epoch, "steps": total_steps,
-                        "world_size": world})
-                    print(f"stopped after {total_steps} steps; checkpoint {checkpoint}; "
-                          "continue with --resume (any number of ranks)", flush=True)
+                    tc.save_checkpoint(
+                        checkpoint,
+                        {
+                            "model": model.module.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "loader": loader.state_dict(),
+                            "epoch": epoch,
+                            "steps": total_steps,
+                            "world_size": world,
+                        },
+                    )
+                    print(
+                        f"stopped after {total_steps} steps; checkpoint {checkpoint}; "
+                        "continue with --resume (any number of ranks)",
+                        flush=True,
+                    )
                 dist.barrier()
                 return
             if args.steps and steps >= args.steps:
@@ -150,29 +163,58 @@ def train(data: str, checkpoint: str, args, rank: int, world: int, device: torch
         elapsed = time.perf_counter() - t0
         report(loader, epoch, rank, steps, samples, loss_sum, elapsed, device)
         if rank == 0:
-            tc.save_checkpoint(checkpoint, {
-                "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-                "loader": None, "epoch": epoch + 1, "steps": total_steps, "world_size": world})
+            tc.save_checkpoint(
+                checkpoint,
+                {
+                    "model": model.module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "loader": None,
+                    "epoch": epoch + 1,
+                    "steps": total_steps,
+                    "world_size": world,
+                },
+            )
 
 
-def report(loader, epoch: int, rank: int, steps: int, samples: int, loss_sum: torch.Tensor,
-           elapsed: float, device: torch.device) -> None:
+def report(
+    loader,
+    epoch: int,
+    rank: int,
+    steps: int,
+    samples: int,
+    loss_sum: torch.Tensor,
+    elapsed: float,
+    device: torch.device,
+) -> None:
     """Gather every rank's loader.stats() and print them on rank 0."""
     info = loader.dataset.epoch_info()
-    mine = {**loader.stats(), "rank": rank, "steps": steps, "samples": samples,
-            "seconds": round(elapsed, 2), "padded": info.padded, "dropped": info.dropped}
+    mine = {
+        **loader.stats(),
+        "rank": rank,
+        "steps": steps,
+        "samples": samples,
+        "seconds": round(elapsed, 2),
+        "padded": info.padded,
+        "dropped": info.dropped,
+    }
     total = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=device)])
     dist.all_reduce(total)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        print(f"epoch {epoch}: loss {float(total[0] / total[1].clamp(min=1)):.3f}, "
-              f"{int(total[1])} samples over {len(gathered)} rank(s)", flush=True)
+        print(
+            f"epoch {epoch}: loss {float(total[0] / total[1].clamp(min=1)):.3f}, "
+            f"{int(total[1])} samples over {len(gathered)} rank(s)",
+            flush=True,
+        )
         for s in gathered:
-            print(f"  rank {s['rank']}: {s['batches']} batches, {s['samples']} samples, "
-                  f"read {s['samples_read']} samples / {s['bytes_read'] / 1e6:.2f} MB from "
-                  f"{s['shards_opened']} shard opens, skipped {s['skipped']}, waited {s['wait_s']:.2f} s "
-                  f"for data, padded {s['padded']}, dropped {s['dropped']}", flush=True)
+            print(
+                f"  rank {s['rank']}: {s['batches']} batches, {s['samples']} samples, "
+                f"read {s['samples_read']} samples / {s['bytes_read'] / 1e6:.2f} MB from "
+                f"{s['shards_opened']} shard opens, skipped {s['skipped']}, waited {s['wait_s']:.2f} s "
+                f"for data, padded {s['padded']}, dropped {s['dropped']}",
+                flush=True,
+            )
         print("RESULT " + json.dumps({"epoch": epoch, "ranks": gathered}), flush=True)
 
 

@@ -13,9 +13,18 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Mix", "SampleError", "ShardDataset", "ShardFormatError", "ShardLoader", "ShardMap", "ShardWriter",
+    "Mix",
+    "SampleError",
+    "ShardDataset",
+    "ShardFormatError",
+    "ShardLoader",
+    "ShardMap",
+    "ShardWriter",
     "ShardkitError",
-    "SourceError", "format_size", "parse_size", "__version__",
+    "SourceError",
+    "format_size",
+    "parse_size",
+    "__version__",
 ]
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 CHUNK = 1 << 20
@@ -56,23 +57,39 @@ class SourceOptions:
 DEFAULT_OPTIONS = SourceOptions()
 
 
-def merge_source_options(given: SourceOptions | None, *, cache_dir: str | None, cache_size: int | str | None,
-                    headers: dict[str, dict[str, str]] | None, allow_pipe: bool) -> SourceOptions:
+def merge_source_options(
+    given: SourceOptions | None,
+    *,
+    cache_dir: str | None,
+    cache_size: int | str | None,
+    headers: dict[str, dict[str, str]] | None,
+    allow_pipe: bool,
+) -> SourceOptions:
     """The options of a dataset given either as keyword arguments or as one ``given``
     SourceOptions (never both for the same option). ``given`` is copied, never modified."""
     if given is None:
-        return SourceOptions(cache_dir=cache_dir, cache_size=cache_size, headers=dict(headers or {}),
-                             allow_pipe=allow_pipe)
-    clashes = [name for name, value in (("cache_dir", cache_dir), ("cache_size", cache_size),
-                                        ("headers", headers), ("allow_pipe", allow_pipe)) if value]
+        return SourceOptions(
+            cache_dir=cache_dir, cache_size=cache_size, headers=dict(headers or {}), allow_pipe=allow_pipe
+        )
+    clashes = [
+        name
+        for name, value in (
+            ("cache_dir", cache_dir),
+            ("cache_size", cache_size),
+            ("headers", headers),
+            ("allow_pipe", allow_pipe),
+        )
+        if value
+    ]
     if clashes:
         raise ValueError(f"pass {', '.join(clashes)} inside source_options, not beside it")
     return dataclasses.replace(given, headers=dict(given.headers))
 
 
 class OpenStream(Protocol):
-    def __call__(self, url: str, offset: int = 0, length: int | None = None,
-                 options: SourceOptions = ...) -> BinaryIO: ...
+    def __call__(
+        self, url: str, offset: int = 0, length: int | None = None, options: SourceOptions = ...
+    ) -> BinaryIO: ...
 
 
 @dataclass(frozen=True)

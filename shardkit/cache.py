@@ -41,8 +41,9 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from .backend import SourceOptions
@@ -94,8 +95,7 @@ class ShardCache:
         for d in (self._objects, self._tmp, self._locks):
             os.makedirs(d, exist_ok=True)
         self._stats_lock = threading.Lock()
-        self._stats = {"hits": 0, "misses": 0, "bytes_downloaded": 0, "evictions": 0,
-                       "prefetched": 0}
+        self._stats = {"hits": 0, "misses": 0, "bytes_downloaded": 0, "evictions": 0, "prefetched": 0}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._pending: dict[str, Future] = {}
@@ -162,8 +162,7 @@ class ShardCache:
 
     # -- public API ---------------------------------------------------------------
 
-    def open(self, url: str, fetch_fn: FetchFn, *,
-             expected_sha256: str | None = None) -> BinaryIO:
+    def open(self, url: str, fetch_fn: FetchFn, *, expected_sha256: str | None = None) -> BinaryIO:
         """A read-only file with the whole object, downloading it once if needed.
 
         ``fetch_fn(path)`` must write the complete object to ``path``. Close the returned
@@ -171,8 +170,7 @@ class ShardCache:
         """
         return self._open(url, fetch_fn, expected_sha256)[0]
 
-    def _open(self, url: str, fetch_fn: FetchFn,
-              expected_sha256: str | None) -> tuple[BinaryIO, bool]:
+    def _open(self, url: str, fetch_fn: FetchFn, expected_sha256: str | None) -> tuple[BinaryIO, bool]:
         """(file, whether this call downloaded it)."""
         path = self.path_for(url)
         f = self._open_shared(path)
@@ -263,8 +261,7 @@ class ShardCache:
                     removed += 1
         return removed
 
-    def _download(self, url: str, key: str, path: str, fetch_fn: FetchFn,
-                  expected_sha256: str | None) -> BinaryIO:
+    def _download(self, url: str, key: str, path: str, fetch_fn: FetchFn, expected_sha256: str | None) -> BinaryIO:
         """Fetch into a temp file and rename it into place; caller holds the URL lock."""
         self._remove_temps(key)  # a crashed earlier download of this URL
         tmp = os.path.join(self._tmp, f"{key}.{os.getpid()}.{secrets.token_hex(4)}.part")
@@ -283,8 +280,9 @@ class ShardCache:
                 digest = _sha256_of(f)
                 f.seek(0)
                 if digest != expected_sha256.lower():
-                    raise SourceError(f"sha256 mismatch: expected {expected_sha256}, "
-                                      f"downloaded {digest} ({size} bytes)", url=url)
+                    raise SourceError(
+                        f"sha256 mismatch: expected {expected_sha256}, downloaded {digest} ({size} bytes)", url=url
+                    )
             with self._evict_lock():
                 self._evict(size)
                 os.rename(tmp, path)

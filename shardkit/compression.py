@@ -102,7 +102,7 @@ class _Replay:
             return b"".join(parts)
         if self._head:
             out = bytes(self._head[:n])
-            self._head = self._head[len(out):]
+            self._head = self._head[len(out) :]
             return out
         return _read(self._stream, n)
 
@@ -139,19 +139,22 @@ class _GzipReader:
             self._in_member = not self._obj.eof
             self._tail = self._obj.unused_data if self._obj.eof else self._obj.unconsumed_tail
             if out:
-                memoryview(buffer)[:len(out)] = out
+                memoryview(buffer)[: len(out)] = out
                 return len(out)
 
     def close(self) -> None:
         self._tail = b""
 
 
-def _zstd_reader(stream: BinaryIO, url: str | None) -> "_ZstdReader":
+def _zstd_reader(stream: BinaryIO, url: str | None) -> _ZstdReader:
     try:
         import zstandard
     except ImportError:
-        raise ShardFormatError("it is zstd-compressed; reading .tar.zst shards needs the zstandard package: "
-                               "pip install 'shardkit[zstd]'", url=url, offset=0) from None
+        raise ShardFormatError(
+            "it is zstd-compressed; reading .tar.zst shards needs the zstandard package: pip install 'shardkit[zstd]'",
+            url=url,
+            offset=0,
+        ) from None
     return _ZstdReader(stream, zstandard.ZstdDecompressor())
 
 
@@ -249,8 +252,9 @@ class Decompressed:
             detail = f"{type(e).__name__}: {e}"
             if "incorrect data check" in detail or "incorrect length check" in detail:
                 detail = f"CRC/size check of the gzip trailer failed ({detail})"
-            raise ShardFormatError(f"corrupt {self.compression} data: {detail}", url=self.url,
-                                   offset=self.position) from None
+            raise ShardFormatError(
+                f"corrupt {self.compression} data: {detail}", url=self.url, offset=self.position
+            ) from None
         self.position += n
         return n
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,14 +23,20 @@ from .imageinfo import guess_format_name
 from .pixels import DecodeMode, check_mode, decode_rgb, default_max_pixels, to_mode
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pil_filters() -> dict[Any, Image.Resampling]:
     """torchvision interpolation modes -> PIL filters (built on first use: torchvision loads lazily)."""
     from torchvision.transforms import InterpolationMode as M
 
-    return {M.NEAREST: Image.Resampling.NEAREST, M.NEAREST_EXACT: Image.Resampling.NEAREST,
-            M.BILINEAR: Image.Resampling.BILINEAR, M.BICUBIC: Image.Resampling.BICUBIC,
-            M.BOX: Image.Resampling.BOX, M.HAMMING: Image.Resampling.HAMMING, M.LANCZOS: Image.Resampling.LANCZOS}
+    return {
+        M.NEAREST: Image.Resampling.NEAREST,
+        M.NEAREST_EXACT: Image.Resampling.NEAREST,
+        M.BILINEAR: Image.Resampling.BILINEAR,
+        M.BICUBIC: Image.Resampling.BICUBIC,
+        M.BOX: Image.Resampling.BOX,
+        M.HAMMING: Image.Resampling.HAMMING,
+        M.LANCZOS: Image.Resampling.LANCZOS,
+    }
 
 
 @dataclass(frozen=True)
@@ -60,16 +67,25 @@ class RandomResizedCropDecode:
         make_decoder("torch", handlers=dict.fromkeys(IMAGE_EXTENSIONS, RandomResizedCropDecode(224)))
     """
 
-    def __init__(self, size: int | tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), *, mode: DecodeMode = "torch",
-                 max_pixels: int | None = None, interpolation: Any = None, antialias: bool = True) -> None:
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        *,
+        mode: DecodeMode = "torch",
+        max_pixels: int | None = None,
+        interpolation: Any = None,
+        antialias: bool = True,
+    ) -> None:
         check_mode(mode)
         hw = as_hw(size)
         if hw is None or min(hw) < 1:
             raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], "
-                             f"got scale={scale!r}, ratio={ratio!r}")
+            raise ValueError(
+                f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got scale={scale!r}, ratio={ratio!r}"
+            )
         self.size = hw
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -81,8 +97,7 @@ class RandomResizedCropDecode:
         self.antialias = bool(antialias)
 
     def __repr__(self) -> str:
-        return (f"RandomResizedCropDecode(size={self.size}, scale={self.scale}, "
-                f"ratio={self.ratio}, mode={self.mode!r})")
+        return f"RandomResizedCropDecode(size={self.size}, scale={self.scale}, ratio={self.ratio}, mode={self.mode!r})"
 
     def get_params(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, crop_height, crop_width), as torchvision's RandomResizedCrop draws it."""
@@ -128,18 +143,20 @@ class RandomResizedCropDecode:
             planned.append((self.plan(height, width), height, width))
             return planned[-1][0].scale
 
-        pixels = decode_rgb(data, max_pixels=self.max_pixels, scale_for=scale_for,
-                            format_name=guess_format_name(data))
-        decoded_w, decoded_h = (pixels.size if isinstance(pixels, Image.Image)
-                                else (pixels.shape[1], pixels.shape[0]))
+        pixels = decode_rgb(data, max_pixels=self.max_pixels, scale_for=scale_for, format_name=guess_format_name(data))
+        decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
         if planned:  # planned from the header: map the box into decoded pixels
             plan, full_h, full_w = planned[-1]
             ratio_y, ratio_x = decoded_h / full_h, decoded_w / full_w
         else:  # BMP, PNM, TIFF: the size is known only after decoding
             plan = self.plan(decoded_h, decoded_w)
             ratio_y = ratio_x = 1.0
-        box = (plan.left * ratio_x, plan.top * ratio_y,
-               (plan.left + plan.width) * ratio_x, (plan.top + plan.height) * ratio_y)
+        box = (
+            plan.left * ratio_x,
+            plan.top * ratio_y,
+            (plan.left + plan.width) * ratio_x,
+            (plan.top + plan.height) * ratio_y,
+        )
         return self._crop_resize(pixels, box)
 
     def _crop_resize(self, pixels: np.ndarray | Image.Image, box: tuple[float, ...]) -> Any:
@@ -151,11 +168,10 @@ class RandomResizedCropDecode:
         if self.mode == "pil":
             image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
             # resize(box=...) crops with sub-pixel precision and filters in one pass.
-            return image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR),
-                                box=box)  # type: ignore[arg-type]  # a 4-tuple
+            return image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR), box=box)  # type: ignore[arg-type]  # a 4-tuple
         chw = to_mode(pixels, "torch")
         left, top, right, bottom = (int(round(v)) for v in box)
-        crop = chw[:, top:max(bottom, top + 1), left:max(right, left + 1)]
+        crop = chw[:, top : max(bottom, top + 1), left : max(right, left + 1)]
         resized = tvf.resize(crop, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
         if self.mode == "torch":
             return resized
@@ -190,17 +206,26 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
         if not isinstance(step, rrc_classes):
             return None
         antialias = getattr(step, "antialias", True)
-        crop = RandomResizedCropDecode(tuple(step.size), tuple(step.scale), tuple(step.ratio), mode=mode,
-                                       interpolation=step.interpolation,
-                                       antialias=True if antialias is None else bool(antialias))
-        rest = leaves[:index] + leaves[index + 1:]
+        crop = RandomResizedCropDecode(
+            tuple(step.size),
+            tuple(step.scale),
+            tuple(step.ratio),
+            mode=mode,
+            interpolation=step.interpolation,
+            antialias=True if antialias is None else bool(antialias),
+        )
+        rest = leaves[:index] + leaves[index + 1 :]
         if not rest:
             return crop, None
         import torchvision.transforms as v1
         import torchvision.transforms.v2 as v2
 
-        compose = v2.Compose if type(transform).__module__.startswith("torchvision.transforms.v2") \
-            or type(step).__module__.startswith("torchvision.transforms.v2") else v1.Compose
+        compose = (
+            v2.Compose
+            if type(transform).__module__.startswith("torchvision.transforms.v2")
+            or type(step).__module__.startswith("torchvision.transforms.v2")
+            else v1.Compose
+        )
         return crop, compose(rest)
     return None
 
@@ -250,8 +275,11 @@ class FusedSamplePipeline:
     def __call__(self, sample: dict[str, Any]) -> Any:
         from .decode import IMAGE_EXTENSIONS
 
-        images = [k for k, v in sample.items() if not k.startswith("__") and isinstance(v, _BYTES)
-                  and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+        images = [
+            k
+            for k, v in sample.items()
+            if not k.startswith("__") and isinstance(v, _BYTES) and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+        ]
         if len(images) != 1:
             return self.transform(self.base(sample))
         field = images[0]

@@ -10,14 +10,15 @@ epoch lives in shared memory so ``set_epoch`` reaches persistent workers.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .backend import SourceOptions, merge_source_options
 from .cache import cache_for
 from .crop_decode import fuse_crop
 from .decode import make_decoder
 from .decode_size import resolve_decode_size
-from .epochs import Batching, PlannedDataset, Progress
+from .epochs import Batching, PlannedDataset
 from .errors import ShardkitError
 from .pipeline import SamplePipeline, collate, make_handler
 from .plan import EpochInfo, EpochPlanner, Topology
@@ -77,31 +78,51 @@ class ShardDataset(PlannedDataset):
             torch ops release the GIL, so threads can stand in for worker processes.
     """
 
-    def __init__(self, urls: str | Sequence[str], *, shuffle: int | bool = 0,
-                 shuffle_shards: bool | None = None, seed: int = 0, even: str | None = "pad",
-                 rank: int | None = None, world_size: int | None = None,
-                 decode: str | Callable[[dict], dict] | None = None, decode_size: int | str | None = None,
-                 transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
-                 fields: str | Sequence[str] | None = None, batch_size: int | None = None,
-                 drop_last: bool = False, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 handler: str | Callable[[Exception], Any] = "raise", select: Callable[[dict], bool] | None = None,
-                 epoch_length: int | None = None,
-                 resampled: bool = False, cache_dir: str | None = None, cache_size: int | str | None = None,
-                 headers: dict[str, dict[str, str]] | None = None, allow_pipe: bool = False,
-                 allow_pickle: bool = False, threads: int = 0,
-                 source_options: SourceOptions | None = None, exif_orientation: bool = True) -> None:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        shuffle: int | bool = 0,
+        shuffle_shards: bool | None = None,
+        seed: int = 0,
+        even: str | None = "pad",
+        rank: int | None = None,
+        world_size: int | None = None,
+        decode: str | Callable[[dict], dict] | None = None,
+        decode_size: int | str | None = None,
+        transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
+        fields: str | Sequence[str] | None = None,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        handler: str | Callable[[Exception], Any] = "raise",
+        select: Callable[[dict], bool] | None = None,
+        epoch_length: int | None = None,
+        resampled: bool = False,
+        cache_dir: str | None = None,
+        cache_size: int | str | None = None,
+        headers: dict[str, dict[str, str]] | None = None,
+        allow_pipe: bool = False,
+        allow_pickle: bool = False,
+        threads: int = 0,
+        source_options: SourceOptions | None = None,
+        exif_orientation: bool = True,
+    ) -> None:
         super().__init__(rank=rank, world_size=world_size, even=even)
         self.buffer = DEFAULT_BUFFER if shuffle is True else int(shuffle or 0)
         self.shuffle_shards = bool(self.buffer) if shuffle_shards is None else shuffle_shards
         self.seed = seed
-        self.options = merge_source_options(source_options, cache_dir=cache_dir, cache_size=cache_size,
-                                       headers=headers, allow_pipe=allow_pipe)
+        self.options = merge_source_options(
+            source_options, cache_dir=cache_dir, cache_size=cache_size, headers=headers, allow_pipe=allow_pipe
+        )
         self.shards: ShardList = resolve_shards(urls, options=self.options)
         self.urls = self.shards.urls
         self.counts = self.shards.counts
         if self.counts is None:
-            log.info("no index or manifest for these shards: splitting by whole shards "
-                     "(run `shardkit index` for sample-level splitting, len() and fast resume)")
+            log.info(
+                "no index or manifest for these shards: splitting by whole shards "
+                "(run `shardkit index` for sample-level splitting, len() and fast resume)"
+            )
         self.decode = decode
         # "auto" also fuses a leading RandomResizedCrop into decoding (crop_decode.fuse_crop).
         self.fuse_crop = decode_size == "auto"
@@ -155,17 +176,20 @@ class ShardDataset(PlannedDataset):
         assert self.counts is not None
         return EpochPlanner(self.counts, epoch=epoch, seed=self.seed, shuffle_shards=self.shuffle_shards)
 
-    def epoch_info(self, epoch: int | None = None, *, num_workers: int = 0,
-                   resume: ResumeState | None = None) -> EpochInfo:
+    def epoch_info(
+        self, epoch: int | None = None, *, num_workers: int = 0, resume: ResumeState | None = None
+    ) -> EpochInfo:
         """Counts for this rank's epoch: samples, padded, dropped, per worker (after the
         dataset's own resume state, or ``resume`` when given)."""
         if self.counts is None:
-            raise ShardkitError("epoch_info needs sample counts (an index or manifest); "
-                                "run `shardkit index` on the shards")
+            raise ShardkitError(
+                "epoch_info needs sample counts (an index or manifest); run `shardkit index` on the shards"
+            )
         epoch = self.epoch if epoch is None else epoch
         rank, _ = self.rank_and_world()
-        _, info = self._planner(epoch).plan(self.topology(num_workers), rank=rank, worker=0,
-                                            stages=self._stages(epoch, resume))
+        _, info = self._planner(epoch).plan(
+            self.topology(num_workers), rank=rank, worker=0, stages=self._stages(epoch, resume)
+        )
         return info
 
     def stream_sizes(self, *, num_workers: int, resume: ResumeState | None = None) -> list[list[int]] | None:
@@ -179,15 +203,19 @@ class ShardDataset(PlannedDataset):
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (raises TypeError when unknown)."""
         if self.select is not None:
-            raise TypeError("with select= the number of samples is unknown until they are read; "
-                            "ds.epoch_info().rank_samples is the upper bound (samples before filtering)")
+            raise TypeError(
+                "with select= the number of samples is unknown until they are read; "
+                "ds.epoch_info().rank_samples is the upper bound (samples before filtering)"
+            )
         if self.epoch_length is not None:
             return self.epoch_length
         if self.resampled:
             raise TypeError("a resampled ShardDataset without epoch_length is infinite: it has no len()")
         if self.counts is None:
-            raise TypeError("len() needs sample counts: these shards have no index or manifest "
-                            "(run `shardkit index URL...`), or pass epoch_length=")
+            raise TypeError(
+                "len() needs sample counts: these shards have no index or manifest "
+                "(run `shardkit index URL...`), or pass epoch_length="
+            )
         return self.epoch_info().rank_samples
 
     def num_items(self, batching: Batching, *, num_workers: int = 0) -> int:
@@ -208,21 +236,29 @@ class ShardDataset(PlannedDataset):
         return self.num_items(self.batching)
 
     # -- iteration -----------------------------------------------------------------------
-    def iter_items(self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False,
-                   rotation: int = 0) -> Iterator[Any]:
+    def iter_items(
+        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+    ) -> Iterator[Any]:
         rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
         handler = make_handler(self.handler)
         stats = ReadStats()
-        run = WorkerEpoch(self.epoch_spec(), self.reader(handler, stats), topology=topo, rank=rank, worker=worker,
-                          epoch=epoch, resume=resume)
+        run = WorkerEpoch(
+            self.epoch_spec(),
+            self.reader(handler, stats),
+            topology=topo,
+            rank=rank,
+            worker=worker,
+            epoch=epoch,
+            resume=resume,
+        )
         # Each sample is tagged with its position count in the emission order; the count
         # of the last sample handed out is the progress a resume continues from.
         tagged = ((n, s) for n, s in enumerate(run.samples(), run.skip + 1) if s is not None)
-        mapped = self.pipeline(handler).map(tagged, stats.count_skipped, threads=self.threads,
-                                            on_filter=stats.count_filtered)
+        mapped = self.pipeline(handler).map(
+            tagged, stats.count_skipped, threads=self.threads, on_filter=stats.count_filtered
+        )
         cache_before = self._cache_stats()
-        yield from self._emit(mapped, batching, progress=progress,
-                              counters=lambda: self._counters(stats, cache_before))
+        yield from self._emit(mapped, batching, progress=progress, counters=lambda: self._counters(stats, cache_before))
 
     def _cache_stats(self) -> dict[str, int]:
         if not self.options.cache_dir:
@@ -238,15 +274,17 @@ class ShardDataset(PlannedDataset):
     def _decoder(self) -> Callable[[dict], dict] | None:
         if self.decode is None or callable(self.decode):
             return self.decode  # type: ignore[return-value]
-        return make_decoder(self.decode,  # type: ignore[arg-type]  # checked by make_decoder
-                            decode_size=self.decode_size, allow_pickle=self.allow_pickle,
-                            exif_orientation=self.exif_orientation)
+        return make_decoder(
+            self.decode,  # type: ignore[arg-type]  # checked by make_decoder
+            decode_size=self.decode_size,
+            allow_pickle=self.allow_pickle,
+            exif_orientation=self.exif_orientation,
+        )
 
     # -- the parts a driver (this dataset's own iteration, or a Mix) runs in a worker ------
     def epoch_spec(self) -> EpochSpec:
         """What decides which samples an epoch holds and their order."""
-        return EpochSpec(len(self.urls), self.counts, self.seed, self.shuffle_shards, self.epoch_length,
-                         self.resampled)
+        return EpochSpec(len(self.urls), self.counts, self.seed, self.shuffle_shards, self.epoch_length, self.resampled)
 
     def reader(self, handler: Callable[[Exception], None], stats: ReadStats) -> ShardReader:
         """A reader of this dataset's shards (one per worker)."""
@@ -257,5 +295,6 @@ class ShardDataset(PlannedDataset):
         decoder, transform = self._decoder(), self.transform
         if self.fuse_crop:
             decoder, transform = fuse_crop(decoder, transform)
-        return SamplePipeline(decoder=decoder, transform=transform, fields=self.fields,
-                              handler=handler, select=self.select)
+        return SamplePipeline(
+            decoder=decoder, transform=transform, fields=self.fields, handler=handler, select=self.select
+        )

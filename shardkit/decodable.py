@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -35,8 +36,26 @@ except ImportError:  # pragma: no cover - depends on the environment
     _simplejpeg = None
 
 #: Field extensions holding encoded images (what ``shardkit write`` stores and readers decode).
-IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm",
-                          "pnm", "avif", "heic", "jp2", "jxl"})
+IMAGE_FIELDS = frozenset(
+    {
+        "jpg",
+        "jpeg",
+        "png",
+        "webp",
+        "gif",
+        "bmp",
+        "tif",
+        "tiff",
+        "ppm",
+        "pgm",
+        "pbm",
+        "pnm",
+        "avif",
+        "heic",
+        "jp2",
+        "jxl",
+    }
+)
 
 
 def pixel_limit(max_pixels: int | None) -> int | None:
@@ -50,8 +69,9 @@ def pixel_limit(max_pixels: int | None) -> int | None:
 
 def _over(width: int, height: int, limit: int | None) -> str | None:
     if limit is not None and width * height > limit:
-        return (f"image is {width}x{height} = {width * height} pixels, over the limit of {limit} "
-                "(decompression-bomb guard)")
+        return (
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limit} (decompression-bomb guard)"
+        )
     return None
 
 

@@ -17,7 +17,8 @@ import io
 import json
 import pickle
 import zlib
-from typing import Any, Callable, Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +27,18 @@ from .pixels import DecodeMode, check_mode, dct_scale_for, decode_rgb, default_m
 
 #: Field extensions decoded as images, and the format name used in error messages.
 IMAGE_FORMAT_NAMES: dict[str, str] = {
-    "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WebP",
-    "ppm": "PNM", "pgm": "PNM", "pbm": "PNM", "pnm": "PNM",
-    "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF", "gif": "GIF",
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WebP",
+    "ppm": "PNM",
+    "pgm": "PNM",
+    "pbm": "PNM",
+    "pnm": "PNM",
+    "bmp": "BMP",
+    "tif": "TIFF",
+    "tiff": "TIFF",
+    "gif": "GIF",
 }
 IMAGE_EXTENSIONS = frozenset(IMAGE_FORMAT_NAMES)
 INT_EXTENSIONS = frozenset({"cls", "cls2", "class", "count", "index", "inx"})
@@ -45,9 +55,15 @@ def _check_size(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
-def decode_image(data: bytes | bytearray | memoryview, mode: DecodeMode = "torch", *,
-                 decode_size: int | None = None, max_pixels: int | None = None,
-                 format_name: str = "image", exif_orientation: bool = True) -> Any:
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    mode: DecodeMode = "torch",
+    *,
+    decode_size: int | None = None,
+    max_pixels: int | None = None,
+    format_name: str = "image",
+    exif_orientation: bool = True,
+) -> Any:
     """Decode one encoded image to RGB in ``mode`` ("pil", "numpy" or "torch").
 
     ``decode_size=S`` decodes JPEGs at the largest DCT scale (1/2, 1/4, 1/8) whose
@@ -64,8 +80,13 @@ def decode_image(data: bytes | bytearray | memoryview, mode: DecodeMode = "torch
     def scale_for(height: int, width: int) -> int:
         return dct_scale_for(height, width, decode_size)
 
-    pixels = decode_rgb(data, max_pixels=default_max_pixels(max_pixels), format_name=format_name,
-                        scale_for=scale_for if decode_size else None, exif=exif_orientation)
+    pixels = decode_rgb(
+        data,
+        max_pixels=default_max_pixels(max_pixels),
+        format_name=format_name,
+        scale_for=scale_for if decode_size else None,
+        exif=exif_orientation,
+    )
     return to_mode(pixels, mode)
 
 
@@ -89,7 +110,6 @@ def _gunzip(data: bytes | bytearray, limit: int) -> bytes:
     return out
 
 
-
 def _preview(data: bytes | bytearray, limit: int = 40) -> str:
     shown = bytes(data[:limit])
     return repr(shown) + ("..." if len(data) > limit else "")
@@ -102,9 +122,16 @@ class SampleDecoder:
     (fork or spawn) as long as the user ``handlers`` do.
     """
 
-    def __init__(self, mode: DecodeMode = "pil", *, decode_size: int | None = None,
-                 handlers: dict[str, Callable[[bytes], Any]] | None = None,
-                 allow_pickle: bool = False, max_pixels: int | None = None, exif_orientation: bool = True) -> None:
+    def __init__(
+        self,
+        mode: DecodeMode = "pil",
+        *,
+        decode_size: int | None = None,
+        handlers: dict[str, Callable[[bytes], Any]] | None = None,
+        allow_pickle: bool = False,
+        max_pixels: int | None = None,
+        exif_orientation: bool = True,
+    ) -> None:
         check_mode(mode)
         _check_size("decode_size", decode_size)
         if not isinstance(exif_orientation, bool):
@@ -119,17 +146,22 @@ class SampleDecoder:
         self.max_pixels = default_max_pixels(max_pixels)
 
     def __repr__(self) -> str:
-        return (f"SampleDecoder(mode={self.mode!r}, decode_size={self.decode_size!r}, "
-                f"handlers={sorted(self.handlers)!r}, allow_pickle={self.allow_pickle!r}, "
-                f"max_pixels={self.max_pixels!r}, exif_orientation={self.exif_orientation!r})")
+        return (
+            f"SampleDecoder(mode={self.mode!r}, decode_size={self.decode_size!r}, "
+            f"handlers={sorted(self.handlers)!r}, allow_pickle={self.allow_pickle!r}, "
+            f"max_pixels={self.max_pixels!r}, exif_orientation={self.exif_orientation!r})"
+        )
 
     def __call__(self, sample: dict[str, Any], *, only: Collection[str] | None = None) -> dict[str, Any]:
         """Return a new dict with every bytes field decoded (with ``only``, just those
         fields; the others stay raw bytes); the input is not modified."""
         decoded: dict[str, Any] = {}
         for field, value in sample.items():
-            if field.startswith("__") or not isinstance(value, _BYTES_TYPES) or (only is not None
-                                                                                 and field not in only):
+            if (
+                field.startswith("__")
+                or not isinstance(value, _BYTES_TYPES)
+                or (only is not None and field not in only)
+            ):
                 decoded[field] = value  # metadata, already decoded upstream, or not wanted
                 continue
             try:
@@ -145,8 +177,9 @@ class SampleDecoder:
     @staticmethod
     def _located(sample: dict[str, Any], field: str, message: str) -> SampleError:
         key = sample.get("__key__")
-        return SampleError(message, url=sample.get("__url__"), key=key,
-                           member=f"{key}.{field}" if key is not None else field)
+        return SampleError(
+            message, url=sample.get("__url__"), key=key, member=f"{key}.{field}" if key is not None else field
+        )
 
     def decode_field(self, field: str, data: bytes | bytearray | memoryview) -> Any:
         """Decode one field's bytes; raises SampleError without location on bad data.
@@ -166,8 +199,14 @@ class SampleDecoder:
             # members, decoded as what they hold once decompressed.
             return self.decode_field(field[:-3], _gunzip(data, self.max_gunzip))
         if ext in IMAGE_EXTENSIONS:
-            return decode_image(data, self.mode, decode_size=self.decode_size, max_pixels=self.max_pixels,
-                                format_name=IMAGE_FORMAT_NAMES[ext], exif_orientation=self.exif_orientation)
+            return decode_image(
+                data,
+                self.mode,
+                decode_size=self.decode_size,
+                max_pixels=self.max_pixels,
+                format_name=IMAGE_FORMAT_NAMES[ext],
+                exif_orientation=self.exif_orientation,
+            )
         if ext in INT_EXTENSIONS:
             try:
                 return int(data)
@@ -192,15 +231,21 @@ class SampleDecoder:
             if not self.allow_pickle:
                 raise SampleError(
                     f".{ext} decoding needs allow_pickle=True (unpickling runs arbitrary "
-                    "code: only enable it for shards you trust)")
+                    "code: only enable it for shards you trust)"
+                )
             return pickle.loads(data)
         return data  # unknown extension: raw bytes
 
 
-def make_decoder(mode: DecodeMode = "pil", *, decode_size: int | None = None,
-                 handlers: dict[str, Callable[[bytes], Any]] | None = None,
-                 allow_pickle: bool = False, max_pixels: int | None = None,
-                 exif_orientation: bool = True) -> SampleDecoder:
+def make_decoder(
+    mode: DecodeMode = "pil",
+    *,
+    decode_size: int | None = None,
+    handlers: dict[str, Callable[[bytes], Any]] | None = None,
+    allow_pickle: bool = False,
+    max_pixels: int | None = None,
+    exif_orientation: bool = True,
+) -> SampleDecoder:
     """Return a picklable callable that decodes a sample dict.
 
     Args:
@@ -228,5 +273,11 @@ def make_decoder(mode: DecodeMode = "pil", *, decode_size: int | None = None,
     keys (``__key__``, ``__url__``, ...) are untouched. Any failure raises
     :class:`~shardkit.errors.SampleError` naming the URL and member.
     """
-    return SampleDecoder(mode, decode_size=decode_size, handlers=handlers,
-                         allow_pickle=allow_pickle, max_pixels=max_pixels, exif_orientation=exif_orientation)
+    return SampleDecoder(
+        mode,
+        decode_size=decode_size,
+        handlers=handlers,
+        allow_pickle=allow_pickle,
+        max_pixels=max_pixels,
+        exif_orientation=exif_orientation,
+    )

@@ -21,19 +21,33 @@ def _transform_classes(*names: str) -> tuple[Any, ...]:
     import torchvision.transforms as v1
     import torchvision.transforms.v2 as v2
 
-    return tuple(getattr(module, name) for module in (v1, v2) for name in names
-                 if hasattr(module, name))
+    return tuple(getattr(module, name) for module in (v1, v2) for name in names if hasattr(module, name))
 
 
 # Transforms that do not care about the pixel scale of their input: skipping over them
 # keeps the first resize/crop decisive. Anything else (crops, blur, rotation, padding,
 # unknown callables) works in pixel units of the full image, so we give up (None).
 _SCALE_FREE_NAMES = (
-    "RandomHorizontalFlip", "RandomVerticalFlip", "ColorJitter", "Grayscale",
-    "RandomGrayscale", "Normalize", "ToTensor", "PILToTensor", "ToPILImage",
-    "ConvertImageDtype", "ToImage", "ToDtype", "ToPureTensor", "RandomInvert",
-    "RandomPosterize", "RandomSolarize", "RandomAutocontrast", "RandomEqualize",
-    "RandomChannelPermutation", "RandomPhotometricDistort",
+    "RandomHorizontalFlip",
+    "RandomVerticalFlip",
+    "ColorJitter",
+    "Grayscale",
+    "RandomGrayscale",
+    "Normalize",
+    "ToTensor",
+    "PILToTensor",
+    "ToPILImage",
+    "ConvertImageDtype",
+    "ToImage",
+    "ToDtype",
+    "ToPureTensor",
+    "RandomInvert",
+    "RandomPosterize",
+    "RandomSolarize",
+    "RandomAutocontrast",
+    "RandomEqualize",
+    "RandomChannelPermutation",
+    "RandomPhotometricDistort",
 )
 
 
@@ -55,8 +69,9 @@ def as_hw(size: Any) -> tuple[int, int] | None:
     return (int(size[0]), int(size[0])) if len(size) == 1 else (int(size[0]), int(size[1]))
 
 
-def rrc_safe_decode_size(size: int | tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
-                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> int:
+def rrc_safe_decode_size(
+    size: int | tuple[int, int], scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> int:
     """Shorter side that guarantees every RandomResizedCrop crop has >= ``size`` pixels per side.
 
     A crop of area fraction ``a`` and aspect ``r`` of an image with area ``A >= m**2``

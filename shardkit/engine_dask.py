@@ -36,12 +36,28 @@ def write_part(src: str, dest: str, index: int, count: int, **options: Any) -> d
 
     options.setdefault("workers", 1)  # Dask worker processes are daemonic: no child processes
     result = write_source(src, dest, part=(index, count), **options)
-    return {"part": index, "parts": count, "shards": result.shards, "samples": result.samples,
-            "bytes": result.bytes, "skipped": result.skipped, "seconds": round(result.seconds, 3)}
+    return {
+        "part": index,
+        "parts": count,
+        "shards": result.shards,
+        "samples": result.samples,
+        "bytes": result.bytes,
+        "skipped": result.skipped,
+        "seconds": round(result.seconds, 3),
+    }
 
 
-def write_with_dask(src: str, dest: str, *, parts: int, client: Any = None, address: str | None = None,
-                    name: str = "data", retries: int = 1, **options: Any) -> tuple[Manifest, list[dict[str, Any]]]:
+def write_with_dask(
+    src: str,
+    dest: str,
+    *,
+    parts: int,
+    client: Any = None,
+    address: str | None = None,
+    name: str = "data",
+    retries: int = 1,
+    **options: Any,
+) -> tuple[Manifest, list[dict[str, Any]]]:
     """Submit parts ``0..parts-1`` of ``src`` to a Dask cluster, wait, merge; returns the
     merged manifest and the per-part summaries.
 
@@ -63,9 +79,20 @@ def write_with_dask(src: str, dest: str, *, parts: int, client: Any = None, addr
             raise ValueError("pass a dask.distributed Client or a scheduler address")
         client = Client(address)
     try:
-        futures = [client.submit(write_part, src, dest, i, parts, name=name, key=f"shardkit-{name}-part-{i}-of-{parts}",
-                                 retries=retries, **options)
-                   for i in range(parts)]
+        futures = [
+            client.submit(
+                write_part,
+                src,
+                dest,
+                i,
+                parts,
+                name=name,
+                key=f"shardkit-{name}-part-{i}-of-{parts}",
+                retries=retries,
+                **options,
+            )
+            for i in range(parts)
+        ]
         summaries = client.gather(futures)
     finally:
         if own:

@@ -121,8 +121,9 @@ class PlannedDataset(IterableDataset):
         """True when the epoch follows a sample-level plan, so every count is exact."""
         raise NotImplementedError
 
-    def epoch_info(self, epoch: int | None = None, *, num_workers: int = 0,
-                   resume: ResumeState | None = None) -> EpochInfo:
+    def epoch_info(
+        self, epoch: int | None = None, *, num_workers: int = 0, resume: ResumeState | None = None
+    ) -> EpochInfo:
         """Counts for this rank's epoch: samples, padded, dropped, per worker."""
         raise NotImplementedError
 
@@ -142,8 +143,9 @@ class PlannedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         return self.iter_items(self.batching, resume=self._resume)
 
-    def iter_items(self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False,
-                   rotation: int = 0) -> Iterator[Any]:
+    def iter_items(
+        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+    ) -> Iterator[Any]:
         """This worker's items for the current epoch (what ``__iter__`` runs).
 
         For drivers such as ShardLoader: ``resume`` is the state to continue from;
@@ -153,8 +155,7 @@ class PlannedDataset(IterableDataset):
         """
         raise NotImplementedError
 
-    def _worker_context(self, resume: ResumeState | None, rotation: int
-                        ) -> tuple[int, int, int, Topology, ResumeState]:
+    def _worker_context(self, resume: ResumeState | None, rotation: int) -> tuple[int, int, int, Topology, ResumeState]:
         """(rank, worker, epoch, topology, resume) of the calling DataLoader worker."""
         info = get_worker_info()
         worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
@@ -164,20 +165,36 @@ class PlannedDataset(IterableDataset):
         resume = resume if resume is not None and resume.epoch == epoch else ResumeState(epoch)
         if resume.continues(topo):
             worker = (worker + rotation) % topo.streams
-        self._worker_state = {"epoch": epoch, "rank": rank, "worker": worker, "topology": topo,
-                              "resume": resume, "emitted": resume.skip(topo, rank, worker)}
+        self._worker_state = {
+            "epoch": epoch,
+            "rank": rank,
+            "worker": worker,
+            "topology": topo,
+            "resume": resume,
+            "emitted": resume.skip(topo, rank, worker),
+        }
         return rank, worker, epoch, topo, resume
 
-    def _emit(self, mapped: Iterable[tuple[int, Any]], batching: Batching, *, progress: bool,
-              counters: Callable[[], dict[str, int]]) -> Iterator[Any]:
+    def _emit(
+        self,
+        mapped: Iterable[tuple[int, Any]],
+        batching: Batching,
+        *,
+        progress: bool,
+        counters: Callable[[], dict[str, int]],
+    ) -> Iterator[Any]:
         """Batch ``(position count, item)`` pairs and record the progress of each item."""
         ws = self._worker_state
         items: Iterator[tuple[int, tuple[int, Any]]]
         if batching.batch_size is None:
             items = ((n, (1, item)) for n, item in mapped)
         else:
-            items = batched(mapped, batching.batch_size, drop_last=batching.drop_last,
-                            collate_fn=lambda chunk: (len(chunk), batching.collate_fn(chunk)))
+            items = batched(
+                mapped,
+                batching.batch_size,
+                drop_last=batching.drop_last,
+                collate_fn=lambda chunk: (len(chunk), batching.collate_fn(chunk)),
+            )
         for emitted, (size, item) in items:
             ws["emitted"] = emitted
             if progress:

@@ -17,8 +17,9 @@ class ShardFormatError(ShardkitError):
     Attributes ``url``, ``offset`` and ``member`` say where (any may be None).
     """
 
-    def __init__(self, message: str, *, url: str | None = None, offset: int | None = None,
-                 member: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, url: str | None = None, offset: int | None = None, member: str | None = None
+    ) -> None:
         self.url = url
         self.offset = offset
         self.member = member
@@ -36,8 +37,15 @@ class ShardFormatError(ShardkitError):
 class SampleError(ShardkitError):
     """A sample could not be decoded or transformed (bad image, bad JSON, ...)."""
 
-    def __init__(self, message: str, *, url: str | None = None, key: str | None = None,
-                 member: str | None = None, offset: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        key: str | None = None,
+        member: str | None = None,
+        offset: int | None = None,
+    ) -> None:
         self.url = url
         self.key = key
         self.member = member

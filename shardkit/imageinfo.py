@@ -77,16 +77,16 @@ def _jpeg_header(data: bytes | bytearray) -> ImageHeader | None:
         if marker in _JPEG_SOF_MARKERS:
             if pos + 10 > end:
                 return None
-            height = int.from_bytes(data[pos + 5:pos + 7], "big")
-            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             if height == 0:  # height given later by a DNL marker: let PIL deal with it
                 return None
             return ImageHeader("JPEG", width, height, components=data[pos + 9], orientation=orientation)
         if marker in (0xDA, 0xD9):  # scan data or end of image before any frame header
             return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xE1 and orientation == 1 and data[pos + 4:pos + 10] == b"Exif\0\0":
-            orientation = exif_orientation(bytes(data[pos + 10:pos + 2 + length]))
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and orientation == 1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            orientation = exif_orientation(bytes(data[pos + 10 : pos + 2 + length]))
         pos += 2 + length
     return None
 
@@ -138,7 +138,6 @@ def guess_format_name(data: bytes | bytearray) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
     return "image"
-
 
 
 def _pnm_size(data: bytes) -> tuple[int, int] | None:

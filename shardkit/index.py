@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -76,17 +77,16 @@ def _split_index(data: bytes, url: str | None) -> tuple[np.ndarray, bytes | None
     table: bytes | None = None
     if magic == INDEX_MAGIC:
         if len(data) != end:
-            raise ShardFormatError(f"index claims {count} samples but has {len(data)} bytes",
-                                   url=url, offset=8)
+            raise ShardFormatError(f"index claims {count} samples but has {len(data)} bytes", url=url, offset=8)
     else:
         if len(data) < end + 8:
-            raise ShardFormatError(f"index claims {count} samples but has {len(data)} bytes",
-                                   url=url, offset=8)
-        size = int.from_bytes(data[end:end + 8], "little")
+            raise ShardFormatError(f"index claims {count} samples but has {len(data)} bytes", url=url, offset=8)
+        size = int.from_bytes(data[end : end + 8], "little")
         if len(data) != end + 8 + size:
-            raise ShardFormatError(f"index key table claims {size} bytes but {len(data) - end - 8} follow",
-                                   url=url, offset=end)
-        table = data[end + 8:]
+            raise ShardFormatError(
+                f"index key table claims {size} bytes but {len(data) - end - 8} follow", url=url, offset=end
+            )
+        table = data[end + 8 :]
     offsets = np.frombuffer(data, dtype="<u8", count=count + 1, offset=16)
     if count and np.any(np.diff(offsets.astype(np.int64)) <= 0):
         raise ShardFormatError("index offsets are not increasing", url=url, offset=16)
@@ -115,8 +115,7 @@ def decode_index_keys(data: bytes, *, url: str | None = None) -> list[str] | Non
         raise ShardFormatError("index key table does not end with a NUL byte", url=url, offset=where)
     keys = table[:-1].split(b"\0")
     if len(keys) != count:
-        raise ShardFormatError(f"index key table holds {len(keys)} keys for {count} samples",
-                               url=url, offset=where)
+        raise ShardFormatError(f"index key table holds {len(keys)} keys for {count} samples", url=url, offset=where)
     return [k.decode("utf-8", "surrogateescape") for k in keys]
 
 
@@ -172,25 +171,39 @@ class Manifest:
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, url: str | None = None) -> "Manifest":
+    def from_json(cls, text: str | bytes, *, url: str | None = None) -> Manifest:
         where = url or "manifest"
         try:
             doc = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise ShardFormatError(f"manifest is not valid JSON: {e}", url=url) from None
         if not isinstance(doc, dict) or doc.get("format") != "shardkit":
-            raise ShardFormatError("not a shardkit manifest (missing \"format\": \"shardkit\")", url=url)
+            raise ShardFormatError('not a shardkit manifest (missing "format": "shardkit")', url=url)
         if doc.get("version") != FORMAT_VERSION:
-            raise ShardFormatError(f"manifest version {doc.get('version')!r} is not supported "
-                                   f"(this shardkit reads version {FORMAT_VERSION})", url=url)
+            raise ShardFormatError(
+                f"manifest version {doc.get('version')!r} is not supported "
+                f"(this shardkit reads version {FORMAT_VERSION})",
+                url=url,
+            )
         try:
-            shards = [ShardInfo(name=str(s["name"]), samples=int(s["samples"]), bytes=int(s["bytes"]),
-                                sha256=s.get("sha256"), fields=list(s.get("fields", [])))
-                      for s in doc["shards"]]
+            shards = [
+                ShardInfo(
+                    name=str(s["name"]),
+                    samples=int(s["samples"]),
+                    bytes=int(s["bytes"]),
+                    sha256=s.get("sha256"),
+                    fields=list(s.get("fields", [])),
+                )
+                for s in doc["shards"]
+            ]
         except (KeyError, TypeError, ValueError) as e:
             raise ShardFormatError(f"{where}: bad shard entry ({e!r})", url=url) from None
-        return cls(shards=shards, name=str(doc.get("name", "data")), classes=doc.get("classes"),
-                   complete=bool(doc.get("complete", True)))
+        return cls(
+            shards=shards,
+            name=str(doc.get("name", "data")),
+            classes=doc.get("classes"),
+            complete=bool(doc.get("complete", True)),
+        )
 
 
 def manifest_name(name: str) -> str:
@@ -222,7 +235,7 @@ class _HashingReader:
             view = memoryview(buffer)[:n]
             self.sha256.update(view)
             if len(self.head) < 8:
-                self.head += bytes(view[:8 - len(self.head)])
+                self.head += bytes(view[: 8 - len(self.head)])
             self.bytes += n
         return n
 
@@ -264,5 +277,11 @@ def scan_shard(stream: BinaryIO, *, url: str | None = None) -> ShardScan:
     reader.drain()
     if not offsets:
         end = 0
-    return ShardScan(offsets + [max(end, offsets[-1] if offsets else 0)],
-                     reader.sha256.hexdigest(), reader.bytes, sorted(fields), keys, compression_of(reader.head))
+    return ShardScan(
+        offsets + [max(end, offsets[-1] if offsets else 0)],
+        reader.sha256.hexdigest(),
+        reader.bytes,
+        sorted(fields),
+        keys,
+        compression_of(reader.head),
+    )

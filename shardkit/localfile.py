@@ -16,8 +16,9 @@ def _path(url: str) -> str:
     return path
 
 
-def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+def open_stream(
+    url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+) -> BinaryIO:
     try:
         f = open(_path(url), "rb", buffering=0)
     except FileNotFoundError:

@@ -53,9 +53,11 @@ def require_local(dest: str, what: str) -> None:
     from .source import local_path
 
     if local_path(dest) is None:
-        raise ShardkitError(f"{what} needs a local or shared-filesystem DEST (NFS, Lustre, a mounted bucket), "
-                            f"not {dest}: write the parts to a shared folder, merge, then upload the folder "
-                            "(e.g. aws s3 sync)")
+        raise ShardkitError(
+            f"{what} needs a local or shared-filesystem DEST (NFS, Lustre, a mounted bucket), "
+            f"not {dest}: write the parts to a shared folder, merge, then upload the folder "
+            "(e.g. aws s3 sync)"
+        )
 
 
 def _part_manifests(dest: str, name: str) -> dict[int, tuple[int, str]]:
@@ -70,8 +72,10 @@ def _part_manifests(dest: str, name: str) -> dict[int, tuple[int, str]]:
             counts.add(count)
             found[index] = (count, os.path.join(dest, entry))
     if len(counts) > 1:
-        raise ShardkitError(f"{dest} holds parts of {name} written with different part counts "
-                            f"({', '.join(map(str, sorted(counts)))}); remove the stale ones and re-run")
+        raise ShardkitError(
+            f"{dest} holds parts of {name} written with different part counts "
+            f"({', '.join(map(str, sorted(counts)))}); remove the stale ones and re-run"
+        )
     return found
 
 
@@ -92,29 +96,35 @@ def merge_parts(dest: str, *, name: str = "data") -> Manifest:
             if manifest.complete:
                 log.info("%s is already merged", final)
                 return manifest
-        raise ShardkitError(f"{dest}: no parts of {name!r} to merge (expected {part_name(name, 0, 4)}"
-                            f"{manifest_name('')} and the like, from shardkit write --part I/N)")
+        raise ShardkitError(
+            f"{dest}: no parts of {name!r} to merge (expected {part_name(name, 0, 4)}"
+            f"{manifest_name('')} and the like, from shardkit write --part I/N)"
+        )
     count = next(iter(parts.values()))[0]
     manifests: list[Manifest] = []
     problems: list[str] = []
     for index in range(count):
         if index not in parts:
-            problems.append(f"part {index}/{count} is missing (no {part_name(name, index, count)}"
-                            f"{manifest_name('')}; run it, or it was already merged)")
+            problems.append(
+                f"part {index}/{count} is missing (no {part_name(name, index, count)}"
+                f"{manifest_name('')}; run it, or it was already merged)"
+            )
             continue
         path = parts[index][1]
         with open(path, "rb") as f:
             manifest = Manifest.from_json(f.read(), url=path)
         if not manifest.complete:
-            problems.append(f"part {index}/{count} is incomplete ({len(manifest.shards)} shard(s) so far; "
-                            "re-run it: it resumes)")
+            problems.append(
+                f"part {index}/{count} is incomplete ({len(manifest.shards)} shard(s) so far; re-run it: it resumes)"
+            )
         manifests.append(manifest)
     if problems:
         raise ShardkitError(f"cannot merge {name} in {dest}: " + "; ".join(problems))
     classes = manifests[0].classes
     if any(m.classes != classes for m in manifests):
-        raise ShardkitError(f"the parts of {name} in {dest} disagree on class names; were they written "
-                            "from the same input?")
+        raise ShardkitError(
+            f"the parts of {name} in {dest} disagree on class names; were they written from the same input?"
+        )
     plan: list[tuple[str, str, ShardInfo]] = []
     for manifest in manifests:
         for info in manifest.shards:
@@ -125,12 +135,16 @@ def merge_parts(dest: str, *, name: str = "data") -> Manifest:
         src, dst = os.path.join(dest, source), os.path.join(dest, target)
         where = src if os.path.exists(src) else dst
         if not os.path.exists(where) or os.path.getsize(where) != info.bytes:
-            raise ShardkitError(f"{src}: missing or not {info.bytes} bytes as its part manifest says; "
-                                "re-run that part with --overwrite")
+            raise ShardkitError(
+                f"{src}: missing or not {info.bytes} bytes as its part manifest says; re-run that part with --overwrite"
+            )
         if not os.path.exists(where + INDEX_SUFFIX):
             raise ShardkitError(f"{where}{INDEX_SUFFIX}: missing; re-run that part with --overwrite")
-    stale = [e for e in os.listdir(dest) if re.fullmatch(re.escape(name) + r"-\d{6}\.tar", e)
-             and e not in {t for _, t, _ in plan}]
+    stale = [
+        e
+        for e in os.listdir(dest)
+        if re.fullmatch(re.escape(name) + r"-\d{6}\.tar", e) and e not in {t for _, t, _ in plan}
+    ]
     shards: list[ShardInfo] = []
     for source, target, info in plan:
         src, dst = os.path.join(dest, source), os.path.join(dest, target)

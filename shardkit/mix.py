@@ -10,7 +10,8 @@ DataLoader and torchdata's StatefulDataLoader drive it the same way.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .dataset import ShardDataset
 from .epochs import Batching, PlannedDataset
@@ -47,9 +48,17 @@ class Mix(PlannedDataset):
             part set to another even mode than "pad" (the default) or the Mix's is refused.
     """
 
-    def __init__(self, datasets: Sequence[ShardDataset], *, weights: Sequence[float] | None = None,
-                 epoch_length: int | None = None, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, even: str | None = "pad") -> None:
+    def __init__(
+        self,
+        datasets: Sequence[ShardDataset],
+        *,
+        weights: Sequence[float] | None = None,
+        epoch_length: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        even: str | None = "pad",
+    ) -> None:
         super().__init__(rank=rank, world_size=world_size, even=even)
         self.datasets = list(datasets)
         if not self.datasets:
@@ -63,8 +72,9 @@ class Mix(PlannedDataset):
         self.seed = seed
         for i, part in enumerate(self.datasets):
             self._check_part(i, part)
-        self.parts = [MixPart(tuple(part.counts or ()), part.buffer, part.shuffle_shards, part.seed)
-                      for part in self.datasets]
+        self.parts = [
+            MixPart(tuple(part.counts or ()), part.buffer, part.shuffle_shards, part.seed) for part in self.datasets
+        ]
         MixPlanner(self.parts, epoch=0, seed=seed, weights=self.weights, epoch_length=epoch_length)  # validate
         self.batching = Batching()
         self.threads = max(part.threads for part in self.datasets)
@@ -76,14 +86,20 @@ class Mix(PlannedDataset):
         if part.counts is None:
             raise ShardkitError(f"{what} has no sample counts: run `shardkit index` on its shards")
         if part.batch_size is not None:
-            raise ShardkitError(f"{what} batches by itself (batch_size={part.batch_size}); batch the Mix "
-                                "instead, e.g. ShardLoader(mix, batch_size=...)")
+            raise ShardkitError(
+                f"{what} batches by itself (batch_size={part.batch_size}); batch the Mix "
+                "instead, e.g. ShardLoader(mix, batch_size=...)"
+            )
         if part.resampled or part.epoch_length is not None:
-            raise ShardkitError(f"{what} sets resampled/epoch_length; the Mix decides the epoch "
-                                "(use weights= and epoch_length= on the Mix)")
+            raise ShardkitError(
+                f"{what} sets resampled/epoch_length; the Mix decides the epoch "
+                "(use weights= and epoch_length= on the Mix)"
+            )
         if part.even not in ("pad", self.even):  # "pad" is ShardDataset's default: the Mix's even rules
-            raise ShardkitError(f"{what} has even={part.even!r} but the Mix has even={self.even!r}; "
-                                "the Mix splits all parts, set it there")
+            raise ShardkitError(
+                f"{what} has even={part.even!r} but the Mix has even={self.even!r}; "
+                "the Mix splits all parts, set it there"
+            )
         if part.explicit_rank_and_world != (None, None):
             raise ShardkitError(f"{what} sets rank/world_size; the Mix splits all parts, set them on the Mix")
 
@@ -98,16 +114,17 @@ class Mix(PlannedDataset):
         return True  # exact counts always: every part has them
 
     def _planner(self, epoch: int) -> MixPlanner:
-        return MixPlanner(self.parts, epoch=epoch, seed=self.seed, weights=self.weights,
-                          epoch_length=self.epoch_length)
+        return MixPlanner(self.parts, epoch=epoch, seed=self.seed, weights=self.weights, epoch_length=self.epoch_length)
 
-    def epoch_info(self, epoch: int | None = None, *, num_workers: int = 0,
-                   resume: ResumeState | None = None) -> EpochInfo:
+    def epoch_info(
+        self, epoch: int | None = None, *, num_workers: int = 0, resume: ResumeState | None = None
+    ) -> EpochInfo:
         """Counts for this rank's epoch: samples, padded, dropped, per worker."""
         epoch = self.epoch if epoch is None else epoch
         rank, _ = self.rank_and_world()
-        _, info = self._planner(epoch).plan(self.topology(num_workers), rank=rank, worker=0,
-                                            stages=self._stages(epoch, resume))
+        _, info = self._planner(epoch).plan(
+            self.topology(num_workers), rank=rank, worker=0, stages=self._stages(epoch, resume)
+        )
         return info
 
     def part_samples(self, epoch: int | None = None) -> list[int]:
@@ -124,8 +141,10 @@ class Mix(PlannedDataset):
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (raises TypeError when a part filters)."""
         if any(part.select is not None for part in self.datasets):
-            raise TypeError("a part uses select=, so the number of samples is unknown until they are read; "
-                            "mix.epoch_info().rank_samples is the upper bound")
+            raise TypeError(
+                "a part uses select=, so the number of samples is unknown until they are read; "
+                "mix.epoch_info().rank_samples is the upper bound"
+            )
         return self.epoch_info().rank_samples
 
     def num_items(self, batching: Batching, *, num_workers: int = 0) -> int:
@@ -137,15 +156,19 @@ class Mix(PlannedDataset):
 
     def __len__(self) -> int:
         return self.num_items(self.batching)
+
     # -- iteration -----------------------------------------------------------------------
-    def iter_items(self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False,
-                   rotation: int = 0) -> Iterator[Any]:
+    def iter_items(
+        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+    ) -> Iterator[Any]:
         rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
         plan, _ = self._planner(epoch).plan(topo, rank=rank, worker=worker, stages=resume.stages)
         stats = ReadStats()
         handlers = [make_handler(part.handler) for part in self.datasets]
-        streams = [execute(part_plan, part.reader(handler, stats))
-                   for part_plan, part, handler in zip(plan.parts, self.datasets, handlers)]
+        streams = [
+            execute(part_plan, part.reader(handler, stats))
+            for part_plan, part, handler in zip(plan.parts, self.datasets, handlers)
+        ]
         pipelines = [part.pipeline(handler) for part, handler in zip(self.datasets, handlers)]
 
         def interleaved() -> Iterator[tuple[int, tuple[int, Any]]]:
@@ -154,6 +177,7 @@ class Mix(PlannedDataset):
                 if sample is not None:  # lost to a read error; its handler already saw it
                     yield n, (label, sample)
 
-        mapped = map_parts(pipelines, interleaved(), stats.count_skipped, threads=self.threads,
-                           on_filter=stats.count_filtered)
+        mapped = map_parts(
+            pipelines, interleaved(), stats.count_skipped, threads=self.threads, on_filter=stats.count_filtered
+        )
         yield from self._emit(mapped, batching, progress=progress, counters=stats.as_dict)

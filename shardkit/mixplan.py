@@ -25,13 +25,23 @@ part, exactly as :class:`~shardkit.plan.EpochPlanner` does.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from .plan import (EpochInfo, Stage, Topology, WorkerPlan, check_stage, continues, emitted_first, epoch_sequence,
-                   split_streams, worker_plan)
+from .plan import (
+    EpochInfo,
+    Stage,
+    Topology,
+    WorkerPlan,
+    check_stage,
+    continues,
+    emitted_first,
+    epoch_sequence,
+    split_streams,
+    worker_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ class MixWorkerPlan:
         return len(self.labels)
 
     def emission_labels(self) -> np.ndarray:
-        return self.labels[self.skip:]
+        return self.labels[self.skip :]
 
     def emitted_ids(self) -> list[tuple[int, int]]:
         """(part, id within the part) of each emission still to come, in order -- what
@@ -107,17 +117,26 @@ def part_draws(part: MixPart, *, epoch: int, draws: int, seed: int) -> np.ndarra
         raise ValueError("a part with no samples cannot be drawn from")
     start = epoch * draws
     first, last = start // size, (start + draws - 1) // size
-    passes = [epoch_sequence(part.counts, epoch=p, seed=seed, shuffle_shards=part.shuffle_shards)
-              for p in range(first, last + 1)]
+    passes = [
+        epoch_sequence(part.counts, epoch=p, seed=seed, shuffle_shards=part.shuffle_shards)
+        for p in range(first, last + 1)
+    ]
     offset = start - first * size
-    return np.concatenate(passes)[offset: offset + draws]
+    return np.concatenate(passes)[offset : offset + draws]
 
 
 class MixPlanner:
     """Plans for one epoch of a mix (see the module docstring)."""
 
-    def __init__(self, parts: Sequence[MixPart], *, epoch: int, seed: int = 0,
-                 weights: Sequence[float] | None = None, epoch_length: int | None = None) -> None:
+    def __init__(
+        self,
+        parts: Sequence[MixPart],
+        *,
+        epoch: int,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+        epoch_length: int | None = None,
+    ) -> None:
         if not parts:
             raise ValueError("a mix needs at least one part")
         self.parts = list(parts)
@@ -135,8 +154,10 @@ class MixPlanner:
             if n and not size:
                 raise ValueError(f"part {i} has no samples but its weight asks for {n} per epoch")
         self.shard_starts = [np.concatenate([[0], np.cumsum(p.counts)]).astype(np.int64) for p in self.parts]
-        self.sequences = [part_draws(p, epoch=epoch, draws=n, seed=self._part_seed(i))
-                          for i, (p, n) in enumerate(zip(self.parts, self.draws))]
+        self.sequences = [
+            part_draws(p, epoch=epoch, draws=n, seed=self._part_seed(i))
+            for i, (p, n) in enumerate(zip(self.parts, self.draws))
+        ]
 
     def _part_seed(self, i: int) -> int:
         return _int_seed(f"mix:{self.seed}:{i}:{self.parts[i].seed}") & 0xFFFFFFFF
@@ -148,8 +169,9 @@ class MixPlanner:
     def _rng(self, what: str, stage_no: int, rank: int, worker: int) -> str:
         return f"shardkit-mix:{self.seed}:{self.epoch}:{stage_no}:{rank}:{worker}:{what}"
 
-    def _cell(self, streams: list[list[list[np.ndarray]]], rank: int, worker: int,
-              stage_no: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    def _cell(
+        self, streams: list[list[list[np.ndarray]]], rank: int, worker: int, stage_no: int
+    ) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
         """(slots per part, labels, part rng seeds) of one [rank][worker] cell."""
         slots = [per_part[rank][worker] for per_part in streams]
         labels = interleave([len(s) for s in slots], self._rng("labels", stage_no, rank, worker))
@@ -189,11 +211,14 @@ class MixPlanner:
     def stream_sizes(self, topology: Topology, stages: Sequence[Stage] = ()) -> list[list[int]]:
         """Samples in each [rank][worker] stream of the current stage (before any skip)."""
         streams = self._current(topology, stages)[0]
-        return [[sum(len(per_part[r][w]) for per_part in streams) for w in range(topology.streams)]
-                for r in range(topology.world_size)]
+        return [
+            [sum(len(per_part[r][w]) for per_part in streams) for w in range(topology.streams)]
+            for r in range(topology.world_size)
+        ]
 
-    def plan(self, topology: Topology, *, rank: int, worker: int,
-             stages: Sequence[Stage] = ()) -> tuple[MixWorkerPlan, EpochInfo]:
+    def plan(
+        self, topology: Topology, *, rank: int, worker: int, stages: Sequence[Stage] = ()
+    ) -> tuple[MixWorkerPlan, EpochInfo]:
         """The plan of one worker of one rank, after the resume ``stages`` (if any)."""
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} out of range for world_size {topology.world_size}")
@@ -203,12 +228,22 @@ class MixPlanner:
         slots, labels, seeds = self._cell(streams, rank, worker, stage_no)
         skip = stages[-1].emitted[rank][worker] if continuing else 0
         per_part = self._emitted_per_part(labels, skip)
-        plans = [worker_plan(self.sequences[i][slots[i]], self.shard_starts[i], buffer=self.parts[i].buffer,
-                             rng_seed=seeds[i], skip=per_part[i]) for i in range(len(self.parts))]
-        worker_sizes = [sum(len(per_part_streams[rank][w]) for per_part_streams in streams)
-                        for w in range(topology.streams)]
-        info = EpochInfo(self.epoch, self.total, sum(len(r) for r in remaining), sum(worker_sizes), padded,
-                         dropped, worker_sizes)
+        plans = [
+            worker_plan(
+                self.sequences[i][slots[i]],
+                self.shard_starts[i],
+                buffer=self.parts[i].buffer,
+                rng_seed=seeds[i],
+                skip=per_part[i],
+            )
+            for i in range(len(self.parts))
+        ]
+        worker_sizes = [
+            sum(len(per_part_streams[rank][w]) for per_part_streams in streams) for w in range(topology.streams)
+        ]
+        info = EpochInfo(
+            self.epoch, self.total, sum(len(r) for r in remaining), sum(worker_sizes), padded, dropped, worker_sizes
+        )
         return MixWorkerPlan(plans, labels, skip), info
 
     def rank_part_counts(self, topology: Topology, rank: int, stages: Sequence[Stage] = ()) -> list[int]:

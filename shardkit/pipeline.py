@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .decode import SampleDecoder
 from .errors import SampleError, ShardkitError, SkippedSampleWarning
@@ -20,7 +21,7 @@ HANDLERS = ("raise", "warn", "skip")
 
 
 def make_handler(handler: str | Callable[[Exception], Any]) -> Callable[[Exception], None]:
-    """"raise" re-raises; "warn" skips with a :class:`~shardkit.errors.SkippedSampleWarning`
+    """ "raise" re-raises; "warn" skips with a :class:`~shardkit.errors.SkippedSampleWarning`
     (one line on stderr per skip, shown by default); "skip" skips silently; a callable
     is called with the exception and skips unless it raises."""
     if callable(handler):
@@ -66,11 +67,15 @@ class SamplePipeline:
     ``select(raw_sample) -> bool`` sees the undecoded sample, so a rejected sample costs
     no decode."""
 
-    def __init__(self, *, decoder: Callable[[dict], dict] | None = None,
-                 transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
-                 fields: str | Sequence[str] | None = None,
-                 handler: Callable[[Exception], None],
-                 select: Callable[[dict], bool] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        decoder: Callable[[dict], dict] | None = None,
+        transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
+        fields: str | Sequence[str] | None = None,
+        handler: Callable[[Exception], None],
+        select: Callable[[dict], bool] | None = None,
+    ) -> None:
         self.select = select
         self.decoder = decoder
         self.transform = transform
@@ -85,9 +90,12 @@ class SamplePipeline:
                     out.append(sample[ext])
                     break
             else:
-                raise SampleError(f"has none of the fields {'/'.join(slot)} (it has: "
-                                  f"{', '.join(k for k in sample if not k.startswith('__'))})",
-                                  url=sample.get("__url__"), key=sample.get("__key__"))
+                raise SampleError(
+                    f"has none of the fields {'/'.join(slot)} (it has: "
+                    f"{', '.join(k for k in sample if not k.startswith('__'))})",
+                    url=sample.get("__url__"),
+                    key=sample.get("__key__"),
+                )
         return tuple(out)
 
     def _wanted(self, sample: dict) -> set[str]:
@@ -127,23 +135,34 @@ class SamplePipeline:
             return tag, self(sample)
         except Exception as e:  # noqa: BLE001 - per-sample errors go to the handler
             if not isinstance(e, ShardkitError):
-                e = SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"),
-                                key=sample.get("__key__"))
+                e = SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"), key=sample.get("__key__"))
             return tag, _Failed(e)
 
-    def map(self, tagged: Iterable[tuple[Any, dict]], on_skip: Callable[[], None], *,
-            threads: int = 0, on_filter: Callable[[], None] | None = None) -> Iterator[tuple[Any, Any]]:
+    def map(
+        self,
+        tagged: Iterable[tuple[Any, dict]],
+        on_skip: Callable[[], None],
+        *,
+        threads: int = 0,
+        on_filter: Callable[[], None] | None = None,
+    ) -> Iterator[tuple[Any, Any]]:
         """Process ``(tag, sample)`` pairs in order (on ``threads`` threads when > 1),
         yielding ``(tag, result)``; failures go to the handler, which raises or skips;
         samples ``select`` rejects are dropped (``on_filter`` counts them).
         The tag travels with its sample so progress counts never run ahead of output."""
-        return map_parts([self], ((tag, (0, sample)) for tag, sample in tagged), on_skip, threads=threads,
-                         on_filter=on_filter)
+        return map_parts(
+            [self], ((tag, (0, sample)) for tag, sample in tagged), on_skip, threads=threads, on_filter=on_filter
+        )
 
 
-def map_parts(pipelines: Sequence[SamplePipeline], tagged: Iterable[tuple[Any, tuple[int, dict]]],
-              on_skip: Callable[[], None], *, threads: int = 0,
-              on_filter: Callable[[], None] | None = None) -> Iterator[tuple[Any, Any]]:
+def map_parts(
+    pipelines: Sequence[SamplePipeline],
+    tagged: Iterable[tuple[Any, tuple[int, dict]]],
+    on_skip: Callable[[], None],
+    *,
+    threads: int = 0,
+    on_filter: Callable[[], None] | None = None,
+) -> Iterator[tuple[Any, Any]]:
     """:meth:`SamplePipeline.map` where each ``(tag, (part, sample))`` goes through
     ``pipelines[part]`` and that part's handler (a Mix of datasets)."""
 
@@ -189,8 +208,9 @@ def collate(batch: list[Any]) -> Any:
         return list(batch)
 
 
-def batched(tagged: Iterable[tuple[Any, Any]], batch_size: int, *, drop_last: bool,
-            collate_fn: Callable[[list[Any]], Any]) -> Iterator[tuple[Any, Any]]:
+def batched(
+    tagged: Iterable[tuple[Any, Any]], batch_size: int, *, drop_last: bool, collate_fn: Callable[[list[Any]], Any]
+) -> Iterator[tuple[Any, Any]]:
     """Group ``(tag, item)`` pairs into ``(tag of the last item, collated batch)``."""
     if batch_size < 1:
         raise ShardkitError(f"batch_size must be >= 1, got {batch_size}")

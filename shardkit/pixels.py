@@ -49,7 +49,8 @@ import functools
 import io
 import logging
 import re
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -79,7 +80,8 @@ def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise SampleError(
             f"image is {width}x{height} = {width * height} pixels, over the max_pixels "
-            f"limit of {max_pixels} (decompression-bomb guard)")
+            f"limit of {max_pixels} (decompression-bomb guard)"
+        )
 
 
 def default_max_pixels(max_pixels: int | None) -> int | None:
@@ -113,8 +115,15 @@ def dct_scale_for(height: int, width: int, decode_size: int | None) -> int:
 
 # ------------------------------------------------------------------------ image core
 
-def decode_rgb(data: bytes | bytearray, *, max_pixels: int | None, format_name: str = "image",
-               scale_for: Callable[[int, int], int] | None = None, exif: bool = False) -> np.ndarray | Image.Image:
+
+def decode_rgb(
+    data: bytes | bytearray,
+    *,
+    max_pixels: int | None,
+    format_name: str = "image",
+    scale_for: Callable[[int, int], int] | None = None,
+    exif: bool = False,
+) -> np.ndarray | Image.Image:
     """Decode to RGB: an HWC uint8 array (simplejpeg) or a PIL image in mode RGB (PIL).
 
     ``scale_for(height, width)`` is called once with the full size whenever it is known
@@ -128,21 +137,21 @@ def decode_rgb(data: bytes | bytearray, *, max_pixels: int | None, format_name: 
         check_pixels(header.width, header.height, max_pixels)
     scale = scale_for(header.height, header.width) if header and scale_for else 1
     # simplejpeg for 1- and 3-channel JPEGs; CMYK/YCCK go to PIL so every mode agrees.
-    if _simplejpeg is not None and header is not None and header.format == "JPEG" \
-            and header.components in (1, 3):
+    if _simplejpeg is not None and header is not None and header.format == "JPEG" and header.components in (1, 3):
         try:
             if scale == 1:
                 pixels = _simplejpeg.decode_jpeg(data, colorspace="RGB")
             else:
                 pixels = _simplejpeg.decode_jpeg(
-                    data, colorspace="RGB",
-                    min_height=-(-header.height // scale), min_width=-(-header.width // scale))
+                    data, colorspace="RGB", min_height=-(-header.height // scale), min_width=-(-header.width // scale)
+                )
             # simplejpeg ignores EXIF; the header parser read the orientation on its way.
             return orient_array(pixels, header.orientation) if exif else pixels
         except ValueError as exc:  # strict libjpeg-turbo rejects some files PIL reads
             logger.debug("simplejpeg could not decode (%s); falling back to PIL", exc)
-    return _decode_rgb_pil(data, header=header, scale=scale, max_pixels=max_pixels,
-                           format_name=format_name, scale_for=scale_for, exif=exif)
+    return _decode_rgb_pil(
+        data, header=header, scale=scale, max_pixels=max_pixels, format_name=format_name, scale_for=scale_for, exif=exif
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -153,9 +162,16 @@ def _reason(exc: BaseException) -> str:
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
-def _decode_rgb_pil(data: bytes | bytearray, *, header: ImageHeader | None, scale: int,
-                    max_pixels: int | None, format_name: str,
-                    scale_for: Callable[[int, int], int] | None, exif: bool = False) -> Image.Image:
+def _decode_rgb_pil(
+    data: bytes | bytearray,
+    *,
+    header: ImageHeader | None,
+    scale: int,
+    max_pixels: int | None,
+    format_name: str,
+    scale_for: Callable[[int, int], int] | None,
+    exif: bool = False,
+) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except Image.DecompressionBombError as exc:
@@ -213,9 +229,15 @@ def _lab_to_srgb() -> Any:
 
 
 # EXIF orientation -> the PIL transpose that makes the image upright (as ImageOps.exif_transpose).
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def exif_orientation_of(image: Image.Image) -> int:

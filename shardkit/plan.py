@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -223,23 +224,22 @@ def check_stage(stage: Stage) -> None:
         raise ValueError("resume state does not match its own topology")
 
 
-def worker_plan(ids: np.ndarray, shard_starts: np.ndarray, *, buffer: int, rng_seed: str,
-                skip: int = 0) -> WorkerPlan:
+def worker_plan(ids: np.ndarray, shard_starts: np.ndarray, *, buffer: int, rng_seed: str, skip: int = 0) -> WorkerPlan:
     """The plan of one stream of global ``ids`` whose first ``skip`` emissions were consumed:
     read only what is still to be emitted (pieces rebuilt around the holes)."""
     if not skip:
         return WorkerPlan(to_pieces(ids, shard_starts), ids, buffer, rng_seed)
     needed = np.ones(len(ids), dtype=bool)
     needed[emitted_first(len(ids), buffer, rng_seed, skip)] = False
-    return WorkerPlan(to_pieces(ids[needed], shard_starts), ids, buffer, rng_seed, skip=skip,
-                      positions=np.flatnonzero(needed))
+    return WorkerPlan(
+        to_pieces(ids[needed], shard_starts), ids, buffer, rng_seed, skip=skip, positions=np.flatnonzero(needed)
+    )
 
 
 class EpochPlanner:
     """Plans for one epoch of a dataset with known per-shard sample counts."""
 
-    def __init__(self, counts: Sequence[int], *, epoch: int, seed: int = 0,
-                 shuffle_shards: bool = True) -> None:
+    def __init__(self, counts: Sequence[int], *, epoch: int, seed: int = 0, shuffle_shards: bool = True) -> None:
         self.counts = np.asarray(counts, dtype=np.int64)
         if np.any(self.counts < 0):
             raise ValueError("sample counts must be >= 0")
@@ -270,8 +270,9 @@ class EpochPlanner:
         streams = self._current(topology, stages)[0]
         return [[len(ids) for ids in per_worker] for per_worker in streams]
 
-    def plan(self, topology: Topology, *, rank: int, worker: int,
-             stages: Sequence[Stage] = ()) -> tuple[WorkerPlan, EpochInfo]:
+    def plan(
+        self, topology: Topology, *, rank: int, worker: int, stages: Sequence[Stage] = ()
+    ) -> tuple[WorkerPlan, EpochInfo]:
         """The plan of one worker of one rank, after the resume ``stages`` (if any)."""
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} out of range for world_size {topology.world_size}")
@@ -280,10 +281,18 @@ class EpochPlanner:
         streams, padded, dropped, remaining, stage_no, continuing = self._current(topology, stages)
         ids = streams[rank][worker]
         skip = stages[-1].emitted[rank][worker] if continuing else 0
-        plan = worker_plan(ids, self.shard_starts, buffer=topology.buffer,
-                           rng_seed=self._rng_seed(stage_no, rank, worker), skip=skip)
-        info = EpochInfo(self.epoch, self.total, len(remaining), sum(len(s) for s in streams[rank]),
-                         padded, dropped, [len(s) for s in streams[rank]])
+        plan = worker_plan(
+            ids, self.shard_starts, buffer=topology.buffer, rng_seed=self._rng_seed(stage_no, rank, worker), skip=skip
+        )
+        info = EpochInfo(
+            self.epoch,
+            self.total,
+            len(remaining),
+            sum(len(s) for s in streams[rank]),
+            padded,
+            dropped,
+            [len(s) for s in streams[rank]],
+        )
         return plan, info
 
     def _without_consumed(self, remaining: np.ndarray, stage: Stage, stage_no: int) -> np.ndarray:
@@ -299,12 +308,21 @@ class EpochPlanner:
         return remaining[~np.isin(remaining, done)]
 
 
-def deal_shards(n_shards: int, *, epoch: int, seed: int, shuffle_shards: bool, world_size: int,
-                rank: int, num_workers: int, worker: int) -> list[int]:
+def deal_shards(
+    n_shards: int,
+    *,
+    epoch: int,
+    seed: int,
+    shuffle_shards: bool,
+    world_size: int,
+    rank: int,
+    num_workers: int,
+    worker: int,
+) -> list[int]:
     """Shard-level split (no counts): this worker's shards, webdataset style."""
     order = shard_order(n_shards, epoch=epoch, seed=seed, shuffle=shuffle_shards)
     streams = max(1, num_workers)
-    return [int(s) for s in order[rank * streams + worker::world_size * streams]]
+    return [int(s) for s in order[rank * streams + worker :: world_size * streams]]
 
 
 def simulate_consumption(worker_batches: Sequence[int], batches_taken: int) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -51,8 +51,15 @@ class ReadStats:
 class ShardReader:
     """Opens shards and yields their samples; caches a few shard indexes."""
 
-    def __init__(self, urls: list[str], *, options: SourceOptions, handler: ErrorHandler,
-                 stats: ReadStats | None = None, sha256: list[str | None] | None = None) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        options: SourceOptions,
+        handler: ErrorHandler,
+        stats: ReadStats | None = None,
+        sha256: list[str | None] | None = None,
+    ) -> None:
         self.urls = urls
         self.sha256 = sha256
         self.options = options
@@ -83,8 +90,9 @@ class ShardReader:
             self._offsets.popitem(last=False)
         return offsets
 
-    def _samples(self, url: str, start: int = 0, stop: int | None = None,
-                 sha256: str | None = None) -> Iterator[Sample]:
+    def _samples(
+        self, url: str, start: int = 0, stop: int | None = None, sha256: str | None = None
+    ) -> Iterator[Sample]:
         is_local = local_path(url) is not None
         length = None if is_local or stop is None else stop - start
         stream = open_stream(url, offset=start, length=length, options=self.options, expected_sha256=sha256)
@@ -108,8 +116,9 @@ class ShardReader:
             offsets = self.offsets(piece.shard)
             if offsets is not None:
                 if piece.stop >= len(offsets):
-                    raise ShardkitError(f"{url}: plan wants sample {piece.stop - 1} but the index "
-                                        f"has {len(offsets) - 1}")
+                    raise ShardkitError(
+                        f"{url}: plan wants sample {piece.stop - 1} but the index has {len(offsets) - 1}"
+                    )
                 samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]), sha256)
             else:
                 samples = self._skip(self._samples(url, sha256=sha256), piece.start)
@@ -120,8 +129,10 @@ class ShardReader:
                     if got == wanted:
                         break  # pulling once more would parse the next sample: not ours to report on
             if got < wanted:
-                raise ShardkitError(f"{url}: expected {piece.stop} samples (from the manifest/index) "
-                                    f"but the shard has only {piece.start + got}")
+                raise ShardkitError(
+                    f"{url}: expected {piece.stop} samples (from the manifest/index) "
+                    f"but the shard has only {piece.start + got}"
+                )
         except Exception as e:  # noqa: BLE001 - routed through the user's handler
             lost = wanted - got
             _note_lost(e, lost)

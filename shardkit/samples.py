@@ -9,7 +9,8 @@ webdataset's metadata names (``__*__``), are skipped exactly as webdataset skips
 from __future__ import annotations
 
 import re
-from typing import Any, BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 from .errors import ShardFormatError
 from .tar import iter_member_tuples
@@ -29,7 +30,7 @@ def split_name(name: str) -> tuple[str, str] | None:
     slash = name.rfind("/")
     dot = name.find(".", slash + 2)
     if dot > 0 and name[slash + 1] != "." and "\n" not in name:
-        return name[:dot], name[dot + 1:].lower()
+        return name[:dot], name[dot + 1 :].lower()
     return _split_like_regex(name, slash)
 
 
@@ -49,11 +50,12 @@ def _split_like_regex(name: str, slash: int) -> tuple[str, str] | None:
     k = 0 if d < 0 else name.find("/", d) + 1
     if k >= p or (k and name.find("\n", 0, k) >= 0):
         return None
-    return name[:p], name[p + 1:].lower()
+    return name[:p], name[p + 1 :].lower()
 
 
-def group_members(members: Iterable[tuple[str, bytes, int, int]], *, url: str | None = None
-                  ) -> Iterator[tuple[int, int, Sample]]:
+def group_members(
+    members: Iterable[tuple[str, bytes, int, int]], *, url: str | None = None
+) -> Iterator[tuple[int, int, Sample]]:
     """Yield ``(start_offset, end_offset, sample)`` for each run of members sharing a key.
 
     ``members`` are ``(name, payload, offset, end)`` tuples or :class:`~shardkit.tar.Member`.
@@ -80,8 +82,9 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], *, url: str | 
                 sample = {"__key__": key, "__url__": url}
                 start = offset
             if ext in sample:
-                raise ShardFormatError(f"sample {key!r} has a second {ext!r} member",
-                                       url=url, offset=offset, member=name)
+                raise ShardFormatError(
+                    f"sample {key!r} has a second {ext!r} member", url=url, offset=offset, member=name
+                )
             sample[ext] = payload
             end = member_end
     except ShardFormatError as e:
@@ -93,9 +96,9 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], *, url: str | 
         yield start, end, sample
 
 
-def iter_samples(stream: BinaryIO, *, url: str | None = None, start: int = 0,
-                 stop: int | None = None) -> Iterator[Sample]:
+def iter_samples(
+    stream: BinaryIO, *, url: str | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[Sample]:
     """Samples of a tar stream as dicts: ``{"__key__", "__url__", ext: bytes, ...}``."""
-    for _, _, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop),
-                                      url=url):
+    for _, _, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url):
         yield sample

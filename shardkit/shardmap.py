@@ -26,7 +26,8 @@ import operator
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -70,37 +71,51 @@ class ShardMap(Dataset):
     If several samples share a key, ``get`` returns the first in shard order.
     """
 
-    def __init__(self, urls: str | Sequence[str], *, decode: str | Callable[[dict], dict] | None = None,
-                 decode_size: int | str | None = None,
-                 transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
-                 fields: str | Sequence[str] | None = None, handler: str = "raise",
-                 cache_dir: str | None = None, cache_size: int | str | None = None,
-                 headers: dict[str, dict[str, str]] | None = None, allow_pipe: bool = False,
-                 allow_pickle: bool = False, source_options: SourceOptions | None = None,
-                 max_open_files: int = DEFAULT_MAX_OPEN_FILES, max_indexes: int = DEFAULT_MAX_INDEXES) -> None:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        decode: str | Callable[[dict], dict] | None = None,
+        decode_size: int | str | None = None,
+        transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
+        fields: str | Sequence[str] | None = None,
+        handler: str = "raise",
+        cache_dir: str | None = None,
+        cache_size: int | str | None = None,
+        headers: dict[str, dict[str, str]] | None = None,
+        allow_pipe: bool = False,
+        allow_pickle: bool = False,
+        source_options: SourceOptions | None = None,
+        max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+        max_indexes: int = DEFAULT_MAX_INDEXES,
+    ) -> None:
         super().__init__()
         if handler != "raise":
-            raise ValueError(f"ShardMap supports only handler='raise' (got {handler!r}): m[i] must return "
-                             "sample i or raise; skip bad samples in your sampler or collate_fn instead")
+            raise ValueError(
+                f"ShardMap supports only handler='raise' (got {handler!r}): m[i] must return "
+                "sample i or raise; skip bad samples in your sampler or collate_fn instead"
+            )
         if max_open_files < 1 or max_indexes < 1:
             raise ValueError("max_open_files and max_indexes must be >= 1")
         self.max_open_files = max_open_files
         self.max_indexes = max_indexes
-        self.options = merge_source_options(source_options, cache_dir=cache_dir, cache_size=cache_size,
-                                       headers=headers, allow_pipe=allow_pipe)
+        self.options = merge_source_options(
+            source_options, cache_dir=cache_dir, cache_size=cache_size, headers=headers, allow_pipe=allow_pipe
+        )
         shards = resolve_shards(urls, options=self.options)
         self.urls: list[str] = shards.urls
         self.sha256 = shards.sha256
         pipes = [u for u in self.urls if scheme_of(u) == "pipe"]
         if pipes and not self.options.cache_dir:
-            raise ShardkitError(f"{pipes[0]}: ShardMap reads pipe: URLs only through cache_dir "
-                                "(without it every sample would rerun the command)")
+            raise ShardkitError(
+                f"{pipes[0]}: ShardMap reads pipe: URLs only through cache_dir "
+                "(without it every sample would rerun the command)"
+            )
         self._reset_process_state()
         self._offsets_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._positions: dict[str, int] | None = None
         self.counts: list[int] | None = None
-        local_missing = [u for u in self.urls
-                         if (p := local_path(u)) is not None and not os.path.isfile(index_url(p))]
+        local_missing = [u for u in self.urls if (p := local_path(u)) is not None and not os.path.isfile(index_url(p))]
         if local_missing:
             raise _missing_index(local_missing[0], len(local_missing))
         if shards.counts is not None:
@@ -112,14 +127,17 @@ class ShardMap(Dataset):
         decode_size = resolve_decode_size(decode_size, transform)
         if decode is None or callable(decode):
             if decode_size is not None:
-                raise ValueError("decode_size applies to decode='pil'/'numpy'/'torch', not to "
-                                 f"decode={decode!r}")
+                raise ValueError(f"decode_size applies to decode='pil'/'numpy'/'torch', not to decode={decode!r}")
             decoder = decode
         else:
-            decoder = make_decoder(decode, decode_size=decode_size,  # type: ignore[arg-type] # it checks the mode
-                                   allow_pickle=allow_pickle)
-        self._pipeline = SamplePipeline(decoder=decoder, transform=transform, fields=fields,
-                                        handler=make_handler("raise"))
+            decoder = make_decoder(
+                decode,  # type: ignore[arg-type]  # make_decoder checks the mode
+                decode_size=decode_size,
+                allow_pickle=allow_pickle,
+            )
+        self._pipeline = SamplePipeline(
+            decoder=decoder, transform=transform, fields=fields, handler=make_handler("raise")
+        )
 
     # -- per-process state: open files and the lock guarding them ----------------------
     def _reset_process_state(self) -> None:
@@ -198,8 +216,7 @@ class ShardMap(Dataset):
         except ShardkitError:
             raise
         except Exception as e:  # noqa: BLE001 - named like ShardDataset names them
-            raise SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"),
-                              key=sample.get("__key__")) from e
+            raise SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"), key=sample.get("__key__")) from e
 
     # -- reading ---------------------------------------------------------------------------
     def raw(self, shard: int, j: int) -> Sample:
@@ -212,16 +229,24 @@ class ShardMap(Dataset):
         if path is not None:
             samples = _parse(io.BytesIO(self._pread(shard, path, start, stop)), url, start, stop)
         else:  # one ranged request (or a slice of the cached shard)
-            stream = open_stream(url, offset=start, length=stop - start, options=self.options,
-                                 expected_sha256=self.sha256[shard] if self.sha256 else None)
+            stream = open_stream(
+                url,
+                offset=start,
+                length=stop - start,
+                options=self.options,
+                expected_sha256=self.sha256[shard] if self.sha256 else None,
+            )
             try:
                 samples = _parse(stream, url, start, stop)
             finally:
                 stream.close()
         if len(samples) != 1:
-            raise ShardFormatError(f"the index puts sample {j} at bytes [{start}, {stop}) but they hold "
-                                   f"{len(samples)} samples (stale index? rerun `shardkit index`)",
-                                   url=url, offset=start)
+            raise ShardFormatError(
+                f"the index puts sample {j} at bytes [{start}, {stop}) but they hold "
+                f"{len(samples)} samples (stale index? rerun `shardkit index`)",
+                url=url,
+                offset=start,
+            )
         return samples[0]
 
     def _pread(self, shard: int, path: str, start: int, stop: int) -> bytes:
@@ -246,8 +271,11 @@ class ShardMap(Dataset):
             while here < stop:
                 part = os.pread(fd, stop - here, here)
                 if not part:
-                    raise ShardFormatError(f"truncated archive: the index says a sample ends at byte {stop} "
-                                           f"but the file ends at {here}", url=path, offset=here)
+                    raise ShardFormatError(
+                        f"truncated archive: the index says a sample ends at byte {stop} but the file ends at {here}",
+                        url=path,
+                        offset=here,
+                    )
                 parts.append(part)
                 here += len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -262,8 +290,10 @@ class ShardMap(Dataset):
 
     def _remember(self, shard: int, offsets: np.ndarray) -> np.ndarray:
         if self.counts is not None and len(offsets) - 1 != self.counts[shard]:
-            raise ShardFormatError(f"index lists {len(offsets) - 1} samples but the manifest says "
-                                   f"{self.counts[shard]}", url=index_url(self.urls[shard]))
+            raise ShardFormatError(
+                f"index lists {len(offsets) - 1} samples but the manifest says {self.counts[shard]}",
+                url=index_url(self.urls[shard]),
+            )
         with self._lock:
             self._offsets_cache[shard] = offsets
             while len(self._offsets_cache) > self.max_indexes:
@@ -297,8 +327,11 @@ class ShardMap(Dataset):
             keys = decode_index_keys(data, url=index_url(url))
             if keys is None:
                 if not scanned:
-                    log.warning("%s has a version-1 index without sample keys: reading the keys from the "
-                                "shards once (rerun `shardkit index` on them to skip this)", index_url(url))
+                    log.warning(
+                        "%s has a version-1 index without sample keys: reading the keys from the "
+                        "shards once (rerun `shardkit index` on them to skip this)",
+                        index_url(url),
+                    )
                 scanned += 1
                 keys = self._scan_keys(shard, offsets)
             base = int(self._starts[shard])
@@ -337,13 +370,16 @@ class ShardMap(Dataset):
         stop = int(offsets[-1])
         stream = open_stream(url, options=self.options, expected_sha256=self.sha256[shard] if self.sha256 else None)
         try:
-            found = [(start, s["__key__"])
-                     for start, _, s in group_members(iter_member_tuples(stream, url=url, stop=stop), url=url)]
+            found = [
+                (start, s["__key__"])
+                for start, _, s in group_members(iter_member_tuples(stream, url=url, stop=stop), url=url)
+            ]
         finally:
             stream.close()
         if [start for start, _ in found] != [int(o) for o in offsets[:-1]]:
-            raise ShardFormatError("the index offsets do not match the shard's samples (rerun `shardkit index`)",
-                                   url=index_url(url))
+            raise ShardFormatError(
+                "the index offsets do not match the shard's samples (rerun `shardkit index`)", url=index_url(url)
+            )
         return [key for _, key in found]
 
 
@@ -354,5 +390,7 @@ def _parse(stream: Any, url: str, start: int, stop: int) -> list[Sample]:
 
 def _missing_index(url: str, missing: int) -> ShardkitError:
     more = f" (and {missing - 1} more shard(s))" if missing > 1 else ""
-    return ShardkitError(f"{url}: no index {index_url(url)}{more}; ShardMap needs each shard's sample offsets: "
-                         "run `shardkit index` on the shards (and copy the .idx files beside remote ones)")
+    return ShardkitError(
+        f"{url}: no index {index_url(url)}{more}; ShardMap needs each shard's sample offsets: "
+        "run `shardkit index` on the shards (and copy the .idx files beside remote ones)"
+    )

@@ -10,10 +10,20 @@ from __future__ import annotations
 import re
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -35,7 +45,8 @@ def parse_size(value: int | float | str) -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(
             f"not a size: {value!r} (use e.g. 1GB, 512MiB, 1.5G, 100k or a byte count; "
-            "k/M/G/T are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)")
+            "k/M/G/T are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)"
+        )
     return int(float(match.group(1)) * _UNITS[unit])
 
 

@@ -11,16 +11,27 @@ once with the backend's plain stream; the backends never know the cache exists.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from . import localfile
 from .backend import DEFAULT_OPTIONS, Backend, SourceOptions, copy_to_file, local_path, positioned, scheme_of
 from .cache import cache_for
 from .errors import SourceError
 
-__all__ = ["SourceOptions", "backend_for", "join_url", "list_prefix", "local_path", "open_stream", "prefetch",
-           "put_file", "read_bytes", "scheme_of"]
+__all__ = [
+    "SourceOptions",
+    "backend_for",
+    "join_url",
+    "list_prefix",
+    "local_path",
+    "open_stream",
+    "prefetch",
+    "put_file",
+    "read_bytes",
+    "scheme_of",
+]
 
 
 def backend_for(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Backend:
@@ -35,8 +46,7 @@ def backend_for(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Backend:
             else:
                 from .remote import http as module  # type: ignore[no-redef]
         except ImportError as e:
-            raise SourceError(f"{scheme}:// URLs need {e.name!r}: pip install 'shardkit[remote]'",
-                              url=url) from None
+            raise SourceError(f"{scheme}:// URLs need {e.name!r}: pip install 'shardkit[remote]'", url=url) from None
         return module.BACKEND
     if scheme == "pipe":
         if not options.allow_pipe:
@@ -47,8 +57,9 @@ def backend_for(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Backend:
     try:
         from .remote import fsspec_backend
     except ImportError:
-        raise SourceError(f"unsupported URL scheme {scheme!r} (install fsspec for gs://, az://, hf://...)",
-                          url=url) from None
+        raise SourceError(
+            f"unsupported URL scheme {scheme!r} (install fsspec for gs://, az://, hf://...)", url=url
+        ) from None
     return fsspec_backend.BACKEND
 
 
@@ -60,8 +71,14 @@ def _fetcher(backend: Backend, options: SourceOptions):  # -> Callable[[str, str
     return fetch
 
 
-def open_stream(url: str, *, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS, expected_sha256: str | None = None) -> BinaryIO:
+def open_stream(
+    url: str,
+    *,
+    offset: int = 0,
+    length: int | None = None,
+    options: SourceOptions = DEFAULT_OPTIONS,
+    expected_sha256: str | None = None,
+) -> BinaryIO:
     """Open ``url`` for reading from byte ``offset``, at most ``length`` bytes.
 
     Remote URLs go through the cache when ``options.cache_dir`` is set; the whole object
@@ -85,7 +102,9 @@ def prefetch(urls: Sequence[str], options: SourceOptions) -> list[Future]:
     wanted = [u for u in urls if backend_for(u, options).remote][: options.read_ahead]
     if not wanted:
         return []
-    return cache_for(options).prefetch(wanted, lambda url, path: _fetcher(backend_for(url, options), options)(url, path))
+    return cache_for(options).prefetch(
+        wanted, lambda url, path: _fetcher(backend_for(url, options), options)(url, path)
+    )
 
 
 def put_file(local: str, url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> None:

@@ -12,8 +12,9 @@ topology continues the last stage exactly, another one re-plans what is left.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import ShardkitError
 from .plan import Stage, Topology, continues
@@ -58,8 +59,14 @@ class ResumeState:
         return ResumeState(self.epoch, self.history(topology) + [stage])
 
     def to_dict(self, *, kind: str, seed: int, **extra: Any) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "kind": kind, "epoch": self.epoch, "seed": seed, **extra,
-                "stages": stages_to_state(self.stages)}
+        return {
+            "version": STATE_VERSION,
+            "kind": kind,
+            "epoch": self.epoch,
+            "seed": seed,
+            **extra,
+            "stages": stages_to_state(self.stages),
+        }
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any], *, seed: int) -> ResumeState:
@@ -67,6 +74,8 @@ class ResumeState:
         if state.get("version") != STATE_VERSION:
             raise ShardkitError(f"resume state version {state.get('version')!r} is not supported")
         if "seed" in state and state["seed"] != seed:
-            raise ShardkitError(f"resume state was saved with seed {state['seed']}, this dataset has "
-                                f"seed {seed}; the remaining samples would not match")
+            raise ShardkitError(
+                f"resume state was saved with seed {state['seed']}, this dataset has "
+                f"seed {seed}; the remaining samples would not match"
+            )
         return cls(int(state["epoch"]), stages_from_state(state.get("stages", [])))

@@ -25,9 +25,10 @@ deterministic; :data:`END_BLOCKS` ends an archive. Both directions share
 from __future__ import annotations
 
 import mmap
-import zlib
 import struct
-from typing import BinaryIO, Iterator, NamedTuple
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO, NamedTuple
 
 from .compression import Decompressed, open_decompressed
 from .errors import ShardFormatError
@@ -82,8 +83,7 @@ def _number(field: memoryview, what: str, url: str | None, offset: int) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise ShardFormatError(f"bad {what} field {bytes(field)!r} in tar header", url=url,
-                               offset=offset) from None
+        raise ShardFormatError(f"bad {what} field {bytes(field)!r} in tar header", url=url, offset=offset) from None
 
 
 def header_checksum(header: bytes | bytearray | memoryview) -> int:
@@ -146,10 +146,15 @@ def _not_a_tar(first: bytes, url: str | None) -> ShardFormatError:
     if what is not None:
         return ShardFormatError(f"not a tar archive: {what} (first bytes {first[:16]!r})", url=url, offset=0)
     if len(first) < BLOCK:
-        return ShardFormatError(f"truncated archive: stream ended in the first tar header (only "
-                                f"{len(first)} bytes; first bytes {first[:16]!r})", url=url, offset=0)
-    return ShardFormatError(f"not a tar archive (bad header checksum at the start; first bytes "
-                            f"{first[:16]!r})", url=url, offset=0)
+        return ShardFormatError(
+            f"truncated archive: stream ended in the first tar header (only "
+            f"{len(first)} bytes; first bytes {first[:16]!r})",
+            url=url,
+            offset=0,
+        )
+    return ShardFormatError(
+        f"not a tar archive (bad header checksum at the start; first bytes {first[:16]!r})", url=url, offset=0
+    )
 
 
 def _parse_pax(data: bytes, url: str | None, offset: int) -> dict[str, str]:
@@ -167,9 +172,9 @@ def _parse_pax(data: bytes, url: str | None, offset: int) -> dict[str, str]:
         except ValueError:
             raise ShardFormatError("bad pax header record length", url=url, offset=offset) from None
         end = pos + length
-        if length <= 0 or end > len(data) or space >= end or data[end - 1:end] != b"\n":
+        if length <= 0 or end > len(data) or space >= end or data[end - 1 : end] != b"\n":
             raise ShardFormatError("bad pax header record", url=url, offset=offset)
-        keyword, eq, value = data[space + 1:end - 1].partition(b"=")
+        keyword, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq:
             raise ShardFormatError("bad pax header record (no '=')", url=url, offset=offset)
         records[keyword.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -223,10 +228,10 @@ class _Window:
                 return False
             keep = self.hi - self.lo
             if self.lo:
-                self._raw[:keep] = self._raw[self.lo:self.hi]
+                self._raw[:keep] = self._raw[self.lo : self.hi]
                 self.base += self.lo
                 self.lo, self.hi = 0, keep
-            got = self._stream.readinto(self.buf[self.hi:])  # type: ignore[attr-defined]
+            got = self._stream.readinto(self.buf[self.hi :])  # type: ignore[attr-defined]
             if not got:
                 self.eof = True
             else:
@@ -246,7 +251,7 @@ class _Window:
     def take(self, n: int) -> bytes | None:
         """Consume and return n bytes, or None if the stream ends first."""
         if self.hi - self.lo >= n:
-            out = bytes(self.buf[self.lo:self.lo + n])
+            out = bytes(self.buf[self.lo : self.lo + n])
             self.lo += n
             return out
         if self.eof:
@@ -255,7 +260,7 @@ class _Window:
         # double as data arrives. Never bytearray(n) up front: n is what the header
         # claims, and a corrupt size (up to 2**88 in base-256) must end as a truncated
         # archive, not as MemoryError/OverflowError or gigabytes zeroed for a 1 kB stream.
-        parts: list[bytes | bytearray] = [bytes(self.buf[self.lo:self.hi])]
+        parts: list[bytes | bytearray] = [bytes(self.buf[self.lo : self.hi])]
         left = n - (self.hi - self.lo)
         self.base += self.hi
         self.lo = self.hi = 0
@@ -280,8 +285,9 @@ class _Window:
         return b"".join(parts)
 
 
-def iter_members(stream: BinaryIO, *, url: str | None = None, start: int = 0,
-                 stop: int | None = None) -> Iterator[Member]:
+def iter_members(
+    stream: BinaryIO, *, url: str | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[Member]:
     """Yield the regular files of a tar archive read from ``stream``.
 
     ``start`` is the absolute offset the stream is positioned at (a header boundary; for
@@ -292,8 +298,9 @@ def iter_members(stream: BinaryIO, *, url: str | None = None, start: int = 0,
     yield from map(Member._make, iter_member_tuples(stream, url=url, start=start, stop=stop))
 
 
-def iter_member_tuples(stream: BinaryIO, *, url: str | None = None, start: int = 0,
-                       stop: int | None = None) -> Iterator[tuple[str, bytes, int, int]]:
+def iter_member_tuples(
+    stream: BinaryIO, *, url: str | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[str, bytes, int, int]]:
     """:func:`iter_members` yielding plain ``(name, payload, offset, end)`` tuples (faster).
 
     A stream read from its start (``start=0``) may be gzip/zstd/bzip2/xz-compressed
@@ -314,8 +321,11 @@ def iter_member_tuples(stream: BinaryIO, *, url: str | None = None, start: int =
             while stream.read(_CHUNK):
                 pass
             if stream.truncated:
-                raise ShardFormatError("truncated archive: the compressed stream ends before its end marker",
-                                       url=url, offset=stream.position)
+                raise ShardFormatError(
+                    "truncated archive: the compressed stream ends before its end marker",
+                    url=url,
+                    offset=stream.position,
+                )
         except ShardFormatError as e:
             raise _in_compressed(e, stream) from None
     finally:
@@ -363,21 +373,19 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
         here = w.base + w.lo
         if stop is not None and here >= stop:
             if here > stop or member_start is not None:
-                raise ShardFormatError(f"index offset {stop} is not a member boundary",
-                                       url=url, offset=here)
+                raise ShardFormatError(f"index offset {stop} is not a member boundary", url=url, offset=here)
             return
         if w.hi - w.lo < BLOCK and not w.fill(BLOCK):
             if here == 0:
-                raise _not_a_tar(bytes(w.buf[w.lo:w.hi]), url)
+                raise _not_a_tar(bytes(w.buf[w.lo : w.hi]), url)
             what = "in a tar header" if w.hi > w.lo else "before the end-of-archive marker"
             raise ShardFormatError(f"truncated archive: stream ended {what}", url=url, offset=here)
         lo = w.lo
         buf = w.buf
-        header = buf[lo:lo + BLOCK]
+        header = buf[lo : lo + BLOCK]
         if not buf[lo] and header == _ZERO_BLOCK:  # a name never starts with NUL
             if member_start is not None:
-                raise ShardFormatError("end-of-archive marker after an extended header",
-                                       url=url, offset=here)
+                raise ShardFormatError("end-of-archive marker after an extended header", url=url, offset=here)
             return
         raw_name, size_field, chksum, typeflag, magic, prefix = unpack(buf, lo)
         # The field as this module writes it (and GNU tar, Python's tarfile); the slow
@@ -393,12 +401,10 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         if typeflag in _EXTENDED:
             if size > MAX_EXTENDED_HEADER:
-                raise ShardFormatError(f"extended header of {size} bytes is implausibly large",
-                                       url=url, offset=here)
+                raise ShardFormatError(f"extended header of {size} bytes is implausibly large", url=url, offset=here)
             data = w.take(size)
             if data is None or not w.skip(padded - size):
-                raise ShardFormatError("truncated archive: stream ended in an extended header",
-                                       url=url, offset=here)
+                raise ShardFormatError("truncated archive: stream ended in an extended header", url=url, offset=here)
             if typeflag == b"x":
                 pax = _parse_pax(data, url, here)
             elif typeflag == b"g":
@@ -425,31 +431,39 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
         if typeflag in _REGULAR and not (typeflag == b"\0" and name.endswith("/")):
             lo = w.lo
             if w.hi - lo >= padded:  # fast path: the whole payload is buffered
-                payload = bytes(w.buf[lo:lo + size])
+                payload = bytes(w.buf[lo : lo + size])
                 w.lo = lo + padded
             else:
                 taken = w.take(size)
                 if taken is None:
                     raise ShardFormatError(
                         f"truncated archive: member of {size} bytes runs past the end of the stream",
-                        url=url, offset=here, member=name)
+                        url=url,
+                        offset=here,
+                        member=name,
+                    )
                 payload = taken
                 if not w.skip(padded - size):
-                    raise ShardFormatError("truncated archive: stream ended in member padding",
-                                           url=url, offset=here, member=name)
+                    raise ShardFormatError(
+                        "truncated archive: stream ended in member padding", url=url, offset=here, member=name
+                    )
             yield name, payload, start, w.base + w.lo
         elif typeflag not in _NO_DATA:
             if not w.skip(padded):
                 raise ShardFormatError(
                     f"truncated archive: member of {size} bytes runs past the end of the stream",
-                    url=url, offset=here, member=name)
+                    url=url,
+                    offset=here,
+                    member=name,
+                )
 
 
 # -- writing ------------------------------------------------------------------------------
 
+
 def padding(size: int) -> bytes:
     """The zero bytes that pad a payload of ``size`` bytes to a whole block."""
-    return _ZERO_BLOCK[:-size % BLOCK]
+    return _ZERO_BLOCK[: -size % BLOCK]
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -459,7 +473,7 @@ def _octal(value: int, width: int) -> bytes:
 def _pax_header(records: dict[str, str]) -> bytes:
     body = b""
     for key, value in records.items():
-        item = f" {key}={value}\n".encode("utf-8")
+        item = f" {key}={value}\n".encode()
         length = len(item) + 1
         while len(str(length)) + len(item) != length:
             length = len(str(length)) + len(item)
@@ -469,7 +483,7 @@ def _pax_header(records: dict[str, str]) -> bytes:
 
 def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes = b"") -> bytes:
     header = bytearray(BLOCK)
-    header[0:len(name)] = name
+    header[0 : len(name)] = name
     header[100:108] = b"0000644\0"
     header[108:116] = b"0000000\0"
     header[116:124] = b"0000000\0"
@@ -477,7 +491,7 @@ def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes 
     header[136:148] = b"00000000000\0"  # mtime 0: deterministic output
     header[156:157] = typeflag
     header[257:265] = b"ustar\x0000"
-    header[345:345 + len(prefix)] = prefix
+    header[345 : 345 + len(prefix)] = prefix
     header[148:156] = b"%06o\0 " % header_checksum(header)
     return bytes(header)
 
@@ -491,7 +505,7 @@ def member_header(name: str, size: int) -> bytes:
         # ustar can split a long name at a slash into prefix (155) + name (100).
         cut = raw.find(b"/", len(raw) - 101)
         if 0 < cut <= 155 and len(raw) - cut - 1 <= 100:
-            return _ustar_header(raw[cut + 1:], size, prefix=raw[:cut])
+            return _ustar_header(raw[cut + 1 :], size, prefix=raw[:cut])
     records = {"path": name}
     if size > _MAX_OCTAL_SIZE:
         records["size"] = str(size)

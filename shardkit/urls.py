@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import braceexpand
 
@@ -68,11 +68,13 @@ def load_manifest(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Manifes
 def _from_manifest(url: str, options: SourceOptions) -> ShardList:
     manifest = load_manifest(url, options)
     if not manifest.complete:
-        log.warning("%s: manifest marked incomplete (the write was interrupted); reading the "
-                    "%d shards it lists", url, len(manifest.shards))
+        log.warning(
+            "%s: manifest marked incomplete (the write was interrupted); reading the %d shards it lists",
+            url,
+            len(manifest.shards),
+        )
     urls = [join_url(url, s.name) for s in manifest.shards]
-    return ShardList(urls, [s.samples for s in manifest.shards], [s.sha256 for s in manifest.shards],
-                     manifest, url)
+    return ShardList(urls, [s.samples for s in manifest.shards], [s.sha256 for s in manifest.shards], manifest, url)
 
 
 def _from_folder(url: str, options: SourceOptions) -> ShardList:
@@ -81,12 +83,16 @@ def _from_folder(url: str, options: SourceOptions) -> ShardList:
     if len(manifests) == 1:
         return _from_manifest(manifests[0], options)
     if len(manifests) > 1:
-        raise ShardkitError(f"{url}: holds several manifests ({', '.join(os.path.basename(m) for m in manifests)}); "
-                            "pass the one you mean")
+        raise ShardkitError(
+            f"{url}: holds several manifests ({', '.join(os.path.basename(m) for m in manifests)}); "
+            "pass the one you mean"
+        )
     shards = sorted(e for e in entries if is_shard_name(e))
     if not shards:
-        raise ShardkitError(f"{url}: no .tar shards or manifest found there (also looked for .tar.gz, .tgz, "
-                            ".tar.zst, .tar.bz2, .tar.xz)")
+        raise ShardkitError(
+            f"{url}: no .tar shards or manifest found there (also looked for .tar.gz, .tgz, "
+            ".tar.zst, .tar.bz2, .tar.xz)"
+        )
     return _counts_beside(shards, options)  # a folder of indexed shards plans by sample, like a pattern
 
 
@@ -94,8 +100,7 @@ def _check_local_exist(urls: list[str]) -> None:
     missing = [u for u in urls if (p := local_path(u)) is not None and not os.path.isfile(p)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ShardkitError(f"{len(missing)} of {len(urls)} shard(s) do not exist: "
-                            f"{', '.join(missing[:3])}{more}")
+        raise ShardkitError(f"{len(missing)} of {len(urls)} shard(s) do not exist: {', '.join(missing[:3])}{more}")
 
 
 def _counts_beside(urls: list[str], options: SourceOptions) -> ShardList:

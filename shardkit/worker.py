@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from .errors import ShardkitError
 from .plan import EpochPlanner, Topology, WorkerPlan, deal_shards, shuffled
@@ -47,8 +47,17 @@ class WorkerEpoch:
     handler already saw it), so positions still count.
     """
 
-    def __init__(self, spec: EpochSpec, reader: ShardReader, *, topology: Topology, rank: int, worker: int,
-                 epoch: int, resume: ResumeState | None = None) -> None:
+    def __init__(
+        self,
+        spec: EpochSpec,
+        reader: ShardReader,
+        *,
+        topology: Topology,
+        rank: int,
+        worker: int,
+        epoch: int,
+        resume: ResumeState | None = None,
+    ) -> None:
         self.spec = spec
         self.reader = reader
         self.topology = topology
@@ -81,8 +90,10 @@ class WorkerEpoch:
                 empty = False
                 yield sample
             if empty and n > 0:
-                raise ShardkitError(f"epoch_length={self.spec.epoch_length} cannot be filled: rank {self.rank} "
-                                    f"worker {self.worker} has no data")
+                raise ShardkitError(
+                    f"epoch_length={self.spec.epoch_length} cannot be filled: rank {self.rank} "
+                    f"worker {self.worker} has no data"
+                )
 
     def _one_pass(self, pass_no: int) -> Iterator[Sample | None]:
         if self.spec.counts is None:
@@ -93,37 +104,63 @@ class WorkerEpoch:
         spec = self.spec
         assert spec.counts is not None
         stages = self.resume.stages if pass_no == 0 else []
-        planner = EpochPlanner(spec.counts, epoch=self.epoch, seed=spec.seed + PASS_SEED_STRIDE * pass_no,
-                               shuffle_shards=spec.shuffle_shards)
+        planner = EpochPlanner(
+            spec.counts,
+            epoch=self.epoch,
+            seed=spec.seed + PASS_SEED_STRIDE * pass_no,
+            shuffle_shards=spec.shuffle_shards,
+        )
         plan, info = planner.plan(self.topology, rank=self.rank, worker=self.worker, stages=stages)
         if self.worker == 0 and pass_no == 0 and (info.padded or info.dropped):
-            log.info("epoch %d: %d samples padded, %d dropped so every rank yields %d",
-                     self.epoch, info.padded, info.dropped, info.rank_samples)
+            log.info(
+                "epoch %d: %d samples padded, %d dropped so every rank yields %d",
+                self.epoch,
+                info.padded,
+                info.dropped,
+                info.rank_samples,
+            )
         return execute(plan, self.reader)
 
     def _read_shards(self, shards: list[int]) -> Iterator[Sample]:
         for i, shard in enumerate(shards):
-            read_ahead(self.reader, shards[i + 1:], shard)
+            read_ahead(self.reader, shards[i + 1 :], shard)
             yield from self.reader.read_shard(shard)
 
     def _by_shards(self, pass_no: int) -> Iterator[Sample | None]:
         spec, topo = self.spec, self.topology
         if self.resume.stages and not self.resume.continues(topo):
-            raise ShardkitError("resuming with a different number of ranks or workers needs sample "
-                                "counts (an index or manifest); run `shardkit index` on the shards")
-        shards = deal_shards(spec.n_shards, epoch=self.epoch, seed=spec.seed + PASS_SEED_STRIDE * pass_no,
-                             shuffle_shards=spec.shuffle_shards, world_size=topo.world_size, rank=self.rank,
-                             num_workers=topo.num_workers, worker=self.worker)
+            raise ShardkitError(
+                "resuming with a different number of ranks or workers needs sample "
+                "counts (an index or manifest); run `shardkit index` on the shards"
+            )
+        shards = deal_shards(
+            spec.n_shards,
+            epoch=self.epoch,
+            seed=spec.seed + PASS_SEED_STRIDE * pass_no,
+            shuffle_shards=spec.shuffle_shards,
+            world_size=topo.world_size,
+            rank=self.rank,
+            num_workers=topo.num_workers,
+            worker=self.worker,
+        )
         if not shards:
             if topo.world_size > 1 and topo.even is not None and self.worker == 0:
-                raise ShardkitError(f"rank {self.rank} gets no shards: {spec.n_shards} shard(s) for "
-                                    f"{topo.world_size} ranks x {topo.streams} workers; with even={topo.even!r} "
-                                    "that would hang the other ranks. Run `shardkit index` for "
-                                    "sample-level splitting, or write more shards")
+                raise ShardkitError(
+                    f"rank {self.rank} gets no shards: {spec.n_shards} shard(s) for "
+                    f"{topo.world_size} ranks x {topo.streams} workers; with even={topo.even!r} "
+                    "that would hang the other ranks. Run `shardkit index` for "
+                    "sample-level splitting, or write more shards"
+                )
             if pass_no == 0:
-                log.warning("rank %d worker %d has no shards (%d shards < %d ranks x %d workers); "
-                            "run `shardkit index` for sample-level splitting", self.rank, self.worker,
-                            spec.n_shards, topo.world_size, topo.streams)
+                log.warning(
+                    "rank %d worker %d has no shards (%d shards < %d ranks x %d workers); "
+                    "run `shardkit index` for sample-level splitting",
+                    self.rank,
+                    self.worker,
+                    spec.n_shards,
+                    topo.world_size,
+                    topo.streams,
+                )
             return iter(())
         rng = random.Random(f"shardkit:{spec.seed}:{self.epoch}:{pass_no}:{self.rank}:{self.worker}")
         samples = self._read_shards(shards)
@@ -148,7 +185,7 @@ def execute(plan: WorkerPlan, reader: ShardReader) -> Iterator[Sample | None]:
 
     def read() -> Iterator[Sample | None]:
         for i, piece in enumerate(pieces):
-            read_ahead(reader, [p.shard for p in pieces[i + 1:]], piece.shard)
+            read_ahead(reader, [p.shard for p in pieces[i + 1 :]], piece.shard)
             yield from reader.read_piece(piece)
 
     stream = zip(plan.read_positions().tolist(), read())

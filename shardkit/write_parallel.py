@@ -34,9 +34,10 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from .decodable import sample_problem
 from .errors import ShardkitError
@@ -79,12 +80,19 @@ class WriteResult:
         return done / self.seconds if self.seconds > 0 else float("inf")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"shards": self.shards, "samples": self.samples, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "samples_per_s": round(self.rate, 1),
-                "skipped": len(self.skipped),
-                "skipped_files": [{"path": where, "reason": reason} for where, reason in self.skipped],
-                "resumed_shards": self.resumed_shards, "workers": self.workers,
-                "pattern": self.pattern, "manifest": self.manifest}
+        return {
+            "shards": self.shards,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(self.rate, 1),
+            "skipped": len(self.skipped),
+            "skipped_files": [{"path": where, "reason": reason} for where, reason in self.skipped],
+            "resumed_shards": self.resumed_shards,
+            "workers": self.workers,
+            "pattern": self.pattern,
+            "manifest": self.manifest,
+        }
 
 
 def default_workers() -> int:
@@ -126,6 +134,7 @@ def describe_sample(sample: Mapping[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- workers
+
 
 def _worker_main(conn: Any, work: Callable[[Any], Result], slots: Any, slot: int, inherited: list[int]) -> None:
     """Worker process: batches in, results out; ``slots[slot]`` = the input index it is on.
@@ -191,8 +200,12 @@ class _Workers:
         for slot in range(count):
             parent, child = ctx.Pipe(duplex=True)
             inherited = [c.fileno() for c in (*self.conns, parent)] if forked else []
-            proc = ctx.Process(target=_worker_main, args=(child, work, self.slots, slot, inherited),
-                               name=f"shardkit-write-{slot}", daemon=True)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(child, work, self.slots, slot, inherited),
+                name=f"shardkit-write-{slot}",
+                daemon=True,
+            )
             proc.start()
             child.close()
             self.procs.append(proc)
@@ -222,10 +235,17 @@ class _Workers:
             conn.close()
 
 
-def ordered_results(work: Callable[[T], Result], items: Iterable[tuple[int, T]], *, workers: int,
-                    describe: Callable[[T], str] = str, batch_size: int = 8, prefetch: int = 2,
-                    start_method: str | None = None,
-                    on_start: Callable[[list[int]], None] | None = None) -> Iterator[tuple[int, Result]]:
+def ordered_results(
+    work: Callable[[T], Result],
+    items: Iterable[tuple[int, T]],
+    *,
+    workers: int,
+    describe: Callable[[T], str] = str,
+    batch_size: int = 8,
+    prefetch: int = 2,
+    start_method: str | None = None,
+    on_start: Callable[[list[int]], None] | None = None,
+) -> Iterator[tuple[int, Result]]:
     """``(index, work(item))`` for ``(index, item)`` in ``items``, in input order, on ``workers`` processes.
 
     Raises ShardkitError naming the input when ``work`` raises, WorkerDied when a worker exits.
@@ -291,8 +311,7 @@ def ordered_results(work: Callable[[T], Result], items: Iterable[tuple[int, T]],
 
 def _death_message(proc: Any, index: int, batches: deque, describe: Callable[[Any], str]) -> str:
     code = proc.exitcode
-    how = (f"was killed by signal {-code}" if code is not None and code < 0
-           else f"exited with status {code}")
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
     on = "while idle"
     queued = [item for _, batch in batches for item in batch]
     for i, item in queued:
@@ -300,11 +319,14 @@ def _death_message(proc: Any, index: int, batches: deque, describe: Callable[[An
             on = f"while reading {describe(item)}"
     if index < 0 and queued:
         on = f"between inputs, with {describe(queued[0][1])} next in its queue"
-    return (f"worker process {proc.pid} {how} {on}; the unfinished shard was dropped. "
-            "If that input crashes the decoder, remove it; re-run with --resume to carry on")
+    return (
+        f"worker process {proc.pid} {how} {on}; the unfinished shard was dropped. "
+        "If that input crashes the decoder, remove it; re-run with --resume to carry on"
+    )
 
 
 # -------------------------------------------------------------------------- resume
+
 
 def _resume_path(dest: str, name: str) -> str:
     return os.path.join(dest, name + RESUME_SUFFIX)
@@ -329,14 +351,20 @@ def _load_resume(dest: str, name: str, fingerprint: Mapping[str, Any]) -> tuple[
     if manifest.complete:
         return None
     if state and state.get("options") != json.loads(json.dumps(dict(fingerprint))):
-        raise ShardkitError(f"{dest}: the interrupted write of {name!r} used other options or input "
-                            f"({state.get('options')}); re-run with those, or use --overwrite")
+        raise ShardkitError(
+            f"{dest}: the interrupted write of {name!r} used other options or input "
+            f"({state.get('options')}); re-run with those, or use --overwrite"
+        )
     starts: list[int] = list(state.get("next_input", []))
     adopt = []
-    for number, info in enumerate(manifest.shards[:len(starts)]):
+    for number, info in enumerate(manifest.shards[: len(starts)]):
         path = shard_path(dest, name, number)
-        if info.name != os.path.basename(path) or not os.path.exists(path + ".idx") \
-                or not os.path.exists(path) or os.path.getsize(path) != info.bytes:
+        if (
+            info.name != os.path.basename(path)
+            or not os.path.exists(path + ".idx")
+            or not os.path.exists(path)
+            or os.path.getsize(path) != info.bytes
+        ):
             break
         adopt.append(info)
     return adopt, (starts[len(adopt) - 1] if adopt else 0)
@@ -349,14 +377,31 @@ def _save_resume(dest: str, name: str, fingerprint: Mapping[str, Any], starts: l
 
 # -------------------------------------------------------------------------- the write
 
-def write_parallel(items: Iterable[T], work: Callable[[T], Result], dest: str, *, total: int | None = None,
-                   workers: int | None = None, part: tuple[int, int] | None = None, name: str = "data",
-                   shard_size: int | str = "1GB", max_count: int | None = None,
-                   classes: list[str] | None = None, overwrite: bool = False, resume: bool = False,
-                   strict: bool = False, progress: bool = False, describe: Callable[[T], str] = str,
-                   fingerprint: Mapping[str, Any] | None = None, batch_size: int = 8, prefetch: int = 2,
-                   start_method: str | None = None, source_options: Any = None,
-                   on_start: Callable[[list[int]], None] | None = None) -> WriteResult:
+
+def write_parallel(
+    items: Iterable[T],
+    work: Callable[[T], Result],
+    dest: str,
+    *,
+    total: int | None = None,
+    workers: int | None = None,
+    part: tuple[int, int] | None = None,
+    name: str = "data",
+    shard_size: int | str = "1GB",
+    max_count: int | None = None,
+    classes: list[str] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    strict: bool = False,
+    progress: bool = False,
+    describe: Callable[[T], str] = str,
+    fingerprint: Mapping[str, Any] | None = None,
+    batch_size: int = 8,
+    prefetch: int = 2,
+    start_method: str | None = None,
+    source_options: Any = None,
+    on_start: Callable[[list[int]], None] | None = None,
+) -> WriteResult:
     """Write ``work(item)`` for every item into shards in ``dest``, on ``workers`` processes.
 
     ``work`` (picklable; runs in the workers) returns a sample dict for ShardWriter or a
@@ -398,30 +443,45 @@ def write_parallel(items: Iterable[T], work: Callable[[T], Result], dest: str, *
         if point is None:
             with open(os.path.join(dest, manifest_name(writer_name)), "rb") as f:
                 manifest = Manifest.from_json(f.read())
-            log.warning("%s is already complete; nothing to do (--overwrite rewrites it)",
-                        os.path.join(dest, manifest_name(writer_name)))
+            log.warning(
+                "%s is already complete; nothing to do (--overwrite rewrites it)",
+                os.path.join(dest, manifest_name(writer_name)),
+            )
             if os.path.exists(_resume_path(dest, writer_name)):
                 os.remove(_resume_path(dest, writer_name))
             return _result(manifest, dest, writer_name, started, [], len(manifest.shards), workers)
         adopt, first_input = point
         if adopt:
-            log.warning("resuming %s after %d complete shard(s), at input %d", writer_name, len(adopt),
-                        first_input)
-    writer = ShardWriter(dest, name=writer_name, shard_size=shard_size, max_count=max_count, classes=classes,
-                         overwrite=overwrite or resume, source_options=source_options)
+            log.warning("resuming %s after %d complete shard(s), at input %d", writer_name, len(adopt), first_input)
+    writer = ShardWriter(
+        dest,
+        name=writer_name,
+        shard_size=shard_size,
+        max_count=max_count,
+        classes=classes,
+        overwrite=overwrite or resume,
+        source_options=source_options,
+    )
     starts: list[int] = []
     if adopt:
         writer.adopt(adopt)
-        starts = _load_starts(dest, writer_name)[:len(adopt)]
+        starts = _load_starts(dest, writer_name)[: len(adopt)]
     if local:
         _save_resume(writer.dest, writer_name, fingerprint, starts)
     skipped: list[Skip] = []
     bar = None
     try:
         indexed = enumerate(islice(items, first_input, None), first_input)
-        for index, result in ordered_results(work, indexed, workers=workers, describe=describe,
-                                             batch_size=batch_size, prefetch=prefetch,
-                                             start_method=start_method, on_start=on_start):
+        for index, result in ordered_results(
+            work,
+            indexed,
+            workers=workers,
+            describe=describe,
+            batch_size=batch_size,
+            prefetch=prefetch,
+            start_method=start_method,
+            on_start=on_start,
+        ):
             if isinstance(result, tuple):
                 where, reason = result
                 if strict:
@@ -462,24 +522,48 @@ def _load_starts(dest: str, name: str) -> list[int]:
         return []
 
 
-def _result(manifest: Manifest, dest: str, name: str, started: float, skipped: list[Skip], resumed: int,
-            workers: int) -> WriteResult:
+def _result(
+    manifest: Manifest, dest: str, name: str, started: float, skipped: list[Skip], resumed: int, workers: int
+) -> WriteResult:
     written = sum(s.samples for s in manifest.shards[resumed:])
-    return WriteResult(shards=len(manifest.shards), samples=manifest.total_samples, bytes=manifest.total_bytes,
-                       seconds=time.perf_counter() - started, skipped=skipped,
-                       pattern=shard_pattern(dest, name, len(manifest.shards)),
-                       manifest=os.path.join(dest, manifest_name(name)), resumed_shards=resumed, workers=workers,
-                       written=written)
+    return WriteResult(
+        shards=len(manifest.shards),
+        samples=manifest.total_samples,
+        bytes=manifest.total_bytes,
+        seconds=time.perf_counter() - started,
+        skipped=skipped,
+        pattern=shard_pattern(dest, name, len(manifest.shards)),
+        manifest=os.path.join(dest, manifest_name(name)),
+        resumed_shards=resumed,
+        workers=workers,
+        written=written,
+    )
 
 
 # -------------------------------------------------------------------------- sources
 
-def write_source(src: str, dest: str, *, fmt: str | None = None, options: Any = None,
-                 shuffle: bool = False, seed: int = 0, resize: int | None = None, quality: int | None = None,
-                 workers: int | None = None, part: tuple[int, int] | None = None, name: str = "data",
-                 shard_size: int | str = "1GB", max_count: int | None = None, overwrite: bool = False,
-                 resume: bool = False, progress: bool = False, start_method: str | None = None,
-                 on_start: Callable[[list[int]], None] | None = None) -> WriteResult:
+
+def write_source(
+    src: str,
+    dest: str,
+    *,
+    fmt: str | None = None,
+    options: Any = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    resize: int | None = None,
+    quality: int | None = None,
+    workers: int | None = None,
+    part: tuple[int, int] | None = None,
+    name: str = "data",
+    shard_size: int | str = "1GB",
+    max_count: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+    start_method: str | None = None,
+    on_start: Callable[[list[int]], None] | None = None,
+) -> WriteResult:
     """``shardkit write``: any source :func:`shardkit.ingest.open_source` reads, into shards.
 
     Image files (folder, list, CSV, JSONL) are read, fully decoded (``options.validate``)
@@ -490,33 +574,66 @@ def write_source(src: str, dest: str, *, fmt: str | None = None, options: Any = 
     from .ingest.files import FileSource
 
     options = options or IngestOptions()
-    source = open_source(src, fmt=fmt, options=options, shuffle=shuffle, seed=seed, resize=resize,
-                         quality=quality)
-    fingerprint = {"src": os.path.abspath(src), "format": fmt, "shuffle": shuffle, "seed": seed if shuffle else 0,
-                   "resize": resize, "quality": quality, "validate": options.validate,
-                   "max_pixels": options.max_pixels}
-    common: dict[str, Any] = dict(workers=workers, part=part, name=name, shard_size=shard_size,
-                                  max_count=max_count, classes=getattr(source, "classes", None),
-                                  overwrite=overwrite, resume=resume, strict=options.strict, progress=progress,
-                                  fingerprint=fingerprint, start_method=start_method, on_start=on_start)
+    source = open_source(src, fmt=fmt, options=options, shuffle=shuffle, seed=seed, resize=resize, quality=quality)
+    fingerprint = {
+        "src": os.path.abspath(src),
+        "format": fmt,
+        "shuffle": shuffle,
+        "seed": seed if shuffle else 0,
+        "resize": resize,
+        "quality": quality,
+        "validate": options.validate,
+        "max_pixels": options.max_pixels,
+    }
+    common: dict[str, Any] = dict(
+        workers=workers,
+        part=part,
+        name=name,
+        shard_size=shard_size,
+        max_count=max_count,
+        classes=getattr(source, "classes", None),
+        overwrite=overwrite,
+        resume=resume,
+        strict=options.strict,
+        progress=progress,
+        fingerprint=fingerprint,
+        start_method=start_method,
+        on_start=on_start,
+    )
     if isinstance(source, FileSource):
-        return write_parallel(source.entries, source.loader(), dest, total=len(source.entries),
-                              describe=_describe_entry, **common)
+        return write_parallel(
+            source.entries, source.loader(), dest, total=len(source.entries), describe=_describe_entry, **common
+        )
     try:
         total: int | None = len(source)
     except TypeError:
         total = None
     if not options.validate:
         common["workers"] = 1  # nothing to do in parallel: the source reads in this process
-    result = write_parallel(iter(source), SampleCheck(options.max_pixels) if options.validate else _identity,
-                            dest, total=total, describe=describe_sample, batch_size=4, prefetch=1, **common)
+    result = write_parallel(
+        iter(source),
+        SampleCheck(options.max_pixels) if options.validate else _identity,
+        dest,
+        total=total,
+        describe=describe_sample,
+        batch_size=4,
+        prefetch=1,
+        **common,
+    )
     result.skipped = list(getattr(source, "skipped", [])) + result.skipped
     return result
 
 
-def write_files(paths: Iterable[str], dest: str, *, labels: Iterable[int] | None = None,
-                workers: int | None = None, validate: bool = True, max_pixels: int | None = None,
-                **kwargs: Any) -> WriteResult:
+def write_files(
+    paths: Iterable[str],
+    dest: str,
+    *,
+    labels: Iterable[int] | None = None,
+    workers: int | None = None,
+    validate: bool = True,
+    max_pixels: int | None = None,
+    **kwargs: Any,
+) -> WriteResult:
     """Write image files (in the given order; keys 000000, 000001, ...) with a process pool.
 
     ``labels`` gives one integer class per path. ``kwargs`` go to :func:`write_parallel`
@@ -531,8 +648,16 @@ def write_files(paths: Iterable[str], dest: str, *, labels: Iterable[int] | None
     width = max(6, len(str(len(paths) - 1)))
     entries = [(f"{i:0{width}d}", Entry(p, p, lab, None)) for i, (p, lab) in enumerate(zip(paths, label_list))]
     fingerprint = {"paths": len(paths), "validate": validate, "max_pixels": max_pixels}
-    return write_parallel(entries, EntryLoader(validate=validate, max_pixels=max_pixels), dest, total=len(entries),
-                          workers=workers, describe=_describe_entry, fingerprint=fingerprint, **kwargs)
+    return write_parallel(
+        entries,
+        EntryLoader(validate=validate, max_pixels=max_pixels),
+        dest,
+        total=len(entries),
+        workers=workers,
+        describe=_describe_entry,
+        fingerprint=fingerprint,
+        **kwargs,
+    )
 
 
 def _describe_entry(item: Any) -> str:

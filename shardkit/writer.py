@@ -20,7 +20,8 @@ import os
 import queue
 import re
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ShardkitError
 from .index import Manifest, ShardInfo, encode_index, manifest_name
@@ -48,8 +49,10 @@ def validate_key(key: Any) -> str:
     if any(p in ("", ".", "..") for p in parts):
         raise KeyError_(f"sample key {key!r} has an empty, '.' or '..' path component")
     if "." in parts[-1]:
-        raise KeyError_(f"sample key {key!r} has a dot in its last component; readers split "
-                        "the extension at the first dot, so it would not read back as this key")
+        raise KeyError_(
+            f"sample key {key!r} has a dot in its last component; readers split "
+            "the extension at the first dot, so it would not read back as this key"
+        )
     return key
 
 
@@ -72,8 +75,10 @@ def encode_field(ext: str, value: Any) -> bytes:
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)
         return buf.getvalue()
-    raise TypeError(f"field {ext!r}: cannot store a {type(value).__name__}; pass bytes, str, int, "
-                    "float, dict/list (JSON) or a numpy array for .npy")
+    raise TypeError(
+        f"field {ext!r}: cannot store a {type(value).__name__}; pass bytes, str, int, "
+        "float, dict/list (JSON) or a numpy array for .npy"
+    )
 
 
 def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -188,9 +193,17 @@ class ShardWriter:
     after it, the manifest last), so a reader never sees a half-written shard.
     """
 
-    def __init__(self, dest: str, *, name: str = "data", shard_size: int | str = "1GB",
-                 max_count: int | None = None, classes: list[str] | None = None,
-                 overwrite: bool = False, source_options: Any = None) -> None:
+    def __init__(
+        self,
+        dest: str,
+        *,
+        name: str = "data",
+        shard_size: int | str = "1GB",
+        max_count: int | None = None,
+        classes: list[str] | None = None,
+        overwrite: bool = False,
+        source_options: Any = None,
+    ) -> None:
         if "/" in name or not name:
             raise ValueError(f"shard name must be a plain file name prefix, got {name!r}")
         from .source import DEFAULT_OPTIONS, local_path
@@ -230,9 +243,10 @@ class ShardWriter:
                 os.remove(os.path.join(dest, entry))
         existing = [os.path.join(dest, e) for e in entries if own_shard.fullmatch(e)]
         if existing and not overwrite:
-            raise ShardkitError(f"{dest} already holds {len(existing)} shard(s) named {name}-NNNNNN.tar "
-                                "(first: {}); pass overwrite=True (--overwrite) to replace them"
-                                .format(os.path.basename(existing[0])))
+            raise ShardkitError(
+                f"{dest} already holds {len(existing)} shard(s) named {name}-NNNNNN.tar "
+                "(first: {}); pass overwrite=True (--overwrite) to replace them".format(os.path.basename(existing[0]))
+            )
         self._stale = existing
         if existing:
             # From now on the folder describes the new dataset (empty, incomplete), so a
@@ -247,12 +261,17 @@ class ShardWriter:
         members = encode_sample(sample)
         size = sum(len(h) + len(p) + (-len(p)) % BLOCK for h, p in members)
         if self._file is not None and (
-                self._size + size + len(END_BLOCKS) > self.shard_size
-                or (self.max_count is not None and len(self._offsets) >= self.max_count)):
+            self._size + size + len(END_BLOCKS) > self.shard_size
+            or (self.max_count is not None and len(self._offsets) >= self.max_count)
+        ):
             self._finish_shard()
         if size + len(END_BLOCKS) > self.shard_size:
-            log.warning("sample %r is %d bytes, more than shard_size %d: it gets a shard of its own",
-                        sample["__key__"], size, self.shard_size)
+            log.warning(
+                "sample %r is %d bytes, more than shard_size %d: it gets a shard of its own",
+                sample["__key__"],
+                size,
+                self.shard_size,
+            )
             if self._file is not None:
                 self._finish_shard()
         if self._file is None:
@@ -329,9 +348,15 @@ class ShardWriter:
         if self.remote is not None:
             self._upload(path)
             self._upload(path + ".idx")
-        self.shards.append(ShardInfo(name=os.path.basename(path), samples=len(self._offsets),
-                                     bytes=self._size, sha256=sha256,
-                                     fields=sorted(self._fields)))
+        self.shards.append(
+            ShardInfo(
+                name=os.path.basename(path),
+                samples=len(self._offsets),
+                bytes=self._size,
+                sha256=sha256,
+                fields=sorted(self._fields),
+            )
+        )
         if self.remote is None:
             # Kept current after every shard: a killed write leaves a manifest of what is complete.
             self._write_manifest(complete=False)
@@ -343,8 +368,7 @@ class ShardWriter:
         self._file.abandon()
         self._file = None
         self.samples_written -= len(self._offsets) - 1
-        log.error("abandoned shard %d after a failed write; its samples were not kept",
-                  len(self.shards))
+        log.error("abandoned shard %d after a failed write; its samples were not kept", len(self.shards))
 
     # -- closing ---------------------------------------------------------------------
     def close(self, *, complete: bool = True) -> Manifest:
@@ -381,13 +405,14 @@ class ShardWriter:
     def manifest(self, complete: bool = True) -> Manifest:
         return Manifest(shards=list(self.shards), name=self.name, classes=self.classes, complete=complete)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            log.warning("stopping early (%s): keeping the %d samples written so far",
-                        exc_type.__name__, self.samples_written)
+            log.warning(
+                "stopping early (%s): keeping the %d samples written so far", exc_type.__name__, self.samples_written
+            )
         self.close(complete=exc_type is None)
 
 

@@ -30,9 +30,9 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 BLOCK = 512
 END = bytes(2 * BLOCK)
@@ -40,13 +40,22 @@ END = bytes(2 * BLOCK)
 # --------------------------------------------------------------------------- raw tar
 
 
-def header(name: bytes | str, size: int = 0, typeflag: bytes = b"0", *, size_field: bytes | None = None,
-           linkname: bytes = b"", magic: bytes = b"ustar\x0000", prefix: bytes = b"",
-           chksum: bytes | None = None, signed_checksum: bool = False) -> bytes:
+def header(
+    name: bytes | str,
+    size: int = 0,
+    typeflag: bytes = b"0",
+    *,
+    size_field: bytes | None = None,
+    linkname: bytes = b"",
+    magic: bytes = b"ustar\x0000",
+    prefix: bytes = b"",
+    chksum: bytes | None = None,
+    signed_checksum: bool = False,
+) -> bytes:
     """One 512-byte tar header, built by hand so any field can be wrong."""
     raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
     h = bytearray(BLOCK)
-    h[0:min(len(raw), 100)] = raw[:100]
+    h[0 : min(len(raw), 100)] = raw[:100]
     h[100:108] = b"0000644\0"
     h[108:116] = b"0001750\0"
     h[116:124] = b"0001750\0"
@@ -55,9 +64,9 @@ def header(name: bytes | str, size: int = 0, typeflag: bytes = b"0", *, size_fie
     h[136:148] = b"00000000000\0"
     h[148:156] = b" " * 8
     h[156:157] = typeflag
-    h[157:157 + len(linkname)] = linkname[:100]
-    h[257:257 + len(magic)] = magic
-    h[345:345 + len(prefix)] = prefix[:155]
+    h[157 : 157 + len(linkname)] = linkname[:100]
+    h[257 : 257 + len(magic)] = magic
+    h[345 : 345 + len(prefix)] = prefix[:155]
     if chksum is not None:
         h[148:156] = chksum
     elif signed_checksum:
@@ -88,8 +97,9 @@ def pax_records(records: dict[str, str]) -> bytes:
     return body
 
 
-def extended(body: bytes, typeflag: bytes = b"x", name: bytes = b"././@PaxHeader", *,
-             declared: int | None = None) -> bytes:
+def extended(
+    body: bytes, typeflag: bytes = b"x", name: bytes = b"././@PaxHeader", *, declared: int | None = None
+) -> bytes:
     """A pax (``x``/``g``) or GNU (``L``/``K``) extended header carrying ``body``."""
     size = len(body) if declared is None else declared
     return header(name, size, typeflag) + body + padding(len(body))
@@ -100,7 +110,7 @@ def gnu_long_name(name: str | bytes) -> bytes:
     return extended(raw + b"\0", b"L", b"././@LongLink")
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_jpeg(i: int) -> bytes:
     from tests.helpers import tiny_jpeg as make
 
@@ -109,8 +119,11 @@ def tiny_jpeg(i: int) -> bytes:
 
 def good_sample(key: str, i: int = 0) -> bytes:
     """The members of one valid sample: ``key.cls``, ``key.jpg``, ``key.json``."""
-    return (member(f"{key}.cls", str(i % 3).encode()) + member(f"{key}.jpg", tiny_jpeg(i))
-            + member(f"{key}.json", json.dumps({"i": i}).encode()))
+    return (
+        member(f"{key}.cls", str(i % 3).encode())
+        + member(f"{key}.jpg", tiny_jpeg(i))
+        + member(f"{key}.json", json.dumps({"i": i}).encode())
+    )
 
 
 def good_samples(*keys: str) -> bytes:
@@ -146,7 +159,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-@lru_cache(maxsize=None)
+@cache
 def png_bomb(side: int = 12_000) -> bytes:
     """A single-colour 1-bit greyscale PNG of side x side pixels that compresses to a few kB.
 
@@ -159,8 +172,12 @@ def png_bomb(side: int = 12_000) -> bytes:
     chunks.append(comp.compress(row * (side % 500)))
     chunks.append(comp.flush())
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(chunks))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", b"".join(chunks))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 class Touch:
@@ -255,47 +272,83 @@ P1 = PREFIX_KEYS[:1]
 # -- truncation -----------------------------------------------------------------------
 
 
-@case("truncated_in_header", "format", P1, message=("truncated", "tar header"),
-      tarfile="lenient", tarfile_note="tarfile treats the cut header as the end of the archive: no error",
-      behaviour="ShardFormatError at the cut header's offset; tarfile stops silently there")
+@case(
+    "truncated_in_header",
+    "format",
+    P1,
+    message=("truncated", "tar header"),
+    tarfile="lenient",
+    tarfile_note="tarfile treats the cut header as the end of the archive: no error",
+    behaviour="ShardFormatError at the cut header's offset; tarfile stops silently there",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + good_sample("b0000")[:300], offset=len(head))
 
 
-@case("truncated_in_payload", "format", P, message=("truncated", "past the end"),
-      tarfile="error", behaviour="ShardFormatError naming the member and its header offset")
+@case(
+    "truncated_in_payload",
+    "format",
+    P,
+    message=("truncated", "past the end"),
+    tarfile="error",
+    behaviour="ShardFormatError naming the member and its header offset",
+)
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + member("b0000.bin", os.urandom(3000))[:BLOCK + 1000], offset=len(head), member="b0000.bin")
+    return Built(head + member("b0000.bin", os.urandom(3000))[: BLOCK + 1000], offset=len(head), member="b0000.bin")
 
 
-@case("truncated_in_padding", "format", P, message=("truncated", "padding"),
-      tarfile="error", behaviour="ShardFormatError naming the member; tarfile returns the member and stops silently")
+@case(
+    "truncated_in_padding",
+    "format",
+    P,
+    message=("truncated", "padding"),
+    tarfile="error",
+    behaviour="ShardFormatError naming the member; tarfile returns the member and stops silently",
+)
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + member("b0000.bin", b"p" * 700)[:BLOCK + 800], offset=len(head), member="b0000.bin")
+    return Built(head + member("b0000.bin", b"p" * 700)[: BLOCK + 800], offset=len(head), member="b0000.bin")
 
 
-@case("truncated_before_end_blocks", "format", ("g0000", "g0001"), message=("truncated", "end-of-archive"),
-      tarfile="lenient", tarfile_note="tarfile accepts a tar without end blocks",
-      behaviour="all members complete but no end-of-archive blocks: an error (the last sample "
-                "is lost, it may be incomplete); tarfile accepts it")
+@case(
+    "truncated_before_end_blocks",
+    "format",
+    ("g0000", "g0001"),
+    message=("truncated", "end-of-archive"),
+    tarfile="lenient",
+    tarfile_note="tarfile accepts a tar without end blocks",
+    behaviour="all members complete but no end-of-archive blocks: an error (the last sample "
+    "is lost, it may be incomplete); tarfile accepts it",
+)
 def _(workdir: str) -> Built:
     data = good_samples("g0000", "g0001", "g0002")
     return Built(data, offset=len(data))
 
 
-@case("truncated_in_end_blocks", "format", P1, message=("truncated",),
-      tarfile="lenient", tarfile_note="tarfile accepts a partial end block",
-      behaviour="a partial zero block where the end marker should be: truncated")
+@case(
+    "truncated_in_end_blocks",
+    "format",
+    P1,
+    message=("truncated",),
+    tarfile="lenient",
+    tarfile_note="tarfile accepts a partial end block",
+    behaviour="a partial zero block where the end marker should be: truncated",
+)
 def _(workdir: str) -> Built:
     data = prefix()
     return Built(data + bytes(300), offset=len(data))
 
 
-@case("truncated_in_first_header", "format", (), message=("truncated", "first tar header"),
-      tarfile="error", behaviour="fewer than 512 bytes in all: truncated at offset 0")
+@case(
+    "truncated_in_first_header",
+    "format",
+    (),
+    message=("truncated", "first tar header"),
+    tarfile="error",
+    behaviour="fewer than 512 bytes in all: truncated at offset 0",
+)
 def _(workdir: str) -> Built:
     return Built(valid_tar()[:200], offset=0)
 
@@ -305,17 +358,22 @@ def _(workdir: str) -> Built:
 
 def _corrupt_header(data: bytes, at: int, fn: Callable[[bytearray], None]) -> bytes:
     out = bytearray(data)
-    block = out[at:at + BLOCK]
+    block = out[at : at + BLOCK]
     fn(block)
-    out[at:at + BLOCK] = block
+    out[at : at + BLOCK] = block
     return bytes(out)
 
 
-@case("bad_checksum", "format", P1, message=("checksum",),
-      tarfile="lenient",
-      tarfile_note="tarfile stops at a bad header after the first one: the rest is lost without an error",
-      behaviour="a flipped bit in a later header: ShardFormatError at that header; tarfile "
-                "treats it as the end of the archive and loses the rest silently")
+@case(
+    "bad_checksum",
+    "format",
+    P1,
+    message=("checksum",),
+    tarfile="lenient",
+    tarfile_note="tarfile stops at a bad header after the first one: the rest is lost without an error",
+    behaviour="a flipped bit in a later header: ShardFormatError at that header; tarfile "
+    "treats it as the end of the archive and loses the rest silently",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     data = head + good_samples("b0000", "b0001") + END
@@ -326,8 +384,14 @@ def _(workdir: str) -> Built:
     return Built(_corrupt_header(data, len(head), flip), offset=len(head))
 
 
-@case("bad_checksum_first_header", "format", (), message=("not a tar archive", "checksum"),
-      tarfile="error", behaviour="'not a tar archive' at offset 0")
+@case(
+    "bad_checksum_first_header",
+    "format",
+    (),
+    message=("not a tar archive", "checksum"),
+    tarfile="error",
+    behaviour="'not a tar archive' at offset 0",
+)
 def _(workdir: str) -> Built:
     def flip(block: bytearray) -> None:
         block[0] ^= 0x01
@@ -335,17 +399,29 @@ def _(workdir: str) -> Built:
     return Built(_corrupt_header(valid_tar(), 0, flip), offset=0)
 
 
-@case("checksum_not_octal", "format", P1, message=("checksum",),
-      tarfile="lenient", tarfile_note="tarfile stops there without an error",
-      behaviour="checksum field 'zzzzzz': treated as a bad checksum")
+@case(
+    "checksum_not_octal",
+    "format",
+    P1,
+    message=("checksum",),
+    tarfile="lenient",
+    tarfile_note="tarfile stops there without an error",
+    behaviour="checksum field 'zzzzzz': treated as a bad checksum",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + header("b0000.jpg", 10, chksum=b"zzzzzz\0 ") + bytes(BLOCK) + END, offset=len(head))
 
 
-@case("garbage_block_inserted", "format", P1, message=("checksum",),
-      tarfile="lenient", tarfile_note="tarfile stops there without an error",
-      behaviour="512 random bytes between two samples: bad checksum at that offset")
+@case(
+    "garbage_block_inserted",
+    "format",
+    P1,
+    message=("checksum",),
+    tarfile="lenient",
+    tarfile_note="tarfile stops there without an error",
+    behaviour="512 random bytes between two samples: bad checksum at that offset",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + random.Random(7).randbytes(BLOCK) + good_sample("b0000") + END, offset=len(head))
@@ -354,125 +430,214 @@ def _(workdir: str) -> Built:
 # -- sizes ---------------------------------------------------------------------------------
 
 
-@case("size_past_end", "format", P, message=("past the end",),
-      tarfile="error", behaviour="a size of 1 MB in a 10 kB file: truncated, member named")
+@case(
+    "size_past_end",
+    "format",
+    P,
+    message=("past the end",),
+    tarfile="error",
+    behaviour="a size of 1 MB in a 10 kB file: truncated, member named",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + header("b0000.jpg", 10**6) + b"x" * 2000 + END, offset=len(head), member="b0000.jpg")
 
 
-@case("size_octal_8GiB", "format", P, message=("past the end",),
-      tarfile="error", behaviour="size field 77777777777 (8 GiB) in a small file: fails fast without allocating "
-                "8 GiB (before the fix, the stream path allocated bytearray(8 GiB) first: 40 s)")
+@case(
+    "size_octal_8GiB",
+    "format",
+    P,
+    message=("past the end",),
+    tarfile="error",
+    behaviour="size field 77777777777 (8 GiB) in a small file: fails fast without allocating "
+    "8 GiB (before the fix, the stream path allocated bytearray(8 GiB) first: 40 s)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + header("b0000.jpg", size_field=b"77777777777\0") + b"x" * 700 + END,
-                 offset=len(head), member="b0000.jpg")
+    return Built(
+        head + header("b0000.jpg", size_field=b"77777777777\0") + b"x" * 700 + END, offset=len(head), member="b0000.jpg"
+    )
 
 
-@case("size_base256_huge", "format", P, message=("past the end",),
-      tarfile="error", tarfile_note="tarfile raises OverflowError (not a ReadError)",
-      behaviour="base-256 size 2**80: truncated error (before the fix: MemoryError/OverflowError "
-                "from the stream path)")
+@case(
+    "size_base256_huge",
+    "format",
+    P,
+    message=("past the end",),
+    tarfile="error",
+    tarfile_note="tarfile raises OverflowError (not a ReadError)",
+    behaviour="base-256 size 2**80: truncated error (before the fix: MemoryError/OverflowError from the stream path)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     field_ = b"\x80" + (2**80).to_bytes(11, "big")
-    return Built(head + header("b0000.jpg", size_field=field_) + b"x" * 700 + END,
-                 offset=len(head), member="b0000.jpg")
+    return Built(head + header("b0000.jpg", size_field=field_) + b"x" * 700 + END, offset=len(head), member="b0000.jpg")
 
 
-@case("size_negative_octal", "format", P1, message=("negative",),
-      tarfile="hangs",
-      tarfile_note="tarfile (so webdataset) loops forever: CVE-2025-8194 (fixed in Python 3.13.6/3.14)",
-      behaviour="size '-0000001000': ShardFormatError; Python's tarfile (and so webdataset) "
-                "loops forever on it (CVE-2025-8194)")
+@case(
+    "size_negative_octal",
+    "format",
+    P1,
+    message=("negative",),
+    tarfile="hangs",
+    tarfile_note="tarfile (so webdataset) loops forever: CVE-2025-8194 (fixed in Python 3.13.6/3.14)",
+    behaviour="size '-0000001000': ShardFormatError; Python's tarfile (and so webdataset) "
+    "loops forever on it (CVE-2025-8194)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + header("b0000.jpg", size_field=b"-0000001000\0") + bytes(BLOCK) + END,
-                 offset=len(head))
+    return Built(head + header("b0000.jpg", size_field=b"-0000001000\0") + bytes(BLOCK) + END, offset=len(head))
 
 
-@case("size_negative_base256", "format", P1, message=("negative",),
-      tarfile="hangs", tarfile_note="tarfile (so webdataset) loops forever: CVE-2025-8194",
-      behaviour="base-256 size -512: ShardFormatError; tarfile loops forever (CVE-2025-8194)")
+@case(
+    "size_negative_base256",
+    "format",
+    P1,
+    message=("negative",),
+    tarfile="hangs",
+    tarfile_note="tarfile (so webdataset) loops forever: CVE-2025-8194",
+    behaviour="base-256 size -512: ShardFormatError; tarfile loops forever (CVE-2025-8194)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     field_ = (-512).to_bytes(12, "big", signed=True)  # 0xFF... two's complement
     return Built(head + header("b0000.jpg", size_field=field_) + bytes(BLOCK) + END, offset=len(head))
 
 
-@case("size_field_garbage", "format", P1, message=("bad size field",),
-      tarfile="lenient", tarfile_note="tarfile stops there without an error",
-      behaviour="size field '12345678xyz': ShardFormatError; tarfile stops silently")
+@case(
+    "size_field_garbage",
+    "format",
+    P1,
+    message=("bad size field",),
+    tarfile="lenient",
+    tarfile_note="tarfile stops there without an error",
+    behaviour="size field '12345678xyz': ShardFormatError; tarfile stops silently",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + header("b0000.jpg", size_field=b"12345678xyz\0") + bytes(BLOCK) + END, offset=len(head))
 
 
-@case("size_field_nul_then_garbage", "ok", P,
-      behaviour="size field '1274' + NUL + junk: read up to the NUL, as "
-                "tarfile and GNU tar do")
+@case(
+    "size_field_nul_then_garbage",
+    "ok",
+    P,
+    behaviour="size field '1274' + NUL + junk: read up to the NUL, as tarfile and GNU tar do",
+)
 def _(workdir: str) -> Built:
     payload = b"n" * 700
-    return Built(good_sample("g0000") + header("g0000.bin", size_field=b"1274\0\xff\xfe12345")
-                 + payload + padding(700) + good_sample("g0001", 1) + END)
+    return Built(
+        good_sample("g0000")
+        + header("g0000.bin", size_field=b"1274\0\xff\xfe12345")
+        + payload
+        + padding(700)
+        + good_sample("g0001", 1)
+        + END
+    )
 
 
 # -- pax headers -------------------------------------------------------------------------------
 
 
-@case("pax_absurd_length", "format", P1, message=("implausibly large",),
-      tarfile="error", behaviour="a pax header claiming 2 GiB: refused before reading it")
+@case(
+    "pax_absurd_length",
+    "format",
+    P1,
+    message=("implausibly large",),
+    tarfile="error",
+    behaviour="a pax header claiming 2 GiB: refused before reading it",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     body = pax_records({"path": "b0000.jpg"})
     return Built(head + extended(body, declared=2**31) + END, offset=len(head))
 
 
-@case("pax_bad_record_length", "format", P1, message=("pax",),
-      tarfile="lenient", tarfile_note="tarfile ignores the bad record and lists a member with a garbled name",
-      behaviour="a pax record whose length prefix is wrong")
+@case(
+    "pax_bad_record_length",
+    "format",
+    P1,
+    message=("pax",),
+    tarfile="lenient",
+    tarfile_note="tarfile ignores the bad record and lists a member with a garbled name",
+    behaviour="a pax record whose length prefix is wrong",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + extended(b"99 path=b0000.jpg\n") + member("b0000.jpg", b"x") + END, offset=len(head))
 
 
-@case("pax_record_no_equals", "format", P1, message=("pax",),
-      tarfile="lenient", tarfile_note="tarfile ignores the malformed record",
-      behaviour="a pax record without '='")
+@case(
+    "pax_record_no_equals",
+    "format",
+    P1,
+    message=("pax",),
+    tarfile="lenient",
+    tarfile_note="tarfile ignores the malformed record",
+    behaviour="a pax record without '='",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + extended(b"15 pathb0000jpg\n") + member("b0000.jpg", b"x") + END, offset=len(head))
 
 
-@case("pax_record_length_not_a_number", "format", P1, message=("pax",),
-      tarfile="lenient", tarfile_note="tarfile ignores the malformed record",
-      behaviour="a pax record length that is not a number")
+@case(
+    "pax_record_length_not_a_number",
+    "format",
+    P1,
+    message=("pax",),
+    tarfile="lenient",
+    tarfile_note="tarfile ignores the malformed record",
+    behaviour="a pax record length that is not a number",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + extended(b"x9 path=b0000.jpg\n") + member("b0000.jpg", b"x") + END, offset=len(head))
 
 
-@case("pax_size_not_a_number", "format", P1, message=("bad pax size",),
-      tarfile="lenient", tarfile_note="tarfile takes size 0 and reads the payload as the next header",
-      behaviour="pax size=abc: ShardFormatError (tarfile takes size 0 and then misparses the payload)")
+@case(
+    "pax_size_not_a_number",
+    "format",
+    P1,
+    message=("bad pax size",),
+    tarfile="lenient",
+    tarfile_note="tarfile takes size 0 and reads the payload as the next header",
+    behaviour="pax size=abc: ShardFormatError (tarfile takes size 0 and then misparses the payload)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + extended(pax_records({"size": "abc"})) + member("b0000.jpg", b"x" * 600) + END,
-                 offset=len(head) + 2 * BLOCK)
+    return Built(
+        head + extended(pax_records({"size": "abc"})) + member("b0000.jpg", b"x" * 600) + END,
+        offset=len(head) + 2 * BLOCK,
+    )
 
 
-@case("pax_size_huge", "format", P, message=("past the end",),
-      tarfile="error", tarfile_note="tarfile raises OverflowError",
-      behaviour="pax size=10**30: truncated error (before the fix: OverflowError on streams)")
+@case(
+    "pax_size_huge",
+    "format",
+    P,
+    message=("past the end",),
+    tarfile="error",
+    tarfile_note="tarfile raises OverflowError",
+    behaviour="pax size=10**30: truncated error (before the fix: OverflowError on streams)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + extended(pax_records({"size": str(10**30)})) + member("b0000.jpg", b"x" * 600) + END,
-                 offset=len(head) + 2 * BLOCK, member="b0000.jpg")
+    return Built(
+        head + extended(pax_records({"size": str(10**30)})) + member("b0000.jpg", b"x" * 600) + END,
+        offset=len(head) + 2 * BLOCK,
+        member="b0000.jpg",
+    )
 
 
-@case("pax_header_then_end", "format", P1, message=("end-of-archive marker after an extended header",),
-      tarfile="error", behaviour="a pax header with no member after it")
+@case(
+    "pax_header_then_end",
+    "format",
+    P1,
+    message=("end-of-archive marker after an extended header",),
+    tarfile="error",
+    behaviour="a pax header with no member after it",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + extended(pax_records({"path": "b0000.jpg"})) + END, offset=len(head) + 2 * BLOCK)
@@ -481,54 +646,85 @@ def _(workdir: str) -> Built:
 # -- GNU long names ---------------------------------------------------------------------------
 
 
-@case("gnu_longname_huge", "format", P1, message=("implausibly large",),
-      tarfile="lenient", tarfile_note="tarfile has no limit on long names",
-      behaviour="a GNU long name of 2 MiB: refused (limit 1 MiB)")
+@case(
+    "gnu_longname_huge",
+    "format",
+    P1,
+    message=("implausibly large",),
+    tarfile="lenient",
+    tarfile_note="tarfile has no limit on long names",
+    behaviour="a GNU long name of 2 MiB: refused (limit 1 MiB)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + gnu_long_name(b"n" * (2 << 20) + b".jpg") + member("x", b"") + END, offset=len(head))
 
 
-@case("gnu_longname_truncated", "format", P1, message=("truncated", "extended header"),
-      tarfile="error", behaviour="the stream ends inside a GNU long-name record")
+@case(
+    "gnu_longname_truncated",
+    "format",
+    P1,
+    message=("truncated", "extended header"),
+    tarfile="error",
+    behaviour="the stream ends inside a GNU long-name record",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     return Built(head + header(b"././@LongLink", 3000, b"L") + b"n" * 700, offset=len(head))
 
 
-@case("gnu_longname_chain", "ok", webdataset=False, keys=P + ("last",),
-      tarfile="different",
-      tarfile_note="tarfile (and so webdataset) names the member with the FIRST long name of a chain, "
-                   "shardkit with the last",
-      behaviour="20 GNU long-name headers in a row: accepted, the last one names the member")
+@case(
+    "gnu_longname_chain",
+    "ok",
+    webdataset=False,
+    keys=P + ("last",),
+    tarfile="different",
+    tarfile_note="tarfile (and so webdataset) names the member with the FIRST long name of a chain, "
+    "shardkit with the last",
+    behaviour="20 GNU long-name headers in a row: accepted, the last one names the member",
+)
 def _(workdir: str) -> Built:
     chain = b"".join(gnu_long_name(f"chain{i:02d}/" + "c" * 120 + ".jpg") for i in range(19))
-    return Built(prefix() + chain + gnu_long_name("last.jpg") + header("short.jpg", 3) + b"abc"
-                 + padding(3) + END)
+    return Built(prefix() + chain + gnu_long_name("last.jpg") + header("short.jpg", 3) + b"abc" + padding(3) + END)
 
 
-@case("gnu_longname_quadratic", "ok", webdataset=False, keys=P + ("g0002",),
-      behaviour="a 512 KiB GNU long name 'a/a/a/...' (no extension) is skipped in milliseconds; the "
-                "webdataset key regex backtracks quadratically on it (minutes to hours): fixed in "
-                "samples.split_name")
+@case(
+    "gnu_longname_quadratic",
+    "ok",
+    webdataset=False,
+    keys=P + ("g0002",),
+    behaviour="a 512 KiB GNU long name 'a/a/a/...' (no extension) is skipped in milliseconds; the "
+    "webdataset key regex backtracks quadratically on it (minutes to hours): fixed in "
+    "samples.split_name",
+)
 def _(workdir: str) -> Built:
     name = "a/" * (256 * 1024 - 4)
-    return Built(prefix() + gnu_long_name(name) + header("x", 3) + b"abc" + padding(3)
-                 + good_sample("g0002") + END)
+    return Built(prefix() + gnu_long_name(name) + header("x", 3) + b"abc" + padding(3) + good_sample("g0002") + END)
 
 
-@case("slashes_quadratic", "ok", webdataset=False, keys=P + ("g0002",),
-      behaviour="a 512 KiB long name of slashes only: skipped in milliseconds (regex: hours)")
+@case(
+    "slashes_quadratic",
+    "ok",
+    webdataset=False,
+    keys=P + ("g0002",),
+    behaviour="a 512 KiB long name of slashes only: skipped in milliseconds (regex: hours)",
+)
 def _(workdir: str) -> Built:
-    return Built(prefix() + gnu_long_name("/" * (512 * 1024)) + header("x", 3) + b"abc" + padding(3)
-                 + good_sample("g0002") + END)
+    return Built(
+        prefix() + gnu_long_name("/" * (512 * 1024)) + header("x", 3) + b"abc" + padding(3) + good_sample("g0002") + END
+    )
 
 
 LONG_KEY = "d" * 200 + "/" * 300_000 + "k"
 
 
-@case("long_key", "ok", webdataset=False, keys=P + (LONG_KEY,),
-      behaviour="a 300 kB key is a key like any other (linear time)")
+@case(
+    "long_key",
+    "ok",
+    webdataset=False,
+    keys=P + (LONG_KEY,),
+    behaviour="a 300 kB key is a key like any other (linear time)",
+)
 def _(workdir: str) -> Built:
     return Built(prefix() + gnu_long_name(LONG_KEY + ".jpg") + header("x", 3) + b"abc" + padding(3) + END)
 
@@ -541,38 +737,66 @@ def _(workdir: str) -> Built:
     return Built(b"", offset=0)
 
 
-@case("gzip_tar", "ok", ("v0000", "v0001", "v0002"),
-      behaviour="a .tar.gz (found by its magic bytes, whatever its name): decompressed and read")
+@case(
+    "gzip_tar",
+    "ok",
+    ("v0000", "v0001", "v0002"),
+    behaviour="a .tar.gz (found by its magic bytes, whatever its name): decompressed and read",
+)
 def _(workdir: str) -> Built:
     return Built(gzip.compress(valid_tar(), mtime=0))
 
 
-@case("gzip_tar_cut", "format", P, message=("truncated", "gzip", "cut short"),
-      tarfile="error", behaviour="a .tar.gz cut short inside a member: the samples before it arrive, "
-                                 "the error names the member and its offset in the decompressed stream")
+@case(
+    "gzip_tar_cut",
+    "format",
+    P,
+    message=("truncated", "gzip", "cut short"),
+    tarfile="error",
+    behaviour="a .tar.gz cut short inside a member: the samples before it arrive, "
+    "the error names the member and its offset in the decompressed stream",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     data = head + member("b0000.bin", random.Random(3).randbytes(3000)) + END
     return Built(gzip.compress(data, mtime=0)[:-1500], offset=len(head), member="b0000.bin")
 
 
-@case("gzip_tar_corrupt", "format", (), message=("corrupt gzip data", "CRC"),
-      tarfile="lenient", tarfile_note="tarfile stops at the end-of-archive marker and never checks the CRC",
-      behaviour="a .tar.gz whose gzip CRC does not match: 'corrupt gzip data' (the stream is read to its end)")
+@case(
+    "gzip_tar_corrupt",
+    "format",
+    (),
+    message=("corrupt gzip data", "CRC"),
+    tarfile="lenient",
+    tarfile_note="tarfile stops at the end-of-archive marker and never checks the CRC",
+    behaviour="a .tar.gz whose gzip CRC does not match: 'corrupt gzip data' (the stream is read to its end)",
+)
 def _(workdir: str) -> Built:
     data = bytearray(gzip.compress(good_samples("c0000") + END, mtime=0))
     data[-8] ^= 0xFF  # the CRC32 in the gzip trailer
     return Built(bytes(data))
 
 
-@case("gzip_twice", "format", (), message=("gzip", "compressed twice"),
-      tarfile="error", behaviour="a .tar.gz.gz: the outer layer is removed, the inner one is named")
+@case(
+    "gzip_twice",
+    "format",
+    (),
+    message=("gzip", "compressed twice"),
+    tarfile="error",
+    behaviour="a .tar.gz.gz: the outer layer is removed, the inner one is named",
+)
 def _(workdir: str) -> Built:
     return Built(gzip.compress(gzip.compress(valid_tar(), mtime=0), mtime=0), offset=0)
 
 
-@case("zip_file", "format", (), message=("zip",),
-      tarfile="error", behaviour="a zip archive: 'it is a zip file, not a tar'")
+@case(
+    "zip_file",
+    "format",
+    (),
+    message=("zip",),
+    tarfile="error",
+    behaviour="a zip archive: 'it is a zip file, not a tar'",
+)
 def _(workdir: str) -> Built:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -581,30 +805,58 @@ def _(workdir: str) -> Built:
     return Built(buf.getvalue(), offset=0)
 
 
-@case("html_error_page_short", "format", (), message=("HTML",),
-      tarfile="error", behaviour="a 404 page shorter than a tar header: 'looks like an HTML/XML document'")
+@case(
+    "html_error_page_short",
+    "format",
+    (),
+    message=("HTML",),
+    tarfile="error",
+    behaviour="a 404 page shorter than a tar header: 'looks like an HTML/XML document'",
+)
 def _(workdir: str) -> Built:
-    return Built(b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n",
-                 offset=0)
+    return Built(b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n", offset=0)
 
 
-@case("html_error_page", "format", (), message=("HTML",),
-      tarfile="error", behaviour="a long HTML page served with status 200 instead of the shard")
+@case(
+    "html_error_page",
+    "format",
+    (),
+    message=("HTML",),
+    tarfile="error",
+    behaviour="a long HTML page served with status 200 instead of the shard",
+)
 def _(workdir: str) -> Built:
     body = b"<p>Please sign in to continue.</p>\n" * 60
-    return Built(b"\n  <!DOCTYPE html>\n<html lang=en><head><title>Sign in</title></head><body>" + body
-                 + b"</body></html>\n", offset=0)
+    return Built(
+        b"\n  <!DOCTYPE html>\n<html lang=en><head><title>Sign in</title></head><body>" + body + b"</body></html>\n",
+        offset=0,
+    )
 
 
-@case("s3_xml_error", "format", (), message=("HTML/XML",),
-      tarfile="error", behaviour="an S3 XML error document instead of the shard")
+@case(
+    "s3_xml_error",
+    "format",
+    (),
+    message=("HTML/XML",),
+    tarfile="error",
+    behaviour="an S3 XML error document instead of the shard",
+)
 def _(workdir: str) -> Built:
-    return Built(b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access '
-                 b"Denied</Message><RequestId>X</RequestId></Error>", offset=0)
+    return Built(
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access '
+        b"Denied</Message><RequestId>X</RequestId></Error>",
+        offset=0,
+    )
 
 
-@case("json_error_body", "format", (), message=("JSON",),
-      tarfile="error", behaviour="a JSON error body instead of the shard")
+@case(
+    "json_error_body",
+    "format",
+    (),
+    message=("JSON",),
+    tarfile="error",
+    behaviour="a JSON error body instead of the shard",
+)
 def _(workdir: str) -> Built:
     return Built(json.dumps({"error": {"code": 403, "message": "quota exceeded " * 50}}).encode(), offset=0)
 
@@ -612,42 +864,79 @@ def _(workdir: str) -> Built:
 # -- grouping ----------------------------------------------------------------------------------------
 
 
-@case("duplicate_ext_consecutive", "format", P, message=("second 'jpg' member",),
-      behaviour="two d0000.jpg in a row: ShardFormatError naming the member (webdataset raises too)")
+@case(
+    "duplicate_ext_consecutive",
+    "format",
+    P,
+    message=("second 'jpg' member",),
+    behaviour="two d0000.jpg in a row: ShardFormatError naming the member (webdataset raises too)",
+)
 def _(workdir: str) -> Built:
     head = prefix()
     first = member("d0000.jpg", tiny_jpeg(5))
-    return Built(head + first + member("d0000.jpg", tiny_jpeg(6)) + good_sample("g0009") + END,
-                 offset=len(head) + len(first), member="d0000.jpg")
+    return Built(
+        head + first + member("d0000.jpg", tiny_jpeg(6)) + good_sample("g0009") + END,
+        offset=len(head) + len(first),
+        member="d0000.jpg",
+    )
 
 
-@case("duplicate_key_not_consecutive", "ok", ("k", "m", "k"),
-      behaviour="k.jpg, m.jpg, k.cls: three samples, like webdataset")
+@case(
+    "duplicate_key_not_consecutive",
+    "ok",
+    ("k", "m", "k"),
+    behaviour="k.jpg, m.jpg, k.cls: three samples, like webdataset",
+)
 def _(workdir: str) -> Built:
     return Built(member("k.jpg", tiny_jpeg(1)) + member("m.jpg", tiny_jpeg(2)) + member("k.cls", b"1") + END)
 
 
-@case("keys_with_dots", "ok", ("a", "dir.v1/s", "UP"),
-      behaviour="a.b.c.jpg -> key 'a' ext 'b.c.jpg'; dir.v1/s.seg.png -> key 'dir.v1/s' ext 'seg.png'; "
-                "extensions lower-cased (as webdataset)")
+@case(
+    "keys_with_dots",
+    "ok",
+    ("a", "dir.v1/s", "UP"),
+    behaviour="a.b.c.jpg -> key 'a' ext 'b.c.jpg'; dir.v1/s.seg.png -> key 'dir.v1/s' ext 'seg.png'; "
+    "extensions lower-cased (as webdataset)",
+)
 def _(workdir: str) -> Built:
-    return Built(member("a.b.c.jpg", b"1") + member("a.cls", b"2") + member("dir.v1/s.seg.png", b"3")
-                 + member("dir.v1/s.json", b"{}") + member("UP.JPG", b"4") + END)
+    return Built(
+        member("a.b.c.jpg", b"1")
+        + member("a.cls", b"2")
+        + member("dir.v1/s.seg.png", b"3")
+        + member("dir.v1/s.json", b"{}")
+        + member("UP.JPG", b"4")
+        + END
+    )
 
 
-@case("hidden_and_meta_names", "ok", ("__meta__",) + P,
-      behaviour=".hidden.jpg, noext, __meta__ and dir/ entries are skipped; __meta__.json is a sample "
-                "with key '__meta__' (exactly as webdataset)")
+@case(
+    "hidden_and_meta_names",
+    "ok",
+    ("__meta__",) + P,
+    behaviour=".hidden.jpg, noext, __meta__ and dir/ entries are skipped; __meta__.json is a sample "
+    "with key '__meta__' (exactly as webdataset)",
+)
 def _(workdir: str) -> Built:
-    return Built(member(".hidden.jpg", b"1") + member("noext", b"2") + member("__meta__.json", b"{}")
-                 + member("__meta__", b"{}") + header("dir/", 0, b"5") + prefix() + END)
+    return Built(
+        member(".hidden.jpg", b"1")
+        + member("noext", b"2")
+        + member("__meta__.json", b"{}")
+        + member("__meta__", b"{}")
+        + header("dir/", 0, b"5")
+        + prefix()
+        + END
+    )
 
 
 # -- names --------------------------------------------------------------------------------------------
 
 
-@case("name_dotdot", "ok", ("../../etc/passwd", "a/../../b"),
-      behaviour="'..' in names is just part of the key: nothing is ever written to disk")
+@case(
+    "name_dotdot",
+    "ok",
+    ("../../etc/passwd", "a/../../b"),
+    behaviour="'..' in names is just part of the key: nothing is ever written to disk",
+)
 def _(workdir: str) -> Built:
     return Built(member("../../etc/passwd.jpg", b"1") + member("a/../../b.jpg", b"2") + END)
 
@@ -657,15 +946,22 @@ def _(workdir: str) -> Built:
     return Built(member("/etc/shadow.jpg", b"1") + END)
 
 
-@case("name_nul_ustar", "ok", P,
-      behaviour="ustar name b'evil\\0.jpg': the name ends at the NUL (as tarfile), so it has no "
-                "extension and is skipped")
+@case(
+    "name_nul_ustar",
+    "ok",
+    P,
+    behaviour="ustar name b'evil\\0.jpg': the name ends at the NUL (as tarfile), so it has no extension and is skipped",
+)
 def _(workdir: str) -> Built:
     return Built(member(b"evil\0.jpg", b"1") + prefix() + END)
 
 
-@case("name_nul_pax", "ok", ("a\0b",),
-      behaviour="a pax path 'a\\0b.jpg' keeps its NUL (pax values are length-delimited): key 'a\\x00b'")
+@case(
+    "name_nul_pax",
+    "ok",
+    ("a\0b",),
+    behaviour="a pax path 'a\\0b.jpg' keeps its NUL (pax values are length-delimited): key 'a\\x00b'",
+)
 def _(workdir: str) -> Built:
     return Built(extended(pax_records({"path": "a\0b.jpg"})) + member("placeholder.jpg", b"1") + END)
 
@@ -673,22 +969,35 @@ def _(workdir: str) -> Built:
 # -- member types -----------------------------------------------------------------------------------
 
 
-@case("symlinks_and_hardlinks", "ok", P,
-      behaviour="symlink l0000.jpg and hard link h0000.jpg (with a bogus size 1000) are skipped, "
-                "as tarfile/webdataset skip non-regular members; the size of a link is ignored")
+@case(
+    "symlinks_and_hardlinks",
+    "ok",
+    P,
+    behaviour="symlink l0000.jpg and hard link h0000.jpg (with a bogus size 1000) are skipped, "
+    "as tarfile/webdataset skip non-regular members; the size of a link is ignored",
+)
 def _(workdir: str) -> Built:
-    return Built(header("l0000.jpg", 0, b"2", linkname=b"g0000.jpg")
-                 + header("h0000.jpg", 1000, b"1", linkname=b"g0000.jpg") + prefix() + END)
+    return Built(
+        header("l0000.jpg", 0, b"2", linkname=b"g0000.jpg")
+        + header("h0000.jpg", 1000, b"1", linkname=b"g0000.jpg")
+        + prefix()
+        + END
+    )
 
 
 @case("device_files", "ok", P, behaviour="char/block devices, FIFO and directory entries are skipped")
 def _(workdir: str) -> Built:
-    return Built(header("c0000.jpg", 0, b"3") + header("b0000.jpg", 0, b"4") + header("f0000.jpg", 0, b"6")
-                 + header("d0000", 0, b"5") + prefix() + END)
+    return Built(
+        header("c0000.jpg", 0, b"3")
+        + header("b0000.jpg", 0, b"4")
+        + header("f0000.jpg", 0, b"6")
+        + header("d0000", 0, b"5")
+        + prefix()
+        + END
+    )
 
 
-@case("unknown_typeflag", "ok", P,
-      behaviour="an unknown type 'Q' with a 700-byte payload is skipped over its payload")
+@case("unknown_typeflag", "ok", P, behaviour="an unknown type 'Q' with a 700-byte payload is skipped over its payload")
 def _(workdir: str) -> Built:
     return Built(member("q0000.jpg", b"q" * 700, b"Q") + prefix() + END)
 
@@ -706,9 +1015,13 @@ def _(workdir: str) -> Built:
     return Built(prefix() + END + random.Random(3).randbytes(5000))
 
 
-@case("zero_block_midway", "ok", ("g0000",),
-      behaviour="a zero block ends the archive, as for tarfile and GNU tar: later samples are "
-                "not read (a lone zero block is indistinguishable from the end marker)")
+@case(
+    "zero_block_midway",
+    "ok",
+    ("g0000",),
+    behaviour="a zero block ends the archive, as for tarfile and GNU tar: later samples are "
+    "not read (a lone zero block is indistinguishable from the end marker)",
+)
 def _(workdir: str) -> Built:
     return Built(good_sample("g0000") + bytes(BLOCK) + good_sample("g0001") + END)
 
@@ -716,22 +1029,36 @@ def _(workdir: str) -> Built:
 @case("base256_size", "ok", P, behaviour="a valid base-256 size field is read like tarfile reads it")
 def _(workdir: str) -> Built:
     payload = b"b" * 700
-    return Built(good_sample("g0000") + header("g0000.bin", size_field=b"\x80" + (700).to_bytes(11, "big"))
-                 + payload + padding(700) + good_sample("g0001", 1) + END)
+    return Built(
+        good_sample("g0000")
+        + header("g0000.bin", size_field=b"\x80" + (700).to_bytes(11, "big"))
+        + payload
+        + padding(700)
+        + good_sample("g0001", 1)
+        + END
+    )
 
 
-@case("v7_header_signed_checksum", "ok", webdataset=False, keys=P,
-      tarfile="different",
-      tarfile_note="tarfile prepends bytes 345-500 as a name prefix even without the POSIX ustar magic",
-      behaviour="old v7 headers (no ustar magic: bytes 345-500 are not a name prefix, GNU keeps "
-                "atime there) and a signed checksum are accepted")
+@case(
+    "v7_header_signed_checksum",
+    "ok",
+    webdataset=False,
+    keys=P,
+    tarfile="different",
+    tarfile_note="tarfile prepends bytes 345-500 as a name prefix even without the POSIX ustar magic",
+    behaviour="old v7 headers (no ustar magic: bytes 345-500 are not a name prefix, GNU keeps "
+    "atime there) and a signed checksum are accepted",
+)
 def _(workdir: str) -> Built:
-    return Built(member("g0000.jpg", tiny_jpeg(0), magic=b"", prefix=b"ignored")
-                 + member("g0000.\xe9x", b"1", signed_checksum=True) + good_sample("g0001", 1) + END)
+    return Built(
+        member("g0000.jpg", tiny_jpeg(0), magic=b"", prefix=b"ignored")
+        + member("g0000.\xe9x", b"1", signed_checksum=True)
+        + good_sample("g0001", 1)
+        + END
+    )
 
 
-@case("pax_global_header", "ok", P,
-      behaviour="a pax global header (as `git archive` writes) is accepted")
+@case("pax_global_header", "ok", P, behaviour="a pax global header (as `git archive` writes) is accepted")
 def _(workdir: str) -> Built:
     return Built(extended(pax_records({"comment": "0123abcd"}), b"g", b"pax_global_header") + prefix() + END)
 
@@ -742,79 +1069,158 @@ SK = ("g0000", "b0000", "g0001")
 
 
 def _bad_between(field_name: str, payload: bytes) -> bytes:
-    return good_sample("g0000") + member(f"b0000.{field_name}", payload) + member("b0000.cls", b"1") \
-        + good_sample("g0001", 1) + END
+    return (
+        good_sample("g0000")
+        + member(f"b0000.{field_name}", payload)
+        + member("b0000.cls", b"1")
+        + good_sample("g0001", 1)
+        + END
+    )
 
 
-@case("zero_length_jpg", "sample", SK, bad_keys=("b0000",), message=("b0000.jpg",),
-      behaviour="a 0-byte b0000.jpg is read as b''; decoding rejects exactly that sample")
+@case(
+    "zero_length_jpg",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("b0000.jpg",),
+    behaviour="a 0-byte b0000.jpg is read as b''; decoding rejects exactly that sample",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("jpg", b""))
 
 
-@case("corrupt_jpeg", "sample", SK, bad_keys=("b0000",), message=("JPEG",),
-      behaviour="a JPEG with garbage after its first 200 bytes: SampleError, that sample skipped")
+@case(
+    "corrupt_jpeg",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("JPEG",),
+    behaviour="a JPEG with garbage after its first 200 bytes: SampleError, that sample skipped",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("jpg", tiny_jpeg(9)[:200] + random.Random(1).randbytes(600)))
 
 
-@case("truncated_jpeg", "sample", SK, bad_keys=("b0000",), message=("JPEG", "truncated"),
-      behaviour="the first 60% of a JPEG: SampleError ('truncated')")
+@case(
+    "truncated_jpeg",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("JPEG", "truncated"),
+    behaviour="the first 60% of a JPEG: SampleError ('truncated')",
+)
 def _(workdir: str) -> Built:
     data = tiny_jpeg(9)
-    return Built(_bad_between("jpg", data[:len(data) * 6 // 10]))
+    return Built(_bad_between("jpg", data[: len(data) * 6 // 10]))
 
 
-@case("corrupt_png", "sample", SK, bad_keys=("b0000",), message=("PNG",),
-      behaviour="a PNG with a flipped byte in its IDAT: SampleError")
+@case(
+    "corrupt_png",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("PNG",),
+    behaviour="a PNG with a flipped byte in its IDAT: SampleError",
+)
 def _(workdir: str) -> Built:
     data = bytearray(png_bytes())
     data[60] ^= 0xFF
     return Built(_bad_between("png", bytes(data)))
 
 
-@case("truncated_png", "sample", SK, bad_keys=("b0000",), message=("PNG",),
-      behaviour="half a PNG: SampleError ('truncated')")
+@case(
+    "truncated_png",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("PNG",),
+    behaviour="half a PNG: SampleError ('truncated')",
+)
 def _(workdir: str) -> Built:
     data = png_bytes()
-    return Built(_bad_between("png", data[:len(data) // 2]))
+    return Built(_bad_between("png", data[: len(data) // 2]))
 
 
-@case("png_decompression_bomb", "sample", SK, bad_keys=("b0000",), message=("decompression-bomb",),
-      behaviour="a 12000x12000 single-colour PNG (few kB, 432 MB as RGB): refused from its header "
-                "before any pixel memory is allocated")
+@case(
+    "png_decompression_bomb",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("decompression-bomb",),
+    behaviour="a 12000x12000 single-colour PNG (few kB, 432 MB as RGB): refused from its header "
+    "before any pixel memory is allocated",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("png", png_bomb()))
 
 
-@case("json_not_json", "sample", SK, bad_keys=("b0000",), message=("JSON",),
-      behaviour="b0000.json = '{not json': SampleError")
+@case(
+    "json_not_json",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("JSON",),
+    behaviour="b0000.json = '{not json': SampleError",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("json", b"{not json"))
 
 
-@case("cls_not_int", "sample", SK, bad_keys=("b0000",), message=("not an integer",),
-      behaviour="b0000.cls = 'cat': SampleError")
+@case(
+    "cls_not_int",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("not an integer",),
+    behaviour="b0000.cls = 'cat': SampleError",
+)
 def _(workdir: str) -> Built:
-    return Built(good_sample("g0000") + member("b0000.cls", b"cat") + member("b0000.jpg", tiny_jpeg(3))
-                 + good_sample("g0001", 1) + END)
+    return Built(
+        good_sample("g0000")
+        + member("b0000.cls", b"cat")
+        + member("b0000.jpg", tiny_jpeg(3))
+        + good_sample("g0001", 1)
+        + END
+    )
 
 
-@case("pickle_pyd", "sample", SK, bad_keys=("b0000",), message=("allow_pickle",), extra={"pickle": True},
-      behaviour="b0000.pyd holds a pickle that would create a marker file: refused "
-                "(SampleError) unless allow_pickle=True, and the marker is never created")
+@case(
+    "pickle_pyd",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("allow_pickle",),
+    extra={"pickle": True},
+    behaviour="b0000.pyd holds a pickle that would create a marker file: refused "
+    "(SampleError) unless allow_pickle=True, and the marker is never created",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("pyd", marker_pickle(workdir)))
 
 
-@case("pickle_pickle", "sample", SK, bad_keys=("b0000",), message=("allow_pickle",), extra={"pickle": True},
-      behaviour="the same as a .pickle member")
+@case(
+    "pickle_pickle",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("allow_pickle",),
+    extra={"pickle": True},
+    behaviour="the same as a .pickle member",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("pickle", marker_pickle(workdir)))
 
 
-@case("npy_object_array", "sample", SK, bad_keys=("b0000",), message=("npy",), extra={"pickle": True},
-      behaviour="a .npy object array (pickles inside) is refused without allow_pickle")
+@case(
+    "npy_object_array",
+    "sample",
+    SK,
+    bad_keys=("b0000",),
+    message=("npy",),
+    extra={"pickle": True},
+    behaviour="a .npy object array (pickles inside) is refused without allow_pickle",
+)
 def _(workdir: str) -> Built:
     return Built(_bad_between("npy", marker_npy(workdir)))
 
@@ -868,11 +1274,11 @@ def fix_checksums(data: bytes, max_headers: int = 10_000) -> bytes:
     for _ in range(max_headers):
         if pos + BLOCK > len(out):
             break
-        block = out[pos:pos + BLOCK]
+        block = out[pos : pos + BLOCK]
         if not any(block):
             break
         block[148:156] = b" " * 8
-        out[pos + 148:pos + 156] = b"%06o\0 " % sum(block)
+        out[pos + 148 : pos + 156] = b"%06o\0 " % sum(block)
         size = _size_of(bytes(block))
         if block[156:157] in (b"1", b"2", b"3", b"4", b"5", b"6"):
             size = 0
@@ -887,8 +1293,9 @@ def seed_shards() -> list[bytes]:
     for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
-            for i, (name, size) in enumerate([("a.jpg", 10), ("a.cls", 1), ("d" * 90 + "/b.seg.png", 600),
-                                              ("x" * 120 + ".json", 0), ("b.txt", 1500)]):
+            for i, (name, size) in enumerate(
+                [("a.jpg", 10), ("a.cls", 1), ("d" * 90 + "/b.seg.png", 600), ("x" * 120 + ".json", 0), ("b.txt", 1500)]
+            ):
                 if fmt == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name:
                     continue
                 info = tarfile.TarInfo(name)
@@ -901,11 +1308,17 @@ def seed_shards() -> list[bytes]:
             folder.type = tarfile.DIRTYPE
             tf.addfile(folder)
         seeds.append(buf.getvalue())
-    seeds.append(extended(pax_records({"comment": "x"}), b"g", b"pax_global_header")
-                 + extended(pax_records({"path": "p/q.r.jpg", "size": "5"})) + member("q.jpg", b"12345")
-                 + gnu_long_name("L" * 200 + ".cls") + member("short", b"7")
-                 + header("b.bin", size_field=b"\x80" + (700).to_bytes(11, "big")) + b"b" * 700 + padding(700)
-                 + END)
+    seeds.append(
+        extended(pax_records({"comment": "x"}), b"g", b"pax_global_header")
+        + extended(pax_records({"path": "p/q.r.jpg", "size": "5"}))
+        + member("q.jpg", b"12345")
+        + gnu_long_name("L" * 200 + ".cls")
+        + member("short", b"7")
+        + header("b.bin", size_field=b"\x80" + (700).to_bytes(11, "big"))
+        + b"b" * 700
+        + padding(700)
+        + END
+    )
     return seeds
 
 
@@ -926,7 +1339,7 @@ class Trickle(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         n = min(len(buffer), self._chunk, len(self._data) - self._pos)
-        buffer[:n] = self._data[self._pos:self._pos + n]
+        buffer[:n] = self._data[self._pos : self._pos + n]
         self._pos += n
         return n
 

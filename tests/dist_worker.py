@@ -92,13 +92,27 @@ def run_configs(data: str, epochs: int, device: torch.device, only: list[str] | 
                 batches += 1
             lo, hi = min_max(batches, device)
             if even is not None and lo != hi:
-                raise SystemExit(f"{name} epoch {epoch}: batch counts differ across ranks "
-                                 f"(min {lo}, max {hi}): a collective would hang")
+                raise SystemExit(
+                    f"{name} epoch {epoch}: batch counts differ across ranks "
+                    f"(min {lo}, max {hi}): a collective would hang"
+                )
             info = loader.dataset.epoch_info()
-            runs.append({"keys": keys, "batches": batches, "min_batches": lo, "max_batches": hi,
-                         "len": len(loader), "stats": loader.stats(),
-                         "info": {"total": info.total, "rank_samples": info.rank_samples,
-                                  "padded": info.padded, "dropped": info.dropped}})
+            runs.append(
+                {
+                    "keys": keys,
+                    "batches": batches,
+                    "min_batches": lo,
+                    "max_batches": hi,
+                    "len": len(loader),
+                    "stats": loader.stats(),
+                    "info": {
+                        "total": info.total,
+                        "rank_samples": info.rank_samples,
+                        "padded": info.padded,
+                        "dropped": info.dropped,
+                    },
+                }
+            )
         out[name] = runs
         del loader
     return out
@@ -172,8 +186,7 @@ def main() -> None:
         if args.configs:
             only = args.only.split(",") if args.only else None
             result["configs"] = run_configs(args.data, args.epochs, device, only)
-        result["resumed"] = {os.path.basename(path): resume(args.data, path, workers)
-                            for path in args.resume_from}
+        result["resumed"] = {os.path.basename(path): resume(args.data, path, workers) for path in args.resume_from}
         if args.save_state:
             result["saved"] = save_state(args.data, args.save_state, workers, args.steps, rank)
         with open(os.path.join(args.out, f"{args.tag}-rank{rank}.json"), "w") as f:

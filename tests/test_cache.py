@@ -36,8 +36,7 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def _reader_process(urls: list[str], want: dict[str, str], cache_dir: str, cache_size: int,
-                    seed: int, out) -> None:
+def _reader_process(urls: list[str], want: dict[str, str], cache_dir: str, cache_size: int, seed: int, out) -> None:
     """One 'training process': 2 threads reading every URL twice in random order."""
     opts = SourceOptions(cache_dir=cache_dir, cache_size=cache_size, retries=4, backoff=0.01)
     errors: list[str] = []
@@ -72,8 +71,7 @@ def test_two_processes_two_threads_bounded(nginx_server, shard_files, tmp_path):
     cache_dir = str(tmp_path / "cache")
     ctx = multiprocessing.get_context("fork")  # like DataLoader workers
     out = ctx.Queue()
-    procs = [ctx.Process(target=_reader_process, args=(urls, want, cache_dir, limit, i, out))
-             for i in range(2)]
+    procs = [ctx.Process(target=_reader_process, args=(urls, want, cache_dir, limit, i, out)) for i in range(2)]
     for p in procs:
         p.start()
     peak = 0

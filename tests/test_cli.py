@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 
-from shardkit.index import Manifest
 from shardkit.cli.synthetic import make_image_folder
+from shardkit.index import Manifest
 
 
 def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -58,9 +58,11 @@ def test_list_csv_jsonl_sources_and_real_format(tmp_path, photos):
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(photos) for f in fs)[:6]
     png = tmp_path / "really_a_png.jpg"
     from PIL import Image
+
     Image.new("RGB", (20, 10), "red").save(png, format="PNG")
-    (tmp_path / "list.txt").write_text("".join(f"{f}\t{'cat' if i % 2 else 'dog'}\n" for i, f in enumerate(files))
-                                       + f"{png.name}\tcat\n")
+    (tmp_path / "list.txt").write_text(
+        "".join(f"{f}\t{'cat' if i % 2 else 'dog'}\n" for i, f in enumerate(files)) + f"{png.name}\tcat\n"
+    )
     (tmp_path / "t.csv").write_text("path,label\n" + "".join(f"{f},{i}\n" for i, f in enumerate(files)))
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"image": f, "class": 3}) + "\n" for f in files))
     for src, n in (("list.txt", 7), ("t.csv", 6), ("t.jsonl", 6)):

@@ -65,8 +65,7 @@ COMPRESSED = list(TOOLS)
 
 
 def _raw(samples) -> list[tuple]:
-    return [tuple(sorted((k, v) for k, v in s.items() if k == "__key__" or not k.startswith("__")))
-            for s in samples]
+    return [tuple(sorted((k, v) for k, v in s.items() if k == "__key__" or not k.startswith("__"))) for s in samples]
 
 
 def test_magic_bytes_decide_not_the_name(tmp_path):
@@ -114,9 +113,11 @@ def test_dataset_reads_like_the_plain_twin(twins, name):
 @pytest.mark.parametrize("name", ["gz", "zst"])
 def test_loader_two_workers_sample_level_split(twins, name):
     """Sample-level plans (pieces starting mid-shard) skip inside the decompressed stream."""
+
     def keys(folder: str) -> list:
-        loader = ShardLoader(ShardDataset(folder, shuffle=4, seed=1, decode="torch", fields="jpg cls"),
-                             batch_size=3, num_workers=2)
+        loader = ShardLoader(
+            ShardDataset(folder, shuffle=4, seed=1, decode="torch", fields="jpg cls"), batch_size=3, num_workers=2
+        )
         return [(img.sum().item(), cls.tolist()) for img, cls in loader]
 
     assert keys(twins[name]) == keys(twins["plain"])
@@ -138,8 +139,9 @@ def _strip(data: object, plain: str, other: str) -> object:
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_every_cli_command(twins, name, capsys, tmp_path):
     plain, packed = twins["plain"], twins[name]
-    assert _strip(_cli_json(capsys, "ls", packed, "-n", "100"), plain, packed) == \
-        _cli_json(capsys, "ls", plain, "-n", "100")
+    assert _strip(_cli_json(capsys, "ls", packed, "-n", "100"), plain, packed) == _cli_json(
+        capsys, "ls", plain, "-n", "100"
+    )
     plain_stats = _cli_json(capsys, "stats", plain)
     assert _strip(_cli_json(capsys, "stats", packed), plain, packed) == plain_stats
     verify = _cli_json(capsys, "verify", packed, "--decode")
@@ -177,8 +179,9 @@ def test_over_http(twins, nginx_twins, name, capsys):
     assert ShardDataset(f"{nginx_twins}{name}/data-{{000000..000002}}{suffix}").counts == COUNTS
     verify = _cli_json(capsys, "verify", url, "--decode")
     assert verify["ok"] and verify["samples"] == sum(COUNTS)
-    assert _strip(_cli_json(capsys, "stats", url), f"{nginx_twins}plain/", f"{nginx_twins}{name}/") == \
-        _cli_json(capsys, "stats", plain_url)
+    assert _strip(_cli_json(capsys, "stats", url), f"{nginx_twins}plain/", f"{nginx_twins}{name}/") == _cli_json(
+        capsys, "stats", plain_url
+    )
     ls = _cli_json(capsys, "ls", url, "-n", "3")
     assert [r["key"] for r in ls] == ["s000000", "s000001", "s000002"]
 
@@ -209,8 +212,9 @@ def test_tar_czf_matches_webdataset(tmp_path):
     theirs = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [f"{i:04d}" for i in range(6)]
     for a, b in zip(ours, theirs):
-        assert {k: v for k, v in a.items() if not k.startswith("__")} == \
-            {k: v for k, v in b.items() if not k.startswith("__")}
+        assert {k: v for k, v in a.items() if not k.startswith("__")} == {
+            k: v for k, v in b.items() if not k.startswith("__")
+        }
     # decoded: .txt.gz is decompressed like webdataset's decoder does
     decoded = list(ShardDataset(str(shard), decode="pil", fields="jpg cls txt.gz"))
     assert [d[2] for d in decoded] == [f"caption {i}" for i in range(6)]
@@ -257,7 +261,7 @@ def test_cut_compressed_shard_keeps_complete_samples(twins, name, tmp_path, recw
     with open(src, "rb") as f:
         data = f.read()
     cut = tmp_path / os.path.basename(src)
-    cut.write_bytes(data[:len(data) * 2 // 3])
+    cut.write_bytes(data[: len(data) * 2 // 3])
     # what a tolerant decompression of the cut file holds: the complete samples before the cut
     before = []
     with open(cut, "rb") as f:
@@ -285,8 +289,12 @@ def test_tarfile_agrees_on_a_compressed_twin(twins):
     with tarfile.open(path) as tf:
         theirs = [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
     with open(path, "rb") as f:
-        ours = [(f"{s['__key__']}.{k}", v) for s in iter_samples(f, url=path)
-                for k, v in s.items() if not k.startswith("__")]
+        ours = [
+            (f"{s['__key__']}.{k}", v)
+            for s in iter_samples(f, url=path)
+            for k, v in s.items()
+            if not k.startswith("__")
+        ]
     assert sorted(ours) == sorted(theirs)
 
 

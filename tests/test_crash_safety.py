@@ -95,8 +95,9 @@ def check_kill_leftovers(dest: str, reference: dict[str, str]) -> set[str]:
     temps = {n for n in names if TEMP.match(n)}
     finals = {n for n in names if FINAL.match(n)}
     # data.resume.json: the parallel writer's record of where each finished shard's successor starts
-    assert names - temps - finals <= {"data.manifest.json", "data.resume.json"}, \
+    assert names - temps - finals <= {"data.manifest.json", "data.resume.json"}, (
         f"unexpected files {names - temps - finals}"
+    )
     if "data.manifest.json" in names:
         # Rewritten after every finished shard: complete only when the run finished, and
         # otherwise listing exactly the complete shards that are there.
@@ -135,8 +136,9 @@ def test_killed_writer_leaves_only_complete_shards(photos, reference, tmp_path):
         # A random point: some way into the writing of a random shard.
         shard, delay = rng.randrange(shards), rng.uniform(0, per_shard)
         started = time.time_ns()
-        proc = subprocess.Popen(write_cmd(photos, dest, "--overwrite"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            write_cmd(photos, dest, "--overwrite"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_for(dest, f"data-{shard:06d}.tar.tmp", started, proc)
         time.sleep(delay)
         if proc.poll() is None:
@@ -149,8 +151,12 @@ def test_killed_writer_leaves_only_complete_shards(photos, reference, tmp_path):
     names = set(os.listdir(dest))
     assert not [n for n in names if n.endswith(".tmp")], names
     assert {n: sha256(os.path.join(dest, n)) for n in names} == ref_files
-    verify = subprocess.run(shardkit_cmd() + ["verify", os.path.join(dest, "data.manifest.json")],
-                            capture_output=True, text=True, timeout=60)
+    verify = subprocess.run(
+        shardkit_cmd() + ["verify", os.path.join(dest, "data.manifest.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert len(ShardDataset(dest)) == 300
 

@@ -35,7 +35,7 @@ def _jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB", quality: in
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = ((a.float() - b.float()) ** 2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,7 +125,7 @@ def test_grayscale_and_cmyk_jpegs(mode):
     for seed in range(6):
         torch.manual_seed(seed)
         top, left, h, w = crop.get_params(901, 1203)
-        reference = v2.functional.resize(full[:, top:top + h, left:left + w], [128, 128], antialias=True)
+        reference = v2.functional.resize(full[:, top : top + h, left : left + w], [128, 128], antialias=True)
         torch.manual_seed(seed)
         out = crop(data)
         assert out.shape == (3, 128, 128)
@@ -142,8 +142,9 @@ def test_png_is_exact_and_every_mode_works():
         assert np.asarray(out if mode != "torch" else out.permute(1, 2, 0)).shape == (64, 64, 3)
     torch.manual_seed(0)
     top, left, h, w = RandomResizedCropDecode(64).get_params(200, 300)
-    reference = v2.functional.resize(torch.from_numpy(pixels).permute(2, 0, 1)[:, top:top + h, left:left + w],
-                                     [64, 64], antialias=True)
+    reference = v2.functional.resize(
+        torch.from_numpy(pixels).permute(2, 0, 1)[:, top : top + h, left : left + w], [64, 64], antialias=True
+    )
     torch.manual_seed(0)
     assert torch.equal(RandomResizedCropDecode(64)(buffer.getvalue()), reference)
 
@@ -200,8 +201,9 @@ def test_sample_level_fuses_only_single_image_samples():
         torch.manual_seed(0)
         got = fused(sample)
         assert list(got) == list(expected)
-        assert all(torch.equal(got[k], expected[k]) if isinstance(got[k], torch.Tensor) else got[k] == expected[k]
-                   for k in got)
+        assert all(
+            torch.equal(got[k], expected[k]) if isinstance(got[k], torch.Tensor) else got[k] == expected[k] for k in got
+        )
 
 
 # ------------------------------------------------------------------- the dataset wiring
@@ -215,8 +217,15 @@ def test_dataset_auto_fuses_with_identical_stream(uneven_shards, sample_level):
 
     def run(decode_size):
         transform = aug if sample_level else {"jpg": aug}
-        ds = ShardDataset(uneven_shards, decode="torch", decode_size=decode_size, transform=transform,
-                          fields="jpg cls", shuffle=8, seed=3)
+        ds = ShardDataset(
+            uneven_shards,
+            decode="torch",
+            decode_size=decode_size,
+            transform=transform,
+            fields="jpg cls",
+            shuffle=8,
+            seed=3,
+        )
         torch.manual_seed(0)
         return list(ds), ds
 

@@ -134,8 +134,12 @@ def test_fields_transform_batches_and_drop_last(uneven_shards):
     ds = ShardDataset(uneven_shards, fields="jpg;png cls", transform={"cls": lambda b: int(b) * 10})
     items = list(ds)
     assert len(items) == 64 and isinstance(items[0], tuple) and items[0][1] in (0, 10, 20)
-    loader = ShardLoader(ShardDataset(uneven_shards, transform=lambda s: {**s, "n": len(s["jpg"])}),
-                         batch_size=10, num_workers=2, drop_last=True)
+    loader = ShardLoader(
+        ShardDataset(uneven_shards, transform=lambda s: {**s, "n": len(s["jpg"])}),
+        batch_size=10,
+        num_workers=2,
+        drop_last=True,
+    )
     batches = list(loader)
     assert len(batches) == len(loader) == 6  # 32 per worker -> 3 full batches each
     assert isinstance(batches[0]["n"], torch.Tensor) and batches[0]["n"].shape == (10,)
@@ -169,9 +173,13 @@ def test_missing_shards_are_named(tmp_path):
 
 def test_thread_decode_keeps_order_and_resume_exact(uneven_shards):
     def make(threads):
-        return ShardLoader(ShardDataset(uneven_shards, shuffle=6, seed=8, threads=threads,
-                                        transform=lambda s: {**s, "n": len(s["jpg"])}),
-                           batch_size=5, num_workers=1)
+        return ShardLoader(
+            ShardDataset(
+                uneven_shards, shuffle=6, seed=8, threads=threads, transform=lambda s: {**s, "n": len(s["jpg"])}
+            ),
+            batch_size=5,
+            num_workers=1,
+        )
 
     full = keys_of(make(0))
     assert keys_of(make(3)) == full
@@ -182,8 +190,12 @@ def test_thread_decode_keeps_order_and_resume_exact(uneven_shards):
 def test_decode_size_auto_from_the_transform(uneven_shards):
     from torchvision.transforms import v2
 
-    ds = ShardDataset(uneven_shards, decode="torch", decode_size="auto",
-                      transform={"jpg": v2.Compose([v2.Resize(16), v2.RandomHorizontalFlip()])})
+    ds = ShardDataset(
+        uneven_shards,
+        decode="torch",
+        decode_size="auto",
+        transform={"jpg": v2.Compose([v2.Resize(16), v2.RandomHorizontalFlip()])},
+    )
     assert ds.decode_size == 16
     images = [s["jpg"] for s in ds]
     assert len(images) == 64 and min(min(i.shape[1:]) for i in images) == 16

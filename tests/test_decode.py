@@ -22,9 +22,9 @@ from shardkit import pixels
 from shardkit.crop_decode import RandomResizedCropDecode
 from shardkit.decode import IMAGE_EXTENSIONS, decode_image, make_decoder
 from shardkit.decode_size import decode_size_for, rrc_safe_decode_size
+from shardkit.errors import SampleError
 from shardkit.imageinfo import read_image_header
 from shardkit.pixels import dct_scale_for
-from shardkit.errors import SampleError
 
 MODES = ("pil", "numpy", "torch")
 
@@ -62,18 +62,18 @@ def as_hwc(image) -> np.ndarray:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny, well-formed-looking PNG whose IHDR claims a huge size."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload)))
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
     """Patch the SOF0 frame header of a baseline JPEG to claim another size."""
     sof = jpeg.index(b"\xff\xc0")
-    return jpeg[:sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9:]
+    return jpeg[: sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9 :]
 
 
 @pytest.fixture(params=["simplejpeg", "pil"])
@@ -123,9 +123,16 @@ def test_jpeg_backends_agree_and_match_source(rgb, jpeg, mode, monkeypatch):
     assert np.abs(fast - rgb).mean() < 4  # really the encoded picture
 
 
-@pytest.mark.parametrize("fmt, options", [
-    ("PNG", {}), ("WEBP", {"lossless": True}), ("PPM", {}), ("BMP", {}), ("TIFF", {}),
-])
+@pytest.mark.parametrize(
+    "fmt, options",
+    [
+        ("PNG", {}),
+        ("WEBP", {"lossless": True}),
+        ("PPM", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+    ],
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_lossless_formats_decode_exactly(rgb, fmt, options, mode):
     out = decode_image(encode(rgb, fmt, **options), mode)
@@ -151,8 +158,7 @@ def test_grayscale_alpha_palette_become_rgb(rgb, mode):
     gray = rgb[..., 1]
     cases = {
         "L": (Image.fromarray(gray), np.repeat(gray[..., None], 3, axis=-1)),
-        "LA": (Image.fromarray(np.stack([gray, gray], -1), "LA"),
-               np.repeat(gray[..., None], 3, axis=-1)),
+        "LA": (Image.fromarray(np.stack([gray, gray], -1), "LA"), np.repeat(gray[..., None], 3, axis=-1)),
         "RGBA": (Image.fromarray(_rgba(rgb), "RGBA"), rgb),  # alpha dropped, not composited
     }
     palette = Image.fromarray(rgb).quantize(16)
@@ -198,9 +204,12 @@ def test_gray_and_cmyk_jpeg_identical_across_backends(rgb, mode, monkeypatch):
 def test_read_image_header_for_each_variant(rgb):
     rgba = Image.fromarray(_rgba(rgb), "RGBA")
     cases = {
-        "JPEG": encode(rgb, "JPEG"), "progressive": encode(rgb, "JPEG", progressive=True),
-        "PNG": encode(rgb, "PNG"), "VP8": encode(rgb, "WEBP"),
-        "VP8L": encode(rgb, "WEBP", lossless=True), "VP8X": encode(rgba, "WEBP"),
+        "JPEG": encode(rgb, "JPEG"),
+        "progressive": encode(rgb, "JPEG", progressive=True),
+        "PNG": encode(rgb, "PNG"),
+        "VP8": encode(rgb, "WEBP"),
+        "VP8L": encode(rgb, "WEBP", lossless=True),
+        "VP8X": encode(rgba, "WEBP"),
     }
     chunks = {cases[name][12:16] for name in ("VP8", "VP8L", "VP8X")}
     assert chunks == {b"VP8 ", b"VP8L", b"VP8X"}  # all three WebP layouts really covered
@@ -254,11 +263,23 @@ def test_max_pixels_default_is_pils_limit():
 # ------------------------------------------------------------- reduced-size decoding
 
 
-@pytest.mark.parametrize("height, width, size, scale", [
-    (320, 400, 40, 8), (320, 400, 41, 4), (320, 400, 80, 4), (320, 400, 81, 2),
-    (320, 400, 160, 2), (320, 400, 161, 1), (320, 400, 1000, 1), (400, 320, 41, 4),
-    (333, 501, 42, 8), (333, 501, 43, 4), (5, 7, 1, 4), (1, 1, 1, 1),
-])
+@pytest.mark.parametrize(
+    "height, width, size, scale",
+    [
+        (320, 400, 40, 8),
+        (320, 400, 41, 4),
+        (320, 400, 80, 4),
+        (320, 400, 81, 2),
+        (320, 400, 160, 2),
+        (320, 400, 161, 1),
+        (320, 400, 1000, 1),
+        (400, 320, 41, 4),
+        (333, 501, 42, 8),
+        (333, 501, 43, 4),
+        (5, 7, 1, 4),
+        (1, 1, 1, 1),
+    ],
+)
 def test_dct_scale_for(height, width, size, scale):
     assert dct_scale_for(height, width, size) == scale
     assert dct_scale_for(height, width, None) == 1
@@ -295,18 +316,21 @@ def test_decode_size_leaves_other_formats_full_size():
 # --------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("field, data, message", [
-    ("jpg", b"", "not a valid JPEG"),
-    ("jpg", b"\xff\xd8\xff\xe0 garbage", "not a valid JPEG"),
-    ("png", b"\x89PNG\r\n\x1a\n" + b"\0" * 10, "not a valid PNG"),
-    ("webp", b"RIFF\0\0\0\0WEBPjunk", "not a valid WebP"),
-    ("cls", b"abc", ".cls is not an integer: b'abc'"),
-    ("cls", b"", ".cls is not an integer: b''"),
-    ("json", b"{not json", "invalid JSON"),
-    ("json", b"\xff\xfe\xfa", "invalid JSON"),
-    ("txt", b"\xff\xfe\xfa", "not valid UTF-8"),
-    ("npy", b"\x93NUMPY broken", "invalid .npy"),
-])
+@pytest.mark.parametrize(
+    "field, data, message",
+    [
+        ("jpg", b"", "not a valid JPEG"),
+        ("jpg", b"\xff\xd8\xff\xe0 garbage", "not a valid JPEG"),
+        ("png", b"\x89PNG\r\n\x1a\n" + b"\0" * 10, "not a valid PNG"),
+        ("webp", b"RIFF\0\0\0\0WEBPjunk", "not a valid WebP"),
+        ("cls", b"abc", ".cls is not an integer: b'abc'"),
+        ("cls", b"", ".cls is not an integer: b''"),
+        ("json", b"{not json", "invalid JSON"),
+        ("json", b"\xff\xfe\xfa", "invalid JSON"),
+        ("txt", b"\xff\xfe\xfa", "not valid UTF-8"),
+        ("npy", b"\x93NUMPY broken", "invalid .npy"),
+    ],
+)
 def test_bad_fields_raise_located_sample_error(field, data, message, jpeg_backend):
     sample = {"__key__": "k1", "__url__": "shard-0.tar", field: data}
     with pytest.raises(SampleError) as info:
@@ -339,6 +363,7 @@ def test_pickle_refused_without_allow_pickle():
 def test_user_handler_failure_is_wrapped():
     def explode(data: bytes) -> None:
         raise KeyError("boom")
+
     with pytest.raises(SampleError, match="KeyError") as info:
         make_decoder(handlers={"jpg": explode})({"__key__": "k", "jpg": b"x"})
     assert info.value.member == "k.jpg"
@@ -352,10 +377,17 @@ def test_scalar_fields_and_passthrough(rgb):
     buffer = io.BytesIO()
     np.save(buffer, array)
     sample = {
-        "__key__": "k", "__url__": "u.tar", "__local_path__": b"raw-dunder",
-        "cls": b" 7\n", "txt": "héllo".encode(), "json": json.dumps({"a": [1]}).encode(),
-        "npy": buffer.getvalue(), "seg.png": encode(rgb, "PNG"), "weird": b"\x00\x01",
-        "already": 5, "view.cls": memoryview(b"12"),
+        "__key__": "k",
+        "__url__": "u.tar",
+        "__local_path__": b"raw-dunder",
+        "cls": b" 7\n",
+        "txt": "héllo".encode(),
+        "json": json.dumps({"a": [1]}).encode(),
+        "npy": buffer.getvalue(),
+        "seg.png": encode(rgb, "PNG"),
+        "weird": b"\x00\x01",
+        "already": 5,
+        "view.cls": memoryview(b"12"),
     }
     original = dict(sample)
     out = make_decoder("numpy")(sample)
@@ -370,11 +402,15 @@ def test_scalar_fields_and_passthrough(rgb):
 
 
 def test_handlers_override_add_and_keep_raw(jpeg, rgb):
-    decoder = make_decoder("torch", handlers={
-        "jpg": len, "seg.png": bytes, "points": lambda data: data.decode().split(","),
-    })
-    out = decoder({"__key__": "k", "jpg": jpeg, "seg.png": b"raw", "mask.png": encode(rgb, "PNG"),
-                   "points": b"1,2"})
+    decoder = make_decoder(
+        "torch",
+        handlers={
+            "jpg": len,
+            "seg.png": bytes,
+            "points": lambda data: data.decode().split(","),
+        },
+    )
+    out = decoder({"__key__": "k", "jpg": jpeg, "seg.png": b"raw", "mask.png": encode(rgb, "PNG"), "points": b"1,2"})
     assert out["jpg"] == len(jpeg)  # overrides the image decoder
     assert out["seg.png"] == b"raw"  # whole-field handler beats the "png" default
     assert out["mask.png"].shape == (3, 48, 64)
@@ -415,8 +451,7 @@ def test_decode_size_for_pipelines(T):
     assert decode_size_for(T.Resize(256)) == 256
     assert decode_size_for(T.Compose([T.Resize(256), T.CenterCrop(224), to_tensor])) == 256
     assert decode_size_for(T.Resize((300, 200))) == 300
-    nested = T.Compose([T.Compose([T.RandomHorizontalFlip(), T.ColorJitter(0.4)]),
-                        T.Resize(128)])
+    nested = T.Compose([T.Compose([T.RandomHorizontalFlip(), T.ColorJitter(0.4)]), T.Resize(128)])
     assert decode_size_for(nested) == 128
     rrc = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), to_tensor])
     assert decode_size_for(rrc) == 915 == rrc_safe_decode_size(224)
@@ -488,8 +523,7 @@ def test_rrc_decode_reduced_matches_full_path(mode, monkeypatch):
     out = crop(data)
     assert plan.scale == 8 and recorder.shapes == [(96, 128, 3)]  # decoded at 1/8 only
     full = torch.from_numpy(decode_image(data, "numpy")).permute(2, 0, 1)
-    reference = tvf.resized_crop(full, plan.top, plan.left, plan.height, plan.width, [48, 48],
-                                 antialias=True)
+    reference = tvf.resized_crop(full, plan.top, plan.left, plan.height, plan.width, [48, 48], antialias=True)
     result = as_hwc(out).astype(int)
     assert result.shape == (48, 48, 3)
     assert np.abs(result - reference.permute(1, 2, 0).numpy()).mean() < 3
@@ -502,8 +536,11 @@ def test_rrc_decode_full_size_formats_equal_torchvision():
     out = crop(data)
     torch.manual_seed(5)
     full = decode_image(data, "torch")
-    params = v2.RandomResizedCrop.get_params if hasattr(v2.RandomResizedCrop, "get_params") \
+    params = (
+        v2.RandomResizedCrop.get_params
+        if hasattr(v2.RandomResizedCrop, "get_params")
         else v1.RandomResizedCrop.get_params
+    )
     top, left, height, width = params(full, crop.scale, crop.ratio)
     expected = tvf.resized_crop(full, top, left, height, width, [32, 40], antialias=True)
     assert out.shape == (3, 32, 40)

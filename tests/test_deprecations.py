@@ -49,6 +49,12 @@ SCRIPT = textwrap.dedent("""
 
 def test_default_decode_paths_raise_no_deprecation_warning():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", SCRIPT],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "clean", proc.stderr[-3000:]

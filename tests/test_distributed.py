@@ -50,19 +50,42 @@ def free_port() -> int:
 class Job:
     """One torchrun process (in its own session) plus the ranks it starts."""
 
-    def __init__(self, tag: str, out: str, args: list[str], *, nproc: int, port: int,
-                 nnodes: int = 1, node_rank: int = 0) -> None:
+    def __init__(
+        self, tag: str, out: str, args: list[str], *, nproc: int, port: int, nnodes: int = 1, node_rank: int = 0
+    ) -> None:
         self.tag, self.out = tag, out
         self.log = os.path.join(out, f"{tag}-node{node_rank}.log")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-               f"--nproc_per_node={nproc}", "--rdzv_backend=static", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "--local_addr=127.0.0.1", "--max_restarts=0",
-               WORKER, "--out", out, "--tag", tag, *args]
-        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
-                   MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend=static",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "--local_addr=127.0.0.1",
+            "--max_restarts=0",
+            WORKER,
+            "--out",
+            out,
+            "--tag",
+            tag,
+            *args,
+        ]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            GLOO_SOCKET_IFNAME="lo",
+            NCCL_SOCKET_IFNAME="lo",
+            MASTER_ADDR="127.0.0.1",
+            PYTHONUNBUFFERED="1",
+        )
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait(self, deadline: float) -> int | None:
         try:
@@ -106,8 +129,10 @@ def run_jobs(jobs: list[Job], timeout: float = RUN_TIMEOUT) -> None:
         if len(codes) < len(jobs) or any(c != 0 for c in codes):
             for job in jobs:
                 job.kill()
-            logs = "\n".join(f"--- {j.tag} (exit {c}) ---\n{j.output()}"
-                             for j, c in zip(jobs, codes + [None] * (len(jobs) - len(codes))))
+            logs = "\n".join(
+                f"--- {j.tag} (exit {c}) ---\n{j.output()}"
+                for j, c in zip(jobs, codes + [None] * (len(jobs) - len(codes)))
+            )
             pytest.fail(f"torchrun failed or timed out after {timeout:.0f} s:\n{logs}", pytrace=False)
 
 
@@ -135,16 +160,21 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     port_s = free_port()
     s_args = common + ["--configs", "--only", "none-w2,pad-w2,drop-w0"]
     round1 = [Job("S", out, s_args, nproc=2, nnodes=2, node_rank=n, port=port_s) for n in (0, 1)]
-    round1.append(Job("P", out, common + ["--configs", "--save-state", a, "--steps", "3"], nproc=2,
-                      port=free_port()))
+    round1.append(Job("P", out, common + ["--configs", "--save-state", a, "--steps", "3"], nproc=2, port=free_port()))
     round1.append(Job("Q", out, common + ["--save-state", b, "--steps", "5"], nproc=1, port=free_port()))
     run_jobs(round1)
-    round2 = [Job("R", out, common + ["--configs", "--resume-from", a, "--resume-from", b], nproc=2,
-                  port=free_port()),
-              Job("Q2", out, common + ["--resume-from", a], nproc=1, port=free_port())]
+    round2 = [
+        Job("R", out, common + ["--configs", "--resume-from", a, "--resume-from", b], nproc=2, port=free_port()),
+        Job("Q2", out, common + ["--resume-from", a], nproc=1, port=free_port()),
+    ]
     run_jobs(round2)
-    return {"P": results(out, "P", 2), "Q": results(out, "Q", 1), "R": results(out, "R", 2),
-            "Q2": results(out, "Q2", 1), "S": results(out, "S", 4)}
+    return {
+        "P": results(out, "P", 2),
+        "Q": results(out, "Q", 1),
+        "R": results(out, "R", 2),
+        "Q2": results(out, "Q2", 1),
+        "S": results(out, "S", 4),
+    }
 
 
 def configs(ranks: list[dict]) -> dict[str, list[list[dict]]]:
@@ -226,7 +256,7 @@ def test_decoded_batches_under_torchrun(runs):
 
 
 def test_same_seed_same_result_across_runs(runs):
-    assert configs(runs["P"]) .keys() == configs(runs["R"]).keys()
+    assert configs(runs["P"]).keys() == configs(runs["R"]).keys()
     for name, per_rank in configs(runs["P"]).items():
         again = configs(runs["R"])[name]
         for a, b in zip(per_rank, again):

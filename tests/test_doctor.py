@@ -52,8 +52,24 @@ def test_doctor_names_a_slow_transform(big_shards):
 
 
 def test_doctor_cli_json(big_shards, capsys):
-    assert main(["doctor", big_shards, "--workers", "1", "--batch", "2", "--seconds", "0.5",
-                 "--transform", "rrc224+flip", "--json"]) == 0
+    assert (
+        main(
+            [
+                "doctor",
+                big_shards,
+                "--workers",
+                "1",
+                "--batch",
+                "2",
+                "--seconds",
+                "0.5",
+                "--transform",
+                "rrc224+flip",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["fused"] is True and data["bound"] in ("decode", "transform", "io", "collate", "overhead", "transfer")
     assert set(data["stage_ms"]) == set(STAGES) and data["cpu_ms_per_image"] > 0

@@ -18,13 +18,19 @@ EXAMPLES = os.path.join(ROOT, "examples")
 TIMEOUT = 150  # per subprocess; they take 5-20 s on 2 cores
 
 
-def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = TIMEOUT,
-        torchrun: bool = False) -> str:
+def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = TIMEOUT, torchrun: bool = False) -> str:
     """Run ``cmd`` in its own session; on timeout kill it (and what it started); return stdout+stderr."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo",
-                    PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    full_env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        NCCL_SOCKET_IFNAME="lo",
+        PYTHONUNBUFFERED="1",
+        **(env or {}),
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -58,7 +64,7 @@ def kill(proc: subprocess.Popen, torchrun: bool) -> str:
 
 
 def results(out: str) -> list[dict]:
-    return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+    return [json.loads(line[len("RESULT ") :]) for line in out.splitlines() if line.startswith("RESULT ")]
 
 
 def free_port() -> int:
@@ -71,8 +77,7 @@ def free_port() -> int:
 def test_train_classifier_stops_and_resumes(tmp_path):
     ck = str(tmp_path / "ck.pt")
     script = os.path.join(EXAMPLES, "train_classifier.py")
-    common = [sys.executable, script, "--count", "96", "--batch-size", "16", "--epochs", "2",
-              "--checkpoint", ck]
+    common = [sys.executable, script, "--count", "96", "--batch-size", "16", "--epochs", "2", "--checkpoint", ck]
     # Generates its data, trains 3 steps of epoch 0, saves model+optimizer+loader state, exits.
     first = results(run(common + ["--stop-after", "3"]))
     assert first == [{"epoch": 0, "samples": 48, "stopped": True, "steps": 3}]
@@ -90,10 +95,25 @@ def test_train_classifier_stops_and_resumes(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_train_ddp_under_torchrun(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "--local_addr=127.0.0.1", "--max_restarts=0",
-           os.path.join(EXAMPLES, "train_ddp.py"), "--count", "67", "--batch-size", "8", "--epochs", "2",
-           "--checkpoint", str(tmp_path / "ddp.pt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--local_addr=127.0.0.1",
+        "--max_restarts=0",
+        os.path.join(EXAMPLES, "train_ddp.py"),
+        "--count",
+        "67",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--checkpoint",
+        str(tmp_path / "ddp.pt"),
+    ]
     epochs = results(run(cmd, torchrun=True))
     assert [r["epoch"] for r in epochs] == [0, 1]
     for r in epochs:
@@ -111,8 +131,18 @@ def test_train_ddp_under_torchrun(tmp_path):
 def http_run() -> list[dict]:
     if importlib.util.find_spec("shardkit.remote.http") is None:
         pytest.skip("shardkit.remote.http (the HTTP backend) is not there yet")
-    out = run([sys.executable, os.path.join(EXAMPLES, "stream_http.py"), "--count", "64",
-               "--batch-size", "16", "--epochs", "2"])
+    out = run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "stream_http.py"),
+            "--count",
+            "64",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+        ]
+    )
     return results(out)
 
 
@@ -140,9 +170,10 @@ def test_stream_http_stats_report_cache_hits(http_run):
 
 @pytest.mark.timeout(300)
 def test_convert_imagefolder_script():
-    out = run(["bash", os.path.join(EXAMPLES, "convert_imagefolder.sh")],
-              env={"PYTHON": sys.executable, "COUNT": "60",
-                   "TRAIN_ARGS": "--epochs 1 --batch-size 16"})
+    out = run(
+        ["bash", os.path.join(EXAMPLES, "convert_imagefolder.sh")],
+        env={"PYTHON": sys.executable, "COUNT": "60", "TRAIN_ARGS": "--epochs 1 --batch-size 16"},
+    )
     assert "wrote" in out and "OK: " in out
     (epoch,) = results(out)
     assert epoch["samples"] == 60

@@ -36,7 +36,7 @@ def header_offsets(data: bytes, limit: int = 64) -> list[int]:
     """Where the reader would look for headers (best effort, for targeted mutations)."""
     offsets, pos = [], 0
     while pos + BLOCK <= len(data) and len(offsets) < limit:
-        block = data[pos:pos + BLOCK]
+        block = data[pos : pos + BLOCK]
         if not any(block):
             break
         offsets.append(pos)
@@ -72,7 +72,7 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
         elif kind == "set" and buf:
             buf[op[1] % len(buf)] = op[2]
         elif kind == "truncate":
-            del buf[op[1] % (len(buf) + 1):]
+            del buf[op[1] % (len(buf) + 1) :]
         elif kind == "insert":
             at = (op[1] % (blocks + 1)) * BLOCK
             if op[2] == "zeros":
@@ -81,14 +81,14 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
                 block = bytes((op[3] * 131 + i * 7) % 256 for i in range(BLOCK))
             else:
                 src = (op[3] % blocks) * BLOCK
-                block = bytes(buf[src:src + BLOCK]).ljust(BLOCK, b"\0")
+                block = bytes(buf[src : src + BLOCK]).ljust(BLOCK, b"\0")
             buf[at:at] = block
         elif kind == "duplicate" and len(buf) >= BLOCK:
             src = (op[1] % blocks) * BLOCK
-            buf[src:src] = buf[src:src + BLOCK]
+            buf[src:src] = buf[src : src + BLOCK]
         elif kind == "delete" and len(buf) >= BLOCK:
             src = (op[1] % blocks) * BLOCK
-            del buf[src:src + BLOCK]
+            del buf[src : src + BLOCK]
         elif kind in ("size", "typeflag"):
             heads = header_offsets(bytes(buf))
             if not heads:
@@ -103,7 +103,7 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
                     field = bytes([0xFF if value < 0 else 0x80]) + field[1:]
                 else:
                     field = b"%011o\0" % value
-                buf[at + 124:at + 136] = field
+                buf[at + 124 : at + 136] = field
             buf = bytearray(bad_corpus.fix_checksums(bytes(buf)))
         elif kind == "fix":
             buf = bytearray(bad_corpus.fix_checksums(bytes(buf)))
@@ -111,8 +111,12 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
 
 
 @pytest.mark.timeout(60)
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(seed=st.sampled_from(range(len(SEEDS))), ops=st.lists(OPS, min_size=1, max_size=6))
 def test_mutated_shards_parse_or_raise_shard_format_error(seed, ops):
     data = mutate(SEEDS[seed], ops)
@@ -166,8 +170,17 @@ def test_split_name_is_the_webdataset_regex(name):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("name", ["a/" * 500_000, "/" * 1_000_000, "a.b/" * 250_000 + ".x",
-                                  "x" * 1_000_000, "." * 1_000_000, "__" + "/" * 1_000_000])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a/" * 500_000,
+        "/" * 1_000_000,
+        "a.b/" * 250_000 + ".x",
+        "x" * 1_000_000,
+        "." * 1_000_000,
+        "__" + "/" * 1_000_000,
+    ],
+)
 def test_split_name_is_linear_on_adversarial_names(name):
     started = time.perf_counter()
     split_name(name)

@@ -32,16 +32,18 @@ def _jpeg(height: int = 40, width: int = 56, seed: int = 0, mode: str = "RGB") -
 
 
 def _nested_batch() -> dict:
-    return {"image": torch.arange(12, dtype=torch.uint8).reshape(3, 2, 2),
-            "meta": [torch.ones(2), ("key", torch.zeros(1))],
-            "pair": Pair(torch.tensor([1.5]), 3), "ordered": OrderedDict(a=torch.ones(1)),
-            "name": "sample"}
+    return {
+        "image": torch.arange(12, dtype=torch.uint8).reshape(3, 2, 2),
+        "meta": [torch.ones(2), ("key", torch.zeros(1))],
+        "pair": Pair(torch.tensor([1.5]), 3),
+        "ordered": OrderedDict(a=torch.ones(1)),
+        "name": "sample",
+    }
 
 
 def test_import_makes_no_cuda_call():
     code = "import torch, shardkit.gpu; print(torch.cuda.is_initialized())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "False"
 
 
@@ -87,8 +89,10 @@ def test_decode_images_cuda_bomb_guard_runs_before_any_gpu_work():
 
 @needs_cuda
 def test_prefetcher_moves_nested_batches_in_order():
-    batches = [{"x": torch.full((4, 4), float(i)).pin_memory(), "y": [torch.tensor([i])],
-                "pair": Pair(torch.ones(2), i)} for i in range(5)]
+    batches = [
+        {"x": torch.full((4, 4), float(i)).pin_memory(), "y": [torch.tensor([i])], "pair": Pair(torch.ones(2), i)}
+        for i in range(5)
+    ]
     out = list(CudaPrefetcher(batches))
     assert len(out) == 5
     for i, batch in enumerate(out):
@@ -99,8 +103,7 @@ def test_prefetcher_moves_nested_batches_in_order():
 
 @needs_cuda
 def test_decode_images_cuda_matches_cpu():
-    images = [_jpeg(seed=1), _jpeg(64, 48, seed=2), _jpeg(seed=3, mode="L"),
-              _jpeg(seed=4, mode="CMYK")]
+    images = [_jpeg(seed=1), _jpeg(64, 48, seed=2), _jpeg(seed=3, mode="L"), _jpeg(seed=4, mode="CMYK")]
     buffer = io.BytesIO()
     Image.new("RGB", (10, 12), (1, 2, 3)).save(buffer, "PNG")
     images.append(buffer.getvalue())

@@ -17,8 +17,14 @@ from tests.servers import FaultProxy, free_port
 FAST = SourceOptions(retries=8, backoff=0.001, timeout=10)
 
 
-def read_all(url: str, options: SourceOptions = FAST, offset: int = 0,
-             length: int | None = None, chunk: int = 1 << 20, readinto: bool = False) -> bytes:
+def read_all(
+    url: str,
+    options: SourceOptions = FAST,
+    offset: int = 0,
+    length: int | None = None,
+    chunk: int = 1 << 20,
+    readinto: bool = False,
+) -> bytes:
     parts = []
     buf = bytearray(chunk)
     with open_stream(url, offset=offset, length=length, options=options) as f:
@@ -61,11 +67,18 @@ def test_ranged_reads(server, shard_files, request, caplog):
     data = shard_files.data(name)
     size = len(data)
     caplog.set_level(logging.WARNING, logger="shardkit.remote.http")
-    for offset, length in [(0, 512), (512, 10_000), (123_457, None), (size - 10, None),
-                           (size - 10, 100), (1, 1), (size, None), (0, 0)]:
-        got = read_all(base + name, offset=offset, length=length, chunk=65536,
-                       readinto=bool(offset % 2))
-        want = data[offset:] if length is None else data[offset:offset + length]
+    for offset, length in [
+        (0, 512),
+        (512, 10_000),
+        (123_457, None),
+        (size - 10, None),
+        (size - 10, 100),
+        (1, 1),
+        (size, None),
+        (0, 0),
+    ]:
+        got = read_all(base + name, offset=offset, length=length, chunk=65536, readinto=bool(offset % 2))
+        want = data[offset:] if length is None else data[offset : offset + length]
         assert got == want, (offset, length)
     if server == "plain_http_server":
         # http.server answers 200 to a Range request: warned once, bytes still right.
@@ -80,9 +93,8 @@ def test_connection_reused(nginx_server, shard_files):
         name = shard_files.names[5]
         data = shard_files.data(name)
         for offset, length in [(0, None), (10, 1000), (5000, None), (0, 100), (0, None)]:
-            want = data[offset:] if length is None else data[offset:offset + length]
-            assert read_all(proxy.url(name), offset=offset, length=length,
-                            readinto=offset == 10) == want
+            want = data[offset:] if length is None else data[offset : offset + length]
+            assert read_all(proxy.url(name), offset=offset, length=length, readinto=offset == 10) == want
         assert proxy.connections == 1
 
 
@@ -111,8 +123,7 @@ def test_cut_ranged_read_resumes(nginx_server, shard_files):
     name = shard_files.big
     data = shard_files.data(name)
     with FaultProxy(nginx_server.port, seed=7, cut=(100_000, 400_000)) as proxy:
-        got = read_all(proxy.url(name), offset=250_001, length=2_000_000, chunk=300_000,
-                       readinto=True)
+        got = read_all(proxy.url(name), offset=250_001, length=2_000_000, chunk=300_000, readinto=True)
         assert proxy.cuts >= 2
     assert got == data[250_001:2_250_001]
 
@@ -123,8 +134,7 @@ def test_cut_without_range_support_restarts_and_skips(plain_http_server, shard_f
     name = shard_files.big
     caplog.set_level(logging.WARNING, logger="shardkit.remote.http")
     http._warned_no_range.clear()
-    with FaultProxy(plain_http_server.port, seed=3, cut=(1_000_000, 1_500_000),
-                    cut_first=2) as proxy:
+    with FaultProxy(plain_http_server.port, seed=3, cut=(1_000_000, 1_500_000), cut_first=2) as proxy:
         assert read_all(proxy.url(name), readinto=True) == shard_files.data(name)
         assert proxy.cuts == 2
     assert any("ignores HTTP Range" in r.getMessage() for r in caplog.records)
@@ -168,8 +178,9 @@ def test_connection_refused_gives_up():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("path,status", [("shards/missing.tar", 404), ("forbidden/x.tar", 403),
-                                         ("private/secret.tar", 401)])
+@pytest.mark.parametrize(
+    "path,status", [("shards/missing.tar", 404), ("forbidden/x.tar", 403), ("private/secret.tar", 401)]
+)
 def test_permanent_errors_fail_fast(nginx_server, path, status):
     url = nginx_server.url + path
     start = time.monotonic()
@@ -193,10 +204,12 @@ def test_read_bytes(nginx_server, plain_http_server, shard_files):
 def test_headers_per_prefix(nginx_server, shard_files):
     url = nginx_server.url + "private/secret.tar"
     want = shard_files.data("private/secret.tar")
-    opts = SourceOptions(headers={
-        nginx_server.url: {"Authorization": "Bearer wrong", "X-Other": "1"},
-        nginx_server.url + "private/": {"Authorization": "Bearer t"},  # longest prefix wins
-    })
+    opts = SourceOptions(
+        headers={
+            nginx_server.url: {"Authorization": "Bearer wrong", "X-Other": "1"},
+            nginx_server.url + "private/": {"Authorization": "Bearer t"},  # longest prefix wins
+        }
+    )
     assert read_all(url, opts) == want
     wrong = SourceOptions(headers={nginx_server.url: {"Authorization": "Bearer wrong"}})
     with pytest.raises(SourceError) as err:
@@ -239,8 +252,7 @@ def test_session_recreated_after_fork(nginx_server, shard_files):
     if pid == 0:  # child: a fresh session that still works
         code = 1
         try:
-            ok = http.session() is not parent and read_all(nginx_server.url + name) == \
-                shard_files.data(name)
+            ok = http.session() is not parent and read_all(nginx_server.url + name) == shard_files.data(name)
             code = 0 if ok else 1
         finally:
             os._exit(code)
@@ -255,8 +267,7 @@ def test_pipe_backend(shard_files, tmp_path):
     path = shard_files.path(name)
     opts = SourceOptions(allow_pipe=True)
     assert read_all(f"pipe:cat {path}", opts) == shard_files.data(name)
-    assert read_all(f"pipe:cat {path}", opts, offset=1000, length=500) == \
-        shard_files.data(name)[1000:1500]
+    assert read_all(f"pipe:cat {path}", opts, offset=1000, length=500) == shard_files.data(name)[1000:1500]
     with pytest.raises(SourceError, match="allow_pipe"):
         open_stream(f"pipe:cat {path}")
     with pytest.raises(SourceError) as err:

@@ -44,8 +44,7 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = (_resolve(name, is_package, node.level, node.module) if node.level
-                        else node.module or "")
+                base = _resolve(name, is_package, node.level, node.module) if node.level else node.module or ""
                 # `from .pkg import mod` imports the submodule when there is one.
                 subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
                 targets = subs or [base]
@@ -116,7 +115,13 @@ def test_backend_vocabulary_imports_nothing_from_the_package():
 
 def test_backends_never_import_the_cache():
     graph = import_graph()
-    for name in ("shardkit.remote.http", "shardkit.remote.s3", "shardkit.remote.pipe",
-                 "shardkit.remote.fsspec_backend", "shardkit.localfile", "shardkit.remote.stream"):
+    for name in (
+        "shardkit.remote.http",
+        "shardkit.remote.s3",
+        "shardkit.remote.pipe",
+        "shardkit.remote.fsspec_backend",
+        "shardkit.localfile",
+        "shardkit.remote.stream",
+    ):
         assert "shardkit.cache" not in graph[name] and "shardkit.source" not in graph[name], name
     assert "shardkit.source" not in graph["shardkit.cache"]

@@ -11,7 +11,8 @@ import pickle
 import sqlite3
 import struct
 import tarfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,18 +23,19 @@ from shardkit.ingest import IngestOptions, _module, detect_format, open_source
 from shardkit.ingest import tfrecord as tfr
 from shardkit.ingest.protobuf import parse_example
 from shardkit.writer import ShardWriter
-from tests.tfrecord_writer import encode_example, enc_varint, frame_record, reference_crc32c, write_tfrecord
+from tests.tfrecord_writer import enc_varint, encode_example, frame_record, reference_crc32c, write_tfrecord
 
 N = 200
 
 
 # -- synthetic data ---------------------------------------------------------------------------
 
+
 def _photo(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """Photo-like pixels: smooth colour gradients plus sensor-like noise."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     a, b, c = rng.uniform(0.5, 3.0, 3)
-    base = np.stack([np.sin(x / w * a * 3 + c) , np.cos(y / h * b * 3), np.sin((x + y) / (w + h) * 5)], -1)
+    base = np.stack([np.sin(x / w * a * 3 + c), np.cos(y / h * b * 3), np.sin((x + y) / (w + h) * 5)], -1)
     img = (base * 0.5 + 0.5) * rng.uniform(120, 255, 3) + rng.normal(0, 12, (h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -54,6 +56,7 @@ def data() -> dict[str, Any]:
 
 
 # -- writers: the test's own code, independent of shardkit --------------------------------------
+
 
 def build_hdf5(tmp_path, data) -> tuple[str, IngestOptions]:
     h5py = pytest.importorskip("h5py")
@@ -102,16 +105,20 @@ def build_sqlite(tmp_path, data) -> tuple[str, IngestOptions]:
     path = str(tmp_path / "set.db")
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE samples (key TEXT, image BLOB, label INTEGER)")
-        conn.executemany("INSERT INTO samples VALUES (?, ?, ?)",
-                         zip(data["ids"], data["jpegs"], data["labels"]))
+        conn.executemany("INSERT INTO samples VALUES (?, ?, ?)", zip(data["ids"], data["jpegs"], data["labels"]))
     conn.close()
     return path, IngestOptions()
 
 
 def build_tfrecord(tmp_path, data) -> tuple[str, IngestOptions]:
     path = str(tmp_path / "set.tfrecord")
-    write_tfrecord(path, ({"image/encoded": j, "image/class/label": l, "image/filename": i}
-                          for j, l, i in zip(data["jpegs"], data["labels"], data["ids"])))
+    write_tfrecord(
+        path,
+        (
+            {"image/encoded": j, "image/class/label": lab, "image/filename": i}
+            for j, lab, i in zip(data["jpegs"], data["labels"], data["ids"])
+        ),
+    )
     return path, IngestOptions()
 
 
@@ -157,6 +164,7 @@ def _check(samples: list[dict], data, *, dense: bool = False, ids: bool = True) 
 
 
 # -- round trips ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_round_trip(tmp_path, data, name):
@@ -211,6 +219,7 @@ def test_convert_to_shards(tmp_path, data, name):
 
 
 # -- format specifics -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("image_format", ["png", "npy", "jpg"])
 def test_hdf5_dense(tmp_path, data, image_format):
@@ -285,8 +294,15 @@ def test_numpy_variants(tmp_path, data):
     assert len(source) == N
     first = next(iter(source))
     np.testing.assert_array_equal(_decoded(first["png"]), dense[0])
-    npy = next(iter(open_source(str(tmp_path / "raw.u8"), fmt="numpy",
-                                options=IngestOptions(shape=chw.shape, dtype="uint8", image_format="npy"))))
+    npy = next(
+        iter(
+            open_source(
+                str(tmp_path / "raw.u8"),
+                fmt="numpy",
+                options=IngestOptions(shape=chw.shape, dtype="uint8", image_format="npy"),
+            )
+        )
+    )
     np.testing.assert_array_equal(np.load(io.BytesIO(npy["npy"])), chw[0])
 
 
@@ -321,15 +337,16 @@ def test_sqlite_text_labels_and_rowid(tmp_path, data):
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE meta (k TEXT, v TEXT)")
         conn.execute("CREATE TABLE pics (img BLOB, species TEXT)")
-        conn.executemany("INSERT INTO pics VALUES (?, ?)",
-                         [(j, names[l % 3]) for j, l in zip(data["jpegs"], data["labels"])])
+        conn.executemany(
+            "INSERT INTO pics VALUES (?, ?)", [(j, names[lab % 3]) for j, lab in zip(data["jpegs"], data["labels"])]
+        )
     conn.close()
     with pytest.raises(ShardkitError, match="pics"):  # two tables, none with an 'image' column
         open_source(path)
     source = open_source(path, options=IngestOptions(image_column="img", label_column="species"))
     assert source.classes == names
     samples = list(source)
-    assert [s["cls"] for s in samples] == [l % 3 for l in data["labels"]]
+    assert [s["cls"] for s in samples] == [lab % 3 for lab in data["labels"]]
     assert [s["json"]["source_id"] for s in samples[:3]] == [1, 2, 3]  # rowids
 
 
@@ -350,8 +367,7 @@ def test_tfrecord_crc_and_protobuf_details(tmp_path, data):
     image = ld(1, ld(1, data["jpegs"][0]))  # Feature{bytes_list{value}}
     label = ld(3, bytes([1 << 3 | 0]) + enc_varint(5))  # Feature{int64_list{value: 5}} unpacked
     score = ld(2, bytes([1 << 3 | 5]) + struct.pack("<f", 0.5))  # Feature{float_list} unpacked
-    entries = b"".join(ld(1, ld(1, k) + ld(2, v)) for k, v in
-                       ((b"image", image), (b"label", label), (b"score", score)))
+    entries = b"".join(ld(1, ld(1, k) + ld(2, v)) for k, v in ((b"image", image), (b"label", label), (b"score", score)))
     record = ld(1, entries)
     assert parse_example(record) == {"image": [data["jpegs"][0]], "label": [5], "score": [0.5]}
     assert parse_example(encode_example({"x": [-1, 2**40]})) == {"x": [-1, 2**40]}
@@ -366,6 +382,7 @@ def test_tfrecord_crc_and_protobuf_details(tmp_path, data):
 
 
 # -- bad input --------------------------------------------------------------------------------
+
 
 def test_missing_dataset_table_column(tmp_path, data):
     path, _ = build_hdf5(tmp_path, data)
@@ -394,12 +411,12 @@ def test_tfrecord_truncated_and_bad_crc(tmp_path, data):
     sizes = []
     offset = 0
     while offset < len(blob):
-        (length,) = struct.unpack("<Q", blob[offset:offset + 8])
+        (length,) = struct.unpack("<Q", blob[offset : offset + 8])
         sizes.append(offset)
         offset += 16 + length
     cut = str(tmp_path / "cut.tfrecord")
     with open(cut, "wb") as f:
-        f.write(blob[:sizes[150] + 100])
+        f.write(blob[: sizes[150] + 100])
     with pytest.raises(ShardkitError) as err:
         list(open_source(cut))
     assert cut in str(err.value) and "record 150" in str(err.value)
@@ -426,9 +443,10 @@ def test_tfrecord_folder_and_bad_protobuf(tmp_path, data):
     folder = tmp_path / "tfr"
     folder.mkdir()
     for k in range(2):
-        write_tfrecord(str(folder / f"part-{k}.tfrec"),
-                       [{"image": data["jpegs"][k * 10 + i], "label": data["labels"][k * 10 + i]}
-                        for i in range(10)])
+        write_tfrecord(
+            str(folder / f"part-{k}.tfrec"),
+            [{"image": data["jpegs"][k * 10 + i], "label": data["labels"][k * 10 + i]} for i in range(10)],
+        )
     (folder / "part-0.tfrec.idx").write_text("0 100\n")  # sidecars (e.g. DALI's) are ignored
     assert tfr.detect(str(folder))
     source = open_source(str(folder), fmt="tfrecord")

@@ -68,7 +68,7 @@ def test_weights_exact_counts_and_passes_continue(parts):
     assert len(loader) == 10
     # b (6 samples) is drawn 30 times an epoch: whole passes, no repeat inside a pass
     # (the order within a worker's share is shuffled, so compare passes as sets per epoch)
-    per_epoch = [Counter(seen_b[i * 30:(i + 1) * 30]) for i in range(3)]
+    per_epoch = [Counter(seen_b[i * 30 : (i + 1) * 30]) for i in range(3)]
     assert all(set(c.values()) == {5} for c in per_epoch)
 
 
@@ -87,8 +87,12 @@ def test_parts_keep_their_own_transform_and_select(parts):
 @pytest.mark.parametrize("k", [0, 2, 5])
 def test_resume_mid_epoch_exact_and_elastic(parts, k):
     def make(workers):
-        mix = Mix([ShardDataset(parts[0], shuffle=3), ShardDataset(parts[1], shuffle=2)], weights=[2, 1],
-                  epoch_length=33, seed=11)
+        mix = Mix(
+            [ShardDataset(parts[0], shuffle=3), ShardDataset(parts[1], shuffle=2)],
+            weights=[2, 1],
+            epoch_length=33,
+            seed=11,
+        )
         mix.set_epoch(1)
         return ShardLoader(mix, batch_size=3, num_workers=workers)
 
@@ -150,8 +154,9 @@ def test_stateful_dataloader_protocol(parts):
     tdl = pytest.importorskip("torchdata.stateful_dataloader")
 
     def make():
-        return tdl.StatefulDataLoader(Mix([ShardDataset(parts[0], shuffle=3), ShardDataset(parts[1])], seed=4),
-                                      batch_size=None, num_workers=2)
+        return tdl.StatefulDataLoader(
+            Mix([ShardDataset(parts[0], shuffle=3), ShardDataset(parts[1])], seed=4), batch_size=None, num_workers=2
+        )
 
     full = ids(make())
     before, state = stop_after(make(), 7, ids)
@@ -166,13 +171,30 @@ def test_torchrun_two_ranks_pad_equal_batches(parts, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=static",
-           "--master_addr=127.0.0.1", f"--master_port={port}", "--local_addr=127.0.0.1", "--max_restarts=0",
-           os.path.join(HERE, "dist_mix_worker.py"), "--a", parts[0], "--b", parts[1], "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=static",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "--local_addr=127.0.0.1",
+        "--max_restarts=0",
+        os.path.join(HERE, "dist_mix_worker.py"),
+        "--a",
+        parts[0],
+        "--b",
+        parts[1],
+        "--out",
+        out,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     with open(os.path.join(out, "torchrun.log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=os.path.dirname(HERE), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=os.path.dirname(HERE), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=240)
         finally:

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from shardkit.mixplan import MixPart, MixPlanner, interleave, largest_remainder
 from shardkit.plan import Stage, Topology
 
-parts_st = st.lists(st.tuples(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 6)),
-                    min_size=1, max_size=4)
+parts_st = st.lists(
+    st.tuples(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 6)), min_size=1, max_size=4
+)
 world_st = st.integers(1, 5)
 workers_st = st.integers(0, 4)
 
@@ -65,8 +66,15 @@ def test_without_weights_every_sample_of_every_part_once(spec, world, workers, e
 
 
 @settings(max_examples=150, deadline=None)
-@given(spec=parts_st, weights=st.lists(st.integers(0, 5), min_size=4, max_size=4), length=st.integers(1, 80),
-       world=world_st, workers=workers_st, epoch=st.integers(0, 4), seed=st.integers(0, 999))
+@given(
+    spec=parts_st,
+    weights=st.lists(st.integers(0, 5), min_size=4, max_size=4),
+    length=st.integers(1, 80),
+    world=world_st,
+    workers=workers_st,
+    epoch=st.integers(0, 4),
+    seed=st.integers(0, 999),
+)
 def test_weights_give_exact_part_counts(spec, weights, length, world, workers, epoch, seed):
     parts = make_parts(spec)
     weights = weights[: len(parts)]
@@ -80,8 +88,12 @@ def test_weights_give_exact_part_counts(spec, weights, length, world, workers, e
 
 
 @settings(max_examples=100, deadline=None)
-@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=4), draws=st.integers(1, 40),
-       epochs=st.integers(1, 6), seed=st.integers(0, 999))
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+    draws=st.integers(1, 40),
+    epochs=st.integers(1, 6),
+    seed=st.integers(0, 999),
+)
 def test_no_repeat_before_a_pass_completes(counts, draws, epochs, seed):
     """A part's draws over consecutive epochs are whole passes, each a permutation."""
     part = MixPart(tuple(counts), seed=3)
@@ -89,20 +101,20 @@ def test_no_repeat_before_a_pass_completes(counts, draws, epochs, seed):
     other = MixPart((5,), seed=4)
     chain: list[int] = []
     for epoch in range(epochs):
-        planner = MixPlanner([part, other], epoch=epoch, seed=seed, weights=[draws, 5],
-                             epoch_length=draws + 5)
+        planner = MixPlanner([part, other], epoch=epoch, seed=seed, weights=[draws, 5], epoch_length=draws + 5)
         chain += planner.sequences[0].tolist()
     n = part.size
     for start in range(0, len(chain), n):
-        window = chain[start: start + n]
+        window = chain[start : start + n]
         assert len(set(window)) == len(window)  # no repeat inside a pass
         if len(window) == n:
             assert sorted(window) == list(range(n))
 
 
 @settings(max_examples=100, deadline=None)
-@given(spec=parts_st, world=world_st, workers=workers_st, even=st.sampled_from(["pad", "drop"]),
-       seed=st.integers(0, 999))
+@given(
+    spec=parts_st, world=world_st, workers=workers_st, even=st.sampled_from(["pad", "drop"]), seed=st.integers(0, 999)
+)
 def test_pad_and_drop_give_equal_ranks(spec, world, workers, even, seed):
     planner = MixPlanner(make_parts(spec), epoch=1, seed=seed)
     topo = Topology(world, workers, even=even)
@@ -124,12 +136,18 @@ def test_resume_same_topology_continues_exactly(spec, world, workers, data, seed
     done = {c: data.draw(st.integers(0, len(full[c]))) for c in full}
     stage = Stage(topo, tuple(tuple(done[r, w] for w in range(topo.streams)) for r in range(world)))
     for cell, seq in emitted(planner, topo, [stage]).items():
-        assert seq == full[cell][done[cell]:]
+        assert seq == full[cell][done[cell] :]
 
 
 @settings(max_examples=100, deadline=None)
-@given(spec=parts_st, old=st.tuples(world_st, workers_st), new=st.tuples(world_st, workers_st), data=st.data(),
-       weights=st.none() | st.lists(st.integers(1, 4), min_size=4, max_size=4), seed=st.integers(0, 999))
+@given(
+    spec=parts_st,
+    old=st.tuples(world_st, workers_st),
+    new=st.tuples(world_st, workers_st),
+    data=st.data(),
+    weights=st.none() | st.lists(st.integers(1, 4), min_size=4, max_size=4),
+    seed=st.integers(0, 999),
+)
 def test_elastic_resume_covers_the_rest_exactly_once(spec, old, new, data, weights, seed):
     parts = make_parts(spec)
     if weights is not None:

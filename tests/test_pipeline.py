@@ -122,8 +122,12 @@ def test_decoder_then_field_transforms_then_fields():
         calls.append("cls")
         return value * 10  # on undecoded bytes this would give b"3333333333"
 
-    pipe = SamplePipeline(decoder=decoder, transform={"cls": times_ten, "png": lambda v: -v, "txt": str.upper},
-                          fields="png;jpg cls __key__", handler=make_handler("raise"))
+    pipe = SamplePipeline(
+        decoder=decoder,
+        transform={"cls": times_ten, "png": lambda v: -v, "txt": str.upper},
+        fields="png;jpg cls __key__",
+        handler=make_handler("raise"),
+    )
     assert pipe(raw_sample(3, jpg=b"abcd")) == (4, 30, "k0003")
     assert calls == ["decode", "cls"]
     # the first alternative present wins, and its transform applied
@@ -223,8 +227,11 @@ def test_other_exceptions_become_sample_errors(threads):
     assert isinstance(error, SampleError) and error.key == "k0002" and error.url == URL
     assert "ZeroDivisionError" in str(error)
     with pytest.raises(SampleError, match="ZeroDivisionError"):
-        list(SamplePipeline(transform={"cls": lambda v: 1 // (int(v) - 2)}, handler=make_handler("raise"))
-             .map(((i, raw_sample(i)) for i in range(5)), Counter(), threads=threads))
+        list(
+            SamplePipeline(transform={"cls": lambda v: 1 // (int(v) - 2)}, handler=make_handler("raise")).map(
+                ((i, raw_sample(i)) for i in range(5)), Counter(), threads=threads
+            )
+        )
 
 
 @pytest.mark.parametrize("threads", [0, 4])
@@ -236,8 +243,9 @@ def test_select_drops_samples_before_decoding(threads):
         return {**sample, "cls": int(sample["cls"])}
 
     skipped, filtered = Counter(), Counter()
-    pipe = SamplePipeline(decoder=decoder, fields="cls", handler=make_handler("raise"),
-                          select=lambda s: s["cls"] != b"0")  # sees the raw bytes
+    pipe = SamplePipeline(
+        decoder=decoder, fields="cls", handler=make_handler("raise"), select=lambda s: s["cls"] != b"0"
+    )  # sees the raw bytes
     out = list(pipe.map(((i, raw_sample(i)) for i in range(23)), skipped, threads=threads, on_filter=filtered))
     kept = [i for i in range(23) if i % 5]
     assert out == [(i, (i % 5,)) for i in kept]
@@ -289,7 +297,10 @@ def test_batched_drops_the_short_last_batch():
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_batched_exact_multiple_and_empty(drop_last):
     assert list(batched(tagged_items(6), 2, drop_last=drop_last, collate_fn=tuple)) == [
-        ("t1", (0, 1)), ("t3", (2, 3)), ("t5", (4, 5))]
+        ("t1", (0, 1)),
+        ("t3", (2, 3)),
+        ("t5", (4, 5)),
+    ]
     assert list(batched([], 2, drop_last=drop_last, collate_fn=list)) == []
     assert list(batched(tagged_items(1), 1, drop_last=drop_last, collate_fn=list)) == [("t0", [0])]
 
@@ -335,8 +346,13 @@ def test_collate_keeps_lists_where_it_cannot_stack():
 
 def test_collate_recurses_into_dicts_and_tuples():
     batch = [
-        {"__key__": f"k{i}", "img": torch.full((2, 2), i), "cls": i, "jpg": bytes([i]),
-         "pair": (torch.tensor([i, i]), torch.zeros(i + 1), {"n": i})}
+        {
+            "__key__": f"k{i}",
+            "img": torch.full((2, 2), i),
+            "cls": i,
+            "jpg": bytes([i]),
+            "pair": (torch.tensor([i, i]), torch.zeros(i + 1), {"n": i}),
+        }
         for i in range(3)
     ]
     out = collate(batch)

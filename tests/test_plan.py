@@ -9,8 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardkit.plan import (EpochPlanner, Stage, Topology, deal_shards, shuffle_order, simulate_consumption,
-                           to_pieces)
+from shardkit.plan import EpochPlanner, Stage, Topology, deal_shards, shuffle_order, simulate_consumption, to_pieces
 
 counts_st = st.lists(st.integers(0, 40), min_size=1, max_size=12)
 world_st = st.integers(1, 8)
@@ -27,8 +26,14 @@ def emitted_ids(planner: EpochPlanner, topo: Topology, stages=()) -> dict[tuple[
 
 
 @settings(max_examples=200, deadline=None)
-@given(counts=counts_st, world=world_st, workers=workers_st, buffer=st.integers(0, 20),
-       epoch=st.integers(0, 5), seed=st.integers(0, 2**31))
+@given(
+    counts=counts_st,
+    world=world_st,
+    workers=workers_st,
+    buffer=st.integers(0, 20),
+    epoch=st.integers(0, 5),
+    seed=st.integers(0, 2**31),
+)
 def test_every_sample_exactly_once_without_even(counts, world, workers, buffer, epoch, seed):
     planner = EpochPlanner(counts, epoch=epoch, seed=seed)
     topo = Topology(world, workers, even=None, buffer=buffer)
@@ -39,8 +44,13 @@ def test_every_sample_exactly_once_without_even(counts, world, workers, buffer, 
 
 
 @settings(max_examples=200, deadline=None)
-@given(counts=counts_st, world=world_st, workers=workers_st, even=st.sampled_from(["pad", "drop"]),
-       seed=st.integers(0, 1000))
+@given(
+    counts=counts_st,
+    world=world_st,
+    workers=workers_st,
+    even=st.sampled_from(["pad", "drop"]),
+    seed=st.integers(0, 1000),
+)
 def test_pad_and_drop_give_equal_ranks_and_touch_few_samples(counts, world, workers, even, seed):
     planner = EpochPlanner(counts, epoch=1, seed=seed)
     topo = Topology(world, workers, even=even, buffer=5)
@@ -67,8 +77,10 @@ def test_order_changes_across_epochs_and_repeats_for_same_inputs(counts, seed):
     b = emitted_ids(EpochPlanner(counts, epoch=0, seed=seed), topo)
     assert a == b
     if sum(counts) >= 12:
-        orders = {tuple(i for v in emitted_ids(EpochPlanner(counts, epoch=e, seed=seed), topo).values() for i in v)
-                  for e in range(4)}
+        orders = {
+            tuple(i for v in emitted_ids(EpochPlanner(counts, epoch=e, seed=seed), topo).values() for i in v)
+            for e in range(4)
+        }
         assert len(orders) > 1
 
 
@@ -84,35 +96,48 @@ def test_shuffle_buffer_bounds_lookahead_and_is_a_permutation():
     for buffer in (0, 1, 2, 7, 50):
         order = list(shuffle_order(40, buffer, random.Random(1)))
         assert sorted(order) == list(range(40))
-        for t, pos in enumerate(order[:40 - buffer]):
+        for t, pos in enumerate(order[: 40 - buffer]):
             assert pos <= t + max(buffer - 1, 0)
 
 
 @settings(max_examples=120, deadline=None)
-@given(counts=st.lists(st.integers(0, 25), min_size=1, max_size=8), world=st.integers(1, 4),
-       workers=st.integers(0, 4), new_world=st.integers(1, 4), new_workers=st.integers(0, 4),
-       buffer=st.integers(0, 10), data=st.data())
+@given(
+    counts=st.lists(st.integers(0, 25), min_size=1, max_size=8),
+    world=st.integers(1, 4),
+    workers=st.integers(0, 4),
+    new_world=st.integers(1, 4),
+    new_workers=st.integers(0, 4),
+    buffer=st.integers(0, 10),
+    data=st.data(),
+)
 def test_elastic_resume_covers_the_rest_exactly_once(counts, world, workers, new_world, new_workers, buffer, data):
     planner = EpochPlanner(counts, epoch=2, seed=9)
     old = Topology(world, workers, even=None, buffer=buffer)
     cells = emitted_ids(planner, old)
-    emitted = tuple(tuple(data.draw(st.integers(0, len(cells[r, w]))) for w in range(old.streams))
-                    for r in range(world))
-    consumed = [i for (r, w), v in cells.items() for i in v[:emitted[r][w]]]
+    emitted = tuple(
+        tuple(data.draw(st.integers(0, len(cells[r, w]))) for w in range(old.streams)) for r in range(world)
+    )
+    consumed = [i for (r, w), v in cells.items() for i in v[: emitted[r][w]]]
     new = Topology(new_world, new_workers, even=None, buffer=buffer)
     rest = [i for v in emitted_ids(planner, new, [Stage(old, emitted)]).values() for i in v]
     assert sorted(consumed + rest) == list(range(sum(counts)))
     # resuming with the same topology continues each worker exactly where it stopped
     same = emitted_ids(planner, old, [Stage(old, emitted)])
-    assert all(same[c] == cells[c][emitted[c[0]][c[1]]:] for c in cells)
+    assert all(same[c] == cells[c][emitted[c[0]][c[1]] :] for c in cells)
 
 
 def test_to_pieces_and_deal_shards():
     starts = np.array([0, 5, 5, 12])
-    assert [(p.shard, p.start, p.stop) for p in to_pieces(np.array([3, 4, 5, 6, 0, 1]), starts)] == \
-        [(0, 3, 5), (2, 0, 2), (0, 0, 2)]
-    dealt = [deal_shards(10, epoch=0, seed=0, shuffle_shards=True, world_size=2, rank=r, num_workers=2, worker=w)
-             for r in range(2) for w in range(2)]
+    assert [(p.shard, p.start, p.stop) for p in to_pieces(np.array([3, 4, 5, 6, 0, 1]), starts)] == [
+        (0, 3, 5),
+        (2, 0, 2),
+        (0, 0, 2),
+    ]
+    dealt = [
+        deal_shards(10, epoch=0, seed=0, shuffle_shards=True, world_size=2, rank=r, num_workers=2, worker=w)
+        for r in range(2)
+        for w in range(2)
+    ]
     assert sorted(s for d in dealt for s in d) == list(range(10))
 
 

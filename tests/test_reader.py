@@ -114,8 +114,7 @@ def until_error(items) -> tuple[list, Exception | None]:
 
 def counters(stats: ReadStats) -> dict[str, int]:
     """The reader's own counters from ``as_dict()`` (which may hold others too)."""
-    return {k: v for k, v in stats.as_dict().items() if k in ("samples_read", "bytes_read", "skipped",
-                                                              "shards_opened")}
+    return {k: v for k, v in stats.as_dict().items() if k in ("samples_read", "bytes_read", "skipped", "shards_opened")}
 
 
 def reader_for(urls: list[str], handler="raise", **kw) -> ShardReader:
@@ -134,8 +133,12 @@ def test_read_piece_with_index_reads_only_its_bytes(shard, oracle, start, stop):
     assert reader.stats.bytes_read == expected_bytes
     if (start, stop) != (0, N):
         assert reader.stats.bytes_read < os.path.getsize(shard)
-    assert counters(reader.stats) == {"samples_read": stop - start, "bytes_read": expected_bytes,
-                                      "skipped": 0, "shards_opened": 1}
+    assert counters(reader.stats) == {
+        "samples_read": stop - start,
+        "bytes_read": expected_bytes,
+        "skipped": 0,
+        "shards_opened": 1,
+    }
 
 
 def test_read_piece_with_index_never_parses_the_samples_before_it(shard, oracle):
@@ -193,15 +196,14 @@ def test_piece_past_the_end_yields_none_for_each_lost_position(shard, oracle, in
     assert len(handler.errors) == 1 and isinstance(handler.errors[0], ShardkitError)
     assert shard in str(handler.errors[0])
     if not indexed:
-        assert_same(got[:N - start], oracle[start:], shard)
+        assert_same(got[: N - start], oracle[start:], shard)
         assert reader.stats.skipped == stop - N
 
 
 def test_read_shard_yields_every_sample(shard, oracle):
     reader = reader_for([shard])
     assert_same(list(reader.read_shard(0)), oracle, shard)
-    assert counters(reader.stats) == {"samples_read": N, "bytes_read": oracle[-1].end, "skipped": 0,
-                                      "shards_opened": 1}
+    assert counters(reader.stats) == {"samples_read": N, "bytes_read": oracle[-1].end, "skipped": 0, "shards_opened": 1}
     os.remove(shard + ".idx")  # read_shard needs no index
     assert_same(list(reader_for([shard]).read_shard(0)), oracle, shard)
 
@@ -230,9 +232,15 @@ def _cut_at(oracle: list[TarSample], where: str, k: int) -> int:
     return sample.member_ends[-2] + BLOCK + 3  # header of the last member, then part of its payload
 
 
-@pytest.mark.parametrize("where", [
-    "in_last_member", "at_sample_start", "in_first_header", "in_first_payload",
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "in_last_member",
+        "at_sample_start",
+        "in_first_header",
+        "in_first_payload",
+    ],
+)
 def test_truncated_shard_keeps_the_complete_samples_before_the_cut(shard, oracle, where):
     k = 7
     cut = _cut_at(oracle, where, k)
@@ -290,11 +298,14 @@ def test_stats_are_shared_and_counted(tmp_path):
     assert keys == [t.key for t in expected[0] + expected[2][2:5] + expected[1]]
     assert stats.samples_read == 5 + 3 + 4
     assert stats.shards_opened == 3
-    assert stats.bytes_read == (expected[0][-1].end + expected[2][4].end - expected[2][2].start
-                                + expected[1][-1].end)
+    assert stats.bytes_read == (expected[0][-1].end + expected[2][4].end - expected[2][2].start + expected[1][-1].end)
     assert stats.skipped == 0
-    assert counters(stats) == {"samples_read": stats.samples_read, "bytes_read": stats.bytes_read,
-                               "skipped": 0, "shards_opened": 3}
+    assert counters(stats) == {
+        "samples_read": stats.samples_read,
+        "bytes_read": stats.bytes_read,
+        "skipped": 0,
+        "shards_opened": 3,
+    }
 
 
 def test_offsets_match_tarfile_and_are_cached(shard, oracle, tmp_path):
@@ -342,8 +353,9 @@ def test_bad_index_goes_to_the_handler(shard):
 
 def test_prefetch_of_local_shards_is_a_no_op(shard, oracle, tmp_path):
     cache_dir = tmp_path / "cache"
-    reader = ShardReader([shard], options=SourceOptions(cache_dir=str(cache_dir), read_ahead=2),
-                         handler=make_handler("raise"))
+    reader = ShardReader(
+        [shard], options=SourceOptions(cache_dir=str(cache_dir), read_ahead=2), handler=make_handler("raise")
+    )
     reader.prefetch([])
     reader.prefetch([shard])
     assert not cache_dir.exists() or not any(p.is_file() for p in cache_dir.rglob("*"))

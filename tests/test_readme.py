@@ -32,8 +32,9 @@ def test_quick_start_is_two_one_line_commands_and_ci_runs_the_second():
 @pytest.mark.timeout(1200)
 def test_first_command_runs_on_a_fresh_checkout(tmp_path):
     """Run the demo command verbatim in a fresh copy of the repository (a new venv)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     checkout = tmp_path / "checkout"
     for name in files:
         src = os.path.join(ROOT, name)

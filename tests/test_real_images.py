@@ -103,8 +103,10 @@ def _odd_images() -> dict[str, tuple[str, bytes]]:
         "tiff_multipage": ("tiff", encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])),
     }
     try:
-        out["webp_animated"] = ("webp", encode(frames[0], "WEBP", save_all=True, append_images=frames[1:],
-                                               lossless=True))
+        out["webp_animated"] = (
+            "webp",
+            encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True),
+        )
     except Exception:  # noqa: BLE001 - PIL built without animated WebP
         pass
     return out
@@ -153,9 +155,17 @@ def test_every_format_the_writer_stores_decodes():
     """Each image suffix the writer accepts maps (by magic) to an extension the reader decodes."""
     from shardkit.decode import IMAGE_EXTENSIONS
 
-    samples = {"jpg": ODD["jpeg_baseline"][1], "png": ODD["png_rgb"][1], "gif": ODD["gif_animated"][1],
-               "webp": ODD["webp_lossless"][1], "bmp": ODD["bmp"][1], "tiff": ODD["tiff_lzw"][1],
-               "ppm": ODD["ppm"][1], "pgm": ODD["pgm"][1], "pbm": ODD["pbm"][1]}
+    samples = {
+        "jpg": ODD["jpeg_baseline"][1],
+        "png": ODD["png_rgb"][1],
+        "gif": ODD["gif_animated"][1],
+        "webp": ODD["webp_lossless"][1],
+        "bmp": ODD["bmp"][1],
+        "tiff": ODD["tiff_lzw"][1],
+        "ppm": ODD["ppm"][1],
+        "pgm": ODD["pgm"][1],
+        "pbm": ODD["pbm"][1],
+    }
     stored = {probe_image(data).ext for data in samples.values()}
     assert stored <= IMAGE_EXTENSIONS
     assert {s.lstrip(".") for s in IMAGE_SUFFIXES} <= IMAGE_EXTENSIONS
@@ -279,8 +289,9 @@ def _shard(path, samples: list[dict]) -> str:
 
 def test_only_requested_fields_are_decoded(tmp_path):
     good = tiny_jpeg(1)
-    url = _shard(tmp_path / "f", [{"__key__": f"k{i}", "jpg": good, "bmp": b"BM not a bitmap", "cls": i}
-                                  for i in range(3)])
+    url = _shard(
+        tmp_path / "f", [{"__key__": f"k{i}", "jpg": good, "bmp": b"BM not a bitmap", "cls": i} for i in range(3)]
+    )
     got = list(ShardDataset(url, decode="numpy", fields="jpg cls"))
     assert [c for _, c in got] == [0, 1, 2]
     transformed = list(ShardDataset(url, decode="numpy", fields="jpg cls", transform=lambda s: {**s, "cls": s["bmp"]}))
@@ -291,9 +302,14 @@ def test_only_requested_fields_are_decoded(tmp_path):
 
 
 def test_decode_errors_name_url_and_member(tmp_path):
-    url = _shard(tmp_path / "e", [{"__key__": "a", "png": b"\x89PNG\r\n\x1a\n garbage"},
-                                  {"__key__": "b", "gif": b"GIF89a\x10\x00"},
-                                  {"__key__": "c", "tiff": b"II*\0 broken"}])
+    url = _shard(
+        tmp_path / "e",
+        [
+            {"__key__": "a", "png": b"\x89PNG\r\n\x1a\n garbage"},
+            {"__key__": "b", "gif": b"GIF89a\x10\x00"},
+            {"__key__": "c", "tiff": b"II*\0 broken"},
+        ],
+    )
     errors: list[Exception] = []
     list(ShardLoader(ShardDataset(url, decode="pil", handler=errors.append), batch_size=None, num_workers=0))
     assert [e.member for e in errors] == ["a.png", "b.gif", "c.tiff"]
@@ -304,8 +320,10 @@ def test_decode_errors_name_url_and_member(tmp_path):
 def test_gz_members_are_decompressed_like_webdataset(tmp_path):
     import webdataset as wds
 
-    url = _shard(tmp_path / "g", [{"__key__": "a", "txt.gz": gzip.compress(b"hello"),
-                                   "json.gz": gzip.compress(b'{"x": 1}'), "cls": 1}])
+    url = _shard(
+        tmp_path / "g",
+        [{"__key__": "a", "txt.gz": gzip.compress(b"hello"), "json.gz": gzip.compress(b'{"x": 1}'), "cls": 1}],
+    )
     (ours,) = ShardDataset(url, decode="pil")
     (theirs,) = wds.WebDataset(url, shardshuffle=False, empty_check=False).decode("pil")
     assert ours["txt.gz"] == theirs["txt.gz"] == "hello"
@@ -348,11 +366,14 @@ def test_verify_decode_names_every_bad_member(broken_shard, capsys):
 @pytest.mark.slow  # a fresh interpreter importing torch: ~10 s on 2 busy cores
 def test_warn_prints_one_line_per_skip_by_default(broken_shard):
     """In a fresh interpreter with no logging or warnings set-up."""
-    code = ("import sys; from shardkit import ShardDataset, ShardLoader; "
-            "ds = ShardDataset(sys.argv[1], decode='pil', handler='warn'); "
-            "print(len(list(ShardLoader(ds, batch_size=None, num_workers=0))))")
-    proc = subprocess.run([sys.executable, "-c", code, broken_shard], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    code = (
+        "import sys; from shardkit import ShardDataset, ShardLoader; "
+        "ds = ShardDataset(sys.argv[1], decode='pil', handler='warn'); "
+        "print(len(list(ShardLoader(ds, batch_size=None, num_workers=0))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, broken_shard], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"  # ok0; every other sample has a bad member
     lines = [line for line in proc.stderr.splitlines() if "SkippedSampleWarning" in line]
@@ -362,8 +383,7 @@ def test_warn_prints_one_line_per_skip_by_default(broken_shard):
 
 
 def test_warn_and_skip_in_process(broken_shard, recwarn):
-    got = list(ShardLoader(ShardDataset(broken_shard, decode="pil", handler="warn"), batch_size=None,
-                           num_workers=0))
+    got = list(ShardLoader(ShardDataset(broken_shard, decode="pil", handler="warn"), batch_size=None, num_workers=0))
     assert [s["__key__"] for s in got] == ["ok0"]
     assert len([w for w in recwarn if w.category is SkippedSampleWarning]) == len(BROKEN) + 1
     recwarn.clear()
@@ -391,7 +411,7 @@ def _cut_shard(folder, keep_index: bool) -> tuple[str, list[str]]:
     members = list(iter_member_tuples(io.BytesIO(data)))
     jpg3 = next(m for m in members if m[0] == "s3.jpg")
     with open(path, "wb") as f:
-        f.write(data[:jpg3[2] + 512 + 300])
+        f.write(data[: jpg3[2] + 512 + 300])
     if not keep_index:
         os.remove(path + ".idx")
     return path, ["s0", "s1", "s2"]
@@ -404,8 +424,9 @@ def test_cut_shard_yields_every_complete_sample_before(tmp_path, counts, handler
     if counts == "none":
         os.remove(str(tmp_path / "c" / "c.manifest.json"))
         os.remove(str(tmp_path / "c" / "c-000001.tar.idx"))
-    dataset = ShardDataset(str(tmp_path / "c" / ("c-{000000..000001}.tar" if counts == "none" else "c.manifest.json")),
-                           handler=handler)
+    dataset = ShardDataset(
+        str(tmp_path / "c" / ("c-{000000..000001}.tar" if counts == "none" else "c.manifest.json")), handler=handler
+    )
     assert dataset.counts == (None if counts == "none" else [6, 3])
     loader = ShardLoader(dataset, batch_size=None, num_workers=0)
     keys = [s["__key__"] for s in loader]
@@ -422,6 +443,7 @@ def test_cut_shard_yields_every_complete_sample_before(tmp_path, counts, handler
 
 def test_cut_shard_two_workers(tmp_path):
     path, before = _cut_shard(tmp_path / "c", keep_index=False)
-    loader = ShardLoader(ShardDataset(str(tmp_path / "c" / "c.manifest.json"), handler="skip"),
-                         batch_size=None, num_workers=2)
+    loader = ShardLoader(
+        ShardDataset(str(tmp_path / "c" / "c.manifest.json"), handler="skip"), batch_size=None, num_workers=2
+    )
     assert sorted(s["__key__"] for s in loader) == before + ["z0", "z1", "z2"]

@@ -16,8 +16,9 @@ from tests.servers import BUCKET, FaultProxy
 FAST = SourceOptions(retries=8, backoff=0.001, timeout=10)
 
 
-def read_all(url: str, options: SourceOptions = FAST, offset: int = 0,
-             length: int | None = None, chunk: int = 1 << 20) -> bytes:
+def read_all(
+    url: str, options: SourceOptions = FAST, offset: int = 0, length: int | None = None, chunk: int = 1 << 20
+) -> bytes:
     parts = []
     with open_stream(url, offset=offset, length=length, options=options) as f:
         while True:
@@ -42,10 +43,17 @@ def test_ranged_reads(s3_server, shard_files):
     name = shard_files.names[2]
     data = shard_files.data(name)
     size = len(data)
-    for offset, length in [(0, 512), (512, 10_000), (123_457, None), (size - 10, None),
-                           (size - 10, 100), (size, None), (0, 0)]:
+    for offset, length in [
+        (0, 512),
+        (512, 10_000),
+        (123_457, None),
+        (size - 10, None),
+        (size - 10, 100),
+        (size, None),
+        (0, 0),
+    ]:
         got = read_all(s3_url(name), offset=offset, length=length, chunk=65536)
-        want = data[offset:] if length is None else data[offset:offset + length]
+        want = data[offset:] if length is None else data[offset : offset + length]
         assert got == want, (offset, length)
 
 

@@ -109,9 +109,13 @@ def test_index_v1_still_decodes():
 def test_corrupt_key_table_names_the_url(corrupt):
     good = encode_index([0, 1536, 4096], ["a", "b"])
     table_at = 16 + 8 * 3 + 8
-    bad = {"truncated": good[:-1], "extra": good + b"x",
-           "no_nul": good[:-1] + b"x", "few_keys": good[:table_at] + b"ab\0\0"[:2] + b"c\0",
-           "length": good[:table_at - 8] + (999).to_bytes(8, "little") + good[table_at:]}[corrupt]
+    bad = {
+        "truncated": good[:-1],
+        "extra": good + b"x",
+        "no_nul": good[:-1] + b"x",
+        "few_keys": good[:table_at] + b"ab\0\0"[:2] + b"c\0",
+        "length": good[: table_at - 8] + (999).to_bytes(8, "little") + good[table_at:],
+    }[corrupt]
     with pytest.raises(ShardFormatError, match="https://host/x.tar.idx"):
         decode_index_keys(bad, url="https://host/x.tar.idx")
 

@@ -36,15 +36,22 @@ def read_members(data: bytes, *, via_file: str | None = None) -> list[tuple[str,
         return [(m.name, m.payload) for m in iter_members(f, url=via_file)]
 
 
-name_part = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="/\0",
-                                           exclude_categories=("Cs",)), min_size=1, max_size=40)
-names = st.lists(name_part, min_size=1, max_size=8).map("/".join).filter(
-    lambda n: n not in (".", "..") and not any(p in (".", "..") for p in n.split("/")))
+name_part = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_characters="/\0", exclude_categories=("Cs",)), min_size=1, max_size=40
+)
+names = (
+    st.lists(name_part, min_size=1, max_size=8)
+    .map("/".join)
+    .filter(lambda n: n not in (".", "..") and not any(p in (".", "..") for p in n.split("/")))
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(members=st.lists(st.tuples(names, st.integers(0, 3 * 512 + 1)), min_size=0, max_size=12),
-       fmt=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]), mapped=st.booleans())
+@given(
+    members=st.lists(st.tuples(names, st.integers(0, 3 * 512 + 1)), min_size=0, max_size=12),
+    fmt=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]),
+    mapped=st.booleans(),
+)
 def test_reader_matches_tarfile(tmp_path_factory, members, fmt, mapped):
     payloads = [(name, os.urandom(size)) for name, size in members]
     data = tar_bytes(payloads, fmt)
@@ -58,7 +65,7 @@ def test_offsets_let_a_reader_start_mid_archive():
     data = tar_bytes([("a" * 150 + ".jpg", b"1" * 700), ("b.jpg", b"2"), ("c/" + "d" * 120 + ".cls", b"3")])
     members = list(iter_members(io.BytesIO(data), url="mem"))
     for i, m in enumerate(members):
-        again = list(iter_members(io.BytesIO(data[m.offset:]), url="mem", start=m.offset))
+        again = list(iter_members(io.BytesIO(data[m.offset :]), url="mem", start=m.offset))
         assert [(x.name, x.payload) for x in again] == [(x.name, x.payload) for x in members[i:]]
     # stop at a member boundary ends cleanly without end blocks
     part = list(iter_members(io.BytesIO(data), url="mem", stop=members[1].end))
@@ -68,8 +75,13 @@ def test_offsets_let_a_reader_start_mid_archive():
 def test_base256_size_and_skipped_types():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for name, kind in (("dir", tarfile.DIRTYPE), ("link", tarfile.SYMTYPE), ("hard", tarfile.LNKTYPE),
-                           ("fifo", tarfile.FIFOTYPE), ("dev", tarfile.CHRTYPE)):
+        for name, kind in (
+            ("dir", tarfile.DIRTYPE),
+            ("link", tarfile.SYMTYPE),
+            ("hard", tarfile.LNKTYPE),
+            ("fifo", tarfile.FIFOTYPE),
+            ("dev", tarfile.CHRTYPE),
+        ):
             info = tarfile.TarInfo(name)
             info.type = kind
             info.linkname = "x.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
@@ -79,12 +91,12 @@ def test_base256_size_and_skipped_types():
         tf.addfile(info, io.BytesIO(b"abc"))
     data = bytearray(buf.getvalue())
     # Rewrite x.jpg's size field in base-256 (GNU) form, then fix the checksum.
-    pos = next(i for i in range(0, len(data), 512) if data[i:i + 6] == b"x.jpg\0")
-    header = data[pos:pos + 512]
+    pos = next(i for i in range(0, len(data), 512) if data[i : i + 6] == b"x.jpg\0")
+    header = data[pos : pos + 512]
     header[124:136] = b"\x80" + (3).to_bytes(11, "big")
     header[148:156] = b"        "
     header[148:156] = b"%06o\0 " % sum(header)
-    data[pos:pos + 512] = header
+    data[pos : pos + 512] = header
     assert [(m.name, m.payload) for m in iter_members(io.BytesIO(bytes(data)))] == [("x.jpg", b"abc")]
     assert [m.name for m in tarfile.open(fileobj=io.BytesIO(bytes(data))).getmembers() if m.isreg()] == ["x.jpg"]
 
@@ -93,7 +105,7 @@ def test_base256_size_and_skipped_types():
 def test_truncation_is_an_error_with_url_and_offset(cut):
     data = tar_bytes([("a.jpg", b"x" * 700), ("b.jpg", b"y" * 10)], tarfile.USTAR_FORMAT)
     end = len(tar_bytes([("a.jpg", b"x" * 700), ("b.jpg", b"y" * 10)], tarfile.USTAR_FORMAT).rstrip(b"\0"))
-    truncated = data[:cut] if cut > 0 else data[:end + 10 + cut + 1024] if cut == -1024 else data[:end]
+    truncated = data[:cut] if cut > 0 else data[: end + 10 + cut + 1024] if cut == -1024 else data[:end]
     with pytest.raises(ShardFormatError) as err:
         list(iter_members(io.BytesIO(truncated), url="s3://b/t.tar"))
     assert "s3://b/t.tar" in str(err.value) and "byte offset" in str(err.value)
@@ -123,8 +135,20 @@ def test_size_past_end_is_an_error():
         list(iter_members(io.BytesIO(bytes(data)), url="u"))
 
 
-@pytest.mark.parametrize("name", ["a.b/c.seg.PNG", "dir/noext", "dir/.hidden.jpg", ".x.jpg", "a..b",
-                                  "x/__k__.jpg", "k.tar.gz", "a/b/c.JSON", "d.d/e/f.g.h"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a.b/c.seg.PNG",
+        "dir/noext",
+        "dir/.hidden.jpg",
+        ".x.jpg",
+        "a..b",
+        "x/__k__.jpg",
+        "k.tar.gz",
+        "a/b/c.JSON",
+        "d.d/e/f.g.h",
+    ],
+)
 def test_split_name_follows_webdataset(name):
     from webdataset.tariterators import base_plus_ext
 
@@ -160,5 +184,6 @@ def test_gnu_tar_archives_read_like_webdataset(tmp_path, fmt):
     assert len(ours) == len(theirs) >= (2 if fmt == "ustar" else 4)
     for a, b in zip(ours, theirs):
         assert a["__key__"] == b["__key__"]
-        assert {k: v for k, v in a.items() if not k.startswith("__")} == \
-               {k: v for k, v in b.items() if not k.startswith("__")}
+        assert {k: v for k, v in a.items() if not k.startswith("__")} == {
+            k: v for k, v in b.items() if not k.startswith("__")
+        }

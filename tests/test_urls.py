@@ -73,8 +73,12 @@ def test_expand_brace_range_keeps_zero_padding():
 
 def test_expand_angle_range_is_the_same_as_braces():
     assert expand_pattern("d/train-<000..003>.tar") == expand_pattern("d/train-{000..003}.tar")
-    assert expand_pattern("s3://b/p-<0098..0101>.tar") == ["s3://b/p-0098.tar", "s3://b/p-0099.tar",
-                                                           "s3://b/p-0100.tar", "s3://b/p-0101.tar"]
+    assert expand_pattern("s3://b/p-<0098..0101>.tar") == [
+        "s3://b/p-0098.tar",
+        "s3://b/p-0099.tar",
+        "s3://b/p-0100.tar",
+        "s3://b/p-0101.tar",
+    ]
 
 
 def test_expand_alternatives_and_products():
@@ -208,8 +212,11 @@ def test_missing_shards_are_named(ds, last, missing):
 
 def test_a_shard_listed_twice_is_refused(ds):
     path = os.path.join(ds, NAMES[1])
-    for given in ([path, os.path.join(ds, NAMES[0]), path], f"{path}::{path}",
-                  os.path.join(ds, "data-00000{1,0,1}.tar")):
+    for given in (
+        [path, os.path.join(ds, NAMES[0]), path],
+        f"{path}::{path}",
+        os.path.join(ds, "data-00000{1,0,1}.tar"),
+    ):
         with pytest.raises(ShardkitError, match="more than once") as info:
             resolve_shards(given)
         assert path in str(info.value)

@@ -16,9 +16,9 @@ import time
 import pytest
 from PIL import Image
 
+from shardkit.cli.synthetic import make_image_folder
 from shardkit.errors import ShardkitError
 from shardkit.index import Manifest
-from shardkit.cli.synthetic import make_image_folder
 from shardkit.write_parallel import WorkerDied, write_files, write_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +33,10 @@ def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def digests(folder) -> dict[str, str]:
     """sha256 of every file in ``folder`` (no temp or resume files may be left)."""
-    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(folder))}
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def photos(tmp_path_factory) -> str:
     make_image_folder(root, count=240, classes=3, size=(120, 90), workers=2)
     good = open(os.path.join(root, "class_00", "img_000000.jpg"), "rb").read()
     with open(os.path.join(root, "class_01", "zz_cut.jpg"), "wb") as f:
-        f.write(good[:len(good) // 2] + b"\xff\xd9")  # cut in the middle, end marker glued on
+        f.write(good[: len(good) // 2] + b"\xff\xd9")  # cut in the middle, end marker glued on
     with open(os.path.join(root, "class_02", "zz_text.jpg"), "w") as f:
         f.write("not an image")
     return root
@@ -54,8 +56,9 @@ def test_output_is_byte_identical_for_1_2_3_workers(photos, tmp_path):
     outs = []
     for workers in ("1", "2", "3"):
         out = tmp_path / f"w{workers}"
-        summary = json.loads(shardkit("write", photos, str(out), "--shard-size", "300kB",
-                                      "--workers", workers, "--json").stdout)
+        summary = json.loads(
+            shardkit("write", photos, str(out), "--shard-size", "300kB", "--workers", workers, "--json").stdout
+        )
         assert summary["samples"] == 240 and summary["skipped"] == 2 and summary["workers"] == int(workers)
         outs.append(digests(out))
     assert len(outs[0]) > 10 and outs[0] == outs[1] == outs[2]
@@ -129,8 +132,19 @@ def test_killed_write_resumes_to_the_same_bytes(photos, tmp_path):
     shardkit("write", photos, str(tmp_path / "ref"), "--shard-size", "100kB", "--workers", "2", "-q")
     reference = digests(tmp_path / "ref")
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "shardkit.cli", "write", photos, str(out), "--shard-size", "100kB",
-            "--workers", "2", "-q"]
+    args = [
+        sys.executable,
+        "-m",
+        "shardkit.cli",
+        "write",
+        photos,
+        str(out),
+        "--shard-size",
+        "100kB",
+        "--workers",
+        "2",
+        "-q",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
@@ -151,8 +165,9 @@ def test_killed_write_resumes_to_the_same_bytes(photos, tmp_path):
         if name.endswith((".tar", ".tar.idx")):  # complete-looking files are really complete
             assert digest == reference[name], name
     assert not Manifest.from_json((out / "data.manifest.json").read_text()).complete
-    summary = json.loads(shardkit("write", photos, str(out), "--shard-size", "100kB", "--workers", "2",
-                                  "--resume", "--json").stdout)
+    summary = json.loads(
+        shardkit("write", photos, str(out), "--shard-size", "100kB", "--workers", "2", "--resume", "--json").stdout
+    )
     assert summary["resumed_shards"] >= 5 and summary["samples"] == 240
     assert digests(out) == reference
     # Resuming a complete write does nothing; other options are refused, not mixed in.
@@ -172,8 +187,7 @@ def test_resume_refuses_other_options(photos, tmp_path):
 
 def test_a_killed_worker_fails_the_write_naming_its_input(photos, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "shardkit.cli", "write", photos, str(out), "--shard-size", "100kB",
-            "--workers", "2"]
+    args = [sys.executable, "-m", "shardkit.cli", "write", photos, str(out), "--shard-size", "100kB", "--workers", "2"]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
@@ -216,8 +230,15 @@ def test_a_worker_that_exits_names_the_input(photos, tmp_path):
     paths = sorted(os.path.join(photos, "class_00", n) for n in os.listdir(os.path.join(photos, "class_00")))[:60]
     entries = [(f"{i:06d}", Entry(p, p, 0, None)) for i, p in enumerate(paths)]
     with pytest.raises(WorkerDied, match=r"exited with status 3 while reading .*img_000090\.jpg"):
-        write_parallel(entries, DiesOn("img_000090.jpg"), str(tmp_path), total=len(entries), workers=2,
-                       shard_size="50kB", describe=lambda item: item[1].path)
+        write_parallel(
+            entries,
+            DiesOn("img_000090.jpg"),
+            str(tmp_path),
+            total=len(entries),
+            workers=2,
+            shard_size="50kB",
+            describe=lambda item: item[1].path,
+        )
     manifest = Manifest.from_json((tmp_path / "data.manifest.json").read_text())
     assert not manifest.complete
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".tar")) == [s.name for s in manifest.shards]
@@ -229,12 +250,12 @@ def _bad_images(folder) -> dict[str, str]:
     Image.effect_noise((160, 120), 40).convert("RGB").save(good, "JPEG", quality=90)
     data = good.getvalue()
     files = {
-        "cut_middle.jpg": (data[:len(data) // 2] + b"\xff\xd9", "premature end of data segment"),
-        "cut_end.jpg": (data[:len(data) // 2], "truncated jpg"),
+        "cut_middle.jpg": (data[: len(data) // 2] + b"\xff\xd9", "premature end of data segment"),
+        "cut_end.jpg": (data[: len(data) // 2], "truncated jpg"),
         "notes.jpg": (b"plain text, not pixels", "not a recognised image format"),
     }
     broken = bytearray(data)
-    broken[len(broken) // 2:len(broken) // 2 + 400] = b"\xff" * 400  # corrupt entropy-coded data
+    broken[len(broken) // 2 : len(broken) // 2 + 400] = b"\xff" * 400  # corrupt entropy-coded data
     files["corrupt.jpg"] = (bytes(broken), "does not decode")
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
@@ -293,7 +314,7 @@ def test_migration_sources_are_decoded_by_the_workers(tmp_path):
     from tests.helpers import tiny_jpeg
 
     images = [tiny_jpeg(i) for i in range(30)]
-    images[7] = images[7][:len(images[7]) // 2] + b"\xff\xd9"  # cut in the middle: sniffs fine
+    images[7] = images[7][: len(images[7]) // 2] + b"\xff\xd9"  # cut in the middle: sniffs fine
     db = sqlite3.connect(tmp_path / "t.sqlite")
     db.execute("create table pics(key text, image blob, label int)")
     db.executemany("insert into pics values(?,?,?)", [(f"k{i}", b, i % 3) for i, b in enumerate(images)])
@@ -302,8 +323,11 @@ def test_migration_sources_are_decoded_by_the_workers(tmp_path):
     outs = []
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
-        summary = json.loads(shardkit("write", str(tmp_path / "t.sqlite"), str(out), "--workers", workers,
-                                      "--shard-size", "20kB", "--json").stdout)
+        summary = json.loads(
+            shardkit(
+                "write", str(tmp_path / "t.sqlite"), str(out), "--workers", workers, "--shard-size", "20kB", "--json"
+            ).stdout
+        )
         assert summary["samples"] == 29 and summary["skipped"] == 1
         assert "does not decode" in summary["skipped_files"][0]["reason"]
         outs.append(digests(out))
@@ -320,20 +344,50 @@ def test_dask_engine_on_a_local_two_worker_cluster(photos, tmp_path):
     dask = [sys.executable, "-m", "dask"]  # the `dask` command of this environment
     scheduler_file = str(tmp_path / "scheduler.json")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                               "--scheduler-file", scheduler_file], env=env, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                *dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                scheduler_file,
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(scheduler_file) and time.monotonic() < deadline:
             time.sleep(0.1)
         for _ in range(2):
-            procs.append(subprocess.Popen([*dask, "worker", "--scheduler-file", scheduler_file, "--host", "127.0.0.1",
-                                           "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
-                                          env=env, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *dask,
+                        "worker",
+                        "--scheduler-file",
+                        scheduler_file,
+                        "--host",
+                        "127.0.0.1",
+                        "--nworkers",
+                        "1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                    ],
+                    env=env,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         with Client(scheduler_file=scheduler_file, timeout=30) as client:
             client.wait_for_workers(2, timeout=30)
-            manifest, parts = write_with_dask(photos, str(tmp_path / "out"), parts=3, client=client,
-                                              shard_size="300kB")
+            manifest, parts = write_with_dask(photos, str(tmp_path / "out"), parts=3, client=client, shard_size="300kB")
             ran_on = {w for w in client.run(os.getpid).values()}
         assert len(ran_on) == 2 and manifest.total_samples == 240 and len(parts) == 3
         assert sum(p["samples"] for p in parts) == 240
@@ -377,8 +431,9 @@ def test_python_api_same_bytes_with_every_start_method(photos, tmp_path, start_m
     """fork is used only when the caller has no other thread; the others must agree."""
     paths = sorted(os.path.join(photos, "class_01", n) for n in os.listdir(os.path.join(photos, "class_01")))
     one = write_files(paths, str(tmp_path / "one"), labels=[1] * len(paths), workers=1, shard_size="100kB")
-    two = write_files(paths, str(tmp_path / "two"), labels=[1] * len(paths), workers=2, shard_size="100kB",
-                      start_method=start_method)
+    two = write_files(
+        paths, str(tmp_path / "two"), labels=[1] * len(paths), workers=2, shard_size="100kB", start_method=start_method
+    )
     assert one.samples == two.samples == len(paths) - 1 and two.workers == 2
     assert [os.path.basename(p) for p, _ in two.skipped] == ["zz_cut.jpg"]
     assert digests(tmp_path / "one") == digests(tmp_path / "two")

@@ -42,8 +42,10 @@ def test_shards_never_exceed_size_and_read_back_everywhere(tmp_path):
     import webdataset as wds
 
     rng = np.random.default_rng(0)
-    samples = [{"__key__": f"k{i:04d}", "jpg": rng.bytes(int(rng.integers(0, 30_000))), "cls": i % 7,
-                "json": {"i": i}} for i in range(120)]
+    samples = [
+        {"__key__": f"k{i:04d}", "jpg": rng.bytes(int(rng.integers(0, 30_000))), "cls": i % 7, "json": {"i": i}}
+        for i in range(120)
+    ]
     w = write(tmp_path, samples, shard_size="200kB")
     paths = [str(tmp_path / s.name) for s in w.shards]
     assert len(paths) > 5
@@ -73,8 +75,14 @@ def test_index_and_manifest_describe_the_shards(tmp_path):
         offsets = decode_index((tmp_path / (info.name + ".idx")).read_bytes())
         assert len(offsets) == info.samples + 1
         for i in range(info.samples):  # each offset starts exactly one sample
-            part = list(iter_samples(io.BytesIO(data[offsets[i]:offsets[i + 1]]), url="x",
-                                     start=0, stop=int(offsets[i + 1] - offsets[i])))
+            part = list(
+                iter_samples(
+                    io.BytesIO(data[offsets[i] : offsets[i + 1]]),
+                    url="x",
+                    start=0,
+                    stop=int(offsets[i + 1] - offsets[i]),
+                )
+            )
             assert len(part) == 1
     assert len(w.shards) == len(manifest.shards)
 
@@ -90,8 +98,11 @@ def test_output_is_byte_identical(tmp_path):
 
 
 def test_oversized_sample_gets_its_own_shard(tmp_path, caplog):
-    samples = [{"__key__": "small1", "bin": b"x" * 100}, {"__key__": "big", "bin": b"y" * 50_000},
-               {"__key__": "small2", "bin": b"z" * 100}]
+    samples = [
+        {"__key__": "small1", "bin": b"x" * 100},
+        {"__key__": "big", "bin": b"y" * 50_000},
+        {"__key__": "small2", "bin": b"z" * 100},
+    ]
     with caplog.at_level(logging.WARNING):
         w = write(tmp_path, samples, shard_size="10kB")
     assert [s.samples for s in w.shards] == [1, 1, 1]

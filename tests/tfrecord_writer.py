@@ -8,7 +8,8 @@ CRC-32C to check the library one against.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,8 @@ def encode_example(features: Mapping[str, Any]) -> bytes:
     """A serialized ``tf.train.Example`` from ``{name: value or list of values}``."""
     entries = b"".join(
         delimited(1, delimited(1, name.encode("utf-8")) + delimited(2, encode_feature(value)))
-        for name, value in features.items())
+        for name, value in features.items()
+    )
     return delimited(1, entries)
 
 
@@ -85,8 +87,7 @@ def write_tfrecord(path: str, examples: Iterable[Mapping[str, Any] | bytes]) -> 
     count = 0
     with open(path, "wb") as f:
         for example in examples:
-            data = bytes(example) if isinstance(example, (bytes, bytearray, memoryview)) \
-                else encode_example(example)
+            data = bytes(example) if isinstance(example, (bytes, bytearray, memoryview)) else encode_example(example)
             f.write(frame_record(data))
             count += 1
     return count
@@ -95,5 +96,4 @@ def write_tfrecord(path: str, examples: Iterable[Mapping[str, Any] | bytes]) -> 
 def frame_record(data: bytes) -> bytes:
     """One TFRecord record (length, CRCs and data) for ``data``."""
     length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", masked_crc32c(length)) + data
-            + struct.pack("<I", masked_crc32c(data)))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))

@@ -1,6 +1,6 @@
 """End-to-end loader benchmark (same as `shardkit bench`); see shardkit/bench.py.
 
-    python tools/bench.py --count 2000 --workers 2
+python tools/bench.py --count 2000 --workers 2
 """
 
 import os

@@ -25,8 +25,12 @@ from shardkit.cli.main import main as shardkit_main  # noqa: E402
 from shardkit.cli.synthetic import make_image_folder  # noqa: E402
 from shardkit.samples import iter_samples  # noqa: E402
 
-TOOLS = {"gzip": (".gz", ["gzip", "-c"]), "zstd": (".zst", ["zstd", "-q", "-c"]),
-         "bzip2": (".bz2", ["bzip2", "-c"]), "xz": (".xz", ["xz", "-c"])}
+TOOLS = {
+    "gzip": (".gz", ["gzip", "-c"]),
+    "zstd": (".zst", ["zstd", "-q", "-c"]),
+    "bzip2": (".bz2", ["bzip2", "-c"]),
+    "xz": (".xz", ["xz", "-c"]),
+}
 
 
 def iterate(paths: list[str]) -> int:

@@ -15,7 +15,8 @@ import argparse
 import io
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,7 @@ except ImportError:
     simplejpeg = None
 
 
-def photo_like(height: int, width: int, rng: np.random.Generator,
-               noise: np.ndarray) -> np.ndarray:
+def photo_like(height: int, width: int, rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
     """HWC uint8: gradients and soft blobs drawn at 1/8 size, upscaled, plus texture noise.
 
     Drawing small and upscaling keeps generation fast; the noise tile (sliced at a random
@@ -54,7 +54,7 @@ def photo_like(height: int, width: int, rng: np.random.Generator,
     smooth = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
     top = rng.integers(0, noise.shape[0] - height + 1)
     left = rng.integers(0, noise.shape[1] - width + 1)
-    return np.clip(smooth + noise[top:top + height, left:left + width], 0, 255).astype(np.uint8)
+    return np.clip(smooth + noise[top : top + height, left : left + width], 0, 255).astype(np.uint8)
 
 
 def make_jpegs(long_side: int, count: int, seed: int = 0) -> list[bytes]:
@@ -104,23 +104,23 @@ def decoder_candidates(crop: int) -> dict[str, Callable[[bytes], Any]]:
         return image.convert("RGB")
 
     def tv_decode_jpeg(data: bytes) -> torch.Tensor:
-        return tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                mode=tvio.ImageReadMode.RGB)
+        return tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
 
     def tv_decode_image(data: bytes) -> torch.Tensor:
-        return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                 mode=tvio.ImageReadMode.RGB)
+        return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
 
     candidates: dict[str, Callable[[bytes], Any]] = {
-        "PIL (libjpeg-turbo)": pil, f"PIL draft @{crop}": pil_draft,
-        "torchvision.io.decode_jpeg": tv_decode_jpeg, "torchvision.io.decode_image": tv_decode_image,
+        "PIL (libjpeg-turbo)": pil,
+        f"PIL draft @{crop}": pil_draft,
+        "torchvision.io.decode_jpeg": tv_decode_jpeg,
+        "torchvision.io.decode_image": tv_decode_image,
     }
     if simplejpeg is not None:
+
         def sj_scaled(data: bytes) -> np.ndarray:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             scale = dct_scale_for(height, width, crop)
-            return simplejpeg.decode_jpeg(data, min_height=-(-height // scale),
-                                          min_width=-(-width // scale))
+            return simplejpeg.decode_jpeg(data, min_height=-(-height // scale), min_width=-(-width // scale))
 
         def sj_any_scale(data: bytes) -> np.ndarray:  # lets libjpeg-turbo pick M/8 scales
             return simplejpeg.decode_jpeg(data, min_height=crop, min_width=crop)
@@ -143,13 +143,14 @@ def pipeline_candidates(crop: int) -> dict[str, Callable[[bytes], Any]]:
     safe_size = decode_size_for(augment)
     fused = RandomResizedCropDecode(crop)
     return {
-        "PIL -> tensor -> RRC+flip": lambda data: augment(tvf.pil_to_tensor(
-            Image.open(io.BytesIO(data)).convert("RGB"))),
+        "PIL -> tensor -> RRC+flip": lambda data: augment(
+            tvf.pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
+        ),
         "shardkit torch -> RRC+flip": lambda data: augment(decode_image(data, "torch")),
         f"shardkit @{safe_size} (safe) -> RRC+flip": lambda data: augment(
-            decode_image(data, "torch", decode_size=safe_size)),
-        f"shardkit @{crop} (approx) -> RRC+flip": lambda data: augment(
-            decode_image(data, "torch", decode_size=crop)),
+            decode_image(data, "torch", decode_size=safe_size)
+        ),
+        f"shardkit @{crop} (approx) -> RRC+flip": lambda data: augment(decode_image(data, "torch", decode_size=crop)),
         "RandomResizedCropDecode + flip": lambda data: flip(fused(data)),
     }
 
@@ -157,17 +158,25 @@ def pipeline_candidates(crop: int) -> dict[str, Callable[[bytes], Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=100, help="JPEGs per size (default 100)")
-    parser.add_argument("--size", type=int, nargs="+", default=[400, 1500],
-                        help="long side(s) of the generated JPEGs in pixels (default 400 1500)")
-    parser.add_argument("--crop", type=int, default=224,
-                        help="decode_size / RandomResizedCrop output size (default 224)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=[400, 1500],
+        help="long side(s) of the generated JPEGs in pixels (default 400 1500)",
+    )
+    parser.add_argument(
+        "--crop", type=int, default=224, help="decode_size / RandomResizedCrop output size (default 224)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="timed passes, best kept (default 1)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*deprecated.*")  # torchvision.io decoders
-    print(f"torch {torch.__version__}, one thread, CPU time; simplejpeg "
-          f"{getattr(simplejpeg, '__version__', 'not installed')}; {args.count} JPEGs per size\n")
+    print(
+        f"torch {torch.__version__}, one thread, CPU time; simplejpeg "
+        f"{getattr(simplejpeg, '__version__', 'not installed')}; {args.count} JPEGs per size\n"
+    )
     print(f"{'size':>5}  {'method':<38} {'img/s':>8}  {'vs PIL':>6}")
     for long_side in args.size:
         jpegs = make_jpegs(long_side, args.count, seed=long_side)

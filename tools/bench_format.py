@@ -57,8 +57,10 @@ def bench_raw(shards: list[str], repeat: int) -> list[tuple[str, float, str]]:
     t_sk = best_of(lambda: iterate_shardkit(shards), repeat)
     t_wds = best_of(lambda: iterate_webdataset(shards), repeat)
     mb = sum(os.path.getsize(s) for s in shards) / 1e6
-    return [("raw iteration: webdataset", n / t_wds, f"{mb / t_wds:,.0f} MB/s"),
-            ("raw iteration: shardkit", n / t_sk, f"{mb / t_sk:,.0f} MB/s  ratio {t_wds / t_sk:.1f}x webdataset")]
+    return [
+        ("raw iteration: webdataset", n / t_wds, f"{mb / t_wds:,.0f} MB/s"),
+        ("raw iteration: shardkit", n / t_sk, f"{mb / t_sk:,.0f} MB/s  ratio {t_wds / t_sk:.1f}x webdataset"),
+    ]
 
 
 def bench_write(folder: str, work: str, count: int, repeat: int) -> list[tuple[str, float, str]]:
@@ -66,8 +68,21 @@ def bench_write(folder: str, work: str, count: int, repeat: int) -> list[tuple[s
     t_tar = best_of(lambda: subprocess.run(["tar", "cf", tar_out, "-C", folder, "."], check=True), repeat)
 
     def write() -> None:
-        subprocess.run([sys.executable, "-m", "shardkit.cli", "write", folder, os.path.join(work, "w"),
-                        "--overwrite", "-q", "--shard-size", "100MB"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shardkit.cli",
+                "write",
+                folder,
+                os.path.join(work, "w"),
+                "--overwrite",
+                "-q",
+                "--shard-size",
+                "100MB",
+            ],
+            check=True,
+        )
 
     t_sk = best_of(write, repeat)
     # Library call without interpreter start-up, for the per-sample cost.
@@ -79,9 +94,11 @@ def bench_write(folder: str, work: str, count: int, repeat: int) -> list[tuple[s
         write_shards(src, os.path.join(work, "w2"), shard_size="100MB", overwrite=True, progress=False)
 
     t_lib = best_of(write_lib, repeat)
-    return [("tar cf (image folder)", count / t_tar, ""),
-            ("shardkit write (CLI, incl. start-up)", count / t_sk, f"ratio {t_tar / t_sk:.2f}x tar cf"),
-            ("shardkit write (library)", count / t_lib, f"ratio {t_tar / t_lib:.2f}x tar cf")]
+    return [
+        ("tar cf (image folder)", count / t_tar, ""),
+        ("shardkit write (CLI, incl. start-up)", count / t_sk, f"ratio {t_tar / t_sk:.2f}x tar cf"),
+        ("shardkit write (library)", count / t_lib, f"ratio {t_tar / t_lib:.2f}x tar cf"),
+    ]
 
 
 def bench_first_sample(work: str) -> list[tuple[str, float, str]]:
@@ -107,8 +124,9 @@ def bench_first_sample(work: str) -> list[tuple[str, float, str]]:
         from shardkit.loader import ShardLoader
 
         t0 = time.perf_counter()
-        batch = next(iter(ShardLoader(ShardDataset(dest, world_size=2, rank=1, even=None), batch_size=8,
-                                      num_workers=2)))
+        batch = next(
+            iter(ShardLoader(ShardDataset(dest, world_size=2, rank=1, even=None), batch_size=8, num_workers=2))
+        )
         dt = time.perf_counter() - t0
         assert len(batch["__key__"]) == 8
         rows.append((f"first batch (2 workers), mid {label} shard", 1 / dt, f"{dt * 1000:.1f} ms"))
@@ -128,10 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         folder = os.path.join(work, "images")
         if not os.path.isdir(folder):
             make_image_folder(folder, count=args.count, classes=10, size=(460, 345), workers=2)
-        subprocess.run([sys.executable, "-m", "shardkit.cli", "write", folder, os.path.join(work, "shards"),
-                        "--shard-size", "200MB", "--overwrite", "-q"], check=True)
-        shards = sorted(os.path.join(work, "shards", f) for f in os.listdir(os.path.join(work, "shards"))
-                        if f.endswith(".tar"))
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shardkit.cli",
+                "write",
+                folder,
+                os.path.join(work, "shards"),
+                "--shard-size",
+                "200MB",
+                "--overwrite",
+                "-q",
+            ],
+            check=True,
+        )
+        shards = sorted(
+            os.path.join(work, "shards", f) for f in os.listdir(os.path.join(work, "shards")) if f.endswith(".tar")
+        )
         avg = sum(os.path.getsize(s) for s in shards) / args.count / 1e3
         rows = bench_raw(shards, args.repeat)
         rows += bench_write(folder, work, args.count, args.repeat)

@@ -32,8 +32,9 @@ import shutil
 import sqlite3
 import sys
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing import Pool
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ _crop = transforms.RandomResizedCrop(224, antialias=True)
 
 
 # -- per-sample work, identical for every format ------------------------------------------
+
 
 def augment(picture: Image.Image) -> torch.Tensor:
     return pil_to_tensor(_crop(picture))
@@ -83,6 +85,7 @@ def file_size_loader(path: str) -> int:
 
 # -- synthetic images -----------------------------------------------------------------------
 
+
 def _photo(seed: int, w: int = 400, h: int = 300) -> bytes:
     """Photo-like JPEG: smooth colour fields, blurry blobs and sensor noise."""
     rng = np.random.default_rng(seed)
@@ -104,6 +107,7 @@ def _dense(data: bytes) -> np.ndarray:
 
 
 # -- building each format ---------------------------------------------------------------------
+
 
 def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, str]:
     """Write every format under ``cache`` (skipping those already there); name -> path."""
@@ -137,8 +141,9 @@ def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, st
 
     def numpy_dense(path: str) -> None:
         os.makedirs(path)
-        arr = np.lib.format.open_memmap(os.path.join(path, "images.npy"), mode="w+",
-                                        dtype=np.uint8, shape=(n, DENSE, DENSE, 3))
+        arr = np.lib.format.open_memmap(
+            os.path.join(path, "images.npy"), mode="w+", dtype=np.uint8, shape=(n, DENSE, DENSE, 3)
+        )
         with Pool(2) as pool:
             for i, pixels in enumerate(pool.imap(_dense, jpegs, chunksize=16)):
                 arr[i] = pixels
@@ -156,8 +161,9 @@ def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, st
     def sqlite_db(path: str) -> None:
         conn = sqlite3.connect(path)
         conn.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY, image BLOB, label INTEGER)")
-        conn.executemany("INSERT INTO samples VALUES (?, ?, ?)", ((i, j, l) for i, (j, l) in
-                                                                  enumerate(zip(jpegs, labels))))
+        conn.executemany(
+            "INSERT INTO samples VALUES (?, ?, ?)", ((i, j, lab) for i, (j, lab) in enumerate(zip(jpegs, labels)))
+        )
         conn.commit()
         conn.close()
 
@@ -165,15 +171,18 @@ def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, st
         os.makedirs(path)
         per = -(-n // TFRECORD_FILES)
         for k in range(TFRECORD_FILES):
-            write_tfrecord(os.path.join(path, f"train-{k:05d}.tfrecord"),
-                           ({"image/encoded": j, "image/class/label": l}
-                            for j, l in zip(jpegs[k * per:(k + 1) * per], labels[k * per:(k + 1) * per])))
+            write_tfrecord(
+                os.path.join(path, f"train-{k:05d}.tfrecord"),
+                (
+                    {"image/encoded": j, "image/class/label": lab}
+                    for j, lab in zip(jpegs[k * per : (k + 1) * per], labels[k * per : (k + 1) * per])
+                ),
+            )
 
     def binary(path: str) -> None:
         os.makedirs(path)
         offset = 0
-        with open(os.path.join(path, "data.bin"), "wb") as blob, \
-                open(os.path.join(path, "data.bin.idx"), "w") as index:
+        with open(os.path.join(path, "data.bin"), "wb") as blob, open(os.path.join(path, "data.bin.idx"), "w") as index:
             for j, label in zip(jpegs, labels):
                 blob.write(j)
                 index.write(f"{offset} {len(j)} {label}\n")
@@ -202,6 +211,7 @@ def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, st
 
 
 # -- the usual PyTorch readers ------------------------------------------------------------------
+
 
 class H5Images(Dataset):
     def __init__(self, path: str, fn: Callable) -> None:
@@ -286,7 +296,7 @@ class TFRecordImages(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
-        files = self.files[info.id::info.num_workers] if info else self.files
+        files = self.files[info.id :: info.num_workers] if info else self.files
         for path in files:
             for _, _, data in tfr.iter_records(path, verify=self.verify):
                 features = parse_example(data)
@@ -311,8 +321,13 @@ class BinaryImages(Dataset):
 
 def make_loader(name: str, path: str, fn: Callable, workers: int) -> Any:
     """The DataLoader (or ShardLoader) for one format."""
-    common = dict(batch_size=BATCH, num_workers=workers, shuffle=False,
-                  prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+    common = dict(
+        batch_size=BATCH,
+        num_workers=workers,
+        shuffle=False,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+    )
     if name == "hdf5":
         return DataLoader(H5Images(path, fn), **common)
     if name == "numpy":
@@ -391,8 +406,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000, help="images in the synthetic set")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--cache", default="/tmp/shardkit-bench-formats", help="where sets are built")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="rounds over all formats (best round kept per format)")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds over all formats (best round kept per format)")
     parser.add_argument("--formats", default=None, help="comma-separated subset to run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -412,14 +426,27 @@ def main() -> None:
     with open(images_file, "rb") as f:
         jpegs, labels = pickle.load(f)
     sizes = np.array([len(j) for j in jpegs])
-    print(f"{len(jpegs)} JPEGs 400x300, {sizes.mean() / 1e3:.1f} KB mean "
-          f"({sizes.min() / 1e3:.0f}-{sizes.max() / 1e3:.0f} KB), {args.workers} workers, "
-          f"batch {BATCH}, torch {torch.__version__}", flush=True)
+    print(
+        f"{len(jpegs)} JPEGs 400x300, {sizes.mean() / 1e3:.1f} KB mean "
+        f"({sizes.min() / 1e3:.0f}-{sizes.max() / 1e3:.0f} KB), {args.workers} workers, "
+        f"batch {BATCH}, torch {torch.__version__}",
+        flush=True,
+    )
     paths = build_all(cache, jpegs, labels)
     paths["tfrecord+crc"] = paths["tfrecord"]
     paths["shardkit-own"] = paths["shardkit"]
-    order = ["shardkit", "shardkit-own", "hdf5", "numpy", "lmdb", "sqlite", "tfrecord",
-             "tfrecord+crc", "binary", "folder"]
+    order = [
+        "shardkit",
+        "shardkit-own",
+        "hdf5",
+        "numpy",
+        "lmdb",
+        "sqlite",
+        "tfrecord",
+        "tfrecord+crc",
+        "binary",
+        "folder",
+    ]
     if args.formats:
         order = [f for f in order if f in args.formats.split(",")]
 
@@ -441,8 +468,11 @@ def main() -> None:
                 if total != len(jpegs):
                     raise SystemExit(f"{name}: read {total} samples per epoch, expected {len(jpegs)}")
                 r[slot], r[slot + 2] = max(r[slot], rate), min(r[slot + 2], cpu)
-            print(f"  {name:<13} decoded {r[0]:6.0f}/s {r[2]:5.2f} CPU ms/sample; "
-                  f"bytes only {r[1]:6.0f}/s {r[3]:6.3f} CPU ms/sample", flush=True)
+            print(
+                f"  {name:<13} decoded {r[0]:6.0f}/s {r[2]:5.2f} CPU ms/sample; "
+                f"bytes only {r[1]:6.0f}/s {r[3]:6.3f} CPU ms/sample",
+                flush=True,
+            )
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}" if a == a and b == b else "-"
@@ -452,17 +482,26 @@ def main() -> None:
 
     base = results.get("shardkit", [nan] * 4)
     print(f"\nload average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print("\n| format | decode+RRC samples/s | x shardkit | CPU ms/sample | x shardkit "
-          "| bytes-only samples/s | x shardkit | CPU ms/sample | on disk |")
+    print(
+        "\n| format | decode+RRC samples/s | x shardkit | CPU ms/sample | x shardkit "
+        "| bytes-only samples/s | x shardkit | CPU ms/sample | on disk |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    notes = {"numpy": " (dense 256x256, no JPEG decode)", "shardkit-own": " (decode='pil': its own decoder)",
-             "tfrecord": " (no CRC check)", "tfrecord+crc": " (CRCs checked)"}
+    notes = {
+        "numpy": " (dense 256x256, no JPEG decode)",
+        "shardkit-own": " (decode='pil': its own decoder)",
+        "tfrecord": " (no CRC check)",
+        "tfrecord+crc": " (CRCs checked)",
+    }
     for name, (rate, raw, cpu, raw_cpu) in results.items():
         size = disk_size(paths[name]) / 1e6
         # "x shardkit": how many times faster (rate) / cheaper (CPU) shardkit is.
-        print(f"| {name}{notes.get(name, '')} | {rate:.0f} | {ratio(base[0], rate)} | {cpu:.2f} "
-              f"| {ratio(cpu, base[2])} | {number(raw, '.0f')} | {ratio(base[1], raw)} "
-              f"| {number(raw_cpu, '.3f')} | {size:.0f} MB |")
+        print(
+            f"| {name}{notes.get(name, '')} | {rate:.0f} | {ratio(base[0], rate)} | {cpu:.2f} "
+            f"| {ratio(cpu, base[2])} | {number(raw, '.0f')} | {ratio(base[1], raw)} "
+            f"| {number(raw_cpu, '.3f')} | {size:.0f} MB |"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     loader_rows: list[tuple[int, float, float]] = []  # (workers, local samples/s, nginx samples/s)
 
     def both(urls: list[str], before: Callable[[], None] | None = None) -> tuple[float, float]:
-        return (best_rate(lambda: read_through(urls, opts, "read"), args.repeat, before),
-                best_rate(lambda: read_through(urls, opts, "readinto"), args.repeat, before))
+        return (
+            best_rate(lambda: read_through(urls, opts, "read"), args.repeat, before),
+            best_rate(lambda: read_through(urls, opts, "readinto"), args.repeat, before),
+        )
 
     def cold() -> None:
         drop_page_cache(paths)
@@ -179,18 +181,20 @@ def main(argv: list[str] | None = None) -> int:
         return f"{value / base:.2f}" if value and base else ""
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{len(names)} shards, {size / 1e6:.0f} MB, 1 MiB reads, best of {args.repeat}, "
-          f"{os.cpu_count()} CPUs, load average {load:.1f}")
-    print(f"| {'source':<18} | {'read() MB/s':>11} | {'x local':>7} | {'readinto() MB/s':>15} "
-          f"| {'x local':>7} |")
+    print(
+        f"{len(names)} shards, {size / 1e6:.0f} MB, 1 MiB reads, best of {args.repeat}, "
+        f"{os.cpu_count()} CPUs, load average {load:.1f}"
+    )
+    print(f"| {'source':<18} | {'read() MB/s':>11} | {'x local':>7} | {'readinto() MB/s':>15} | {'x local':>7} |")
     print(f"|{'-' * 20}|{'-' * 13}|{'-' * 9}|{'-' * 17}|{'-' * 9}|")
     for label, r, ri, base in rows:
         b = ref.get(base, (None, None))
-        print(f"| {label:<18} | {cell(r):>11} | {ratio(r, b[0]):>7} | {cell(ri):>15} "
-              f"| {ratio(ri, b[1]):>7} |")
+        print(f"| {label:<18} | {cell(r):>11} | {ratio(r, b[0]):>7} | {cell(ri):>15} | {ratio(ri, b[1]):>7} |")
     for workers, local, remote in loader_rows:
-        print(f"ShardLoader raw samples/s, {workers} workers: local {local:,.0f}, nginx {remote:,.0f} "
-              f"({remote / local:.2f}x local)")
+        print(
+            f"ShardLoader raw samples/s, {workers} workers: local {local:,.0f}, nginx {remote:,.0f} "
+            f"({remote / local:.2f}x local)"
+        )
     return 0
 
 

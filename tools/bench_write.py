@@ -157,9 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         "tar cf": (["tar", "cf", os.path.join(out, "all.tar"), "-C", src, "."], False),
         "tar cf, cold": (["tar", "cf", os.path.join(out, "all.tar"), "-C", src, "."], True),
         # shardkit fsyncs each shard before renaming it: the same durability for tar
-        "tar cf + fsync": (["sh", "-c", f'tar cf "$1/all.tar" -C "$2" . && {py} -c "import os, sys; '
-                                        f'os.fsync(os.open(sys.argv[1], os.O_RDONLY))" "$1/all.tar"',
-                            "sh", out, src], False),
+        "tar cf + fsync": (
+            [
+                "sh",
+                "-c",
+                f'tar cf "$1/all.tar" -C "$2" . && {py} -c "import os, sys; '
+                f'os.fsync(os.open(sys.argv[1], os.O_RDONLY))" "$1/all.tar"',
+                "sh",
+                out,
+                src,
+            ],
+            False,
+        ),
         "shardkit --workers 1": (sk("--workers", "1"), False),
         "shardkit --workers 2": (sk("--workers", "2"), False),
         "shardkit --workers 2, cold": (sk("--workers", "2"), True),
@@ -209,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                     extra.setdefault(name, []).append({"cluster_start": float(fields["cluster_start"])})
             times[name].append(work)
             if name.startswith("shardkit --workers") and "validate" not in name:
-                digests[name] = {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
-                                 for f in sorted(os.listdir(out))}
-            print(f"round {round_ + 1}: {name:52s} {elapsed:7.2f} s, work {work:7.2f} s "
-                  f"{args.count / work:7,.0f} img/s", file=sys.stderr)
+                digests[name] = {
+                    f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
+                    for f in sorted(os.listdir(out))
+                }
+            print(
+                f"round {round_ + 1}: {name:52s} {elapsed:7.2f} s, work {work:7.2f} s {args.count / work:7,.0f} img/s",
+                file=sys.stderr,
+            )
         values = list(digests.values())
         assert all(v == values[0] for v in values), "--workers changed the output bytes"
         if len(values) > 1:
@@ -223,30 +236,35 @@ def main(argv: list[str] | None = None) -> int:
         """Median over rounds of rate(a) / rate(b) = time(b) / time(a)."""
         return statistics.median(tb / ta for ta, tb in zip(table[a], table[b]))
 
-    print(f"\n{args.count} JPEGs, {total_bytes / args.count / 1e3:.0f} KB each ({total_bytes / 1e6:.0f} MB), "
-          f"shard size {args.shard_size}, {args.rounds} interleaved rounds, median times; load average "
-          f"{os.getloadavg()[0]:.1f} at the end\n")
+    print(
+        f"\n{args.count} JPEGs, {total_bytes / args.count / 1e3:.0f} KB each ({total_bytes / 1e6:.0f} MB), "
+        f"shard size {args.shard_size}, {args.rounds} interleaved rounds, median times; load average "
+        f"{os.getloadavg()[0]:.1f} at the end\n"
+    )
     print("work = after interpreter start-up and imports; command = the whole command, wall clock\n")
-    print(f"{'case':52s} {'work s':>7s} {'img/s':>7s} {'MB/s':>5s} {'command s':>9s} {'img/s':>7s} "
-          f"{'CPU ms/img':>10s}")
+    print(f"{'case':52s} {'work s':>7s} {'img/s':>7s} {'MB/s':>5s} {'command s':>9s} {'img/s':>7s} {'CPU ms/img':>10s}")
     for name, values in times.items():
         t, w = statistics.median(values), statistics.median(walls[name])
-        print(f"{name:52s} {t:7.2f} {args.count / t:7,.0f} {total_bytes / 1e6 / t:5.0f} {w:9.2f} "
-              f"{args.count / w:7,.0f} {statistics.median(cpus[name]) / args.count * 1e3:10.2f}")
+        print(
+            f"{name:52s} {t:7.2f} {args.count / t:7,.0f} {total_bytes / 1e6 / t:5.0f} {w:9.2f} "
+            f"{args.count / w:7,.0f} {statistics.median(cpus[name]) / args.count * 1e3:10.2f}"
+        )
     print("\nratios of rates (median of per-round ratios), work and whole command:")
-    pairs = [("control: CPU burn, 2 processes", "control: CPU burn, 1 process"),
-             ("shardkit --workers 2", "shardkit --workers 1"),
-             ("shardkit --workers 2 --no-validate", "shardkit --workers 1 --no-validate"),
-             ("shardkit --workers 2", "shardkit --workers 2 --no-validate"),
-             ("shardkit --workers 2", "tar cf"),
-             ("shardkit --workers 2 --no-validate", "tar cf"),
-             ("shardkit --workers 2 --no-validate", "tar cf + fsync"),
-             ("shardkit --workers 2, cold", "tar cf, cold"),
-             ("shardkit --workers 2 --no-validate, cold", "tar cf, cold"),
-             ("shardkit --workers 2 --no-validate", "webdataset ShardWriter, 2 readers"),
-             ("shardkit --workers 2", "webdataset ShardWriter, 2 readers"),
-             ("shardkit --workers 2 --no-validate", "litdata optimize, 2 workers"),
-             ("dask engine, 2 parts, local 2-worker cluster", "shardkit --workers 2")]
+    pairs = [
+        ("control: CPU burn, 2 processes", "control: CPU burn, 1 process"),
+        ("shardkit --workers 2", "shardkit --workers 1"),
+        ("shardkit --workers 2 --no-validate", "shardkit --workers 1 --no-validate"),
+        ("shardkit --workers 2", "shardkit --workers 2 --no-validate"),
+        ("shardkit --workers 2", "tar cf"),
+        ("shardkit --workers 2 --no-validate", "tar cf"),
+        ("shardkit --workers 2 --no-validate", "tar cf + fsync"),
+        ("shardkit --workers 2, cold", "tar cf, cold"),
+        ("shardkit --workers 2 --no-validate, cold", "tar cf, cold"),
+        ("shardkit --workers 2 --no-validate", "webdataset ShardWriter, 2 readers"),
+        ("shardkit --workers 2", "webdataset ShardWriter, 2 readers"),
+        ("shardkit --workers 2 --no-validate", "litdata optimize, 2 workers"),
+        ("dask engine, 2 parts, local 2-worker cluster", "shardkit --workers 2"),
+    ]
     for a, b in pairs:
         if a in times and b in times and times[a] and times[b]:
             print(f"  {a:41s} vs {b:41s} {ratio(a, b, times):5.2f}x {ratio(a, b, walls):5.2f}x")
@@ -255,8 +273,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: cluster start {statistics.median(r['cluster_start'] for r in rows):.2f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"work": times, "command": walls, "cpu": cpus, "extra": extra, "count": args.count,
-                       "bytes": total_bytes}, f, indent=1)
+            json.dump(
+                {
+                    "work": times,
+                    "command": walls,
+                    "cpu": cpus,
+                    "extra": extra,
+                    "count": args.count,
+                    "bytes": total_bytes,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -42,7 +42,8 @@ import atheris
 with atheris.instrument_imports(include=["shardkit.tar", "shardkit.samples"]):
     from shardkit.samples import iter_samples
 
-from tests.bad_corpus import Trickle, fix_checksums, memfd as _memfd, parse_or_error, seed_shards
+from tests.bad_corpus import Trickle, fix_checksums, parse_or_error, seed_shards
+from tests.bad_corpus import memfd as _memfd
 
 
 def _run(stream) -> tuple[list[tuple[int, int, dict]], str | None]:
@@ -56,8 +57,9 @@ def check(data: bytes) -> None:
     first = results[0]
     for other in results[1:]:
         if other != first:
-            raise AssertionError(f"window paths disagree: {first[1]!r} vs {other[1]!r}, "
-                                 f"{len(first[0])} vs {len(other[0])} samples")
+            raise AssertionError(
+                f"window paths disagree: {first[1]!r} vs {other[1]!r}, {len(first[0])} vs {len(other[0])} samples"
+            )
     samples, error = first
     payload = sum(len(v) for _, _, s in samples for k, v in s.items() if not k.startswith("__"))
     if payload > len(data):

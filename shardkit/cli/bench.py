@@ -28,11 +28,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-CONFIGS = ("limit", "imagefolder", "webdataset", "webdataset-pil", "shardkit", "shardkit-threads",
-           "shardkit-reduced", "shardkit-fused", "raw-shardkit", "raw-webdataset", "raw-shardkit-cold",
-           "raw-webdataset-cold")
+CONFIGS = (
+    "limit",
+    "imagefolder",
+    "webdataset",
+    "webdataset-pil",
+    "shardkit",
+    "shardkit-threads",
+    "shardkit-reduced",
+    "shardkit-fused",
+    "raw-shardkit",
+    "raw-webdataset",
+    "raw-shardkit-cold",
+    "raw-webdataset-cold",
+)
 #: What ``--rounds`` runs by default: the decode+augment peers (raw iteration is another question).
 E2E_CONFIGS = ("limit", "webdataset", "webdataset-pil", "shardkit", "shardkit-threads", "shardkit-fused")
 
@@ -45,8 +57,8 @@ def augment(size: int = 224) -> Callable[[Any], Any]:
 
 def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), quality: int = 90) -> tuple[str, str]:
     """Image folder and shards in ``work`` (reused when already there)."""
-    from .convert import write_shards
     from ..ingest import IngestOptions, open_source
+    from .convert import write_shards
     from .synthetic import make_image_folder
 
     folder = os.path.join(work, "images")
@@ -54,8 +66,13 @@ def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), qualit
     if not os.path.isdir(folder):
         make_image_folder(folder, count=count, classes=10, size=size, workers=os.cpu_count() or 2, quality=quality)
     if not os.path.exists(os.path.join(shards, "data.manifest.json")):
-        write_shards(open_source(folder, options=IngestOptions(workers=4)), shards, shard_size="25MB",
-                     overwrite=True, progress=False)
+        write_shards(
+            open_source(folder, options=IngestOptions(workers=4)),
+            shards,
+            shard_size="25MB",
+            overwrite=True,
+            progress=False,
+        )
     return folder, shards
 
 
@@ -92,8 +109,14 @@ def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:
     total = time.perf_counter() - started
     cpu_ms = (_cpu_now() - cpu) * 1e3 / max(1, n)
     steady = n / (total - first) if first is not None and total > first else 0.0
-    return {"samples": n, "seconds": total, "first_batch_s": first or 0.0, "rate": n / total, "steady_rate": steady,
-            "cpu_ms": cpu_ms}
+    return {
+        "samples": n,
+        "seconds": total,
+        "first_batch_s": first or 0.0,
+        "rate": n / total,
+        "steady_rate": steady,
+        "cpu_ms": cpu_ms,
+    }
 
 
 def run_config(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
@@ -118,8 +141,14 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
             aug(decode_image(d, "torch"))
         dt = time.perf_counter() - t0
         cpu = time.process_time() - c0
-        return {"samples": len(data), "seconds": dt, "rate": len(data) / dt, "steady_rate": len(data) / dt,
-                "first_batch_s": 0.0, "cpu_ms": cpu * 1e3 / len(data)}
+        return {
+            "samples": len(data),
+            "seconds": dt,
+            "rate": len(data) / dt,
+            "steady_rate": len(data) / dt,
+            "first_batch_s": 0.0,
+            "cpu_ms": cpu * 1e3 / len(data),
+        }
     if name == "imagefolder":
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
@@ -138,8 +167,13 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
             return aug(decode_image(sample["jpg"], "torch")), int(sample["cls"])
 
         if name == "webdataset-pil":  # webdataset's own decoding, as its users run it
-            ds = (wds.WebDataset(urls, shardshuffle=False).shuffle(0).decode("torchrgb8")
-                  .map(lambda s: (aug(s["jpg"]), int(s["cls"]))).batched(batch))
+            ds = (
+                wds.WebDataset(urls, shardshuffle=False)
+                .shuffle(0)
+                .decode("torchrgb8")
+                .map(lambda s: (aug(s["jpg"]), int(s["cls"])))
+                .batched(batch)
+            )
         else:
             ds = wds.WebDataset(urls, shardshuffle=False).shuffle(0).map(prep).batched(batch)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
@@ -148,8 +182,9 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         threads = 2 if name == "shardkit-threads" else 0
         sizes: dict[str, int | str] = {"shardkit-reduced": 224, "shardkit-fused": "auto"}
         decode_size = sizes.get(name)
-        ds = ShardDataset(shards, decode="torch", decode_size=decode_size,
-                          transform={"jpg": aug}, fields="jpg cls", threads=threads)
+        ds = ShardDataset(
+            shards, decode="torch", decode_size=decode_size, transform={"jpg": aug}, fields="jpg cls", threads=threads
+        )
         loader = ShardLoader(ds, batch_size=batch, num_workers=0 if threads else workers)
         return _loop(loader, lambda b: len(b[1]))
     if name.startswith("raw-"):
@@ -164,8 +199,21 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
 
 
 def _run_isolated(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "shardkit.cli.bench", "--one", name, "--folder", folder, "--shards", shards,
-           "--workers", str(workers), "--batch", str(batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardkit.cli.bench",
+        "--one",
+        name,
+        "--folder",
+        folder,
+        "--shards",
+        shards,
+        "--workers",
+        str(workers),
+        "--batch",
+        str(batch),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -184,15 +232,17 @@ def format_table(rounds: list[dict[str, dict[str, Any]]], workers: int) -> str:
     cores = os.cpu_count() or 1
     streams = min(cores, max(workers, 1))
     names = list(rounds[0])
-    lines = [f"{'configuration':18s} {'img/s':>8s} {'steady':>8s} {'CPU ms/img':>10s} {'1st batch':>10s} "
-             f"{'peak RSS':>9s}  median ratios over {len(rounds)} round(s)"]
+    lines = [
+        f"{'configuration':18s} {'img/s':>8s} {'steady':>8s} {'CPU ms/img':>10s} {'1st batch':>10s} "
+        f"{'peak RSS':>9s}  median ratios over {len(rounds)} round(s)"
+    ]
     for name in names:
         runs = [r[name] for r in rounds if "error" not in r.get(name, {"error": 1})]
         if not runs:
             lines.append(f"{name:18s} failed: {rounds[0][name].get('error')}")
             continue
 
-        def ratio(peer: str, scale: float = 1.0, key: str = "rate", invert: bool = False) -> float:
+        def ratio(peer: str, scale: float = 1.0, key: str = "rate", invert: bool = False, name: str = name) -> float:
             values = []
             for r in rounds:
                 mine, theirs = r.get(name, {}), r.get(peer, {})
@@ -215,24 +265,31 @@ def format_table(rounds: list[dict[str, dict[str, Any]]], workers: int) -> str:
                 if peer in rounds[0] and name != peer and name.startswith("shardkit"):
                     notes.append(f"{ratio(peer):.2f}x {peer}")
         rss = f"{_median([r.get('peak_rss_mb', 0) for r in runs]):.0f} MB"
-        lines.append(f"{name:18s} {_median([r['rate'] for r in runs]):8,.0f} "
-                     f"{_median([r['steady_rate'] for r in runs]):8,.0f} "
-                     f"{_median([r.get('cpu_ms', float('nan')) for r in runs]):10.2f} "
-                     f"{_median([r['first_batch_s'] for r in runs]):9.3f}s {rss:>9s}  {', '.join(notes)}")
+        lines.append(
+            f"{name:18s} {_median([r['rate'] for r in runs]):8,.0f} "
+            f"{_median([r['steady_rate'] for r in runs]):8,.0f} "
+            f"{_median([r.get('cpu_ms', float('nan')) for r in runs]):10.2f} "
+            f"{_median([r['first_batch_s'] for r in runs]):9.3f}s {rss:>9s}  {', '.join(notes)}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardkit bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="shardkit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=2000, help="images to generate (default 2000)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--work", help="folder for the dataset (default: a temp dir, removed after)")
     parser.add_argument("--only", help="comma-separated configurations: " + ",".join(CONFIGS))
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="interleaved rounds (each runs every configuration once; default 1). With more "
-                             "than one, only the decode+augment peers run unless --only says otherwise")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds (each runs every configuration once; default 1). With more "
+        "than one, only the decode+augment peers run unless --only says otherwise",
+    )
     parser.add_argument("--size", default="500x375", help="mean image size WxH (default 500x375)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images (default 90)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
@@ -262,14 +319,17 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(names) - set(CONFIGS))
         if unknown:
             parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-        rounds = [{n: _run_isolated(n, folder, shards, args.workers, args.batch) for n in names}
-                  for _ in range(args.rounds)]
+        rounds = [
+            {n: _run_isolated(n, folder, shards, args.workers, args.batch) for n in names} for _ in range(args.rounds)
+        ]
         if args.json:
             sys.stdout.write(json.dumps(rounds if args.rounds > 1 else rounds[0], indent=1) + "\n")
         else:
             kb = sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*", "*.jpg"))) / 1e3 / args.count
-            sys.stdout.write(f"{args.count} photo-like JPEGs (~{args.size}, {kb:.0f} KB), RandomResizedCrop(224)+flip, "
-                             f"batches of {args.batch}, {args.workers} workers, {os.cpu_count()} cores\n")
+            sys.stdout.write(
+                f"{args.count} photo-like JPEGs (~{args.size}, {kb:.0f} KB), RandomResizedCrop(224)+flip, "
+                f"batches of {args.batch}, {args.workers} workers, {os.cpu_count()} cores\n"
+            )
             sys.stdout.write(format_table(rounds, args.workers) + "\n")
     finally:
         if not args.work:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -31,9 +32,16 @@ class WriteSummary:
         return self.samples / self.seconds if self.seconds > 0 else float("inf")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"shards": self.shards, "samples": self.samples, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "samples_per_s": round(self.rate, 1),
-                "skipped": len(self.skipped), "pattern": self.pattern, "manifest": self.manifest}
+        return {
+            "shards": self.shards,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(self.rate, 1),
+            "skipped": len(self.skipped),
+            "pattern": self.pattern,
+            "manifest": self.manifest,
+        }
 
 
 def shard_pattern(dest: str, name: str, n_shards: int) -> str:
@@ -43,18 +51,27 @@ def shard_pattern(dest: str, name: str, n_shards: int) -> str:
     return os.path.join(dest, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
 
 
-def write_shards(samples: Iterable[dict[str, Any]], dest: str, *, name: str = "data",
-                 shard_size: int | str = "1GB", max_count: int | None = None,
-                 classes: list[str] | None = None, total: int | None = None,
-                 overwrite: bool = False, progress: bool = True) -> WriteSummary:
+def write_shards(
+    samples: Iterable[dict[str, Any]],
+    dest: str,
+    *,
+    name: str = "data",
+    shard_size: int | str = "1GB",
+    max_count: int | None = None,
+    classes: list[str] | None = None,
+    total: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> WriteSummary:
     """Write every sample of ``samples`` to shards in ``dest``; returns a summary.
 
     On Ctrl-C or an error the shards written so far are kept and listed in a manifest
     marked incomplete, then the exception propagates.
     """
     started = time.perf_counter()
-    with ShardWriter(dest, name=name, shard_size=shard_size, max_count=max_count,
-                     classes=classes, overwrite=overwrite) as writer:
+    with ShardWriter(
+        dest, name=name, shard_size=shard_size, max_count=max_count, classes=classes, overwrite=overwrite
+    ) as writer:
         bar = tqdm(total=total, unit="sample", disable=not progress, smoothing=0.1, dynamic_ncols=True)
         try:
             for sample in samples:
@@ -62,12 +79,15 @@ def write_shards(samples: Iterable[dict[str, Any]], dest: str, *, name: str = "d
                 bar.update(1)
                 if bar.n % 256 == 0:
                     done = writer.bytes_written + writer._size
-                    bar.set_postfix_str(f"{done / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.0f} MB/s",
-                                        refresh=False)
+                    bar.set_postfix_str(f"{done / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.0f} MB/s", refresh=False)
         finally:
             bar.close()
     manifest: Manifest = writer.manifest()
-    return WriteSummary(shards=len(manifest.shards), samples=manifest.total_samples,
-                        bytes=manifest.total_bytes, seconds=time.perf_counter() - started,
-                        pattern=shard_pattern(dest, name, len(manifest.shards)),
-                        manifest=os.path.join(dest, f"{name}.manifest.json"))
+    return WriteSummary(
+        shards=len(manifest.shards),
+        samples=manifest.total_samples,
+        bytes=manifest.total_bytes,
+        seconds=time.perf_counter() - started,
+        pattern=shard_pattern(dest, name, len(manifest.shards)),
+        manifest=os.path.join(dest, f"{name}.manifest.json"),
+    )

@@ -26,11 +26,11 @@ def _say(text: str) -> None:
 
 def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progress: bool = True) -> int:
     """Run the demo; returns a process exit code."""
-    from .bench import drop_page_cache, _loop, augment
-    from .convert import write_shards
     from ..dataset import ShardDataset
     from ..ingest import IngestOptions, open_source
     from ..loader import ShardLoader
+    from .bench import _loop, augment, drop_page_cache
+    from .convert import write_shards
     from .synthetic import make_image_folder
 
     work = tempfile.mkdtemp(prefix="shardkit-demo-")
@@ -43,13 +43,22 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
 
         shards = os.path.join(work, "shards")
         _say("2/4 shardkit write images -> shards ...")
-        summary = write_shards(open_source(folder, options=IngestOptions(workers=4)), shards,
-                               shard_size="20MB", total=count, progress=progress)
-        _say(f"    {summary.shards} shards, {summary.samples} samples, {format_size(summary.bytes)} "
-             f"in {summary.seconds:.1f} s; read back with ShardDataset({summary.pattern!r})")
+        summary = write_shards(
+            open_source(folder, options=IngestOptions(workers=4)),
+            shards,
+            shard_size="20MB",
+            total=count,
+            progress=progress,
+        )
+        _say(
+            f"    {summary.shards} shards, {summary.samples} samples, {format_size(summary.bytes)} "
+            f"in {summary.seconds:.1f} s; read back with ShardDataset({summary.pattern!r})"
+        )
 
         aug = augment()
-        _say(f"3/4 streaming shards through ShardLoader ({workers} workers, decode + RandomResizedCrop(224) + flip) ...")
+        _say(
+            f"3/4 streaming shards through ShardLoader ({workers} workers, decode + RandomResizedCrop(224) + flip) ..."
+        )
         ds = ShardDataset(shards, decode="torch", transform={"jpg": aug}, fields="jpg cls", shuffle=500)
         loader = ShardLoader(ds, batch_size=64, num_workers=workers)
         drop_page_cache([os.path.join(shards, f) for f in os.listdir(shards)])
@@ -69,16 +78,22 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
 
         files = [os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs]
         drop_page_cache(files)
-        baseline = _loop(DataLoader(ImageFolder(folder, loader=load, transform=aug), batch_size=64,
-                                    shuffle=True, num_workers=workers), lambda b: len(b[1]))
+        baseline = _loop(
+            DataLoader(
+                ImageFolder(folder, loader=load, transform=aug), batch_size=64, shuffle=True, num_workers=workers
+            ),
+            lambda b: len(b[1]),
+        )
 
         _say("")
         _say(f"{'loader':34s} {'images/s':>9s} {'first batch':>12s}")
         _say(f"{'ImageFolder + DataLoader':34s} {baseline['rate']:9,.0f} {baseline['first_batch_s']:11.2f}s")
         _say(f"{'shardkit ShardLoader':34s} {ours['rate']:9,.0f} {ours['first_batch_s']:11.2f}s")
-        _say(f"shardkit read {ours['samples']} samples at {ours['rate'] / baseline['rate']:.2f}x the small-files rate "
-             f"(cold page cache, {os.cpu_count()} cores). On network storage the gap grows: one request per shard, "
-             "not per image.")
+        _say(
+            f"shardkit read {ours['samples']} samples at {ours['rate'] / baseline['rate']:.2f}x the small-files rate "
+            f"(cold page cache, {os.cpu_count()} cores). On network storage the gap grows: one request per shard, "
+            "not per image."
+        )
         _say(f"total demo time {time.perf_counter() - t0:.0f} s")
         if keep:
             _say(f"kept {work}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ShardkitError
 from ..profiling import STAGES, children_cpu
@@ -98,9 +99,18 @@ def _reference_ms(urls: Any, ds_kwargs: dict[str, Any], count: int = 64) -> floa
         torch.set_num_threads(threads)
 
 
-def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int = 0, batch_size: int = 64,
-             decode: str = "torch", decode_size: int | str | None = "auto", seconds: float = 5.0,
-             field_name: str = "jpg;png;jpeg;webp") -> Diagnosis:
+def diagnose(
+    urls: Any,
+    *,
+    transform: Any = None,
+    workers: int = 2,
+    threads: int = 0,
+    batch_size: int = 64,
+    decode: str = "torch",
+    decode_size: int | str | None = "auto",
+    seconds: float = 5.0,
+    field_name: str = "jpg;png;jpeg;webp",
+) -> Diagnosis:
     """Run the loader over ``urls`` for about ``seconds`` and measure where time goes.
 
     ``transform`` is applied to the first image field of ``field_name``'s alternatives
@@ -115,15 +125,20 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
         raise ValueError("need workers >= 0, threads >= 0, batch_size >= 1 and seconds > 0")
     alternatives = [f for f in field_name.split(";") if f]
     transform_map = {f: transform for f in alternatives} if transform is not None else None
-    ds_kwargs: dict[str, Any] = dict(decode=decode, decode_size=decode_size, transform=transform_map,
-                                     threads=threads, fields=field_name, handler="warn")
+    ds_kwargs: dict[str, Any] = dict(
+        decode=decode,
+        decode_size=decode_size,
+        transform=transform_map,
+        threads=threads,
+        fields=field_name,
+        handler="warn",
+    )
     ds = ProfiledShardDataset(urls, **ds_kwargs)
     from ..dataset import ShardDataset
 
     # The unprofiled pipeline shows whether the crop was fused (the profiled one wraps the decoder).
     fused = type(ShardDataset.pipeline(ds, lambda e: None).decoder).__name__.startswith("Fused")
-    loader = ShardLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False,
-                         pin_memory=False)
+    loader = ShardLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False, pin_memory=False)
     threads_before = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)  # like a DataLoader worker
@@ -136,15 +151,21 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
         for n, batch in enumerate(iterator, 1):
             if n <= warmup:
                 if n == warmup:
-                    first = {"t": time.perf_counter(), "stats": loader.stats(),
-                             "main": _cpu_seconds(resource.RUSAGE_SELF), "workers": children_cpu()}
+                    first = {
+                        "t": time.perf_counter(),
+                        "stats": loader.stats(),
+                        "main": _cpu_seconds(resource.RUSAGE_SELF),
+                        "workers": children_cpu(),
+                    }
                 continue
             images += len(batch[0]) if isinstance(batch, (tuple, list)) else batch_size
             if time.perf_counter() - started >= seconds:
                 break
         if not first or images == 0:
-            raise ShardkitError(f"the data ran out before {warmup + 1} batches: doctor needs more samples than "
-                                f"{warmup} batch(es) of {batch_size} (try a smaller --batch)")
+            raise ShardkitError(
+                f"the data ran out before {warmup + 1} batches: doctor needs more samples than "
+                f"{warmup} batch(es) of {batch_size} (try a smaller --batch)"
+            )
         elapsed = time.perf_counter() - first["t"]
         stats = loader.stats()
         main_cpu = _cpu_seconds(resource.RUSAGE_SELF) - first["main"]
@@ -154,17 +175,29 @@ def diagnose(urls: Any, *, transform: Any = None, workers: int = 2, threads: int
     finally:
         torch.set_num_threads(threads_before)
     per = 1e3 / images
-    stage_ms = {stage: (stats.get(f"{stage}_us", 0) - first["stats"].get(f"{stage}_us", 0)) / 1e3 / images
-                for stage in STAGES}
+    stage_ms = {
+        stage: (stats.get(f"{stage}_us", 0) - first["stats"].get(f"{stage}_us", 0)) / 1e3 / images for stage in STAGES
+    }
     if workers == 0:
         worker_cpu, main_cpu = main_cpu, 0.0
     wait = (stats.get("wait_s", 0.0) - first["stats"].get("wait_s", 0.0)) / elapsed if elapsed else 0.0
-    diagnosis = Diagnosis(images=images, seconds=elapsed, workers=workers, threads=threads,
-                          cores=os.cpu_count() or 1, stage_ms=stage_ms, worker_cpu_ms=worker_cpu * per,
-                          main_cpu_ms=main_cpu * per, wait_fraction=wait,
-                          reference_ms=_reference_ms(urls, ds_kwargs), decode_size=ds.decode_size, fused=fused)
-    diagnosis.bound, diagnosis.advice = conclude(diagnosis, remote="://" in str(urls),
-                                                  cached=bool(ds.options.cache_dir))
+    diagnosis = Diagnosis(
+        images=images,
+        seconds=elapsed,
+        workers=workers,
+        threads=threads,
+        cores=os.cpu_count() or 1,
+        stage_ms=stage_ms,
+        worker_cpu_ms=worker_cpu * per,
+        main_cpu_ms=main_cpu * per,
+        wait_fraction=wait,
+        reference_ms=_reference_ms(urls, ds_kwargs),
+        decode_size=ds.decode_size,
+        fused=fused,
+    )
+    diagnosis.bound, diagnosis.advice = conclude(
+        diagnosis, remote="://" in str(urls), cached=bool(ds.options.cache_dir)
+    )
     return diagnosis
 
 
@@ -180,36 +213,51 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
     advice: list[str] = []
     if d.workers > 0 and worker_ms < 0.5 * available_ms:
         bound = "transfer"
-        advice.append("workers are idle most of the time: batches wait on the hand-over to the main process; "
-                      "use fewer workers with threads= (decode threads in one process), or larger batches")
+        advice.append(
+            "workers are idle most of the time: batches wait on the hand-over to the main process; "
+            "use fewer workers with threads= (decode threads in one process), or larger batches"
+        )
     else:
         stage = max(busy, key=busy.get)  # type: ignore[arg-type]
         bound = {"read": "io", "other": "overhead"}.get(stage, stage)
     if bound == "io":
-        advice.append("reading dominates: " + (
-            "add cache_dir= (a local cache) for remote shards" if remote and not cached
-            else "check the disk/network throughput; more workers overlap reads"))
+        advice.append(
+            "reading dominates: "
+            + (
+                "add cache_dir= (a local cache) for remote shards"
+                if remote and not cached
+                else "check the disk/network throughput; more workers overlap reads"
+            )
+        )
     if bound in ("decode", "transform"):
         parallel = max(1, d.workers) * max(1, d.threads)  # decode streams running at once
         if parallel < d.cores:
-            advice.append(f"{d.workers} worker(s) x {d.threads} thread(s) on {d.cores} cores: use "
-                          f"num_workers={d.cores} (or threads= per worker) to use every core")
+            advice.append(
+                f"{d.workers} worker(s) x {d.threads} thread(s) on {d.cores} cores: use "
+                f"num_workers={d.cores} (or threads= per worker) to use every core"
+            )
         elif parallel > d.cores and d.workers > 1:
-            advice.append(f"{d.workers} workers x {max(1, d.threads)} thread(s) on {d.cores} cores: more decode "
-                          "streams than cores only adds overhead")
+            advice.append(
+                f"{d.workers} workers x {max(1, d.threads)} thread(s) on {d.cores} cores: more decode "
+                "streams than cores only adds overhead"
+            )
         if d.decode_size is None and not d.fused:
             advice.append("decode_size='auto' decodes JPEGs smaller (and fuses a leading RandomResizedCrop)")
         if bound == "transform":
-            advice.append("the transform costs more than decoding: move float conversion/normalisation to the GPU "
-                          "and keep uint8 batches")
+            advice.append(
+                "the transform costs more than decoding: move float conversion/normalisation to the GPU "
+                "and keep uint8 batches"
+            )
     if bound == "overhead":
         advice.append("per-sample Python work dominates (small images?): larger batches or threads= help")
     if bound == "collate":
         advice.append("collating dominates: return fixed-size uint8 tensors so batches stack without lists")
     overhead = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
     if overhead > 1.3:
-        advice.append(f"the loader spends {overhead:.2f}x the CPU of decode+transform alone: per-image overhead "
-                      "(IPC, main process, dispatch); fewer workers with threads= may help")
+        advice.append(
+            f"the loader spends {overhead:.2f}x the CPU of decode+transform alone: per-image overhead "
+            "(IPC, main process, dispatch); fewer workers with threads= may help"
+        )
     if not advice:
         advice.append("nothing obvious to change")
     return bound, advice
@@ -217,10 +265,12 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
 
 def format_report(d: Diagnosis) -> str:
     """Human-readable report of a :class:`Diagnosis`."""
-    lines = [f"{d.images:,} images in {d.seconds:.1f} s = {d.rate:,.0f} img/s "
-             f"({d.workers} workers, {d.threads} threads, {d.cores} cores, decode_size={d.decode_size!r}"
-             f"{', fused crop decode' if d.fused else ''})",
-             f"{'stage':12s} {'ms/img':>8s} {'share':>6s}"]
+    lines = [
+        f"{d.images:,} images in {d.seconds:.1f} s = {d.rate:,.0f} img/s "
+        f"({d.workers} workers, {d.threads} threads, {d.cores} cores, decode_size={d.decode_size!r}"
+        f"{', fused crop decode' if d.fused else ''})",
+        f"{'stage':12s} {'ms/img':>8s} {'share':>6s}",
+    ]
     total = sum(d.stage_ms[s] for s in STAGES if s != "handoff") or 1.0
     names = {"read": "read/io", "other": "other", "handoff": "handoff"}
     for stage in STAGES:
@@ -229,9 +279,11 @@ def format_report(d: Diagnosis) -> str:
     lines.append(f"{'main process':12s} {d.main_cpu_ms:8.2f}        (CPU: receiving batches, the loop)")
     lines.append(f"waiting: the consumer waited {d.wait_fraction:.0%} of the run for data")
     ratio = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
-    lines.append(f"CPU ms/img: workers {d.worker_cpu_ms:.2f} + main {d.main_cpu_ms:.2f} = "
-                 f"{d.worker_cpu_ms + d.main_cpu_ms:.2f}; decode+transform alone on one core {d.reference_ms:.2f} "
-                 f"({ratio:.2f}x)")
+    lines.append(
+        f"CPU ms/img: workers {d.worker_cpu_ms:.2f} + main {d.main_cpu_ms:.2f} = "
+        f"{d.worker_cpu_ms + d.main_cpu_ms:.2f}; decode+transform alone on one core {d.reference_ms:.2f} "
+        f"({ratio:.2f}x)"
+    )
     lines.append(f"bound: {d.bound}")
     lines.extend(f"advice: {a}" for a in d.advice)
     return "\n".join(lines)

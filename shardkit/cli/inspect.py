@@ -7,12 +7,22 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import ShardkitError
-from ..index import (Manifest, ShardInfo, dataset_name_for, decode_index, decode_index_keys, encode_index, index_url,
-                     manifest_name, scan_shard)
+from ..index import (
+    Manifest,
+    ShardInfo,
+    dataset_name_for,
+    decode_index,
+    decode_index_keys,
+    encode_index,
+    index_url,
+    manifest_name,
+    scan_shard,
+)
 from ..samples import Sample, iter_samples
 from ..source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
 from ..urls import ShardList, resolve_shards
@@ -55,8 +65,9 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(urls: str | list[str], *, decode: bool = False, options: SourceOptions = DEFAULT_OPTIONS,
-           progress: bool = False) -> VerifyReport:
+def verify(
+    urls: str | list[str], *, decode: bool = False, options: SourceOptions = DEFAULT_OPTIONS, progress: bool = False
+) -> VerifyReport:
     """Parse every shard; compare sha256, counts and sizes with the manifest (and the
     ``.idx`` files); optionally decode every image. Problems are collected, not raised."""
     from tqdm import tqdm
@@ -88,15 +99,22 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
         report.bytes += scan.bytes
         if info is not None:
             if info.sha256 and info.sha256 != scan.sha256:
-                report.problems.append(Problem(url, f"sha256 {scan.sha256} does not match the manifest's {info.sha256}"))
+                report.problems.append(
+                    Problem(url, f"sha256 {scan.sha256} does not match the manifest's {info.sha256}")
+                )
             if info.samples != n:
                 report.problems.append(Problem(url, f"has {n} samples, the manifest says {info.samples}"))
             if info.bytes != scan.bytes:
                 report.problems.append(Problem(url, f"is {scan.bytes} bytes, the manifest says {info.bytes}"))
         idx = read_bytes(index_url(url), options=options)
         if idx is not None and scan.compression is not None:
-            report.problems.append(Problem(index_url(url), f"an index beside a {scan.compression}-compressed "
-                                           "shard cannot be used (offsets cannot seek into it): delete it"))
+            report.problems.append(
+                Problem(
+                    index_url(url),
+                    f"an index beside a {scan.compression}-compressed "
+                    "shard cannot be used (offsets cannot seek into it): delete it",
+                )
+            )
         elif idx is not None:
             try:
                 offsets = decode_index(idx, url=index_url(url))
@@ -112,8 +130,9 @@ def verify(urls: str | list[str], *, decode: bool = False, options: SourceOption
     return report
 
 
-def _decode_members(url: str, decoder: Any, options: SourceOptions, report: VerifyReport, *,
-                    stop_on_error: bool = False) -> None:
+def _decode_members(
+    url: str, decoder: Any, options: SourceOptions, report: VerifyReport, *, stop_on_error: bool = False
+) -> None:
     """Decode every member of every sample on its own, reporting each one that fails by name."""
     try:
         for sample in shard_samples(url, options):
@@ -156,16 +175,29 @@ def stats(urls: str | list[str], *, options: SourceOptions = DEFAULT_OPTIONS) ->
                     labels[-1] += 1
         total_fields.update(fields)
         total_labels.update(labels)
-        per_shard.append({"url": url, "samples": n, "fields": dict(fields),
-                          "field_bytes": dict(field_bytes), "labels": dict(sorted(labels.items()))})
+        per_shard.append(
+            {
+                "url": url,
+                "samples": n,
+                "fields": dict(fields),
+                "field_bytes": dict(field_bytes),
+                "labels": dict(sorted(labels.items())),
+            }
+        )
     classes = shards.manifest.classes if shards.manifest else None
-    return {"shards": len(shards.urls), "samples": sum(s["samples"] for s in per_shard),
-            "fields": dict(total_fields), "labels": dict(sorted(total_labels.items())),
-            "classes": classes, "per_shard": per_shard}
+    return {
+        "shards": len(shards.urls),
+        "samples": sum(s["samples"] for s in per_shard),
+        "fields": dict(total_fields),
+        "labels": dict(sorted(total_labels.items())),
+        "classes": classes,
+        "per_shard": per_shard,
+    }
 
 
-def build_index(urls: str | list[str], *, name: str | None = None, options: SourceOptions = DEFAULT_OPTIONS,
-                progress: bool = False) -> Manifest:
+def build_index(
+    urls: str | list[str], *, name: str | None = None, options: SourceOptions = DEFAULT_OPTIONS, progress: bool = False
+) -> Manifest:
     """Write ``.idx`` sidecars and a manifest for existing local tars, one pass each."""
     from tqdm import tqdm
 
@@ -183,8 +215,9 @@ def build_index(urls: str | list[str], *, name: str | None = None, options: Sour
         elif os.path.exists(path + ".idx"):
             # Offsets cannot seek into a compressed file: counts go to the manifest only,
             # and a stale index (written before the shard was compressed) must not be used.
-            log.warning("%s is %s-compressed: removing its stale .idx (counts go to the manifest)",
-                        url, scan.compression)
+            log.warning(
+                "%s is %s-compressed: removing its stale .idx (counts go to the manifest)", url, scan.compression
+            )
             os.remove(path + ".idx")
         infos.append(ShardInfo(os.path.basename(path), len(scan.offsets) - 1, scan.bytes, scan.sha256, scan.fields))
         folder = folder or os.path.dirname(path)

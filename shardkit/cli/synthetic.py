@@ -36,8 +36,16 @@ def encode(pixels: np.ndarray, fmt: str = "JPEG", quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def make_image_folder(root: str, *, count: int, classes: int = 10, size: tuple[int, int] = (500, 375),
-                      seed: int = 0, workers: int = 2, quality: int = 90) -> list[str]:
+def make_image_folder(
+    root: str,
+    *,
+    count: int,
+    classes: int = 10,
+    size: tuple[int, int] = (500, 375),
+    seed: int = 0,
+    workers: int = 2,
+    quality: int = 90,
+) -> list[str]:
     """Write ``count`` JPEGs into ``root/class_XX/img_NNNNNN.jpg`` (ImageFolder layout)."""
     names = [f"class_{c:02d}" for c in range(classes)]
     for name in names:

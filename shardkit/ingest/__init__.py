@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from ..errors import ShardkitError
 
@@ -119,12 +120,13 @@ def detect_format(src: str) -> str:
         if module.detect(src, fmt) if fmt in FILE_FORMATS else module.detect(src):
             return fmt
     raise ShardkitError(
-        f"{src}: cannot tell what kind of dataset this is; pass --from with one of "
-        f"{', '.join(FORMATS)}")
+        f"{src}: cannot tell what kind of dataset this is; pass --from with one of {', '.join(FORMATS)}"
+    )
 
 
-def open_source(src: str, *, fmt: str | None = None, options: IngestOptions | None = None,
-                **file_options: Any) -> SampleSource:
+def open_source(
+    src: str, *, fmt: str | None = None, options: IngestOptions | None = None, **file_options: Any
+) -> SampleSource:
     """Open ``src`` as a sample stream (format detected unless ``fmt`` is given).
 
     ``file_options`` (shuffle, seed, resize, quality) apply to image-file sources only.
@@ -139,6 +141,8 @@ def open_source(src: str, *, fmt: str | None = None, options: IngestOptions | No
     if fmt in FILE_FORMATS:
         return module.open_source(src, fmt, options, **file_options)
     if any(file_options.values()):
-        raise ShardkitError(f"{', '.join(k for k, v in file_options.items() if v)} only apply to "
-                            f"image-file sources ({', '.join(FILE_FORMATS)}), not {fmt}")
+        raise ShardkitError(
+            f"{', '.join(k for k, v in file_options.items() if v)} only apply to "
+            f"image-file sources ({', '.join(FILE_FORMATS)}), not {fmt}"
+        )
     return module.open_source(src, options)

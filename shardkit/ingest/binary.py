@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..errors import ShardkitError
 from . import IngestOptions
@@ -50,6 +51,7 @@ def resolve_index(src: str, options: IngestOptions) -> str | None:
 
 
 # -- the binary + index source ----------------------------------------------------------
+
 
 def _parse_line(line: str) -> tuple[int, int, str | None, str | None] | None:
     """(offset, length, label, id) for an index line, None for blanks/comments.
@@ -97,8 +99,7 @@ class BinarySource:
         self.options = options
         index = resolve_index(path, options)
         if index is None:
-            raise ShardkitError(f"{path}: no index file; expected {path}.idx or {path}.index "
-                                "(or pass --index)")
+            raise ShardkitError(f"{path}: no index file; expected {path}.idx or {path}.index (or pass --index)")
         if not os.path.isfile(index):
             raise ShardkitError(f"{index}: index file not found")
         self.index = index
@@ -125,7 +126,8 @@ class BinarySource:
                 if offset < 0 or length <= 0 or offset + length > size:
                     raise ShardkitError(
                         f"{self.index}: line {number}: record at offset {offset} with length "
-                        f"{length} does not fit in {self.path} ({size} bytes)")
+                        f"{length} does not fit in {self.path} ({size} bytes)"
+                    )
                 if label is not None:
                     labels.add(label)
                 count += 1
@@ -155,8 +157,12 @@ class BinarySource:
                 cls = None
                 if label is not None:
                     cls = lookup[label] if lookup is not None else int(label)
-                meta = {"source": self.path, "source_format": FORMAT,
-                        "source_id": ident if ident is not None else number, "offset": offset}
+                meta = {
+                    "source": self.path,
+                    "source_format": FORMAT,
+                    "source_id": ident if ident is not None else number,
+                    "offset": offset,
+                }
                 yield make_sample(produced, ext, payload, cls, meta)
                 produced += 1
 

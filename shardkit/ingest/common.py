@@ -37,8 +37,7 @@ def sniff_ext(data: bytes | memoryview) -> str | None:
     return None
 
 
-def make_sample(index: int, ext: str, payload: bytes, label: int | None,
-                meta: dict[str, Any]) -> dict[str, Any]:
+def make_sample(index: int, ext: str, payload: bytes, label: int | None, meta: dict[str, Any]) -> dict[str, Any]:
     """A sample dict: running zero-padded key (no dots, no slashes), image, cls, json."""
     sample: dict[str, Any] = {"__key__": f"{index:09d}", ext: payload, "json": meta}
     if label is not None:
@@ -65,7 +64,7 @@ class RecordSkipper:
         if self.strict or produced == 0:
             raise ShardkitError(message)
         prefix = where + ": "
-        self.sink.append((where, message[len(prefix):] if message.startswith(prefix) else message))
+        self.sink.append((where, message[len(prefix) :] if message.startswith(prefix) else message))
         log.warning("skipping %s", message)
 
 
@@ -73,8 +72,7 @@ def image_payload(data: bytes, where: str) -> tuple[str, bytes] | str:
     """``(ext, data)`` for image bytes, or an error message naming ``where``."""
     ext = sniff_ext(data)
     if ext is None:
-        return (f"{where}: not a recognised image format "
-                f"(first bytes {bytes(data[:12]).hex(' ')}, {len(data)} bytes)")
+        return f"{where}: not a recognised image format (first bytes {bytes(data[:12]).hex(' ')}, {len(data)} bytes)"
     return ext, data
 
 
@@ -93,8 +91,7 @@ def check_image_format(image_format: str) -> str:
     fmt = image_format.lower()
     fmt = "jpg" if fmt == "jpeg" else fmt
     if fmt not in ("png", "jpg", "npy"):
-        raise ShardkitError(f"image format {image_format!r}: choose png (lossless), npy (raw) "
-                            "or jpg (lossy)")
+        raise ShardkitError(f"image format {image_format!r}: choose png (lossless), npy (raw) or jpg (lossy)")
     return fmt
 
 
@@ -106,17 +103,22 @@ def channels_first(shape: tuple[int, ...]) -> bool:
 def check_dense(shape: tuple[int, ...], dtype: np.dtype, image_format: str, where: str) -> None:
     """Raise unless an (N, ...) array of this shape/dtype can be stored as ``image_format``."""
     if len(shape) not in (3, 4):
-        raise ShardkitError(f"{where}: array of shape {shape} is not a stack of images; "
-                            "expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
+        raise ShardkitError(
+            f"{where}: array of shape {shape} is not a stack of images; "
+            "expected (N, H, W), (N, H, W, C) or (N, C, H, W)"
+        )
     channels = 1 if len(shape) == 3 else (shape[1] if channels_first(shape) else shape[3])
     if image_format == "npy":
         return
     if channels not in (1, 3, 4):
-        raise ShardkitError(f"{where}: images with {channels} channels cannot be stored as "
-                            f"{image_format}; use image format npy")
+        raise ShardkitError(
+            f"{where}: images with {channels} channels cannot be stored as {image_format}; use image format npy"
+        )
     if dtype != np.uint8:
-        raise ShardkitError(f"{where}: {dtype} pixels cannot be stored as {image_format} without "
-                            "losing values; use image format npy (or convert to uint8 first)")
+        raise ShardkitError(
+            f"{where}: {dtype} pixels cannot be stored as {image_format} without "
+            "losing values; use image format npy (or convert to uint8 first)"
+        )
     if image_format == "jpg" and channels == 4:
         raise ShardkitError(f"{where}: JPEG has no alpha channel; use png or npy")
 

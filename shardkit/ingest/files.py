@@ -24,14 +24,15 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ..decodable import decode_problem
 from ..errors import ShardkitError
 from ..imageinfo import probe_image
-from ..pixels import upright_rgb
 from ..parallel import ordered_map
+from ..pixels import upright_rgb
 from . import IngestOptions
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,14 @@ def _folder_entries(src: str) -> tuple[list[Entry], list[str] | None]:
             for n in sorted(filenames):
                 if _is_image_name(n):
                     path = os.path.join(dirpath, n)
-                    entries.append(Entry(path, path[len(src) + 1:] if path.startswith(src + "/")
-                                         else os.path.relpath(path, src), label, cls))
+                    entries.append(
+                        Entry(
+                            path,
+                            path[len(src) + 1 :] if path.startswith(src + "/") else os.path.relpath(path, src),
+                            label,
+                            cls,
+                        )
+                    )
     return entries, subdirs
 
 
@@ -158,8 +165,10 @@ def _table_entries(src: str, fmt: str) -> tuple[list[Entry], list[str] | None]:
     path_col = _pick_column(columns, _PATH_COLUMNS, src, "path", True)
     assert path_col is not None  # required=True raises instead of returning None
     label_col = _pick_column(columns, _LABEL_COLUMNS, src, "label", False)
-    rows = [(str(r[path_col]), None if label_col is None or r.get(label_col) is None else str(r[label_col]))
-            for r in records]
+    rows = [
+        (str(r[path_col]), None if label_col is None or r.get(label_col) is None else str(r[label_col]))
+        for r in records
+    ]
     return _labelled(rows, os.path.dirname(os.path.abspath(src)), src)
 
 
@@ -239,8 +248,17 @@ class EntryLoader:
 class FileSource:
     """Samples from image files; iterate for sample dicts, in a deterministic order."""
 
-    def __init__(self, src: str, fmt: str, options: IngestOptions, *, shuffle: bool = False,
-                 seed: int = 0, resize: int | None = None, quality: int | None = None) -> None:
+    def __init__(
+        self,
+        src: str,
+        fmt: str,
+        options: IngestOptions,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        resize: int | None = None,
+        quality: int | None = None,
+    ) -> None:
         self.src = src
         if fmt == "folder":
             entries, self.classes = _folder_entries(src)
@@ -263,10 +281,11 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def loader(self) -> "EntryLoader":
+    def loader(self) -> EntryLoader:
         """The picklable per-file work (read, check, build the sample) for worker processes."""
-        return EntryLoader(resize=self.resize, quality=self.quality, validate=self.options.validate,
-                           max_pixels=self.options.max_pixels)
+        return EntryLoader(
+            resize=self.resize, quality=self.quality, validate=self.options.validate, max_pixels=self.options.max_pixels
+        )
 
     def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
         return self.loader()(item)

@@ -28,13 +28,24 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import ShardkitError
 from . import IngestOptions, missing_library
-from .common import RecordSkipper, _json_id, check_dense, check_image_format, chunk_rows, encode_array, image_payload, make_sample, to_labels
+from .common import (
+    RecordSkipper,
+    _json_id,
+    check_dense,
+    check_image_format,
+    chunk_rows,
+    encode_array,
+    image_payload,
+    make_sample,
+    to_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +73,9 @@ def detect(path: str) -> bool:
 def _datasets(f: Any) -> list[str]:
     h5py = _h5py()
     names: list[str] = []
-    f.visititems(lambda name, obj: names.append(f"{name} {obj.shape} {obj.dtype}")
-                 if isinstance(obj, h5py.Dataset) else None)
+    f.visititems(
+        lambda name, obj: names.append(f"{name} {obj.shape} {obj.dtype}") if isinstance(obj, h5py.Dataset) else None
+    )
     return names
 
 
@@ -102,33 +114,39 @@ class HDF5Source:
             if self.labels_key is not None:
                 labels = f[self.labels_key]
                 if labels.shape[:1] != (self.count,):
-                    raise ShardkitError(f"{path}: dataset {self.labels_key!r} has shape "
-                                        f"{labels.shape} for {self.count} images")
+                    raise ShardkitError(
+                        f"{path}: dataset {self.labels_key!r} has shape {labels.shape} for {self.count} images"
+                    )
                 if labels.dtype.kind not in "iufb":
-                    raise ShardkitError(f"{path}: dataset {self.labels_key!r} holds {labels.dtype}, "
-                                        "not integer labels")
+                    raise ShardkitError(f"{path}: dataset {self.labels_key!r} holds {labels.dtype}, not integer labels")
             if self.keys_key is not None and f[self.keys_key].shape[:1] != (self.count,):
-                raise ShardkitError(f"{path}: dataset {self.keys_key!r} has shape "
-                                    f"{f[self.keys_key].shape} for {self.count} images")
+                raise ShardkitError(
+                    f"{path}: dataset {self.keys_key!r} has shape {f[self.keys_key].shape} for {self.count} images"
+                )
             self.classes = self._classes(f)
 
-    def _resolve(self, f: Any, wanted: str | None, defaults: tuple[str, ...], what: str,
-                 optional: bool = False) -> str | None:
+    def _resolve(
+        self, f: Any, wanted: str | None, defaults: tuple[str, ...], what: str, optional: bool = False
+    ) -> str | None:
         h5py = _h5py()
         kinds = (h5py.Dataset, h5py.Group) if what == "images" else h5py.Dataset
         if wanted is not None:
             if not isinstance(f.get(wanted), kinds):
-                raise ShardkitError(f"{self.path}: no dataset {wanted!r} for the {what}; it has: "
-                                    f"{', '.join(_datasets(f)) or 'no datasets'}")
+                raise ShardkitError(
+                    f"{self.path}: no dataset {wanted!r} for the {what}; it has: "
+                    f"{', '.join(_datasets(f)) or 'no datasets'}"
+                )
             return wanted
         for name in defaults:
             if isinstance(f.get(name), kinds):
                 return name
         if optional:
             return None
-        raise ShardkitError(f"{self.path}: no dataset {' or '.join(map(repr, defaults))} for the "
-                            f"{what}; it has: {', '.join(_datasets(f)) or 'no datasets'} "
-                            "(pass --images-key)")
+        raise ShardkitError(
+            f"{self.path}: no dataset {' or '.join(map(repr, defaults))} for the "
+            f"{what}; it has: {', '.join(_datasets(f)) or 'no datasets'} "
+            "(pass --images-key)"
+        )
 
     @staticmethod
     def _kind(images: Any, h5py: Any, where: str) -> str:
@@ -137,13 +155,17 @@ class HDF5Source:
         dtype = images.dtype
         base = h5py.check_vlen_dtype(dtype)
         if images.ndim == 1 and (
-                (base is not None and np.dtype(base).kind in "iu" and np.dtype(base).itemsize == 1)
-                or h5py.check_string_dtype(dtype) is not None or dtype.kind in "VS"):
+            (base is not None and np.dtype(base).kind in "iu" and np.dtype(base).itemsize == 1)
+            or h5py.check_string_dtype(dtype) is not None
+            or dtype.kind in "VS"
+        ):
             return "encoded"
         if dtype.kind in "iufb" and images.ndim in (3, 4):
             return "dense"
-        raise ShardkitError(f"{where}: shape {images.shape} {dtype} is neither encoded images "
-                            "(1-D vlen uint8, opaque or bytes) nor a dense (N,H,W[,C]) array")
+        raise ShardkitError(
+            f"{where}: shape {images.shape} {dtype} is neither encoded images "
+            "(1-D vlen uint8, opaque or bytes) nor a dense (N,H,W[,C]) array"
+        )
 
     def _classes(self, f: Any) -> list[str] | None:
         holders = [f[self.labels_key]] if self.labels_key is not None else []
@@ -184,8 +206,11 @@ class HDF5Source:
             for start in range(0, self.count, rows):
                 stop = min(start + rows, self.count)
                 chunk = images[start:stop] if members is None else members[start:stop]
-                chunk_labels = to_labels(labels[start:stop], stop - start, f"{self.path}: dataset "
-                                         f"{self.labels_key!r}") if labels is not None else None
+                chunk_labels = (
+                    to_labels(labels[start:stop], stop - start, f"{self.path}: dataset {self.labels_key!r}")
+                    if labels is not None
+                    else None
+                )
                 chunk_keys = keys[start:stop] if keys is not None else None
                 for j, item in enumerate(chunk):
                     i = start + j
@@ -201,8 +226,9 @@ class HDF5Source:
                         label = self._member_label(member, label, where)
                         source_id = item if chunk_keys is None else source_id
                         item = member[()]
-                    if self.kind == "dense" or (members is not None and isinstance(item, np.ndarray)
-                                                and item.ndim in (2, 3)):
+                    if self.kind == "dense" or (
+                        members is not None and isinstance(item, np.ndarray) and item.ndim in (2, 3)
+                    ):
                         if members is not None:
                             check_dense((1, *item.shape), item.dtype, self.image_format, where)
                         ext, payload = encode_array(item, self.image_format, self.options.quality)

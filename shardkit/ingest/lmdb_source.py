@@ -35,7 +35,8 @@ import logging
 import os
 import pickle
 import struct
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -124,8 +125,15 @@ class LMDBSource:
     def _env(self) -> Any:
         lmdb = _lmdb()
         try:
-            return lmdb.open(self.path, readonly=True, lock=False, subdir=os.path.isdir(self.path),
-                             create=False, max_readers=1, max_dbs=0)
+            return lmdb.open(
+                self.path,
+                readonly=True,
+                lock=False,
+                subdir=os.path.isdir(self.path),
+                create=False,
+                max_readers=1,
+                max_dbs=0,
+            )
         except lmdb.Error as e:
             raise ShardkitError(f"{self.path}: cannot open as LMDB ({e})") from None
 
@@ -145,15 +153,13 @@ class LMDBSource:
                     skipper.bad(result, produced, where)
                     continue
                 ext, payload, label, extra = result
-                meta: dict[str, Any] = {"source": self.path, "source_format": FORMAT,
-                                        "source_id": _key_text(key)}
+                meta: dict[str, Any] = {"source": self.path, "source_format": FORMAT, "source_id": _key_text(key)}
                 if extra:
                     meta["meta"] = extra
                 yield make_sample(produced, ext, payload, label, meta)
                 produced += 1
 
-    def _decode(self, value: bytes, where: str
-                ) -> tuple[str, bytes, int | None, dict[str, Any]] | str:
+    def _decode(self, value: bytes, where: str) -> tuple[str, bytes, int | None, dict[str, Any]] | str:
         """(ext, image bytes, label, extra metadata) or an error message."""
         if value[:4] == RECORD_MAGIC:
             return self._decode_record(value, where)
@@ -162,7 +168,8 @@ class LMDBSource:
                 raise ShardkitError(
                     f"{where}: the value is a Python pickle; unpickling runs code from the file, "
                     "so it is refused. Pass allow_pickle=True (--allow-pickle) only for a "
-                    "source you trust")
+                    "source you trust"
+                )
             return self._decode_pickle(value, where)
         result = image_payload(value, where)
         return result if isinstance(result, str) else (*result, None, {})
@@ -173,12 +180,12 @@ class LMDBSource:
             return f"{where}: shardkit record shorter than its 8-byte header"
         (size,) = struct.unpack("<I", value[4:8])
         try:
-            header = json.loads(value[8:8 + size])
+            header = json.loads(value[8 : 8 + size])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return f"{where}: shardkit record with a bad JSON header ({e})"
         if not isinstance(header, dict):
             return f"{where}: shardkit record header is not a JSON object"
-        image = value[8 + size:]
+        image = value[8 + size :]
         ext = header.pop("ext", None) or sniff_ext(image)
         if ext is None:
             return f"{where}: shardkit record without 'ext' whose image format is not recognised"
@@ -187,8 +194,7 @@ class LMDBSource:
             return f"{where}: label {label!r} is not an integer"
         return str(ext), image, label, header
 
-    def _decode_pickle(self, value: bytes, where: str
-                       ) -> tuple[str, bytes, int | None, dict[str, Any]] | str:
+    def _decode_pickle(self, value: bytes, where: str) -> tuple[str, bytes, int | None, dict[str, Any]] | str:
         try:
             obj = pickle.loads(value)  # noqa: S301 - only with allow_pickle
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad record
@@ -198,8 +204,10 @@ class LMDBSource:
             image = next((obj[k] for k in _IMAGE_FIELDS if k in obj), None)
             label = next((obj[k] for k in _LABEL_FIELDS if k in obj), None)
             if image is None:
-                return f"{where}: pickled dict has no image field ({', '.join(_IMAGE_FIELDS)}); " \
-                       f"its keys: {sorted(map(str, obj))}"
+                return (
+                    f"{where}: pickled dict has no image field ({', '.join(_IMAGE_FIELDS)}); "
+                    f"its keys: {sorted(map(str, obj))}"
+                )
         elif isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
             image = obj[0]
             label = obj[1] if len(obj) == 2 else None

@@ -22,13 +22,24 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import ShardkitError
 from . import IngestOptions
-from .common import RecordSkipper, _json_id, check_dense, check_image_format, chunk_rows, encode_array, image_payload, make_sample, to_labels
+from .common import (
+    RecordSkipper,
+    _json_id,
+    check_dense,
+    check_image_format,
+    chunk_rows,
+    encode_array,
+    image_payload,
+    make_sample,
+    to_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,7 @@ def _load_label_file(path: str, count: int) -> np.ndarray:
 
 # -- npz members, streamed --------------------------------------------------------------------
 
+
 def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -79,8 +91,9 @@ def _npz_members(path: str) -> dict[str, tuple[tuple[int, ...], bool, np.dtype]]
     return members
 
 
-def _iter_npz_rows(path: str, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                   rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def _iter_npz_rows(
+    path: str, name: str, shape: tuple[int, ...], dtype: np.dtype, rows: int
+) -> Iterator[tuple[int, np.ndarray]]:
     """(start, chunk) of a C-order npz member, decompressing as it goes."""
     row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
     with zipfile.ZipFile(path) as zf, zf.open(name + ".npy") as f:
@@ -94,6 +107,7 @@ def _iter_npz_rows(path: str, name: str, shape: tuple[int, ...], dtype: np.dtype
 
 
 # -- the source -----------------------------------------------------------------------------
+
 
 def detect(path: str) -> bool:
     """An .npy/.npz file with the matching magic bytes (raw memmaps need --from numpy)."""
@@ -135,8 +149,10 @@ class NumpySource:
         where = f"{path}" + (f": array {self._member!r}" if self._member else "")
         if self.dtype.hasobject:
             if not options.allow_pickle:
-                raise ShardkitError(f"{where}: holds Python objects, which loading would unpickle; "
-                                    "pass allow_pickle=True (--allow-pickle) only for a file you trust")
+                raise ShardkitError(
+                    f"{where}: holds Python objects, which loading would unpickle; "
+                    "pass allow_pickle=True (--allow-pickle) only for a file you trust"
+                )
             if self.kind != "npy" or len(self.shape) != 1:
                 raise ShardkitError(f"{where}: object arrays are only read from a 1-D .npy of image bytes")
         else:
@@ -157,8 +173,9 @@ class NumpySource:
         else:
             found = next((n for n, (s, _, d) in members.items() if d == np.uint8 and len(s) in (3, 4)), None)
             if found is None:
-                raise ShardkitError(f"{self.path}: no 'images' array and no 3-D/4-D uint8 array; "
-                                    f"it has: {listing} (pass --images-key)")
+                raise ShardkitError(
+                    f"{self.path}: no 'images' array and no 3-D/4-D uint8 array; it has: {listing} (pass --images-key)"
+                )
             name = found
         self._member = name
         self.shape, self._fortran, self.dtype = members[name]
@@ -186,14 +203,15 @@ class NumpySource:
         if arrays is not None:
             arrays.close()
         if self._fortran:
-            log.warning("%s: array %r is Fortran-ordered; it will be loaded whole into memory",
-                        self.path, name)
+            log.warning("%s: array %r is Fortran-ordered; it will be loaded whole into memory", self.path, name)
 
     def _open_raw(self) -> None:
         opts = self.options
         if not opts.shape or not opts.dtype:
-            raise ShardkitError(f"{self.path}: not an .npy/.npz file; reading it as a raw memmap "
-                                "needs its shape and dtype (--shape N,H,W,C --dtype uint8)")
+            raise ShardkitError(
+                f"{self.path}: not an .npy/.npz file; reading it as a raw memmap "
+                "needs its shape and dtype (--shape N,H,W,C --dtype uint8)"
+            )
         try:
             self.dtype = np.dtype(opts.dtype)
         except TypeError:
@@ -203,13 +221,15 @@ class NumpySource:
         per_row = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         if shape and shape[0] == -1:
             if per_row == 0 or size % per_row:
-                raise ShardkitError(f"{self.path}: {size} bytes is not a whole number of "
-                                    f"{shape[1:]} {self.dtype} images")
+                raise ShardkitError(
+                    f"{self.path}: {size} bytes is not a whole number of {shape[1:]} {self.dtype} images"
+                )
             shape = (size // per_row, *shape[1:])
         expected = per_row * shape[0] if shape else 0
         if expected != size:
-            raise ShardkitError(f"{self.path}: shape {shape} of {self.dtype} needs {expected} bytes, "
-                                f"the file has {size}")
+            raise ShardkitError(
+                f"{self.path}: shape {shape} of {self.dtype} needs {expected} bytes, the file has {size}"
+            )
         self.shape = shape
 
     def __len__(self) -> int:
@@ -225,12 +245,13 @@ class NumpySource:
             with np.load(self.path, allow_pickle=False) as arrays:
                 array = arrays[self._member]
         elif self.kind == "npy":
-            array = np.load(self.path, mmap_mode=None if self.dtype.hasobject else "r",
-                            allow_pickle=self.dtype.hasobject)
+            array = np.load(
+                self.path, mmap_mode=None if self.dtype.hasobject else "r", allow_pickle=self.dtype.hasobject
+            )
         else:
             array = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
         for start in range(0, self.shape[0], rows):
-            yield start, np.asarray(array[start:start + rows])
+            yield start, np.asarray(array[start : start + rows])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         skipper = RecordSkipper(self.options, self.skipped)
@@ -241,16 +262,22 @@ class NumpySource:
                 i = start + offset
                 if self.dtype.hasobject:
                     where = f"{self.path}: record {i}"
-                    result = image_payload(bytes(item), where) if isinstance(item, (bytes, np.ndarray)) \
+                    result = (
+                        image_payload(bytes(item), where)
+                        if isinstance(item, (bytes, np.ndarray))
                         else f"{where}: holds a {type(item).__name__}, not image bytes"
+                    )
                     if isinstance(result, str):
                         skipper.bad(result, produced, where)
                         continue
                     ext, payload = result
                 else:
                     ext, payload = encode_array(item, self.image_format, self.options.quality)
-                meta = {"source": self.path, "source_format": FORMAT,
-                        "source_id": self._keys[i] if self._keys is not None else i}
+                meta = {
+                    "source": self.path,
+                    "source_format": FORMAT,
+                    "source_id": self._keys[i] if self._keys is not None else i,
+                }
                 label = int(labels[i]) if labels is not None else None
                 yield make_sample(produced, ext, payload, label, meta)
                 produced += 1

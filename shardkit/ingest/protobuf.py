@@ -9,7 +9,8 @@ Fields are read as memoryview slices of the record, so values are copied once.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -40,13 +41,13 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
             value, pos = _varint(buf, pos)
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value = buf[pos:pos + size]
+            value = buf[pos : pos + size]
             pos += size
         elif wire == 1:
-            value = buf[pos:pos + 8]
+            value = buf[pos : pos + 8]
             pos += 8
         elif wire == 5:
-            value = buf[pos:pos + 4]
+            value = buf[pos : pos + 4]
             pos += 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 from ..errors import ShardkitError
@@ -70,23 +71,28 @@ class SQLiteSource:
 
     def _inspect(self, conn: sqlite3.Connection) -> None:
         opts = self.options
-        tables = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
-            "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
         columns = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({_quote(t)})")] for t in tables}
         image_column = opts.image_column or "image"
         if opts.table is not None:
             if opts.table not in tables:
-                raise ShardkitError(f"{self.path}: no table {opts.table!r}; it has: "
-                                    f"{', '.join(tables) or 'no tables'}")
+                raise ShardkitError(f"{self.path}: no table {opts.table!r}; it has: {', '.join(tables) or 'no tables'}")
             table = opts.table
         elif len(tables) == 1:
             table = tables[0]
         else:
             with_image = [t for t in tables if image_column in columns[t]]
             if len(with_image) != 1:
-                raise ShardkitError(f"{self.path}: cannot tell which table holds the images; it has: "
-                                    f"{', '.join(tables) or 'no tables'} (pass --table)")
+                raise ShardkitError(
+                    f"{self.path}: cannot tell which table holds the images; it has: "
+                    f"{', '.join(tables) or 'no tables'} (pass --table)"
+                )
             table = with_image[0]
         cols = columns[table]
         listing = f"table {table!r} has columns: {', '.join(cols)}"
@@ -105,14 +111,20 @@ class SQLiteSource:
         self.count = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
         if self.label_column is not None:
             label = _quote(self.label_column)
-            texts = [r[0] for r in conn.execute(
-                f"SELECT DISTINCT {label} FROM {_quote(table)} WHERE typeof({label}) = 'text' "
-                f"ORDER BY {label}")]
+            texts = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT DISTINCT {label} FROM {_quote(table)} WHERE typeof({label}) = 'text' ORDER BY {label}"
+                )
+            ]
             if texts:
                 # Class names: every non-NULL label is read as text, integers included.
-                numbers = [str(r[0]) for r in conn.execute(
-                    f"SELECT DISTINCT {label} FROM {_quote(table)} "
-                    f"WHERE typeof({label}) IN ('integer', 'real')")]
+                numbers = [
+                    str(r[0])
+                    for r in conn.execute(
+                        f"SELECT DISTINCT {label} FROM {_quote(table)} WHERE typeof({label}) IN ('integer', 'real')"
+                    )
+                ]
                 self.classes = sorted(set(texts) | set(numbers))
 
     def __len__(self) -> int:
@@ -142,22 +154,27 @@ class SQLiteSource:
                         yield sample
                         produced += 1
         except sqlite3.DatabaseError as e:
-            raise ShardkitError(f"{self.path}: table {self.table!r}: read failed after {number} "
-                                f"rows ({e})") from None
+            raise ShardkitError(f"{self.path}: table {self.table!r}: read failed after {number} rows ({e})") from None
         finally:
             conn.close()
 
-    def _sample(self, number: int, key: Any, image: Any, label: Any,
-                lookup: dict[str, int] | None, skipper: RecordSkipper,
-                produced: int) -> dict[str, Any] | None:
+    def _sample(
+        self,
+        number: int,
+        key: Any,
+        image: Any,
+        label: Any,
+        lookup: dict[str, int] | None,
+        skipper: RecordSkipper,
+        produced: int,
+    ) -> dict[str, Any] | None:
         source_id = key if key is not None else number
         if isinstance(source_id, bytes):
             source_id = source_id.decode("utf-8", errors="backslashreplace")
         where = f"{self.path}: table {self.table!r} record {number} ({self.key_column or 'rowid'} {source_id!r})"
         if not isinstance(image, bytes):
             kind = "NULL" if image is None else type(image).__name__
-            skipper.bad(f"{where}: column {self.image_column!r} holds {kind}, not image bytes",
-                        produced, where)
+            skipper.bad(f"{where}: column {self.image_column!r} holds {kind}, not image bytes", produced, where)
             return None
         result = image_payload(image, where)
         if isinstance(result, str):

@@ -24,7 +24,8 @@ import gzip
 import logging
 import os
 import struct
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import google_crc32c
 
@@ -62,6 +63,7 @@ def masked_crc32c(data: bytes | bytearray | memoryview) -> int:
 
 # -- record framing -----------------------------------------------------------------------
 
+
 def _open(path: str) -> IO[bytes]:
     with open(path, "rb") as f:
         compressed = f.read(2) == _GZIP_MAGIC
@@ -86,19 +88,30 @@ def iter_records(path: str, *, verify: bool = True) -> Iterator[tuple[int, int, 
             if not header:
                 return
             if len(header) < 12:
-                raise _error(path, number, offset,
-                             f"truncated: the file ends inside the record header ({len(header)} of 12 bytes)")
+                raise _error(
+                    path,
+                    number,
+                    offset,
+                    f"truncated: the file ends inside the record header ({len(header)} of 12 bytes)",
+                )
             length, length_crc = struct.unpack("<QI", header)
             if verify and masked_crc32c(header[:8]) != length_crc:
                 raise _error(path, number, offset, "bad length CRC: the file is corrupt or not a TFRecord file")
             if size is not None and offset + 16 + length > size:
-                raise _error(path, number, offset,
-                             f"truncated: the record claims {length} bytes but the file ends "
-                             f"{size - offset - 12} bytes later")
+                raise _error(
+                    path,
+                    number,
+                    offset,
+                    f"truncated: the record claims {length} bytes but the file ends {size - offset - 12} bytes later",
+                )
             body = f.read(length + 4)
             if len(body) < length + 4:
-                raise _error(path, number, offset,
-                             f"truncated: the file ends inside the record ({len(body)} of {length + 4} bytes)")
+                raise _error(
+                    path,
+                    number,
+                    offset,
+                    f"truncated: the file ends inside the record ({len(body)} of {length + 4} bytes)",
+                )
             data = memoryview(body)[:length]
             if verify and masked_crc32c(data) != struct.unpack("<I", body[length:])[0]:
                 raise _error(path, number, offset, "bad data CRC: the record is corrupt")
@@ -127,6 +140,7 @@ def count_records(path: str) -> int:
 
 # -- the source ---------------------------------------------------------------------------
 
+
 def _has_suffix(name: str) -> bool:
     name = name.lower()
     if name.endswith(".gz"):
@@ -148,8 +162,7 @@ def _first_record_ok(path: str) -> bool:
 def _list_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         return [path]
-    names = sorted(n for n in os.listdir(path)
-                   if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+    names = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
     suffixed = [n for n in names if _has_suffix(n)]
     # Without suffixes (e.g. ImageNet's train-00000-of-01024) take every file but sidecars.
     chosen = suffixed or [n for n in names if not n.lower().endswith((".idx", ".index", ".txt", ".json"))]
@@ -205,8 +218,7 @@ class TFRecordSource:
             self._count = sum(count_records(f) for f in self.files)
         return self._count
 
-    def _pick(self, features: dict[str, list[Any]], wanted: str | None,
-              defaults: tuple[str, ...]) -> str | None:
+    def _pick(self, features: dict[str, list[Any]], wanted: str | None, defaults: tuple[str, ...]) -> str | None:
         if wanted is not None:
             return wanted if wanted in features else None
         return next((name for name in defaults if name in features), None)
@@ -224,29 +236,34 @@ class TFRecordSource:
                     raise ShardkitError(f"{where}: {e}") from None
                 image_name = self._pick(features, options.image_feature, _IMAGE_FEATURES)
                 if image_name is None:
-                    wanted = " or ".join(map(repr, (options.image_feature,) if options.image_feature
-                                               else _IMAGE_FEATURES))
-                    raise ShardkitError(f"{where}: no image feature {wanted}; the record has "
-                                        f"{sorted(features)} (pass --image-feature)")
+                    wanted = " or ".join(
+                        map(repr, (options.image_feature,) if options.image_feature else _IMAGE_FEATURES)
+                    )
+                    raise ShardkitError(
+                        f"{where}: no image feature {wanted}; the record has {sorted(features)} (pass --image-feature)"
+                    )
                 values = features[image_name]
                 if len(values) != 1 or not isinstance(values[0], bytes):
-                    kind = "values" if not values or isinstance(values[0], bytes) else \
-                        f"{type(values[0]).__name__} values"
-                    raise ShardkitError(f"{where}: feature {image_name!r} holds {len(values)} {kind}; "
-                                        "expected exactly one encoded image (bytes_list)")
+                    kind = (
+                        "values" if not values or isinstance(values[0], bytes) else f"{type(values[0]).__name__} values"
+                    )
+                    raise ShardkitError(
+                        f"{where}: feature {image_name!r} holds {len(values)} {kind}; "
+                        "expected exactly one encoded image (bytes_list)"
+                    )
                 result = image_payload(values[0], where)
                 if isinstance(result, str):
                     skipper.bad(result, produced, where)
                     continue
                 label_name = self._pick(features, options.label_feature, _LABEL_FEATURES)
                 if label_name is None and options.label_feature is not None:
-                    raise ShardkitError(f"{where}: no label feature {options.label_feature!r}; "
-                                        f"the record has {sorted(features)}")
+                    raise ShardkitError(
+                        f"{where}: no label feature {options.label_feature!r}; the record has {sorted(features)}"
+                    )
                 label = None
                 if label_name is not None:
                     label = self._label(features[label_name], label_name, where)
-                meta: dict[str, Any] = {"source": path, "source_format": FORMAT,
-                                        "source_id": number, "offset": offset}
+                meta: dict[str, Any] = {"source": path, "source_format": FORMAT, "source_id": number, "offset": offset}
                 extra = _small_features(features, (image_name, label_name))
                 if extra:
                     meta["features"] = extra
@@ -259,8 +276,10 @@ class TFRecordSource:
             return None
         value = values[0]
         if isinstance(value, bytes):
-            raise ShardkitError(f"{where}: label feature {name!r} holds bytes, not an int64 class "
-                                "index (pass --label-feature with the int64 label)")
+            raise ShardkitError(
+                f"{where}: label feature {name!r} holds bytes, not an int64 class "
+                "index (pass --label-feature with the int64 label)"
+            )
         if isinstance(value, float) and not value.is_integer():
             raise ShardkitError(f"{where}: label feature {name!r} holds {value}, not a class index")
         return int(value)

@@ -24,8 +24,9 @@ def _fs(url: str):  # -> (AbstractFileSystem, path)
         raise SourceError(f"fsspec cannot open this URL: {e}", url=url) from None
 
 
-def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+def open_stream(
+    url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+) -> BinaryIO:
     fs, path = _fs(url)
     try:
         f = fs.open(path, "rb")

@@ -61,10 +61,8 @@ log = logging.getLogger(__name__)
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 _OK_PUT = frozenset({200, 201, 204})
 # Errors raised while connecting or reading a body that a retry can cure.
-_TRANSIENT_REQUEST_ERRORS = (requests.ConnectionError, requests.Timeout,
-                             requests.exceptions.ChunkedEncodingError)
-_TRANSIENT_READ_ERRORS = (urllib3.exceptions.HTTPError, HTTPException, OSError,
-                          requests.RequestException)
+_TRANSIENT_REQUEST_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+_TRANSIENT_READ_ERRORS = (urllib3.exceptions.HTTPError, HTTPException, OSError, requests.RequestException)
 
 _session: requests.Session | None = None
 _session_pid = -1
@@ -147,8 +145,9 @@ class HTTPStream(ResumableStream):
 
     transient_errors = _TRANSIENT_READ_ERRORS
 
-    def __init__(self, url: str, offset: int = 0, length: int | None = None,
-                 options: SourceOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self, url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+    ) -> None:
         self._resp: requests.Response | None = None
         self._skip = 0  # body bytes to discard first (server ignored Range)
         self._size: int | None = None
@@ -159,13 +158,11 @@ class HTTPStream(ResumableStream):
         # A resume must continue the same object, not a replaced one.
         if size is not None:
             if self._size is not None and size != self._size:
-                raise SourceError(f"object size changed while reading ({self._size} -> {size})",
-                                  url=self.url)
+                raise SourceError(f"object size changed while reading ({self._size} -> {size})", url=self.url)
             self._size = size
         if etag:
             if self._etag and etag != self._etag:
-                raise SourceError(f"object changed while reading (ETag {self._etag} -> {etag})",
-                                  url=self.url)
+                raise SourceError(f"object changed while reading (ETag {self._etag} -> {etag})", url=self.url)
             self._etag = etag
 
     def _open_body(self, pos: int, end: int | None) -> int | None:
@@ -185,8 +182,11 @@ class HTTPStream(ResumableStream):
             first, last_byte, total = _parse_content_range(resp.headers.get("Content-Range"))
             if first != pos or last_byte is None:
                 resp.close()
-                raise SourceError(f"asked for bytes from {pos}, server answered Content-Range "
-                                  f"{resp.headers.get('Content-Range')!r}", url=self.url, status=206)
+                raise SourceError(
+                    f"asked for bytes from {pos}, server answered Content-Range {resp.headers.get('Content-Range')!r}",
+                    url=self.url,
+                    status=206,
+                )
             self._check_same_object(total, resp.headers.get("ETag"))
             self._resp, self._skip = resp, 0
             return last_byte + 1
@@ -212,8 +212,11 @@ class HTTPStream(ResumableStream):
         server = urlsplit(self.url).netloc
         if server not in _warned_no_range:
             _warned_no_range.add(server)
-            log.warning("%s ignores HTTP Range requests: seeking or resuming re-downloads the "
-                        "object from byte 0 (%s)", server, self.url)
+            log.warning(
+                "%s ignores HTTP Range requests: seeking or resuming re-downloads the object from byte 0 (%s)",
+                server,
+                self.url,
+            )
 
     def _read_body(self, size: int) -> bytes:
         assert self._resp is not None
@@ -250,16 +253,16 @@ def _content_length(resp: requests.Response) -> int | None:
         return None
 
 
-def _request(method: str, url: str, options: SourceOptions, *,
-             body_path: str | None = None) -> requests.Response:
+def _request(method: str, url: str, options: SourceOptions, *, body_path: str | None = None) -> requests.Response:
     """One non-streaming request with the retry policy; returns the final response
     (any non-transient status: the caller decides what it means)."""
 
     def attempt() -> requests.Response:
         try:
             with open(body_path, "rb") if body_path is not None else contextlib.nullcontext() as data:
-                resp = session().request(method, url, data=data, headers=headers_for(url, options),
-                                         timeout=options.timeout)
+                resp = session().request(
+                    method, url, data=data, headers=headers_for(url, options), timeout=options.timeout
+                )
         except _TRANSIENT_REQUEST_ERRORS as e:
             if isinstance(e, requests.exceptions.SSLError):
                 raise SourceError(f"TLS error: {describe(e)}", url=url) from None
@@ -277,8 +280,9 @@ def _request(method: str, url: str, options: SourceOptions, *,
 # -- backend API ------------------------------------------------------------------
 
 
-def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+def open_stream(
+    url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+) -> BinaryIO:
     """Stream ``url`` from ``offset`` (``length`` bytes or to the end)."""
     return HTTPStream(url, offset, length, options)  # type: ignore[return-value]
 
@@ -325,7 +329,7 @@ def list_prefix(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> list[str]
         target = urljoin(folder, href).partition("#")[0].partition("?")[0]
         if not target.startswith(folder):
             continue
-        rest = target[len(folder):]
+        rest = target[len(folder) :]
         if not rest or rest in ("./", "../") or "/" in rest.rstrip("/"):
             continue
         if unquote(rest).startswith(want):
@@ -343,5 +347,4 @@ def put_file(local_path: str, url: str, options: SourceOptions = DEFAULT_OPTIONS
 
 BACKEND = Backend(open_stream, read_bytes, list_prefix, put_file)
 
-__all__ = ["BACKEND", "HTTPStream", "open_stream", "read_bytes", "list_prefix", "put_file",
-           "session", "headers_for"]
+__all__ = ["BACKEND", "HTTPStream", "open_stream", "read_bytes", "list_prefix", "put_file", "session", "headers_for"]

@@ -43,8 +43,9 @@ class PipeStream(ChunkStream):
         # stderr to a temp file, not a pipe: a chatty command must not block on a full pipe.
         self._stderr = tempfile.TemporaryFile()
         try:
-            self._proc = subprocess.Popen(_command(url), shell=True, stdout=subprocess.PIPE,
-                                          stderr=self._stderr, stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                _command(url), shell=True, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL
+            )
         except OSError as e:
             self._stderr.close()
             raise SourceError(f"cannot start command: {e}", url=url) from None
@@ -71,8 +72,9 @@ class PipeStream(ChunkStream):
         if status != 0:
             tail = self._stderr_tail()
             what = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-            raise SourceError(f"command failed ({what})" + (f"; stderr: {tail}" if tail else ""),
-                              url=self.url, status=status)
+            raise SourceError(
+                f"command failed ({what})" + (f"; stderr: {tail}" if tail else ""), url=self.url, status=status
+            )
 
     def _read_raw(self, size: int) -> bytes:
         assert self._proc.stdout is not None
@@ -109,8 +111,9 @@ class PipeStream(ChunkStream):
             super().close()
 
 
-def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+def open_stream(
+    url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+) -> BinaryIO:
     return PipeStream(url, offset, length)  # type: ignore[return-value]
 
 

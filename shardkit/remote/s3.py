@@ -40,16 +40,33 @@ log = logging.getLogger(__name__)
 
 PIECE = 256 * 1024
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-    "BandwidthLimitExceeded", "503", "500", "502", "504",
-})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "BandwidthLimitExceeded",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_TRANSIENT_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
-                     botocore.exceptions.ResponseStreamingError,
-                     botocore.exceptions.IncompleteReadError, urllib3.exceptions.HTTPError,
-                     OSError)
+_TRANSIENT_ERRORS = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
 
 _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
@@ -76,8 +93,10 @@ def client(options: SourceOptions = DEFAULT_OPTIONS) -> Any:
             config = Config(
                 s3={"addressing_style": "path"},
                 retries={"total_max_attempts": 1},  # ours resume mid-body; see module doc
-                connect_timeout=options.timeout, read_timeout=options.timeout,
-                max_pool_connections=32)
+                connect_timeout=options.timeout,
+                read_timeout=options.timeout,
+                max_pool_connections=32,
+            )
             c = boto3.session.Session().client("s3", config=config)
             if len(_clients) >= 8:  # env/timeout changes are rare; do not grow without bound
                 _clients.pop(next(iter(_clients)))
@@ -116,8 +135,11 @@ def _describe(e: BaseException) -> str:
 
 def _permanent(url: str, e: BaseException) -> SourceError:
     if isinstance(e, botocore.exceptions.NoCredentialsError):
-        return SourceError("no AWS credentials found (boto3 looked at AWS_ACCESS_KEY_ID/"
-                           "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws)", url=url)
+        return SourceError(
+            "no AWS credentials found (boto3 looked at AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws)",
+            url=url,
+        )
     if isinstance(e, botocore.exceptions.ClientError):
         return SourceError(_describe(e), url=url, status=_error_info(e)[1])
     return SourceError(_describe(e), url=url)
@@ -146,8 +168,9 @@ class S3Stream(ResumableStream):
 
     transient_errors = _TRANSIENT_ERRORS
 
-    def __init__(self, url: str, offset: int = 0, length: int | None = None,
-                 options: SourceOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self, url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+    ) -> None:
         self._bucket, self._key = split_url(url)
         self._body: Any = None
         self._etag: str | None = None
@@ -166,8 +189,9 @@ class S3Stream(ResumableStream):
             if code == "InvalidRange" or status == 416:
                 raise AtEnd() from None  # starts at/after the end of the object
             if code == "PreconditionFailed" or status == 412:
-                raise SourceError(f"object changed while reading (ETag was {self._etag})",
-                                  url=self.url, status=status) from None
+                raise SourceError(
+                    f"object changed while reading (ETag was {self._etag})", url=self.url, status=status
+                ) from None
             if _is_transient(code, status):
                 raise Retry(_describe(e), status) from None
             raise _permanent(self.url, e) from None
@@ -180,8 +204,9 @@ class S3Stream(ResumableStream):
             first = content_range.split()[-1].split("-", 1)[0]
             if not first.isdigit() or int(first) != pos:
                 resp["Body"].close()
-                raise SourceError(f"asked for bytes from {pos}, got Content-Range {content_range!r}",
-                                  url=self.url, status=206)
+                raise SourceError(
+                    f"asked for bytes from {pos}, got Content-Range {content_range!r}", url=self.url, status=206
+                )
         elif pos > 0:
             resp["Body"].close()
             raise SourceError("S3 server ignored the Range header", url=self.url)
@@ -208,8 +233,9 @@ class S3Stream(ResumableStream):
 # -- backend API ------------------------------------------------------------------
 
 
-def open_stream(url: str, offset: int = 0, length: int | None = None,
-                options: SourceOptions = DEFAULT_OPTIONS) -> BinaryIO:
+def open_stream(
+    url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+) -> BinaryIO:
     """Stream ``s3://bucket/key`` from ``offset`` (``length`` bytes or to the end)."""
     return S3Stream(url, offset, length, options)  # type: ignore[return-value]
 
@@ -263,12 +289,10 @@ def put_file(local_path: str, url: str, options: SourceOptions = DEFAULT_OPTIONS
 
     try:
         _call(url, options, put)
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError,
-            boto3.exceptions.Boto3Error) as e:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error) as e:
         raise _permanent(url, e) from None
 
 
 BACKEND = Backend(open_stream, read_bytes, list_prefix, put_file)
 
-__all__ = ["BACKEND", "S3Stream", "client", "list_prefix", "open_stream", "put_file",
-           "read_bytes", "split_url"]
+__all__ = ["BACKEND", "S3Stream", "client", "list_prefix", "open_stream", "put_file", "read_bytes", "split_url"]

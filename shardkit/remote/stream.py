@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..backend import DEFAULT_OPTIONS, ChunkStream, SourceOptions
 from ..errors import SourceError
@@ -93,8 +94,9 @@ class ResumableStream(ChunkStream):
 
     transient_errors: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, url: str, offset: int = 0, length: int | None = None,
-                 options: SourceOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self, url: str, offset: int = 0, length: int | None = None, options: SourceOptions = DEFAULT_OPTIONS
+    ) -> None:
         super().__init__()
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"bad range offset={offset} length={length}")
