@@ -7,7 +7,7 @@ before DataLoader workers fork. Every CUDA call happens inside a function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,14 +127,19 @@ class CudaPrefetcher:
     are moved; anything else is passed as is. Use ``DataLoader(pin_memory=True)``:
     copies from pageable memory are synchronous and overlap nothing.
 
+    ``prepare(batch)``, when given, runs on each batch inside the side stream before the
+    copy (ShardLoader's GPU decode stage), so its kernels overlap the caller's work too.
+
     Without CUDA: ``device=None`` means "the current CUDA device if there is one", and
     with no CUDA the prefetcher passes batches through unchanged (logged once), so the
     same training script runs on a CPU-only machine. An explicit CUDA ``device`` with no
     CUDA available raises RuntimeError at construction.
     """
 
-    def __init__(self, iterable: Iterable[Any], device: str | torch.device | int | None = None) -> None:
+    def __init__(self, iterable: Iterable[Any], device: str | torch.device | int | None = None, *,
+                 prepare: Callable[[Any], Any] | None = None) -> None:
         self.iterable = iterable
+        self.prepare = prepare
         if device is None and not torch.cuda.is_available():
             logger.info("CudaPrefetcher: CUDA is not available, batches stay on the CPU")
             self.device: torch.device | None = None
@@ -146,7 +151,7 @@ class CudaPrefetcher:
 
     def __iter__(self) -> Iterator[Any]:
         if self.device is None:
-            yield from self.iterable
+            yield from (self.iterable if self.prepare is None else map(self.prepare, self.iterable))
             return
         copy_stream = torch.cuda.Stream(self.device)
         batches = iter(self.iterable)
@@ -157,6 +162,8 @@ class CudaPrefetcher:
             except StopIteration:
                 return False, None
             with torch.cuda.stream(copy_stream):
+                if self.prepare is not None:  # e.g. a GPU decode: its kernels also run on the side stream
+                    batch = self.prepare(batch)
                 return True, _to_device(batch, self.device)
 
         has_next, pending = start_copy()

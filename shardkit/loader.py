@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .dataset import Batching, Progress, ShardDataset
 from .errors import ShardkitError
+from .gpu_batch import DeviceStage
 from .mix import Mix
 from .pipeline import collate
 from .plan import simulate_consumption
@@ -96,16 +97,31 @@ class ShardLoader(DataLoader):
         prefetch_factor: batches each worker prepares ahead (default 4 with workers).
         drop_last: drop each worker's partial last batch (same rule as batch_size).
         collate_fn: how to collate a list of samples (default: stack tensors, keep lists).
+        device: "cuda" (or "cuda:N"): batches arrive on that GPU, copied from pinned memory
+            on a side stream one batch ahead. Raises at construction without CUDA.
+        decode_device: "cuda": workers only read and ship encoded images with their drawn
+            crop/flip parameters; the main process decodes, crops, resizes, flips and
+            normalises each batch on the GPU (see :mod:`shardkit.gpu_batch`). "cpu" runs
+            the same main-process stage with the CPU decoder (what CI tests).
+        decode_backend: with decode_device: "auto" (nvImageCodec when installed, else
+            torchvision's nvjpeg; the CPU decoder on "cpu"), "nvimgcodec", "nvjpeg" or "cpu".
         Other keyword arguments go to DataLoader.
     """
 
     def __init__(self, dataset: ShardDataset | Mix, *, batch_size: int | None = _UNSET, num_workers: int = 2,
                  persistent_workers: bool | None = None, pin_memory: bool | None = None,
                  prefetch_factor: int | None = None, drop_last: bool = _UNSET,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, **kwargs: Any) -> None:
+                 collate_fn: Callable[[list[Any]], Any] | None = None, device: str | torch.device | None = None,
+                 decode_device: str | torch.device | None = None, decode_backend: str = "auto",
+                 **kwargs: Any) -> None:
         if not isinstance(dataset, (ShardDataset, Mix)):
             raise TypeError("ShardLoader needs a ShardDataset or a Mix; use DataLoader for other datasets")
-        view = LoaderView(dataset, _batching(dataset, batch_size, drop_last, collate_fn), num_workers)
+        batching = _batching(dataset, batch_size, drop_last, collate_fn)
+        # The workers of the GPU-decode path iterate a view of the dataset that ships encoded images.
+        stage = DeviceStage.build(dataset, batching, device=device, decode_device=decode_device,
+                                  decode_backend=decode_backend)
+        worker_dataset = stage.worker_dataset if stage is not None and stage.worker_dataset is not None else dataset
+        view = LoaderView(worker_dataset, batching, num_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if pin_memory is None:
@@ -123,6 +139,7 @@ class ShardLoader(DataLoader):
         self._epoch_set = False
         self._stats: dict[str, float] = {}
         self._worker_stats: dict[int, dict[str, int]] = {}
+        self._device_stage = stage
 
     @property
     def batching(self) -> Batching:
@@ -160,6 +177,8 @@ class ShardLoader(DataLoader):
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
         it = super().__iter__()
+        if self._device_stage is not None:  # pairs stay paired: progress is recorded when handed out
+            it = self._device_stage.wrap(it)
         while True:
             t0 = time.perf_counter()
             try:
@@ -237,8 +256,11 @@ class ShardLoader(DataLoader):
         """This rank's numbers for the current/last epoch: batches and samples delivered,
         padded/dropped (even mode), samples and bytes read, skipped samples, shards opened,
         cache hits/misses/downloads (with a cache), and ``wait_s``, the seconds the
-        training loop waited for data."""
+        training loop waited for data (with ``device``/``decode_device`` this includes
+        the main-process stage, which ``stage_s`` also reports alone)."""
         out: dict[str, Any] = {"epoch": self.epoch, **self._stats}
+        if self._device_stage is not None:
+            out.update(self._device_stage.stats())
         keys = {k for s in self._worker_stats.values() for k in s}
         for key in sorted(keys | {"samples_read", "bytes_read", "skipped", "shards_opened"}):
             out[key] = sum(s.get(key, 0) for s in self._worker_stats.values())
