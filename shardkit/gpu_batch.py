@@ -54,7 +54,7 @@ SUPPORTED_TRANSFORMS = (
 
 # ----------------------------------------------------------------------- the recipe
 
-def _tv_classes(*names: str) -> tuple[type, ...]:
+def _tv_classes(*names: str) -> tuple[Any, ...]:
     """The torchvision v1 and v2 classes with these names (v2 ones are not subclasses of v1)."""
     import torchvision.transforms as v1
     import torchvision.transforms.v2 as v2
@@ -136,6 +136,7 @@ def parse_recipe(transform: Any) -> Recipe:
     out_hw: tuple[int, int] | None = None
     dtype: torch.dtype | None = None
     mean = std = None
+    leaf: Any
     for leaf in _leaves(transform):
         name = type(leaf).__name__
         geometric = isinstance(leaf, rrc + resize + center + flip)
@@ -514,16 +515,23 @@ def _apply_steps(tensor: torch.Tensor, image: EncodedImage, recipe: Recipe, crop
     return tensor
 
 
-def _keep(obj: Any, keep: list[int], n: int) -> Any:
-    """Drop from a collated batch of ``n`` items every item not in ``keep`` (all fields)."""
+def _slots(batch: Any) -> bool:
+    """True for a batch of ``fields`` tuples: a tuple, or the list DataLoader's
+    default_convert makes of it in the main process. Its items are slots, not samples."""
+    return isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields") \
+        and not (batch and isinstance(batch[0], EncodedImage))
+
+
+def _keep(obj: Any, keep: list[int], n: int, *, top: bool = True) -> Any:
+    """Drop from a collated batch of ``n`` samples every sample not in ``keep`` (all fields)."""
+    if top and _slots(obj):
+        return type(obj)(_keep(v, keep, n, top=False) for v in obj)
     if isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == n:
         return obj[torch.tensor(keep, dtype=torch.long, device=obj.device)]
     if isinstance(obj, list) and len(obj) == n:
         return [obj[i] for i in keep]
     if isinstance(obj, Mapping):
-        return {k: _keep(v, keep, n) for k, v in obj.items()}
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_keep(v, keep, n) for v in obj)
+        return {k: _keep(v, keep, n, top=False) for k, v in obj.items()}
     return obj
 
 
@@ -561,13 +569,13 @@ class BatchStage:
         self.seconds += time.perf_counter() - started
         return out
 
-    def _walk(self, obj: Any, failed: set[int]) -> Any:
+    def _walk(self, obj: Any, failed: set[int], *, top: bool = True) -> Any:
         if isinstance(obj, list) and obj and all(isinstance(x, EncodedImage) for x in obj):
             return self.images(obj, failed)
         if isinstance(obj, Mapping):
-            return {k: self._walk(v, failed) for k, v in obj.items()}
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(self._walk(v, failed) for v in obj)
+            return {k: self._walk(v, failed, top=False) for k, v in obj.items()}
+        if top and _slots(obj):
+            return type(obj)(self._walk(v, failed, top=False) for v in obj)
         return obj
 
     def images(self, images: Sequence[EncodedImage], failed: set[int] | None = None) -> torch.Tensor:
@@ -584,7 +592,7 @@ class BatchStage:
         out = torch.empty((len(images), 3, height, width), dtype=torch.uint8, device=self.device)
         for i, (image, recipe, decoded) in enumerate(zip(images, recipes, self.backend.decode(images, recipes))):
             error = decoded.error
-            if error is None:
+            if error is None and decoded.tensor is not None:
                 try:
                     out[i] = _apply_steps(decoded.tensor, image, recipe, decoded.cropped)
                 except (RuntimeError, ValueError) as exc:
@@ -605,7 +613,7 @@ def finish_batch(batch: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     if recipe.dtype is not None:
         batch = tvf.to_dtype(batch, recipe.dtype, scale=True)
     if recipe.mean is not None:
-        batch = tvf.normalize(batch, list(recipe.mean), list(recipe.std))
+        batch = tvf.normalize(batch, list(recipe.mean), list(recipe.std or ()))
     return batch.contiguous(memory_format=torch.channels_last)
 
 
@@ -613,7 +621,7 @@ def _batch_length(batch: Any) -> int:
     """The number of samples in a collated batch (its first list of EncodedImage)."""
     if isinstance(batch, list) and batch and isinstance(batch[0], EncodedImage):
         return len(batch)
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple) else ()
+    values = batch.values() if isinstance(batch, Mapping) else batch if _slots(batch) else ()
     for value in values:
         n = _batch_length(value)
         if n:

@@ -176,7 +176,7 @@ class ShardLoader(DataLoader):
             info = dataset.epoch_info(num_workers=self.num_workers, resume=resume)
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
-        it = super().__iter__()
+        it: Iterator[Any] = super().__iter__()
         if self._device_stage is not None:  # pairs stay paired: progress is recorded when handed out
             it = self._device_stage.wrap(it)
         while True:
