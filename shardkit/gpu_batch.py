@@ -419,8 +419,12 @@ class NvimgcodecBackend(CpuBackend):
         super().__init__(device, max_pixels)
         self._nv = nvimgcodec
         self._decoder = nvimgcodec.Decoder(device_id=device.index or 0)
-        self._params = nvimgcodec.DecodeParams(color_spec=nvimgcodec.ColorSpec.RGB, allow_any_depth=False,
-                                               apply_exif_orientation=False)  # the CPU path ignores EXIF too
+        # 3-channel interleaved sRGB whatever the JPEG holds (grayscale too); EXIF orientation is
+        # ignored as on the CPU path. ColorSpec.RGB was renamed SRGB in nvImageCodec 0.6.
+        color = getattr(nvimgcodec.ColorSpec, "SRGB", None) or nvimgcodec.ColorSpec.RGB
+        extra = {"sample_format": nvimgcodec.SampleFormat.I_RGB} if hasattr(nvimgcodec, "SampleFormat") else {}
+        self._params = nvimgcodec.DecodeParams(color_spec=color, allow_any_depth=False,
+                                               apply_exif_orientation=False, **extra)
         self._keepalive: list[tuple[Any, list[Any]]] = []
 
     def _source(self, image: EncodedImage, region: tuple[int, int, int, int] | None) -> Any:
@@ -449,7 +453,8 @@ class NvimgcodecBackend(CpuBackend):
                 if result is None:
                     continue
                 held.append(result)
-                tensor = torch.as_tensor(result, device=self.device).permute(2, 0, 1)  # HWC -> CHW view
+                # DLPack hands torch the current stream, on which nvImageCodec orders its decode.
+                tensor = torch.from_dlpack(result).permute(2, 0, 1)  # HWC -> CHW view
                 out[i] = _Decoded(tensor, cropped=region is not None)
             event = torch.cuda.Event()
             event.record(stream)  # recorded again after the stage's kernels: see finish()
@@ -474,9 +479,11 @@ def make_backend(name: str, device: torch.device, max_pixels: int | None) -> Cpu
             try:
                 return NvimgcodecBackend(device, max_pixels)
             except ImportError:
-                log.info("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu12): "
-                         "decoding with torchvision's nvjpeg")
-                name = "nvjpeg"
+                log.info("nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu12, or -cu13 for a "
+                         "CUDA 13 PyTorch): decoding with torchvision's nvjpeg")
+            except (RuntimeError, OSError) as exc:  # e.g. a CUDA major version it was not built for
+                log.warning("nvImageCodec failed to start (%s): decoding with torchvision's nvjpeg", exc)
+            name = "nvjpeg"
     if name == "cpu":
         return CpuBackend(device, max_pixels)
     if name == "nvjpeg":
