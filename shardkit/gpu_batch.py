@@ -658,11 +658,10 @@ class DeviceStage:
     ``device`` or ``decode_device`` is set: the batch stage, then (for CUDA) the copy
     of each batch one ahead on a side stream from pinned memory."""
 
-    def __init__(self, target: torch.device, batch_stage: BatchStage | None,
-                 worker_dataset: ShardDataset | None) -> None:
+    def __init__(self, target: torch.device, batch_stage: BatchStage | None, worker_dataset: Any) -> None:
         self.target = target
         self.batch_stage = batch_stage
-        self.worker_dataset = worker_dataset
+        self.worker_dataset = worker_dataset  # what the DataLoader workers iterate
 
     @classmethod
     def build(cls, dataset: Any, batching: Batching, *, device: str | torch.device | int | None,
@@ -673,7 +672,7 @@ class DeviceStage:
         if decode_at is None:
             if decode_backend != "auto":
                 raise ShardkitError("decode_backend only applies with decode_device='cuda' (or 'cpu')")
-            return None if target is None or target.type == "cpu" else cls(target, None, None)
+            return None if target is None or target.type == "cpu" else cls(target, None, dataset)
         if target is not None and target != decode_at and not (target.type == "cuda" and decode_at.type == "cpu"):
             raise ShardkitError(f"decode_device={str(decode_at)!r} yields batches on {decode_at}; device="
                                 f"{str(target)!r} would move them away again. Leave device unset")

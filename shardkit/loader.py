@@ -120,8 +120,7 @@ class ShardLoader(DataLoader):
         # The workers of the GPU-decode path iterate a view of the dataset that ships encoded images.
         stage = DeviceStage.build(dataset, batching, device=device, decode_device=decode_device,
                                   decode_backend=decode_backend)
-        worker_dataset = stage.worker_dataset if stage is not None and stage.worker_dataset is not None else dataset
-        view = LoaderView(worker_dataset, batching, num_workers)
+        view = LoaderView(dataset if stage is None else stage.worker_dataset, batching, num_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if pin_memory is None:
