@@ -39,6 +39,7 @@ from .decode import IMAGE_EXTENSIONS, decode_image, make_decoder
 from .errors import SampleError, ShardkitError
 from .gpu import CudaPrefetcher, _cuda_device
 from .imageinfo import read_image_header
+from .mix import Mix
 from .pipeline import SamplePipeline, collate, make_handler
 from .pixels import check_pixels, default_max_pixels
 
@@ -246,14 +247,16 @@ class ShipTransform:
     in the dataset's order (so the RNG is drawn in the same order as on the CPU path)."""
 
     def __init__(self, steps: Sequence[tuple[str | None, int | Callable[[Any], Any]]], recipes: Sequence[Recipe],
-                 max_pixels: int | None) -> None:
+                 max_pixels: int | None, offset: int = 0) -> None:
         self.steps = list(steps)  # (field or None for every image field, recipe index or callable)
         self.recipes = list(recipes)
         self.max_pixels = max_pixels
+        self.offset = offset  # where this dataset's recipes start in the stage's list (Mix parts)
 
     def _encode(self, sample: dict, field: str, index: int) -> None:
-        sample[field] = encode_for_batch(sample[field], self.recipes[index], index, max_pixels=self.max_pixels,
-                                         key=sample.get("__key__"), url=sample.get("__url__"))
+        sample[field] = encode_for_batch(sample[field], self.recipes[index], self.offset + index,
+                                         max_pixels=self.max_pixels, key=sample.get("__key__"),
+                                         url=sample.get("__url__"))
 
     def __call__(self, sample: dict) -> dict:
         for field, what in self.steps:
@@ -290,7 +293,7 @@ class _ShippingDataset(ShardDataset):
         return pipe
 
 
-def _takeover(dataset: ShardDataset) -> tuple[ShipTransform, Callable[[dict], dict], list[Recipe]]:
+def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callable[[dict], dict], list[Recipe]]:
     """The worker-side decoder and transform for ``dataset``, or ShardkitError."""
     if dataset.decode != "torch":
         raise ShardkitError(f"decode_device needs the dataset built with decode='torch' (got {dataset.decode!r}): "
@@ -318,18 +321,36 @@ def _takeover(dataset: ShardDataset) -> tuple[ShipTransform, Callable[[dict], di
                             "transform={'jpg': v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])}")
     max_pixels = default_max_pixels(None)
     decoder = make_decoder("torch", handlers=raw, allow_pickle=dataset.allow_pickle, max_pixels=max_pixels)
-    return ShipTransform(steps, recipes, max_pixels), decoder, recipes
+    return ShipTransform(steps, recipes, max_pixels, offset), decoder, recipes
 
 
-def shipping_dataset(dataset: ShardDataset) -> tuple[ShardDataset, list[Recipe]]:
-    """A view of ``dataset`` whose workers ship encoded images (see module docstring),
-    and the recipes the main-process stage runs."""
-    transform, decoder, recipes = _takeover(dataset)
+def _shipping_part(dataset: ShardDataset, offset: int) -> tuple[ShardDataset, list[Recipe]]:
+    transform, decoder, recipes = _takeover(dataset, offset)
     clone = object.__new__(_ShippingDataset)
     clone.__dict__.update(dataset.__dict__)  # shares the epoch Value: set_epoch reaches the workers
     clone._ship_decoder = decoder
     clone._ship_transform = transform
     return clone, recipes
+
+
+def shipping_dataset(dataset: ShardDataset | Mix) -> tuple[Any, list[Recipe], list[Any]]:
+    """A view of ``dataset`` (or of every part of a Mix) whose workers ship encoded images
+    (see module docstring), the recipes the main-process stage runs, and the handler of
+    the dataset each recipe came from. The original is never modified."""
+    if isinstance(dataset, ShardDataset):
+        clone, recipes = _shipping_part(dataset, 0)
+        return clone, recipes, [dataset.handler] * len(recipes)
+    parts: list[ShardDataset] = []
+    recipes, handlers = [], []
+    for part in dataset.datasets:
+        shipping, own = _shipping_part(part, len(recipes))
+        parts.append(shipping)
+        recipes += own
+        handlers += [part.handler] * len(own)
+    mix = object.__new__(type(dataset))
+    mix.__dict__.update(dataset.__dict__)  # the Mix's own epoch Value is shared likewise
+    mix.datasets = parts
+    return mix, recipes, handlers
 
 
 # ------------------------------------------------------------ decoding backends
@@ -554,12 +575,14 @@ class BatchStage:
     """
 
     def __init__(self, recipes: Sequence[Recipe], device: torch.device, *, backend: str = "auto",
-                 handler: str | Callable[[Exception], Any] = "raise", max_pixels: int | None = None) -> None:
+                 handlers: Sequence[str | Callable[[Exception], Any]] | None = None,
+                 max_pixels: int | None = None) -> None:
         self.recipes = list(recipes)
         self.device = device
         self.max_pixels = default_max_pixels(max_pixels)
         self.backend = make_backend(backend, device, self.max_pixels)
-        self.handler = make_handler(handler)
+        # One per recipe: a sample's handler is the one of the dataset (or Mix part) it came from.
+        self.handlers = [make_handler(h) for h in (handlers or ["raise"] * len(self.recipes))]
         self.seconds = 0.0
         self.skipped = 0
 
@@ -606,7 +629,7 @@ class BatchStage:
                     error = SampleError(f"{type(exc).__name__}: {exc}")
             if error is not None:
                 reason = error.reason if isinstance(error, SampleError) else str(error)
-                self.handler(SampleError(reason, url=image.url, key=image.key))  # raises for "raise"
+                self.handlers[image.recipe](SampleError(reason, url=image.url, key=image.key))  # "raise" raises
                 failed.add(i)
                 self.skipped += 1
                 out[i].zero_()
@@ -676,14 +699,12 @@ class DeviceStage:
         if target is not None and target != decode_at and not (target.type == "cuda" and decode_at.type == "cpu"):
             raise ShardkitError(f"decode_device={str(decode_at)!r} yields batches on {decode_at}; device="
                                 f"{str(target)!r} would move them away again. Leave device unset")
-        if not isinstance(dataset, ShardDataset):
-            raise ShardkitError("decode_device supports a ShardDataset, not a Mix (yet): decode in the workers")
         if batching.batch_size is None:
             raise ShardkitError("decode_device decodes whole batches: set batch_size")
         if batching.collate_fn is not collate:
             raise ShardkitError("decode_device needs the default collate_fn (the workers collate encoded images)")
-        worker_dataset, recipes = shipping_dataset(dataset)
-        stage = BatchStage(recipes, decode_at, backend=decode_backend, handler=dataset.handler)
+        worker_dataset, recipes, handlers = shipping_dataset(dataset)
+        stage = BatchStage(recipes, decode_at, backend=decode_backend, handlers=handlers)
         return cls(target or decode_at, stage, worker_dataset)
 
     def wrap(self, pairs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
