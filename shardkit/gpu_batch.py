@@ -378,11 +378,13 @@ class CpuBackend:
 
     def __init__(self, device: torch.device, max_pixels: int | None) -> None:
         self.device, self.max_pixels = device, max_pixels
+        self.cpu_decoded = 0  # images the CPU decoded (all of them here; the fallbacks for GPU backends)
 
     def decode(self, images: Sequence[EncodedImage], recipes: Sequence[Recipe]) -> list[_Decoded]:
         return [self.fallback(image) for image in images]
 
     def fallback(self, image: EncodedImage) -> _Decoded:
+        self.cpu_decoded += 1
         try:
             return _Decoded(_decode_cpu(image, self.device, self.max_pixels))
         except SampleError as exc:
@@ -713,6 +715,7 @@ class DeviceStage:
         its batch, so the loader records it only when the batch is handed out."""
         if self.batch_stage is not None:
             self.batch_stage.seconds, self.batch_stage.skipped = 0.0, 0
+            self.batch_stage.backend.cpu_decoded = 0
         prepare = self._prepare if self.batch_stage is not None else None
         if self.target.type == "cuda":
             return iter(CudaPrefetcher(pairs, self.target, prepare=prepare))
@@ -725,8 +728,10 @@ class DeviceStage:
 
     def stats(self) -> dict[str, Any]:
         """``stage_s``: main-process seconds in the batch stage; ``decode_skipped``:
-        samples dropped there by the handler; the decoder's name."""
+        samples dropped there by the handler; the decoder's name and ``cpu_decoded``, the
+        images it left to the CPU decoder (non-JPEG, CMYK, rejected)."""
         if self.batch_stage is None:
             return {"device": str(self.target)}
         return {"device": str(self.target), "decode_backend": self.batch_stage.backend.name,
-                "stage_s": self.batch_stage.seconds, "decode_skipped": self.batch_stage.skipped}
+                "stage_s": self.batch_stage.seconds, "decode_skipped": self.batch_stage.skipped,
+                "cpu_decoded": self.batch_stage.backend.cpu_decoded}

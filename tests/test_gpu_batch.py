@@ -80,6 +80,7 @@ def test_cpu_stage_matches_the_worker_path(shards, workers):
     expected, _ = _run(shards, workers=workers)
     staged, stats = _run(shards, workers=workers, decode_device="cpu")
     assert stats["decode_backend"] == "cpu" and stats["decode_skipped"] == 0 and stats["stage_s"] > 0
+    assert stats["cpu_decoded"] == 30
     assert stats["samples"] == 30 and stats["wait_s"] >= 0
     assert [b["__key__"] for b in staged] == [b["__key__"] for b in expected]
     for want, got in zip(expected, staged):
@@ -135,6 +136,7 @@ def test_png_and_cmyk_fall_back_to_the_cpu_decoder(tmp_path):
         warnings.simplefilter("error", DeprecationWarning)  # silenced: the user chose this backend
         staged, stats = _run(path, batch=7, fields="jpg;png cls", decode_device="cpu", decode_backend="nvjpeg")
     assert stats["decode_backend"] == "nvjpeg" and len(staged) == 3
+    assert stats["cpu_decoded"] == 6  # the 3 PNGs and 3 CMYK JPEGs of 21 samples
     for (want_x, want_y), (got_x, got_y) in zip(expected, staged):
         assert torch.equal(got_y, want_y) and got_x.shape == want_x.shape == (7, 3, 24, 24)
         assert (got_x.float() - want_x.float()).abs().mean().item() < 1.0

@@ -195,14 +195,17 @@ def run_config(name: str, shards: str, args: argparse.Namespace) -> dict[str, An
     if loader is not None:
         stats = loader.stats()
         result["loader"] = {k: stats[k] for k in ("wait_s", "stage_s", "decode_backend", "decode_skipped",
-                                                  "device") if k in stats}
+                                                  "cpu_decoded", "device") if k in stats}
     del it
     return result
 
 
-def _isolated(name: str, shards: str, argv: list[str]) -> dict[str, Any]:
+def _isolated(name: str, shards: str, argv: list[str], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--one", name, "--shards", shards]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:  # a hung configuration must not eat the others' time on a leased box
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-5:] or [f"exit {proc.returncode}"]
         return {"error": " | ".join(tail)}
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--only", help="comma-separated configurations: " + ",".join(CONFIGS))
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--config-timeout", type=float, default=150, help="seconds per configuration (150)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, to test this script (CPU ok)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--shards", help=argparse.SUPPRESS)
@@ -264,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     print(f"{'configuration':26s} {'img/s':>9s} {'GPU idle':>9s}  notes", flush=True)
     for name in names:
-        result = _isolated(name, shards, forward)
+        result = _isolated(name, shards, forward, args.config_timeout)
         results[name] = result
         if "img_s" in result:
             ceiling = results.get("ceiling", {}).get("img_s")
             notes = [f"{result['img_s'] / ceiling:.2f}x ceiling"] if ceiling and name != "ceiling" else []
-            if "loader" in result and "stage_s" in result["loader"]:
-                notes.append(f"batch stage {result['loader']['stage_s']:.1f}s ({result['loader']['decode_backend']})")
+            stage = result.get("loader", {})
+            if "stage_s" in stage:
+                notes.append(f"batch stage {stage['stage_s']:.1f}s ({stage['decode_backend']}, "
+                             f"{stage['cpu_decoded']} on the CPU)")
             print(f"{name:26s} {result['img_s']:9,.0f} {result['idle_fraction']:9.1%}  {', '.join(notes)}",
                   flush=True)
         else:
