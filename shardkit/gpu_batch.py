@@ -627,6 +627,8 @@ class BatchStage:
             if error is None and decoded.tensor is not None:
                 try:
                     out[i] = _apply_steps(decoded.tensor, image, recipe, decoded.cropped)
+                except torch.cuda.OutOfMemoryError:
+                    raise  # the device's problem, not this sample's: never skipped by the handler
                 except (RuntimeError, ValueError) as exc:
                     error = SampleError(f"{type(exc).__name__}: {exc}")
             if error is not None:
