@@ -7,7 +7,7 @@ before DataLoader workers fork. Every CUDA call happens inside a function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,15 +34,17 @@ def _cuda_device(device: str | torch.device | int | None) -> torch.device:
     if resolved.type != "cuda":
         raise ValueError(f"expected a CUDA device, got {device!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"CUDA device {str(resolved)!r} requested but CUDA is not available "
-                           "(no GPU, or a CPU-only PyTorch build)")
+        raise RuntimeError(
+            f"CUDA device {str(resolved)!r} requested but CUDA is not available (no GPU, or a CPU-only PyTorch build)"
+        )
     if resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 
-def decode_images_cuda(images: Sequence[bytes], *, device: str | torch.device | None = None,
-                       max_pixels: int | None = None) -> list[torch.Tensor]:
+def decode_images_cuda(
+    images: Sequence[bytes], *, device: str | torch.device | None = None, max_pixels: int | None = None
+) -> list[torch.Tensor]:
     """Decode encoded images to CHW uint8 RGB tensors on a CUDA device.
 
     JPEGs go to nvjpeg in one batched ``torchvision.io.decode_jpeg`` call; other formats,
@@ -94,7 +96,7 @@ def _to_device(obj: Any, device: torch.device) -> Any:
         if type(obj) is dict:
             return moved
         try:  # keep OrderedDict & co; types that cannot be built from a dict become dicts
-            return type(obj)(moved)
+            return type(obj)(moved)  # type: ignore[call-arg]  # a Mapping subclass built from a dict
         except TypeError:
             return moved
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -127,14 +129,24 @@ class CudaPrefetcher:
     are moved; anything else is passed as is. Use ``DataLoader(pin_memory=True)``:
     copies from pageable memory are synchronous and overlap nothing.
 
+    ``prepare(batch)``, when given, runs on each batch inside the side stream before the
+    copy (ShardLoader's GPU decode stage), so its kernels overlap the caller's work too.
+
     Without CUDA: ``device=None`` means "the current CUDA device if there is one", and
     with no CUDA the prefetcher passes batches through unchanged (logged once), so the
     same training script runs on a CPU-only machine. An explicit CUDA ``device`` with no
     CUDA available raises RuntimeError at construction.
     """
 
-    def __init__(self, iterable: Iterable[Any], device: str | torch.device | int | None = None) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        device: str | torch.device | int | None = None,
+        *,
+        prepare: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.iterable = iterable
+        self.prepare = prepare
         if device is None and not torch.cuda.is_available():
             logger.info("CudaPrefetcher: CUDA is not available, batches stay on the CPU")
             self.device: torch.device | None = None
@@ -146,10 +158,12 @@ class CudaPrefetcher:
 
     def __iter__(self) -> Iterator[Any]:
         if self.device is None:
-            yield from self.iterable
+            yield from (self.iterable if self.prepare is None else map(self.prepare, self.iterable))
             return
         copy_stream = torch.cuda.Stream(self.device)
         batches = iter(self.iterable)
+
+        device = self.device  # not None here; the closure below keeps the narrowing
 
         def start_copy() -> tuple[bool, Any]:
             try:
@@ -157,7 +171,9 @@ class CudaPrefetcher:
             except StopIteration:
                 return False, None
             with torch.cuda.stream(copy_stream):
-                return True, _to_device(batch, self.device)
+                if self.prepare is not None:  # e.g. a GPU decode: its kernels also run on the side stream
+                    batch = self.prepare(batch)
+                return True, _to_device(batch, device)
 
         has_next, pending = start_copy()
         while has_next:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .epochs import Batching, PlannedDataset, Progress
 from .errors import ShardkitError
+from .gpu_batch import DeviceStage
 from .pipeline import collate
 from .plan import simulate_consumption
 from .state import ResumeState
@@ -45,8 +47,7 @@ class LoaderView(IterableDataset):
         self.rotation = 0
 
     def __iter__(self) -> Iterator[Any]:
-        return self.shard_dataset.iter_items(self.batching, resume=self.resume, progress=True,
-                                             rotation=self.rotation)
+        return self.shard_dataset.iter_items(self.batching, resume=self.resume, progress=True, rotation=self.rotation)
 
     def __len__(self) -> int:
         return self.shard_dataset.num_items(self.batching, num_workers=self.num_workers)
@@ -57,26 +58,35 @@ class LoaderView(IterableDataset):
         return getattr(self.shard_dataset, name)
 
 
-def _batching(dataset: PlannedDataset, batch_size: Any, drop_last: Any,
-              collate_fn: Callable[[list[Any]], Any] | None) -> Batching:
+def _batching(
+    dataset: PlannedDataset, batch_size: Any, drop_last: Any, collate_fn: Callable[[list[Any]], Any] | None
+) -> Batching:
     """The one batching in force: the dataset's when it batches, else the loader's.
     A conflict is an error, never a silent override."""
     own = dataset.batching
     if own.batch_size is None:
-        return Batching(DEFAULT_BATCH_SIZE if batch_size is _UNSET else batch_size,
-                        False if drop_last is _UNSET else bool(drop_last), collate_fn or collate)
+        return Batching(
+            DEFAULT_BATCH_SIZE if batch_size is _UNSET else batch_size,
+            False if drop_last is _UNSET else bool(drop_last),
+            collate_fn or collate,
+        )
     # The dataset batches. batch_size=None is the webdataset idiom for "the dataset
     # already batches": honour it, as an unset or equal value.
     if batch_size not in (_UNSET, None, own.batch_size):
-        raise ShardkitError(f"the dataset already batches by {own.batch_size}; ShardLoader(batch_size="
-                            f"{batch_size}) would change it. Set batch_size in one place: on the dataset "
-                            "or on the loader")
+        raise ShardkitError(
+            f"the dataset already batches by {own.batch_size}; ShardLoader(batch_size="
+            f"{batch_size}) would change it. Set batch_size in one place: on the dataset "
+            "or on the loader"
+        )
     if drop_last is not _UNSET and bool(drop_last) != own.drop_last:
-        raise ShardkitError(f"the dataset batches with drop_last={own.drop_last}; ShardLoader(drop_last="
-                            f"{drop_last}) would change it. Set it in one place")
+        raise ShardkitError(
+            f"the dataset batches with drop_last={own.drop_last}; ShardLoader(drop_last="
+            f"{drop_last}) would change it. Set it in one place"
+        )
     if collate_fn is not None and collate_fn is not own.collate_fn:
-        raise ShardkitError("the dataset batches with its own collate_fn; pass collate_fn to the "
-                            "dataset or to the loader, not both")
+        raise ShardkitError(
+            "the dataset batches with its own collate_fn; pass collate_fn to the dataset or to the loader, not both"
+        )
     return own
 
 
@@ -95,25 +105,56 @@ class ShardLoader(DataLoader):
         prefetch_factor: batches each worker prepares ahead (default 4 with workers).
         drop_last: drop each worker's partial last batch (same rule as batch_size).
         collate_fn: how to collate a list of samples (default: stack tensors, keep lists).
+        device: "cuda" (or "cuda:N"): batches arrive on that GPU, copied from pinned memory
+            on a side stream one batch ahead. Raises at construction without CUDA.
+        decode_device: "cuda": workers only read and ship encoded images with their drawn
+            crop/flip parameters; the main process decodes, crops, resizes, flips and
+            normalises each batch on the GPU (see :mod:`shardkit.gpu_batch`). "cpu" runs
+            the same main-process stage with the CPU decoder (what CI tests).
+        decode_backend: with decode_device: "auto" (nvImageCodec when installed, else
+            torchvision's nvjpeg; the CPU decoder on "cpu"), "nvimgcodec", "nvjpeg" or "cpu".
         Other keyword arguments go to DataLoader.
     """
 
-    def __init__(self, dataset: PlannedDataset, *, batch_size: int | None = _UNSET, num_workers: int = 2,
-                 persistent_workers: bool | None = None, pin_memory: bool | None = None,
-                 prefetch_factor: int | None = None, drop_last: bool = _UNSET,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: PlannedDataset,
+        *,
+        batch_size: int | None = _UNSET,
+        num_workers: int = 2,
+        persistent_workers: bool | None = None,
+        pin_memory: bool | None = None,
+        prefetch_factor: int | None = None,
+        drop_last: bool = _UNSET,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        device: str | torch.device | None = None,
+        decode_device: str | torch.device | None = None,
+        decode_backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(dataset, PlannedDataset):
             raise TypeError("ShardLoader needs a ShardDataset or a Mix; use DataLoader for other datasets")
-        view = LoaderView(dataset, _batching(dataset, batch_size, drop_last, collate_fn), num_workers)
+        batching = _batching(dataset, batch_size, drop_last, collate_fn)
+        # The workers of the GPU-decode path iterate a view of the dataset that ships encoded images.
+        stage = DeviceStage.build(
+            dataset, batching, device=device, decode_device=decode_device, decode_backend=decode_backend
+        )
+        view = LoaderView(dataset if stage is None else stage.worker_dataset, batching, num_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 4
-        super().__init__(view, batch_size=None, num_workers=num_workers,
-                         persistent_workers=persistent_workers, pin_memory=pin_memory,
-                         prefetch_factor=prefetch_factor, **kwargs)
+        super().__init__(
+            view,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=persistent_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            **kwargs,
+        )
         self.shard_dataset = dataset
         self._view = view
         self._progress: dict[int, int] = {}
@@ -122,6 +163,7 @@ class ShardLoader(DataLoader):
         self._epoch_set = False
         self._stats: dict[str, float] = {}
         self._worker_stats: dict[int, dict[str, int]] = {}
+        self._device_stage = stage
 
     @property
     def batching(self) -> Batching:
@@ -158,7 +200,9 @@ class ShardLoader(DataLoader):
             info = dataset.epoch_info(num_workers=self.num_workers, resume=resume)
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
-        it = super().__iter__()
+        it: Iterator[Any] = super().__iter__()
+        if self._device_stage is not None:  # pairs stay paired: progress is recorded when handed out
+            it = self._device_stage.wrap(it)
         while True:
             t0 = time.perf_counter()
             try:
@@ -205,8 +249,9 @@ class ShardLoader(DataLoader):
             taken = simulate_consumption([batching.items(n) for n in sizes[r]], self._batches_taken)
             bs = batching.batch_size or 1
             emitted.append([min(t * bs, n) for t, n in zip(taken, sizes[r])])
-        return resume.with_progress(topo, emitted).to_dict(kind="loader", seed=dataset.seed,
-                                                           batches=self._batches_taken)
+        return resume.with_progress(topo, emitted).to_dict(
+            kind="loader", seed=dataset.seed, batches=self._batches_taken
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (also with another world size or worker count)."""
@@ -236,8 +281,11 @@ class ShardLoader(DataLoader):
         """This rank's numbers for the current/last epoch: batches and samples delivered,
         padded/dropped (even mode), samples and bytes read, skipped samples, shards opened,
         cache hits/misses/downloads (with a cache), and ``wait_s``, the seconds the
-        training loop waited for data."""
+        training loop waited for data (with ``device``/``decode_device`` this includes
+        the main-process stage, which ``stage_s`` also reports alone)."""
         out: dict[str, Any] = {"epoch": self.epoch, **self._stats}
+        if self._device_stage is not None:
+            out.update(self._device_stage.stats())
         keys = {k for s in self._worker_stats.values() for k in s}
         for key in sorted(keys | {"samples_read", "bytes_read", "skipped", "shards_opened"}):
             out[key] = sum(s.get(key, 0) for s in self._worker_stats.values())

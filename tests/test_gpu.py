@@ -70,6 +70,12 @@ def test_prefetcher_passes_through_without_cuda():
 
 
 @without_cuda
+def test_prefetcher_prepares_batches_without_cuda():
+    out = list(CudaPrefetcher([1, 2], prepare=lambda batch: batch * 10))
+    assert out == [10, 20]
+
+
+@without_cuda
 def test_explicit_cuda_device_without_cuda_is_an_error():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         CudaPrefetcher([], device="cuda")
@@ -99,6 +105,8 @@ def test_prefetcher_moves_nested_batches_in_order():
         assert batch["x"].is_cuda and batch["y"][0].is_cuda and batch["pair"].image.is_cuda
         assert batch["x"].sum().item() == 16 * i and batch["pair"].label == i
     assert list(CudaPrefetcher([], device="cuda")) == []
+    prepared = list(CudaPrefetcher([torch.ones(2)], device="cuda", prepare=lambda b: {"x": b * 2}))
+    assert prepared[0]["x"].is_cuda and prepared[0]["x"].sum().item() == 4
 
 
 @needs_cuda
