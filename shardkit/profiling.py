@@ -27,16 +27,17 @@ from .reader import ReadStats, ShardReader
 STAGES = ("read", "decode", "transform", "collate", "other", "handoff")
 
 
-def children_cpu() -> float:
-    """CPU seconds used so far by this process's live children, the DataLoader workers
-    (Linux /proc; 0 elsewhere). getrusage only counts children after they exit."""
-    total = 0.0
+def children_cpu_by_pid() -> dict[int, float]:
+    """CPU seconds used so far by each live child of this process (the DataLoader
+    workers, but also any other child), from Linux /proc; empty elsewhere. getrusage
+    only counts children after they exit."""
+    out: dict[int, float] = {}
     ticks = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return 0.0
+        return out
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -44,8 +45,19 @@ def children_cpu() -> float:
         except OSError:
             continue
         if int(fields[1]) == me:  # ppid
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    return total
+            out[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return out
+
+
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's live children (see :func:`children_cpu_by_pid`)."""
+    return sum(children_cpu_by_pid().values())
+
+
+def children_cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the live children used since the snapshot ``before``: a child that
+    exited in between drops out instead of making the sum negative, a new one counts whole."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in children_cpu_by_pid().items())
 
 
 class StageTimes:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ShardkitError
-from ..profiling import STAGES, children_cpu
+from ..profiling import STAGES, children_cpu_by_pid, children_cpu_since
 
 #: ``--transform`` presets (torchvision v2, applied to the image field).
 TRANSFORMS = ("none", "rrc224", "rrc224+flip", "resize256+center224")
@@ -155,7 +155,7 @@ def diagnose(
                         "t": time.perf_counter(),
                         "stats": loader.stats(),
                         "main": _cpu_seconds(resource.RUSAGE_SELF),
-                        "workers": children_cpu(),
+                        "workers": children_cpu_by_pid(),
                     }
                 continue
             images += len(batch[0]) if isinstance(batch, (tuple, list)) else batch_size
@@ -169,7 +169,7 @@ def diagnose(
         elapsed = time.perf_counter() - first["t"]
         stats = loader.stats()
         main_cpu = _cpu_seconds(resource.RUSAGE_SELF) - first["main"]
-        worker_cpu = children_cpu() - first["workers"]
+        worker_cpu = children_cpu_since(first["workers"])
         del iterator
         loader._iterator = None
     finally:
