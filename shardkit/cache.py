@@ -211,10 +211,16 @@ class ShardCache:
             del self._pending[url]
         return futures
 
-    def stats(self) -> dict[str, int]:
-        """This process's counters plus the bytes currently cached (all processes)."""
+    def counters(self) -> dict[str, int]:
+        """This process's counters (hits, misses, bytes downloaded, evictions, prefetched):
+        cheap, no file system access."""
         with self._stats_lock:
-            out = dict(self._stats)
+            return dict(self._stats)
+
+    def stats(self) -> dict[str, int]:
+        """This process's counters plus the bytes currently cached (all processes; this
+        lists the cache folder)."""
+        out = self.counters()
         out["bytes_cached"] = sum(size for _, size, _ in self._entries())
         return out
 

@@ -263,7 +263,8 @@ class ShardDataset(PlannedDataset):
     def _cache_stats(self) -> dict[str, int]:
         if not self.options.cache_dir:
             return {}
-        return {f"cache_{k}": v for k, v in cache_for(self.options).stats().items() if k != "bytes_cached"}
+        # Per-batch: counters() only, not stats(), which lists the cache folder.
+        return {f"cache_{k}": v for k, v in cache_for(self.options).counters().items()}
 
     def _counters(self, stats: ReadStats, cache_before: dict[str, int]) -> dict[str, int]:
         counters = stats.as_dict()

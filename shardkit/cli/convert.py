@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..index import Manifest
+from ..write_parallel import shard_pattern
 from ..writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,6 @@ class WriteSummary:
             "pattern": self.pattern,
             "manifest": self.manifest,
         }
-
-
-def shard_pattern(dest: str, name: str, n_shards: int) -> str:
-    """The brace pattern that reads the shards back: ``dest/name-{000000..000009}.tar``."""
-    if n_shards <= 1:
-        return os.path.join(dest, f"{name}-000000.tar")
-    return os.path.join(dest, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
 
 
 def write_shards(
