@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import ShardkitError
@@ -123,7 +123,7 @@ class WorkerEpoch:
 
     def _read_shards(self, shards: list[int]) -> Iterator[Sample]:
         for i, shard in enumerate(shards):
-            read_ahead(self.reader, shards[i + 1 :], shard)
+            read_ahead(self.reader, itertools.islice(shards, i + 1, None), shard)
             yield from self.reader.read_shard(shard)
 
     def _by_shards(self, pass_no: int) -> Iterator[Sample | None]:
@@ -185,7 +185,7 @@ def execute(plan: WorkerPlan, reader: ShardReader) -> Iterator[Sample | None]:
 
     def read() -> Iterator[Sample | None]:
         for i, piece in enumerate(pieces):
-            read_ahead(reader, [p.shard for p in pieces[i + 1 :]], piece.shard)
+            read_ahead(reader, (p.shard for p in itertools.islice(pieces, i + 1, None)), piece.shard)
             yield from reader.read_piece(piece)
 
     stream = zip(plan.read_positions().tolist(), read())
@@ -200,8 +200,9 @@ def execute(plan: WorkerPlan, reader: ShardReader) -> Iterator[Sample | None]:
         yield held.pop(target)
 
 
-def read_ahead(reader: ShardReader, upcoming: list[int], current: int) -> None:
-    """With a cache and ``read_ahead``, download the next shards while this one is read."""
+def read_ahead(reader: ShardReader, upcoming: Iterable[int], current: int) -> None:
+    """With a cache and ``read_ahead``, download the next shards while this one is read.
+    ``upcoming`` is lazy: without read-ahead it is never walked (no copy per piece)."""
     ahead = reader.options.read_ahead
     if not ahead:
         return
