@@ -19,7 +19,7 @@ from PIL import Image
 
 from .decode_size import as_hw
 from .errors import SampleError
-from .imageinfo import guess_format_name
+from .imageinfo import guess_format_name, read_image_header
 from .pixels import DecodeMode, check_mode, decode_rgb, default_max_pixels, to_mode
 
 
@@ -77,6 +77,7 @@ class RandomResizedCropDecode:
         max_pixels: int | None = None,
         interpolation: Any = None,
         antialias: bool = True,
+        exif: bool = False,
     ) -> None:
         check_mode(mode)
         hw = as_hw(size)
@@ -95,6 +96,9 @@ class RandomResizedCropDecode:
         # RandomResizedCrop used), honoured in every output mode.
         self.interpolation = interpolation
         self.antialias = bool(antialias)
+        # Turn images upright by their EXIF orientation first, as the unfused decoder does
+        # with exif_orientation=True: the crop is then drawn on the upright size.
+        self.exif = bool(exif)
 
     def __repr__(self) -> str:
         return f"RandomResizedCropDecode(size={self.size}, scale={self.scale}, ratio={self.ratio}, mode={self.mode!r})"
@@ -137,13 +141,20 @@ class RandomResizedCropDecode:
         """Decode ``data`` and return the resized crop in ``self.mode``."""
         if isinstance(data, memoryview):
             data = data.tobytes()
-        planned: list[tuple[CropPlan, int, int]] = []  # (plan, full height, full width)
+        planned: list[tuple[CropPlan, int, int]] = []  # (plan, full height, full width), upright
+        # Orientations 5-8 swap the sides; scale_for is given the stored size.
+        header = read_image_header(data) if self.exif else None
+        swap = header is not None and header.orientation in (5, 6, 7, 8)
 
         def scale_for(height: int, width: int) -> int:
+            if swap:
+                height, width = width, height
             planned.append((self.plan(height, width), height, width))
             return planned[-1][0].scale
 
-        pixels = decode_rgb(data, max_pixels=self.max_pixels, scale_for=scale_for, format_name=guess_format_name(data))
+        pixels = decode_rgb(
+            data, max_pixels=self.max_pixels, scale_for=scale_for, format_name=guess_format_name(data), exif=self.exif
+        )
         decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
         if planned:  # planned from the header: map the box into decoded pixels
             plan, full_h, full_w = planned[-1]
@@ -326,12 +337,12 @@ def fuse_crop(decoder: Any, transform: Any) -> tuple[Any, Any]:
         if split is None:
             return decoder, transform
         crop, rest = split
-        crop.max_pixels = decoder.max_pixels
+        crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
         rest_map = {k: (rest if k == field else fn) for k, fn in transform.items() if k != field or rest is not None}
         return FusedFieldDecoder(decoder, {field: crop}), rest_map
     split = split_crop(transform, decoder.mode)
     if split is None:
         return decoder, transform
     crop, rest = split
-    crop.max_pixels = decoder.max_pixels
+    crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
     return FusedSamplePipeline(decoder, crop, rest, transform), None

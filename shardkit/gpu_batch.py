@@ -42,7 +42,7 @@ from .gpu import CudaPrefetcher, _cuda_device
 from .imageinfo import read_image_header
 from .mix import Mix
 from .pipeline import SamplePipeline, collate, make_handler
-from .pixels import check_pixels, default_max_pixels
+from .pixels import check_pixels, default_max_pixels, exif_orientation_of
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class EncodedImage:
     """An image still encoded, with its header size and the transform parameters the
     worker drew; what crosses from a worker to the main process in place of pixels."""
 
-    __slots__ = ("data", "height", "width", "batchable", "params", "recipe", "key", "url")
+    __slots__ = ("data", "height", "width", "batchable", "params", "recipe", "key", "url", "upright")
 
     def __init__(
         self,
@@ -245,9 +245,11 @@ class EncodedImage:
         recipe: int,
         key: str | None = None,
         url: str | None = None,
+        upright: bool = False,
     ) -> None:
         self.data, self.height, self.width, self.batchable = data, height, width, batchable
         self.params, self.recipe, self.key, self.url = params, recipe, key, url
+        self.upright = upright  # decode with the EXIF orientation applied (height/width are upright)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return EncodedImage, (
@@ -259,6 +261,7 @@ class EncodedImage:
             self.recipe,
             self.key,
             self.url,
+            self.upright,
         )
 
     def __repr__(self) -> str:
@@ -273,6 +276,7 @@ def encode_for_batch(
     max_pixels: int | None,
     key: str | None = None,
     url: str | None = None,
+    exif: bool = False,
 ) -> EncodedImage:
     """Read the size from the header, apply the pixel guard and draw ``recipe``'s parameters.
 
@@ -284,15 +288,24 @@ def encode_for_batch(
     if header is not None:
         height, width = header.height, header.width
         batchable = header.format == "JPEG" and header.components in (1, 3)
+        orientation = header.orientation
     else:  # BMP, TIFF, PNM...: PIL's lazy open reads the header only
         try:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
+                orientation = exif_orientation_of(image) if exif else 1
         except Exception as exc:
             raise SampleError(f"not a readable image: {exc}") from exc
         batchable = False
     check_pixels(width, height, max_pixels)
-    return EncodedImage(data, height, width, batchable, recipe.draw(height, width), index, key, url)
+    # With exif (the dataset's exif_orientation), a turned photo is decoded upright on the
+    # CPU, as on the worker path, and its parameters are drawn on the upright size.
+    upright = exif and orientation != 1
+    if upright:
+        batchable = False
+        if orientation in (5, 6, 7, 8):
+            height, width = width, height
+    return EncodedImage(data, height, width, batchable, recipe.draw(height, width), index, key, url, upright)
 
 
 class ShipTransform:
@@ -306,7 +319,9 @@ class ShipTransform:
         recipes: Sequence[Recipe],
         max_pixels: int | None,
         offset: int = 0,
+        exif: bool = False,
     ) -> None:
+        self.exif = exif  # the dataset's exif_orientation
         self.steps = list(steps)  # (field or None for every image field, recipe index or callable)
         self.recipes = list(recipes)
         self.max_pixels = max_pixels
@@ -320,6 +335,7 @@ class ShipTransform:
             max_pixels=self.max_pixels,
             key=sample.get("__key__"),
             url=sample.get("__url__"),
+            exif=self.exif,
         )
 
     def __call__(self, sample: dict) -> dict:
@@ -396,7 +412,7 @@ def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callab
         )
     max_pixels = default_max_pixels(None)
     decoder = make_decoder("torch", handlers=raw, allow_pickle=dataset.allow_pickle, max_pixels=max_pixels)
-    return ShipTransform(steps, recipes, max_pixels, offset), decoder, recipes
+    return ShipTransform(steps, recipes, max_pixels, offset, exif=dataset.exif_orientation), decoder, recipes
 
 
 def _shipping_part(dataset: ShardDataset, offset: int) -> tuple[ShardDataset, list[Recipe]]:
@@ -433,7 +449,7 @@ def shipping_dataset(dataset: ShardDataset | Mix) -> tuple[Any, list[Recipe], li
 
 def _decode_cpu(image: EncodedImage, device: torch.device, max_pixels: int | None) -> torch.Tensor:
     """shardkit's CPU decoder (simplejpeg/PIL), moved to ``device``."""
-    return decode_image(image.data, "torch", max_pixels=max_pixels).to(device)
+    return decode_image(image.data, "torch", max_pixels=max_pixels, exif_orientation=image.upright).to(device)
 
 
 class _Decoded:

@@ -236,3 +236,32 @@ def test_dataset_auto_fuses_with_identical_stream(uneven_shards, sample_level):
         assert la == lb and torch.equal(a, b)
     pipeline = ds.pipeline(lambda e: None)
     assert isinstance(pipeline.decoder, FusedSamplePipeline if sample_level else FusedFieldDecoder)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fused_crop_applies_exif_orientation_like_the_unfused_decoder(orientation):
+    # The fused path used to crop the stored pixels of a rotated phone photo: sideways,
+    # although exif_orientation=True (the default) turns them upright without fusion.
+    image = Image.open(io.BytesIO(_jpeg(1203, 901, seed=orientation)))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    aug = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
+    decoder, transform = fuse_crop(make_decoder("torch"), {"jpg": aug})
+    upright = decode_image(data, "torch")
+    assert upright.shape[1:] == ((1203, 901) if orientation >= 5 else (901, 1203))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        reference = aug(upright)
+        torch.manual_seed(seed)
+        fused = transform["jpg"](decoder({"jpg": data})["jpg"])
+        assert _psnr(fused, reference) >= PSNR_BOUND
+    # exif_orientation=False keeps the stored pixels on both paths.
+    stored_decoder, stored_transform = fuse_crop(make_decoder("torch", exif_orientation=False), {"jpg": aug})
+    stored = decode_image(data, "torch", exif_orientation=False)
+    torch.manual_seed(0)
+    reference = aug(stored)
+    torch.manual_seed(0)
+    assert _psnr(stored_transform["jpg"](stored_decoder({"jpg": data})["jpg"]), reference) >= PSNR_BOUND

@@ -156,6 +156,40 @@ def test_png_and_cmyk_fall_back_to_the_cpu_decoder(tmp_path):
         assert (got_x.float() - want_x.float()).abs().mean().item() < 1.0
 
 
+def _turned_jpeg(i: int, orientation: int) -> bytes:
+    image = Image.open(io.BytesIO(tiny_jpeg(i, size=(44 + i, 30))))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("exif_orientation", [True, False])
+def test_exif_turned_photos_follow_the_datasets_exif_orientation(tmp_path, exif_orientation):
+    # The shipping step drew crops on the stored size and the GPU decoders ignore EXIF, so a
+    # turned phone photo came out sideways although the dataset asks for upright pixels.
+    with ShardWriter(str(tmp_path), name="data", shard_size="1GB") as writer:
+        for i in range(16):
+            writer.write({"__key__": f"s{i:06d}", "cls": i % 3, "jpg": _turned_jpeg(i, 1 + i % 8)})
+
+    def run(**kw):
+        ds = ShardDataset(
+            str(tmp_path), decode="torch", transform={"jpg": AUG}, seed=3, exif_orientation=exif_orientation
+        )
+        loader = ShardLoader(ds, batch_size=4, num_workers=0, generator=torch.Generator().manual_seed(0), **kw)
+        torch.manual_seed(0)
+        return list(loader), loader.stats()
+
+    expected, _ = run()
+    staged, stats = run(decode_device="cpu", decode_backend="nvjpeg")
+    # Orientations 2-8 (14 of 16) go to the CPU decoder when they must turn; none do otherwise.
+    assert stats["cpu_decoded"] == (14 if exif_orientation else 0)
+    for want, got in zip(expected, staged, strict=True):
+        assert got["__key__"] == want["__key__"]
+        assert (got["jpg"].float() - want["jpg"].float()).abs().mean().item() < 1.0
+
+
 def test_encode_for_batch_marks_what_the_gpu_decoders_take():
     recipe = parse_recipe(AUG)
     plain = encode_for_batch(tiny_jpeg(1), recipe, 0, max_pixels=None, key="k")
