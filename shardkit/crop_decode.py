@@ -20,7 +20,8 @@ from PIL import Image
 from .decode_size import as_hw
 from .errors import SampleError
 from .imageinfo import guess_format_name, read_image_header
-from .pixels import DecodeMode, check_mode, decode_rgb, default_max_pixels, to_mode
+from .jpeg_region import log_region_support, to_stored, to_upright, turbojpeg
+from .pixels import DecodeMode, check_mode, check_pixels, decode_rgb, default_max_pixels, orient_array, to_mode
 
 
 @functools.cache
@@ -59,8 +60,10 @@ class RandomResizedCropDecode:
     then decoded at the largest DCT scale (1/2, 1/4, 1/8) at which the crop still has
     >= ``size`` pixels per side, so the output is never upsampled more than the
     full-size path would; the crop is then resized with antialiased bilinear filtering.
-    Other formats are decoded at full size. Same ``max_pixels`` guard as
-    :func:`shardkit.decode.decode_image`.
+    With ``region=True`` (the default) and libjpeg-turbo 3 available
+    (:mod:`shardkit.jpeg_region`), only the crop's region is decoded, with the same pixels
+    the whole-image decode at that scale has there. Other formats are decoded at full
+    size. Same ``max_pixels`` guard as :func:`shardkit.decode.decode_image`.
 
     Use it as an image handler::
 
@@ -78,6 +81,7 @@ class RandomResizedCropDecode:
         interpolation: Any = None,
         antialias: bool = True,
         exif: bool = False,
+        region: bool = True,
     ) -> None:
         check_mode(mode)
         hw = as_hw(size)
@@ -90,6 +94,9 @@ class RandomResizedCropDecode:
         self.size = hw
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
+        # torchvision takes the log in float32 on every draw; the same values, computed once.
+        low, high = torch.log(torch.tensor(self.ratio)).tolist()
+        self._log_ratio = (float(low), float(high))
         self.mode = mode
         self.max_pixels = default_max_pixels(max_pixels)
         # None = bilinear; otherwise a torchvision InterpolationMode (what the replaced
@@ -99,6 +106,8 @@ class RandomResizedCropDecode:
         # Turn images upright by their EXIF orientation first, as the unfused decoder does
         # with exif_orientation=True: the crop is then drawn on the upright size.
         self.exif = bool(exif)
+        # Decode only the crop's region of a JPEG when libjpeg-turbo 3 is there (jpeg_region).
+        self.region = bool(region)
 
     def __repr__(self) -> str:
         return f"RandomResizedCropDecode(size={self.size}, scale={self.scale}, ratio={self.ratio}, mode={self.mode!r})"
@@ -106,10 +115,10 @@ class RandomResizedCropDecode:
     def get_params(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, crop_height, crop_width), as torchvision's RandomResizedCrop draws it."""
         area = height * width
-        log_ratio = torch.log(torch.tensor(self.ratio))
+        log_low, log_high = self._log_ratio
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()  # type: ignore[arg-type]  # as torchvision
+            aspect = torch.exp(torch.empty(1).uniform_(log_low, log_high)).item()
             crop_w = int(round(math.sqrt(target_area * aspect)))
             crop_h = int(round(math.sqrt(target_area / aspect)))
             if 0 < crop_w <= width and 0 < crop_h <= height:
@@ -139,29 +148,36 @@ class RandomResizedCropDecode:
 
     def __call__(self, data: bytes | bytearray | memoryview) -> Any:
         """Decode ``data`` and return the resized crop in ``self.mode``."""
-        if isinstance(data, memoryview):
-            data = data.tobytes()
-        planned: list[tuple[CropPlan, int, int]] = []  # (plan, full height, full width), upright
-        # Orientations 5-8 swap the sides; scale_for is given the stored size.
-        header = read_image_header(data) if self.exif else None
-        swap = header is not None and header.orientation in (5, 6, 7, 8)
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        header = read_image_header(data)
+        plan: CropPlan | None = None
+        if header is not None:  # JPEG, PNG, WebP: plan the crop on the upright size before decoding
+            check_pixels(header.width, header.height, self.max_pixels)
+            orientation = header.orientation if self.exif else 1
+            upright = (header.width, header.height) if orientation in (5, 6, 7, 8) else (header.height, header.width)
+            plan = self.plan(*upright)
+            if header.format == "JPEG" and header.components in (1, 3):
+                region = self._decode_region(data, plan, header.height, header.width, orientation)
+                if region is not None:
+                    return self._crop_resize(*region)
+            full_h, full_w = upright
 
-        def scale_for(height: int, width: int) -> int:
-            if swap:
-                height, width = width, height
-            planned.append((self.plan(height, width), height, width))
-            return planned[-1][0].scale
+        def scale_for(height: int, width: int) -> int:  # PIL-only JPEGs our header parser could not read
+            nonlocal plan, full_h, full_w
+            if plan is None:
+                plan, full_h, full_w = self.plan(height, width), height, width
+            return plan.scale
 
         pixels = decode_rgb(
             data, max_pixels=self.max_pixels, scale_for=scale_for, format_name=guess_format_name(data), exif=self.exif
         )
         decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
-        if planned:  # planned from the header: map the box into decoded pixels
-            plan, full_h, full_w = planned[-1]
-            ratio_y, ratio_x = decoded_h / full_h, decoded_w / full_w
-        else:  # BMP, PNM, TIFF: the size is known only after decoding
+        if plan is None:  # BMP, PNM, TIFF: the size is known only after decoding
             plan = self.plan(decoded_h, decoded_w)
             ratio_y = ratio_x = 1.0
+        else:  # planned from the header: map the box into decoded pixels
+            ratio_y, ratio_x = decoded_h / full_h, decoded_w / full_w
         box = (
             plan.left * ratio_x,
             plan.top * ratio_y,
@@ -169,6 +185,39 @@ class RandomResizedCropDecode:
             (plan.top + plan.height) * ratio_y,
         )
         return self._crop_resize(pixels, box)
+
+    def _decode_region(
+        self, data: bytes, plan: CropPlan, height: int, width: int, orientation: int
+    ) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
+        """(upright pixels of just the crop's region, the crop box in them), or None.
+
+        ``height``/``width`` are the stored (unturned) size. The region is the crop box
+        at the reduced scale widened to whole pixels, so its pixels are those the
+        whole-image decode at that scale gives there, and the box is the same box.
+        """
+        library = turbojpeg() if self.region else None
+        if library is None:
+            return None
+        scale = plan.scale
+        scaled_h, scaled_w = -(-height // scale), -(-width // scale)
+        ratio_y, ratio_x = scaled_h / height, scaled_w / width
+        upright = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+        top, left, box_h, box_w = to_stored(orientation, (plan.top, plan.left, plan.height, plan.width), *upright)
+        y0, x0 = top * ratio_y, left * ratio_x
+        y1, x1 = (top + box_h) * ratio_y, (left + box_w) * ratio_x
+        r_top, r_left = math.floor(y0), math.floor(x0)
+        r_bottom, r_right = min(scaled_h, math.ceil(y1)), min(scaled_w, math.ceil(x1))
+        pixels = library.decode_region(
+            data, scale=scale, top=r_top, left=r_left, height=r_bottom - r_top, width=r_right - r_left
+        )
+        if pixels is None:
+            return None
+        box = (y0 - r_top, x0 - r_left, y1 - y0, x1 - x0)
+        if orientation != 1:
+            pixels = orient_array(pixels, orientation)
+            box = to_upright(orientation, box, r_bottom - r_top, r_right - r_left)
+        box_top, box_left, box_h, box_w = box
+        return pixels, (box_left, box_top, box_left + box_w, box_top + box_h)
 
     def _crop_resize(self, pixels: np.ndarray | Image.Image, box: tuple[float, ...]) -> Any:
         from torchvision.transforms import InterpolationMode
@@ -181,7 +230,8 @@ class RandomResizedCropDecode:
             # resize(box=...) crops with sub-pixel precision and filters in one pass.
             return image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR), box=box)  # type: ignore[arg-type]  # a 4-tuple
         chw = to_mode(pixels, "torch")
-        left, top, right, bottom = (int(round(v)) for v in box)
+        # floor(v + 0.5), not round(): it commutes with the region's integer offset.
+        left, top, right, bottom = (math.floor(v + 0.5) for v in box)
         crop = chw[:, top : max(bottom, top + 1), left : max(right, left + 1)]
         resized = tvf.resize(crop, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
         if self.mode == "torch":
@@ -338,6 +388,7 @@ def fuse_crop(decoder: Any, transform: Any) -> tuple[Any, Any]:
             return decoder, transform
         crop, rest = split
         crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
+        log_region_support()
         rest_map = {k: (rest if k == field else fn) for k, fn in transform.items() if k != field or rest is not None}
         return FusedFieldDecoder(decoder, {field: crop}), rest_map
     split = split_crop(transform, decoder.mode)
@@ -345,4 +396,5 @@ def fuse_crop(decoder: Any, transform: Any) -> tuple[Any, Any]:
         return decoder, transform
     crop, rest = split
     crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
+    log_region_support()
     return FusedSamplePipeline(decoder, crop, rest, transform), None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -54,10 +55,24 @@ def children_cpu() -> float:
     return sum(children_cpu_by_pid().values())
 
 
-def children_cpu_since(before: dict[int, float]) -> float:
-    """CPU seconds the live children used since the snapshot ``before``: a child that
-    exited in between drops out instead of making the sum negative, a new one counts whole."""
-    return sum(cpu - before.get(pid, 0.0) for pid, cpu in children_cpu_by_pid().items())
+def children_cpu_snapshot() -> tuple[dict[int, float], float]:
+    """What :func:`children_cpu_since` needs: live children's CPU by pid, and reaped children's total."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children_cpu_by_pid(), usage.ru_utime + usage.ru_stime
+
+
+def children_cpu_since(before: tuple[dict[int, float], float]) -> float:
+    """CPU seconds this process's children used since the snapshot ``before``.
+
+    Live children count from /proc; a child that exited and was reaped in between (a
+    DataLoader joins its workers when the data runs out) counts through getrusage, less
+    what it had used before the snapshot; a new child counts whole.
+    """
+    live_before, reaped_before = before
+    live, reaped = children_cpu_snapshot()
+    exited_before = sum(cpu for pid, cpu in live_before.items() if pid not in live)
+    since = sum(cpu - live_before.get(pid, 0.0) for pid, cpu in live.items())
+    return since + max(0.0, reaped - reaped_before - exited_before)
 
 
 class StageTimes:

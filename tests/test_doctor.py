@@ -14,6 +14,7 @@ from shardkit import ShardLoader, ShardWriter
 from shardkit.cli.doctor import diagnose
 from shardkit.cli.main import main
 from shardkit.cli.synthetic import photo_like
+from shardkit.jpeg_region import region_support
 from shardkit.profiling import STAGES, ProfiledShardDataset
 
 
@@ -71,9 +72,20 @@ def test_doctor_cli_json(big_shards, capsys):
         == 0
     )
     data = json.loads(capsys.readouterr().out)
+    assert data["region_decode"] is region_support()[0]
     assert data["fused"] is True and data["bound"] in ("decode", "transform", "io", "collate", "overhead", "transfer")
     assert set(data["stage_ms"]) == set(STAGES) and data["cpu_ms_per_image"] > 0
     assert main(["doctor", big_shards, "--transform", "sharpen", "--seconds", "0.5"]) == 1
+
+
+def test_worker_cpu_is_counted_when_the_data_runs_out(big_shards):
+    # 12 images, 2 workers, batches of 2: the data runs out long before 30 s and the
+    # DataLoader joins its workers, whose CPU then shows only in getrusage's children.
+    d = diagnose(big_shards, transform=_corner, workers=2, batch_size=2, decode_size=None, seconds=30.0)
+    assert d.images < 12 and d.seconds < 30
+    # Each image costs a full 2400x1800 decode in a worker: far more than the main process.
+    assert d.worker_cpu_ms > 0.5 * d.reference_ms
+    assert d.worker_cpu_ms > 5 * d.main_cpu_ms
 
 
 def test_profiled_counters_reach_loader_stats(uneven_shards):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ShardkitError
-from ..profiling import STAGES, children_cpu_by_pid, children_cpu_since
+from ..jpeg_region import region_support
+from ..profiling import STAGES, children_cpu_since, children_cpu_snapshot
 
 #: ``--transform`` presets (torchvision v2, applied to the image field).
 TRANSFORMS = ("none", "rrc224", "rrc224+flip", "resize256+center224")
@@ -59,6 +60,7 @@ class Diagnosis:
     reference_ms: float  # single-core decode+transform per image, same samples, in-process
     decode_size: Any
     fused: bool
+    region_decode: bool = False  # fused crops decode only the crop (libjpeg-turbo 3, shardkit.jpeg_region)
     bound: str = ""
     advice: list[str] = field(default_factory=list)
 
@@ -155,7 +157,7 @@ def diagnose(
                         "t": time.perf_counter(),
                         "stats": loader.stats(),
                         "main": _cpu_seconds(resource.RUSAGE_SELF),
-                        "workers": children_cpu_by_pid(),
+                        "workers": children_cpu_snapshot(),
                     }
                 continue
             images += len(batch[0]) if isinstance(batch, (tuple, list)) else batch_size
@@ -194,6 +196,7 @@ def diagnose(
         reference_ms=_reference_ms(urls, ds_kwargs),
         decode_size=ds.decode_size,
         fused=fused,
+        region_decode=fused and region_support()[0],
     )
     diagnosis.bound, diagnosis.advice = conclude(
         diagnosis, remote="://" in str(urls), cached=bool(ds.options.cache_dir)
@@ -243,6 +246,10 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
             )
         if d.decode_size is None and not d.fused:
             advice.append("decode_size='auto' decodes JPEGs smaller (and fuses a leading RandomResizedCrop)")
+        if d.fused and not d.region_decode:
+            advice.append(
+                "fused crops decode whole JPEGs: pip install 'shardkit[turbo]' (libjpeg-turbo 3) decodes only the crop"
+            )
         if bound == "transform":
             advice.append(
                 "the transform costs more than decoding: move float conversion/normalisation to the GPU "
@@ -268,7 +275,7 @@ def format_report(d: Diagnosis) -> str:
     lines = [
         f"{d.images:,} images in {d.seconds:.1f} s = {d.rate:,.0f} img/s "
         f"({d.workers} workers, {d.threads} threads, {d.cores} cores, decode_size={d.decode_size!r}"
-        f"{', fused crop decode' if d.fused else ''})",
+        f"{', fused crop decode' if d.fused else ''}{' of the crop region only' if d.region_decode else ''})",
         f"{'stage':12s} {'ms/img':>8s} {'share':>6s}",
     ]
     total = sum(d.stage_ms[s] for s in STAGES if s != "handoff") or 1.0
