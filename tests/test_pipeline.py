@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from shardkit.errors import SampleError, ShardkitError, SkippedSampleWarning
 from shardkit.pipeline import SamplePipeline, batched, collate, make_handler, parse_fields
@@ -369,3 +370,33 @@ def test_collate_recurses_into_dicts_and_tuples():
     tuples = collate([(torch.ones(2), "a", 1), (torch.zeros(2), "b", 2)])
     assert isinstance(tuples, tuple) and len(tuples) == 3
     assert tuples[0].tolist() == [[1, 1], [0, 0]] and tuples[1] == ["a", "b"] and tuples[2].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+def test_collate_of_channels_last_images_equals_torch_stack(dtype):
+    # The decoders give CHW views of HWC pixels; the batch must be what default_collate
+    # gives: the same values in a contiguous NCHW tensor (bfloat16 takes torch's path).
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 255, (17, 13, 3), generator=gen).to(dtype).permute(2, 0, 1) for _ in range(5)]
+    out = collate(images)
+    expected = default_collate(images)
+    assert out.dtype == dtype and out.shape == (5, 3, 17, 13) and out.is_contiguous()
+    assert out.stride() == expected.stride() and torch.equal(out, expected)
+    # Mixed dtypes take torch's path (type promotion); 1-channel views stack as before.
+    mixed = [*images[:2], images[2].to(torch.int16)]
+    assert torch.equal(collate(mixed), default_collate(mixed))
+    assert torch.equal(collate([i[:1] for i in images]), default_collate([i[:1] for i in images]))
+
+
+class _CollateInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        images = [torch.full((4, 5, 3), i, dtype=torch.uint8).permute(2, 0, 1) for i in range(3)]
+        batch = collate(images)
+        yield batch.is_shared(), batch
+
+
+def test_collate_in_a_worker_writes_straight_into_shared_memory():
+    loader = torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1)
+    [(shared, batch)] = list(loader)
+    assert shared is True  # no extra copy when the batch crosses to the main process
+    assert batch.shape == (3, 3, 4, 5) and batch[:, 0, 0, 0].tolist() == [0, 1, 2]

@@ -10,7 +10,8 @@ horizontal flip, uint8 batches of 64, the same worker count):
 - webdataset with its own default decoding (``.decode("torchrgb8")``, PIL), as users run it;
 - shardkit ShardLoader: process workers, thread decode, reduced-size decode, and fused
   crop decode (``decode_size="auto"``: the RandomResizedCrop drawn from the header and
-  each crop decoded at the smallest DCT scale that keeps it >= 224);
+  each crop decoded at the smallest DCT scale that keeps it >= 224; only the crop's
+  region with libjpeg-turbo 3, the whole image without it: "shardkit-fused-whole");
 - raw iteration without decode, warm and cold page cache;
 - time to first batch and peak RSS (each configuration runs in its own process).
 
@@ -40,13 +41,22 @@ CONFIGS = (
     "shardkit-threads",
     "shardkit-reduced",
     "shardkit-fused",
+    "shardkit-fused-whole",
     "raw-shardkit",
     "raw-webdataset",
     "raw-shardkit-cold",
     "raw-webdataset-cold",
 )
 #: What ``--rounds`` runs by default: the decode+augment peers (raw iteration is another question).
-E2E_CONFIGS = ("limit", "webdataset", "webdataset-pil", "shardkit", "shardkit-threads", "shardkit-fused")
+E2E_CONFIGS = (
+    "limit",
+    "webdataset",
+    "webdataset-pil",
+    "shardkit",
+    "shardkit-threads",
+    "shardkit-fused",
+    "shardkit-fused-whole",
+)
 
 
 def augment(size: int = 224) -> Callable[[Any], Any]:
@@ -180,8 +190,15 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         return _loop(loader, lambda b: len(b[1]))
     if name.startswith("shardkit"):
         threads = 2 if name == "shardkit-threads" else 0
-        sizes: dict[str, int | str] = {"shardkit-reduced": 224, "shardkit-fused": "auto"}
-        decode_size = sizes.get(name)
+        if name == "shardkit-fused-whole":  # as on a machine without libjpeg-turbo 3 (this process only)
+            from .. import jpeg_region
+
+            jpeg_region._load = lambda: (None, "switched off by the benchmark")  # type: ignore[assignment]
+        decode_size: int | str | None = None
+        if name == "shardkit-reduced":
+            decode_size = 224
+        elif name.startswith("shardkit-fused"):
+            decode_size = "auto"
         ds = ShardDataset(
             shards, decode="torch", decode_size=decode_size, transform={"jpg": aug}, fields="jpg cls", threads=threads
         )
