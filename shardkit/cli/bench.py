@@ -4,7 +4,9 @@ One run, one synthetic photo-like JPEG dataset, the same decode and augment for 
 peer (decode to a uint8 tensor with shardkit's fastest decoder, RandomResizedCrop(224) +
 horizontal flip, uint8 batches of 64, the same worker count):
 
-- the single-core decode+augment rate ("limit" = that x cores);
+- the single-core decode+augment rate ("limit" = that x cores), and the same loop run in
+  as many processes at once as there are workers ("limit-parallel": what the cores really
+  give together, with zero loader overhead);
 - ImageFolder + DataLoader (many small files);
 - webdataset (WebDataset + WebLoader, batched in workers);
 - webdataset with its own default decoding (``.decode("torchrgb8")``, PIL), as users run it;
@@ -34,6 +36,7 @@ from typing import Any
 
 CONFIGS = (
     "limit",
+    "limit-parallel",
     "imagefolder",
     "webdataset",
     "webdataset-pil",
@@ -50,6 +53,8 @@ CONFIGS = (
 #: What ``--rounds`` runs by default: the decode+augment peers (raw iteration is another question).
 E2E_CONFIGS = (
     "limit",
+    "limit-parallel",
+    "limit-parallel",
     "webdataset",
     "webdataset-pil",
     "shardkit",
@@ -129,6 +134,24 @@ def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:
     }
 
 
+def _limit_loop(files: list[str], aug: Callable[[Any], Any], barrier: Any = None) -> tuple[float, float, float]:
+    """Decode + augment ``files`` from memory: (start, end) on the monotonic clock, CPU seconds."""
+    import torch
+
+    from ..decode import decode_image
+
+    torch.set_num_threads(1)
+    data = [open(f, "rb").read() for f in files]
+    for d in data[:20]:
+        aug(decode_image(d, "torch"))
+    if barrier is not None:
+        barrier.wait()
+    started, cpu = time.perf_counter(), time.process_time()
+    for d in data:
+        aug(decode_image(d, "torch"))
+    return started, time.perf_counter(), time.process_time() - cpu
+
+
 def run_config(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
     import torch
 
@@ -142,22 +165,41 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
 
     if name == "limit":
         files = sorted(glob.glob(os.path.join(folder, "*", "*.jpg")))[:300]
-        data = [open(f, "rb").read() for f in files]
-        for d in data[:20]:
-            aug(decode_image(d, "torch"))
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        for d in data:
-            aug(decode_image(d, "torch"))
-        dt = time.perf_counter() - t0
-        cpu = time.process_time() - c0
+        started, ended, cpu = _limit_loop(files, aug)
+        dt = ended - started
         return {
-            "samples": len(data),
+            "samples": len(files),
             "seconds": dt,
-            "rate": len(data) / dt,
-            "steady_rate": len(data) / dt,
+            "rate": len(files) / dt,
+            "steady_rate": len(files) / dt,
             "first_batch_s": 0.0,
-            "cpu_ms": cpu * 1e3 / len(data),
+            "cpu_ms": cpu * 1e3 / len(files),
+        }
+    if name == "limit-parallel":
+        import multiprocessing
+
+        files = sorted(glob.glob(os.path.join(folder, "*", "*.jpg")))
+        streams = max(1, workers)
+        slices = [files[i * 300 : (i + 1) * 300] for i in range(streams)]
+        context = multiprocessing.get_context("fork")  # the barrier and queue are inherited
+        barrier, results = context.Barrier(streams), context.SimpleQueue()
+        procs = [
+            context.Process(target=lambda s=s: results.put(_limit_loop(s, aug, barrier)), daemon=True) for s in slices
+        ]
+        for proc in procs:
+            proc.start()
+        spans = [results.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        dt = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+        n = sum(len(s) for s in slices)
+        return {
+            "samples": n,
+            "seconds": dt,
+            "rate": n / dt,
+            "steady_rate": n / dt,
+            "first_batch_s": 0.0,
+            "cpu_ms": sum(cpu for _, _, cpu in spans) * 1e3 / n,
         }
     if name == "imagefolder":
         from torch.utils.data import DataLoader
@@ -270,6 +312,8 @@ def format_table(rounds: list[dict[str, dict[str, Any]]], workers: int) -> str:
         notes = []
         if name == "limit":
             notes.append(f"1 core; {streams}-core limit {_median([r['rate'] for r in runs]) * streams:,.0f} img/s")
+        elif name == "limit-parallel":
+            notes.append(f"{streams} processes at once; {ratio('limit', streams):.2f}x the {streams}-core limit")
         elif name.startswith("raw-"):
             peer = "raw-webdataset-cold" if name.endswith("cold") else "raw-webdataset"
             if "shardkit" in name and peer in rounds[0]:
@@ -277,6 +321,8 @@ def format_table(rounds: list[dict[str, dict[str, Any]]], workers: int) -> str:
         else:
             if "limit" in rounds[0]:
                 notes.append(f"{ratio('limit', streams):.2f}x limit")
+            if "limit-parallel" in rounds[0]:
+                notes.append(f"{ratio('limit-parallel'):.2f}x limit-parallel")
                 notes.append(f"CPU/img {ratio('limit', key='cpu_ms', invert=True):.2f}x limit's")
             for peer in ("webdataset", "webdataset-pil", "imagefolder"):
                 if peer in rounds[0] and name != peer and name.startswith("shardkit"):
