@@ -55,6 +55,22 @@ class _Region(ctypes.Structure):
     _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
 
 
+class _Handle:
+    """A TurboJPEG decompressor owned by one thread, destroyed with it."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        handle = lib.tj3Init(_TJINIT_DECOMPRESS)
+        if not handle:
+            raise MemoryError("tj3Init failed")
+        # Warnings (damaged data) fail the call; the caller then falls back.
+        lib.tj3Set(handle, _TJPARAM_STOPONWARNING, 1)
+        self.lib, self.handle, self.pid = lib, int(handle), os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():  # a forked child's copy is not its own to free
+            self.lib.tj3Destroy(self.handle)
+
+
 class TurboJPEG:
     """A loaded libturbojpeg with the TurboJPEG 3 API; one decompressor per thread."""
 
@@ -89,15 +105,10 @@ class TurboJPEG:
 
     def _handle(self) -> int:
         """This thread's decompressor (a fresh one after fork: handles are not shared)."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            handle = self._lib.tj3Init(_TJINIT_DECOMPRESS)
-            if not handle:
-                raise MemoryError("tj3Init failed")
-            # Warnings (damaged data) fail the call; the caller then falls back.
-            self._lib.tj3Set(handle, _TJPARAM_STOPONWARNING, 1)
-            local.handle, local.pid = handle, os.getpid()
-        return int(local.handle)
+        owned = getattr(self._local, "handle", None)
+        if owned is None or owned.pid != os.getpid():
+            owned = self._local.handle = _Handle(self._lib)
+        return owned.handle
 
     def decode_region(
         self, data: bytes, *, scale: int, top: int, left: int, height: int, width: int
