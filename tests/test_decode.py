@@ -24,6 +24,7 @@ from shardkit.decode import IMAGE_EXTENSIONS, decode_image, make_decoder
 from shardkit.decode_size import decode_size_for, rrc_safe_decode_size
 from shardkit.errors import SampleError
 from shardkit.imageinfo import read_image_header
+from shardkit.jpeg_region import turbojpeg
 from shardkit.pixels import dct_scale_for
 
 MODES = ("pil", "numpy", "torch")
@@ -508,20 +509,24 @@ class _RecordingSimplejpeg:
         return out
 
 
+@pytest.mark.parametrize("region", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_rrc_decode_reduced_matches_full_path(mode, monkeypatch):
+def test_rrc_decode_reduced_matches_full_path(mode, region, monkeypatch):
     if pixels._simplejpeg is None:
         pytest.skip("simplejpeg not installed")
+    if region and turbojpeg() is None:
+        pytest.skip("no libjpeg-turbo 3 for region decoding")
     source = photo(768, 1024, seed=3)
     data = encode(source, "JPEG", quality=95)
-    crop = RandomResizedCropDecode(48, scale=(0.5, 1.0), mode=mode)
+    crop = RandomResizedCropDecode(48, scale=(0.5, 1.0), mode=mode, region=region)
     recorder = _RecordingSimplejpeg(pixels._simplejpeg)
     monkeypatch.setattr(pixels, "_simplejpeg", recorder)
     torch.manual_seed(0)
     plan = crop.plan(768, 1024)
     torch.manual_seed(0)
     out = crop(data)
-    assert plan.scale == 8 and recorder.shapes == [(96, 128, 3)]  # decoded at 1/8 only
+    # Decoded at 1/8 only: the whole image by simplejpeg, or just the region by libjpeg-turbo 3.
+    assert plan.scale == 8 and recorder.shapes == ([] if region else [(96, 128, 3)])
     full = torch.from_numpy(decode_image(data, "numpy")).permute(2, 0, 1)
     reference = tvf.resized_crop(full, plan.top, plan.left, plan.height, plan.width, [48, 48], antialias=True)
     result = as_hwc(out).astype(int)
