@@ -20,7 +20,8 @@ from torchvision.transforms import v2
 
 from shardkit import ShardDataset, ShardLoader
 from shardkit.errors import SampleError, ShardkitError
-from shardkit.gpu_batch import EncodedImage, encode_for_batch, parse_recipe
+from shardkit.gpu_recipe import parse_recipe
+from shardkit.gpu_ship import EncodedImage, encode_for_batch
 from shardkit.mix import Mix
 from shardkit.writer import ShardWriter
 from tests.helpers import keys_of, resumed_keys, stop_after, tiny_jpeg
@@ -325,7 +326,7 @@ def test_cuda_options_without_cuda_fail_at_construction(shards):
 
 def test_importing_costs_nothing():
     code = (
-        "import sys, torch, shardkit.loader, shardkit.gpu_batch; "
+        "import sys, torch, shardkit.loader, shardkit.gpu_batch, shardkit.gpu_decoders; "
         "print(torch.cuda.is_initialized(), any(m.startswith('torchvision') for m in sys.modules), "
         "any('nvimgcodec' in m for m in sys.modules))"
     )
