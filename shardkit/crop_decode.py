@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decode_size import as_hw
+from .decode_size import as_hw, flatten_transforms, transform_classes
 from .errors import SampleError
 from .imageinfo import guess_format_name, read_image_header
 from .jpeg_region import log_region_support, to_stored, to_upright, turbojpeg
@@ -256,11 +256,9 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
     Anything else before the crop (flips, colour jitter, ...) draws random numbers or
     changes pixels, so the pipeline is left alone.
     """
-    from .decode_size import _flatten_transforms, _transform_classes
-
-    leaves = _flatten_transforms(transform)
-    movable = _transform_classes(*_MOVABLE_NAMES)
-    rrc_classes = _transform_classes("RandomResizedCrop")
+    leaves = flatten_transforms(transform)
+    movable = transform_classes(*_MOVABLE_NAMES)
+    rrc_classes = transform_classes("RandomResizedCrop")
     for index, step in enumerate(leaves):
         if isinstance(step, movable):
             continue

@@ -16,7 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _transform_classes(*names: str) -> tuple[Any, ...]:
+def transform_classes(*names: str) -> tuple[Any, ...]:
     """The v1 and v2 torchvision classes with these names (v2 ones are not subclasses)."""
     import torchvision.transforms as v1
     import torchvision.transforms.v2 as v2
@@ -51,11 +51,11 @@ _SCALE_FREE_NAMES = (
 )
 
 
-def _flatten_transforms(transform: Any) -> list[Any]:
+def flatten_transforms(transform: Any) -> list[Any]:
     """The leaf transforms of ``transform``, nested ``Compose`` (v1 or v2) unrolled in order."""
     inner = getattr(transform, "transforms", None)
-    if isinstance(transform, _transform_classes("Compose")) and inner is not None:
-        return [leaf for t in inner for leaf in _flatten_transforms(t)]
+    if isinstance(transform, transform_classes("Compose")) and inner is not None:
+        return [leaf for t in inner for leaf in flatten_transforms(t)]
     return [transform]
 
 
@@ -105,10 +105,10 @@ def decode_size_for(transform: Any, *, approximate_rrc: bool = False) -> int | N
     - ``CenterCrop``/``RandomCrop``/anything else first: None (they work in pixel units
       of the full image, so the decode size must not change).
     """
-    rrc_classes = _transform_classes("RandomResizedCrop")
-    resize_classes = _transform_classes("Resize")
-    scale_free = _transform_classes(*_SCALE_FREE_NAMES)
-    for step in _flatten_transforms(transform):
+    rrc_classes = transform_classes("RandomResizedCrop")
+    resize_classes = transform_classes("Resize")
+    scale_free = transform_classes(*_SCALE_FREE_NAMES)
+    for step in flatten_transforms(transform):
         if isinstance(step, rrc_classes):
             if approximate_rrc:
                 return max(as_hw(step.size) or (1, 1))

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .decode_size import flatten_transforms, transform_classes
 from .errors import ShardkitError
 
 SUPPORTED_TRANSFORMS = (
@@ -21,22 +22,6 @@ SUPPORTED_TRANSFORMS = (
 )
 
 # ----------------------------------------------------------------------- the recipe
-
-
-def _tv_classes(*names: str) -> tuple[Any, ...]:
-    """The torchvision v1 and v2 classes with these names (v2 ones are not subclasses of v1)."""
-    import torchvision.transforms as v1
-    import torchvision.transforms.v2 as v2
-
-    return tuple(getattr(module, name) for module in (v1, v2) for name in names if hasattr(module, name))
-
-
-def _leaves(transform: Any) -> list[Any]:
-    """The leaf transforms of ``transform``, nested Compose (v1 or v2) unrolled in order."""
-    inner = getattr(transform, "transforms", None)
-    if isinstance(transform, _tv_classes("Compose")) and inner is not None:
-        return [leaf for t in inner for leaf in _leaves(t)]
-    return [transform]
 
 
 def _hw(size: Any) -> tuple[int, int] | None:
@@ -98,16 +83,16 @@ def parse_recipe(transform: Any) -> Recipe:
     from .crop_decode import RandomResizedCropDecode
 
     rrc, resize, center, flip = (
-        _tv_classes(n) for n in ("RandomResizedCrop", "Resize", "CenterCrop", "RandomHorizontalFlip")
+        transform_classes(n) for n in ("RandomResizedCrop", "Resize", "CenterCrop", "RandomHorizontalFlip")
     )
-    to_dtype, convert, normalize = (_tv_classes(n) for n in ("ToDtype", "ConvertImageDtype", "Normalize"))
-    passthrough = _tv_classes("ToImage", "ToPureTensor")
+    to_dtype, convert, normalize = (transform_classes(n) for n in ("ToDtype", "ConvertImageDtype", "Normalize"))
+    passthrough = transform_classes("ToImage", "ToPureTensor")
     steps: list[Step] = []
     out_hw: tuple[int, int] | None = None
     dtype: torch.dtype | None = None
     mean = std = None
     leaf: Any
-    for leaf in _leaves(transform):
+    for leaf in flatten_transforms(transform):
         name = type(leaf).__name__
         geometric = isinstance(leaf, rrc + resize + center + flip)
         if geometric and dtype is not None:
