@@ -6,43 +6,15 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
 from ..index import Manifest
-from ..write_parallel import shard_pattern
+from ..write_parallel import WriteResult, shard_pattern
 from ..writer import ShardWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WriteSummary:
-    shards: int
-    samples: int
-    bytes: int
-    seconds: float
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    pattern: str = ""
-    manifest: str = ""
-
-    @property
-    def rate(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("inf")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
-            "samples_per_s": round(self.rate, 1),
-            "skipped": len(self.skipped),
-            "pattern": self.pattern,
-            "manifest": self.manifest,
-        }
 
 
 def write_shards(
@@ -56,7 +28,7 @@ def write_shards(
     total: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> WriteSummary:
+) -> WriteResult:
     """Write every sample of ``samples`` to shards in ``dest``; returns a summary.
 
     On Ctrl-C or an error the shards written so far are kept and listed in a manifest
@@ -77,7 +49,7 @@ def write_shards(
         finally:
             bar.close()
     manifest: Manifest = writer.manifest()
-    return WriteSummary(
+    return WriteResult(
         shards=len(manifest.shards),
         samples=manifest.total_samples,
         bytes=manifest.total_bytes,
