@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from shardkit.cli.bench import drop_page_cache
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -96,16 +98,6 @@ if __name__ == "__main__":
         done = time.perf_counter()
     print(f"cluster_start={ready - started:.3f} work={done - ready:.3f}")
 """
-
-
-def drop_page_cache(paths: list[str]) -> None:
-    """Evict files from the page cache (posix_fadvise works without root)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def make_source(folder: str, count: int) -> list[str]:
