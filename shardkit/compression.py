@@ -17,6 +17,7 @@ import bz2
 import lzma
 import os
 import zlib
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .errors import ShardFormatError
@@ -36,6 +37,14 @@ COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.zst", ".tar.zstd", ".tar.bz2", "
 SHARD_SUFFIXES = (".tar",) + COMPRESSED_SUFFIXES
 
 _CHUNK = 1 << 20
+
+
+def _read_to_end(read: Callable[[int], bytes]) -> bytes:
+    """Everything ``read`` still gives, chunk by chunk."""
+    parts = []
+    while chunk := read(_CHUNK):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def compression_of(head: bytes) -> str | None:
@@ -96,10 +105,7 @@ class _Replay:
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            parts = []
-            while chunk := self.read(_CHUNK):
-                parts.append(chunk)
-            return b"".join(parts)
+            return _read_to_end(self.read)
         if self._head:
             out = bytes(self._head[:n])
             self._head = self._head[len(out) :]
@@ -260,10 +266,7 @@ class Decompressed:
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            parts = []
-            while chunk := self.read(_CHUNK):
-                parts.append(chunk)
-            return b"".join(parts)
+            return _read_to_end(self.read)
         buffer = bytearray(n)
         got = self.readinto(buffer)
         return bytes(buffer[:got])
