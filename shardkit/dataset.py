@@ -231,10 +231,6 @@ class ShardDataset(PlannedDataset):
             per_worker = [(w + 1) * total // streams - w * total // streams for w in range(streams)]
         return sum(batching.items(n) for n in per_worker)
 
-    def __len__(self) -> int:
-        """Items this rank yields per epoch: samples, or batches when batch_size is set."""
-        return self.num_items(self.batching)
-
     # -- iteration -----------------------------------------------------------------------
     def iter_items(
         self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0

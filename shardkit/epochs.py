@@ -135,6 +135,10 @@ class PlannedDataset(IterableDataset):
         """Items this rank yields per epoch under ``batching`` with ``num_workers`` workers."""
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        """Items this rank yields per epoch: samples, or batches when batch_size is set."""
+        return self.num_items(self.batching)
+
     def _stages(self, epoch: int, resume: ResumeState | None) -> list:
         resume = self._resume if resume is None else resume
         return resume.stages if resume is not None and resume.epoch == epoch else []

@@ -154,9 +154,6 @@ class Mix(PlannedDataset):
         self.num_samples()  # raises when unknown
         return sum(batching.items(n) for n in self.epoch_info(num_workers=num_workers).worker_samples)
 
-    def __len__(self) -> int:
-        return self.num_items(self.batching)
-
     # -- iteration -----------------------------------------------------------------------
     def iter_items(
         self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
