@@ -170,7 +170,12 @@ class RandomResizedCropDecode:
             return plan.scale
 
         pixels = decode_rgb(
-            data, max_pixels=self.max_pixels, scale_for=scale_for, format_name=guess_format_name(data), exif=self.exif
+            data,
+            max_pixels=self.max_pixels,
+            scale_for=scale_for,
+            format_name=guess_format_name(data),
+            exif=self.exif,
+            header=header,
         )
         decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
         if plan is None:  # BMP, PNM, TIFF: the size is known only after decoding
@@ -382,17 +387,14 @@ def fuse_crop(decoder: Any, transform: Any) -> tuple[Any, Any]:
         if field.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS or field in decoder.handlers:
             return decoder, transform
         split = split_crop(first, decoder.mode)
-        if split is None:
-            return decoder, transform
-        crop, rest = split
-        crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
-        log_region_support()
-        rest_map = {k: (rest if k == field else fn) for k, fn in transform.items() if k != field or rest is not None}
-        return FusedFieldDecoder(decoder, {field: crop}), rest_map
-    split = split_crop(transform, decoder.mode)
+    else:
+        split = split_crop(transform, decoder.mode)
     if split is None:
         return decoder, transform
     crop, rest = split
     crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
     log_region_support()
+    if isinstance(transform, Mapping):
+        rest_map = {k: (rest if k == field else fn) for k, fn in transform.items() if k != field or rest is not None}
+        return FusedFieldDecoder(decoder, {field: crop}), rest_map
     return FusedSamplePipeline(decoder, crop, rest, transform), None

@@ -123,6 +123,7 @@ def decode_rgb(
     format_name: str = "image",
     scale_for: Callable[[int, int], int] | None = None,
     exif: bool = False,
+    header: ImageHeader | None | Literal["unread"] = "unread",
 ) -> np.ndarray | Image.Image:
     """Decode to RGB: an HWC uint8 array (simplejpeg) or a PIL image in mode RGB (PIL).
 
@@ -130,9 +131,11 @@ def decode_rgb(
     before decoding (RandomResizedCropDecode plans its crop there) and returns a DCT
     scale denominator, which only JPEGs honour. ``exif=True`` applies the EXIF
     orientation (the size given to ``scale_for`` is then the stored, unrotated one).
+    ``header``: what :func:`read_image_header` gave, when the caller has read it already.
     Raises SampleError (no location) on bad data.
     """
-    header = read_image_header(data)
+    if header == "unread":
+        header = read_image_header(data)
     if header is not None:
         check_pixels(header.width, header.height, max_pixels)
     scale = scale_for(header.height, header.width) if header and scale_for else 1
