@@ -98,41 +98,22 @@ def batches(name: str, shards: str, args: argparse.Namespace, device: Any) -> tu
     from shardkit import ShardDataset, ShardLoader
     from shardkit.decode import decode_image
 
-    if name == "shardkit-cpu":
+    if name == "shardkit-cpu" or name.startswith("shardkit-gpu"):
+        gpu_decode = name != "shardkit-cpu"
         ds = ShardDataset(
             shards,
             decode="torch",
-            transform={"jpg": _augment(args.image_size, False)},
+            transform={"jpg": _augment(args.image_size, gpu_decode)},
             fields="jpg cls",
             shuffle=1000,
             seed=0,
         )
-        loader = ShardLoader(
-            ds,
-            batch_size=args.batch,
-            num_workers=args.workers,
-            drop_last=True,
-            device=device if device.type == "cuda" else None,
-        )
-        return endless(loader), loader
-    if name.startswith("shardkit-gpu"):
-        backend = name.rsplit("-", 1)[1] if device.type == "cuda" else "cpu"
-        ds = ShardDataset(
-            shards,
-            decode="torch",
-            transform={"jpg": _augment(args.image_size, True)},
-            fields="jpg cls",
-            shuffle=1000,
-            seed=0,
-        )
-        loader = ShardLoader(
-            ds,
-            batch_size=args.batch,
-            num_workers=args.workers,
-            drop_last=True,
-            decode_device=device,
-            decode_backend=backend,
-        )
+        if gpu_decode:
+            backend = name.rsplit("-", 1)[1] if device.type == "cuda" else "cpu"
+            placement: dict[str, Any] = {"decode_device": device, "decode_backend": backend}
+        else:
+            placement = {"device": device if device.type == "cuda" else None}
+        loader = ShardLoader(ds, batch_size=args.batch, num_workers=args.workers, drop_last=True, **placement)
         return endless(loader), loader
     if name == "webdataset":
         import webdataset as wds
