@@ -55,10 +55,15 @@ def children_cpu() -> float:
     return sum(children_cpu_by_pid().values())
 
 
+def rusage_cpu(who: int) -> float:
+    """User + system CPU seconds from getrusage (``resource.RUSAGE_SELF`` or ``RUSAGE_CHILDREN``)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def children_cpu_snapshot() -> tuple[dict[int, float], float]:
     """What :func:`children_cpu_since` needs: live children's CPU by pid, and reaped children's total."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return children_cpu_by_pid(), usage.ru_utime + usage.ru_stime
+    return children_cpu_by_pid(), rusage_cpu(resource.RUSAGE_CHILDREN)
 
 
 def children_cpu_since(before: tuple[dict[int, float], float]) -> float:

@@ -103,13 +103,9 @@ def drop_page_cache(paths: list[str]) -> None:
 
 def _cpu_now() -> float:
     """CPU seconds of this process, its exited children and its live children (workers)."""
-    from ..profiling import children_cpu
+    from ..profiling import children_cpu, rusage_cpu
 
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total + children_cpu()
+    return rusage_cpu(resource.RUSAGE_SELF) + rusage_cpu(resource.RUSAGE_CHILDREN) + children_cpu()
 
 
 def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ShardkitError
 from ..jpeg_region import region_support
-from ..profiling import STAGES, children_cpu_since, children_cpu_snapshot
+from ..profiling import STAGES, children_cpu_since, children_cpu_snapshot, rusage_cpu
 
 #: ``--transform`` presets (torchvision v2, applied to the image field).
 TRANSFORMS = ("none", "rrc224", "rrc224+flip", "resize256+center224")
@@ -37,11 +37,6 @@ def make_transform(name: str) -> Callable[[Any], Any] | None:
     if name == "resize256+center224":
         return v2.Compose([v2.Resize(256), v2.CenterCrop(224)])
     raise ValueError(f"unknown --transform {name!r}; choose one of {', '.join(TRANSFORMS)}")
-
-
-def _cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -156,7 +151,7 @@ def diagnose(
                     first = {
                         "t": time.perf_counter(),
                         "stats": loader.stats(),
-                        "main": _cpu_seconds(resource.RUSAGE_SELF),
+                        "main": rusage_cpu(resource.RUSAGE_SELF),
                         "workers": children_cpu_snapshot(),
                     }
                 continue
@@ -170,7 +165,7 @@ def diagnose(
             )
         elapsed = time.perf_counter() - first["t"]
         stats = loader.stats()
-        main_cpu = _cpu_seconds(resource.RUSAGE_SELF) - first["main"]
+        main_cpu = rusage_cpu(resource.RUSAGE_SELF) - first["main"]
         worker_cpu = children_cpu_since(first["workers"])
         del iterator
         loader._iterator = None
