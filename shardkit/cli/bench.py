@@ -71,13 +71,20 @@ def augment(size: int = 224) -> Callable[[Any], Any]:
 
 
 def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), quality: int = 90) -> tuple[str, str]:
-    """Image folder and shards in ``work`` (reused when already there)."""
+    """Image folder and shards in ``work``, reused when made by a run with the same settings."""
+    import shutil
+
     from ..ingest import IngestOptions, open_source
     from .convert import write_shards
     from .synthetic import make_image_folder
 
     folder = os.path.join(work, "images")
     shards = os.path.join(work, "shards")
+    # A folder left by a run with other settings would silently change the dataset measured.
+    made = os.path.join(work, f".made-{count}-{size[0]}x{size[1]}-q{quality}")
+    if not os.path.exists(made):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(shards, ignore_errors=True)
     if not os.path.isdir(folder):
         make_image_folder(folder, count=count, classes=10, size=size, workers=os.cpu_count() or 2, quality=quality)
     if not os.path.exists(os.path.join(shards, "data.manifest.json")):
@@ -88,6 +95,7 @@ def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), qualit
             overwrite=True,
             progress=False,
         )
+    open(made, "w").close()
     return folder, shards
 
 
