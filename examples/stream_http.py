@@ -49,8 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import train_classifier as tc  # noqa: E402  (model, augmentation, demo data)
 
-from shardkit.dataset import ShardDataset  # noqa: E402
 from shardkit.loader import ShardLoader  # noqa: E402
+from shardkit.read.dataset import ShardDataset  # noqa: E402
 
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):

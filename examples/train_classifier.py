@@ -47,8 +47,8 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from shardkit.dataset import ShardDataset  # noqa: E402
 from shardkit.loader import ShardLoader  # noqa: E402
+from shardkit.read.dataset import ShardDataset  # noqa: E402
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 
+from . import compat
 from .errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from .sizes import format_size, parse_size
-from .writer import ShardWriter
+from .writing.writer import ShardWriter
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+compat.install()
 
 __all__ = [
     "Mix",
@@ -32,7 +34,7 @@ def __getattr__(name: str):
     # ShardDataset/ShardLoader/ShardMap import torch: load them on first use so the CLI and the
     # writer start fast.
     if name == "ShardDataset":
-        from .dataset import ShardDataset
+        from .read.dataset import ShardDataset
 
         return ShardDataset
     if name == "ShardLoader":
@@ -40,11 +42,11 @@ def __getattr__(name: str):
 
         return ShardLoader
     if name == "Mix":
-        from .mix import Mix
+        from .read.mix import Mix
 
         return Mix
     if name == "ShardMap":
-        from .shardmap import ShardMap
+        from .read.shardmap import ShardMap
 
         return ShardMap
     raise AttributeError(f"module 'shardkit' has no attribute {name!r}")

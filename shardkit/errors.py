@@ -71,6 +71,17 @@ class SourceError(ShardkitError):
         super().__init__(f"{url}: {message}" if url else message)
 
 
+class InvalidKeyError(ShardkitError, ValueError):
+    """A sample key or extension that would not round-trip through the format."""
+
+
+KeyError_ = InvalidKeyError  # the name before 0.2
+
+
+class WorkerDied(ShardkitError):
+    """A worker process exited while the write still needed it."""
+
+
 class SkippedSampleWarning(UserWarning):
     """Issued by ``handler="warn"``: one per skipped sample (or per broken piece of a
     shard), naming the shard URL, the member and the reason.

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .epochs import Batching, PlannedDataset, Progress
 from .errors import ShardkitError
-from .gpu_batch import DeviceStage
-from .pipeline import collate
-from .plan import simulate_consumption
-from .state import ResumeState
+from .gpu.batch import DeviceStage
+from .plan.epoch import simulate_consumption
+from .plan.state import ResumeState
+from .read.base import Batching, PlannedDataset, Progress
+from .read.pipeline import collate
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _batching(
 
 
 class ShardLoader(DataLoader):
-    """Iterate batches of a :class:`ShardDataset` (or a :class:`~shardkit.mix.Mix`) with worker processes.
+    """Iterate batches of a :class:`ShardDataset` (or a :class:`~shardkit.read.mix.Mix`) with worker processes.
 
     Args:
         dataset: the ShardDataset or Mix (never modified by the loader).
@@ -109,7 +109,7 @@ class ShardLoader(DataLoader):
             on a side stream one batch ahead. Raises at construction without CUDA.
         decode_device: "cuda": workers only read and ship encoded images with their drawn
             crop/flip parameters; the main process decodes, crops, resizes, flips and
-            normalises each batch on the GPU (see :mod:`shardkit.gpu_batch`). "cpu" runs
+            normalises each batch on the GPU (see :mod:`shardkit.gpu.batch`). "cpu" runs
             the same main-process stage with the CPU decoder (what CI tests).
         decode_backend: with decode_device: "auto" (nvImageCodec when installed, else
             torchvision's nvjpeg; the CPU decoder on "cpu"), "nvimgcodec", "nvjpeg" or "cpu".

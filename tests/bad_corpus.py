@@ -1355,8 +1355,8 @@ def memfd(data: bytes):
 def parse_or_error(stream, url: str = "x") -> tuple[list[tuple[int, int, dict]], str | None]:
     """``(samples with offsets, error message or None)``; only ShardFormatError is expected."""
     from shardkit.errors import ShardFormatError
-    from shardkit.samples import group_members
-    from shardkit.tar import iter_member_tuples
+    from shardkit.format.samples import group_members
+    from shardkit.format.tar import iter_member_tuples
 
     out: list[tuple[int, int, dict]] = []
     try:

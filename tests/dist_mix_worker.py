@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardkit.dataset import ShardDataset  # noqa: E402
 from shardkit.loader import ShardLoader  # noqa: E402
-from shardkit.mix import Mix  # noqa: E402
+from shardkit.read.dataset import ShardDataset  # noqa: E402
+from shardkit.read.mix import Mix  # noqa: E402
 
 
 def main() -> None:

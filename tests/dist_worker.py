@@ -36,8 +36,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardkit.dataset import ShardDataset  # noqa: E402
 from shardkit.loader import ShardLoader  # noqa: E402
+from shardkit.read.dataset import ShardDataset  # noqa: E402
 
 SEED = 1234
 SHUFFLE = 8  # shuffle-buffer size: small, so the data set still gets shuffled

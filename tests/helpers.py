@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from shardkit.writer import ShardWriter
+from shardkit.writing.writer import ShardWriter
 
 
 def tiny_jpeg(i: int, size: tuple[int, int] = (48, 32), quality: int = 85) -> bytes:

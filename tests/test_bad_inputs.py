@@ -25,13 +25,13 @@ import time
 import pytest
 
 from shardkit import cli
-from shardkit.compression import compression_of
-from shardkit.dataset import ShardDataset
 from shardkit.errors import SampleError, ShardFormatError, ShardkitError, SkippedSampleWarning, SourceError
+from shardkit.format.compression import compression_of
+from shardkit.format.samples import iter_samples
+from shardkit.format.tar import iter_member_tuples
 from shardkit.loader import ShardLoader
-from shardkit.samples import iter_samples
-from shardkit.tar import iter_member_tuples
-from shardkit.writer import ShardWriter
+from shardkit.read.dataset import ShardDataset
+from shardkit.writing.writer import ShardWriter
 from tests import bad_corpus
 from tests.bad_corpus import CASES, Case
 from tests.helpers import make_shards, tiny_jpeg

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from shardkit import cache as cache_mod
-from shardkit.cache import ShardCache, url_key
 from shardkit.errors import SourceError
-from shardkit.source import SourceOptions, open_stream, prefetch
+from shardkit.storage import cache as cache_mod
+from shardkit.storage.cache import ShardCache, url_key
+from shardkit.storage.dispatch import SourceOptions, open_stream, prefetch
 from tests.servers import BUCKET
 
 
@@ -252,7 +252,7 @@ def test_pipe_urls_go_through_the_cache_too(shard_files, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_dataset_read_ahead_downloads_upcoming_shards(nginx_server, shard_files, tmp_path):
-    from shardkit.dataset import ShardDataset
+    from shardkit.read.dataset import ShardDataset
 
     urls = [nginx_server.url + n for n in shard_files.names]
     opts = SourceOptions(cache_dir=str(tmp_path / "c"), cache_size="100MB", read_ahead=2)

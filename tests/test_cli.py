@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from shardkit.cli.synthetic import make_image_folder
-from shardkit.index import Manifest
+from shardkit.format.index import Manifest
 
 
 def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -118,7 +118,7 @@ def test_index_builds_sidecars_for_webdataset_shards(tmp_path):
     shardkit("index", str(tmp_path / "wds-{000000..000002}.tar"))
     manifest = Manifest.from_json((tmp_path / "wds.manifest.json").read_text())
     assert [s.samples for s in manifest.shards] == [7, 7, 6]
-    from shardkit.dataset import ShardDataset
+    from shardkit.read.dataset import ShardDataset
 
     ds = ShardDataset(str(tmp_path / "wds-{000000..000002}.tar"), world_size=3, rank=2, even=None)
     assert ds.counts == [7, 7, 6] and len(ds) == len(list(ds)) == 7
@@ -147,7 +147,7 @@ def test_write_detects_migration_formats(tmp_path):
     import h5py
     import numpy as np
 
-    from shardkit.dataset import ShardDataset
+    from shardkit.read.dataset import ShardDataset
     from tests.helpers import tiny_jpeg
 
     images = [tiny_jpeg(i) for i in range(12)]

@@ -17,12 +17,12 @@ import tarfile
 import pytest
 
 from shardkit import cli
-from shardkit.compression import compression_of, is_shard_name
-from shardkit.dataset import ShardDataset
 from shardkit.errors import ShardFormatError, SkippedSampleWarning
-from shardkit.index import dataset_name_for
+from shardkit.format.compression import compression_of, is_shard_name
+from shardkit.format.index import dataset_name_for
+from shardkit.format.samples import iter_samples
 from shardkit.loader import ShardLoader
-from shardkit.samples import iter_samples
+from shardkit.read.dataset import ShardDataset
 from tests.helpers import make_shards, tiny_jpeg
 from tests.servers import run_nginx
 

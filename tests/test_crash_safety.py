@@ -25,11 +25,11 @@ import time
 
 import pytest
 
-from shardkit.dataset import ShardDataset
-from shardkit.index import decode_index, scan_shard
+from shardkit.format.index import decode_index, scan_shard
+from shardkit.format.tar import iter_member_tuples
 from shardkit.loader import ShardLoader
-from shardkit.tar import iter_member_tuples
-from shardkit.writer import ShardWriter
+from shardkit.read.dataset import ShardDataset
+from shardkit.writing.writer import ShardWriter
 from tests.helpers import make_shards
 
 pytestmark = pytest.mark.timeout(60)
@@ -256,7 +256,7 @@ def test_killed_worker_is_an_error_and_resume_finishes_the_epoch(how, epoch_shar
 
 _KILLED_WRITER = """
 import os, signal, sys
-from shardkit.writer import ShardWriter
+from shardkit.writing.writer import ShardWriter
 dest, prefix, n, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 writer = ShardWriter(dest, max_count=10, overwrite=True)
 for i in range(n):

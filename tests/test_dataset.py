@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from shardkit.dataset import ShardDataset
 from shardkit.errors import ShardkitError
 from shardkit.loader import ShardLoader
+from shardkit.read.dataset import ShardDataset
 from tests.helpers import keys_of, make_shards, resumed_keys, stop_after
 
 warnings.filterwarnings("ignore", message=".*worker processes in total.*")

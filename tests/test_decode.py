@@ -1,4 +1,4 @@
-"""Tests for shardkit.decode, .pixels, .decode_size and .crop_decode: image backends, modes,
+"""Tests for shardkit.decode.fields, .pixels, .decode_size and .crop_decode: image backends, modes,
 reduced-size decode, bomb guard, errors."""
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvf
 
-from shardkit import pixels
-from shardkit.crop_decode import RandomResizedCropDecode
-from shardkit.decode import IMAGE_EXTENSIONS, decode_image, make_decoder
-from shardkit.decode_size import decode_size_for, rrc_safe_decode_size
+from shardkit.decode.crop import RandomResizedCropDecode
+from shardkit.decode.fields import IMAGE_EXTENSIONS, decode_image, make_decoder, pixels
+from shardkit.decode.imageinfo import read_image_header
+from shardkit.decode.jpeg_region import turbojpeg
+from shardkit.decode.pixels import dct_scale_for
+from shardkit.decode.size import decode_size_for, rrc_safe_decode_size
 from shardkit.errors import SampleError
-from shardkit.imageinfo import read_image_header
-from shardkit.jpeg_region import turbojpeg
-from shardkit.pixels import dct_scale_for
 
 MODES = ("pil", "numpy", "torch")
 

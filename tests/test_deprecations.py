@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent("""
     from PIL import Image
     from torchvision.transforms import v2
     from shardkit import ShardDataset, ShardLoader, ShardWriter
-    from shardkit.crop_decode import RandomResizedCropDecode
-    from shardkit.decode import decode_image, make_decoder
+    from shardkit.decode.crop import RandomResizedCropDecode
+    from shardkit.decode.fields import decode_image, make_decoder
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))

@@ -13,9 +13,9 @@ from PIL import Image
 from shardkit import ShardLoader, ShardWriter
 from shardkit.cli.doctor import diagnose
 from shardkit.cli.main import main
+from shardkit.cli.profiling import STAGES, ProfiledShardDataset
 from shardkit.cli.synthetic import photo_like
-from shardkit.jpeg_region import region_support
-from shardkit.profiling import STAGES, ProfiledShardDataset
+from shardkit.decode.jpeg_region import region_support
 
 
 @pytest.fixture(scope="module")

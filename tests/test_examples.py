@@ -129,8 +129,8 @@ def test_train_ddp_under_torchrun(tmp_path):
 
 @pytest.fixture(scope="module")
 def http_run() -> list[dict]:
-    if importlib.util.find_spec("shardkit.remote.http") is None:
-        pytest.skip("shardkit.remote.http (the HTTP backend) is not there yet")
+    if importlib.util.find_spec("shardkit.storage.remote.http") is None:
+        pytest.skip("shardkit.storage.remote.http (the HTTP backend) is not there yet")
     out = run(
         [
             sys.executable,

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardkit.samples import group_members, split_name
-from shardkit.tar import iter_member_tuples
+from shardkit.format.samples import group_members, split_name
+from shardkit.format.tar import iter_member_tuples
 from tests import bad_corpus
 
 pytestmark = pytest.mark.timeout(60)

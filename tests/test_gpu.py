@@ -1,4 +1,4 @@
-"""Tests for shardkit.gpu: CPU behaviour always, CUDA behaviour when a GPU is present."""
+"""Tests for shardkit.gpu.cuda: CPU behaviour always, CUDA behaviour when a GPU is present."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shardkit.decode import decode_image
+from shardkit.decode.fields import decode_image
 from shardkit.errors import SampleError
-from shardkit.gpu import CudaPrefetcher, _to_device, cuda_available, decode_images_cuda
+from shardkit.gpu.cuda import CudaPrefetcher, _to_device, cuda_available, decode_images_cuda
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -42,7 +42,7 @@ def _nested_batch() -> dict:
 
 
 def test_import_makes_no_cuda_call():
-    code = "import torch, shardkit.gpu; print(torch.cuda.is_initialized())"
+    code = "import torch, shardkit.gpu.cuda; print(torch.cuda.is_initialized())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "False"
 

@@ -1,4 +1,4 @@
-"""The main-process batch stage (shardkit.gpu_batch): on the CPU always, on CUDA when present.
+"""The main-process batch stage (shardkit.gpu.batch): on the CPU always, on CUDA when present.
 
 The CPU tests run ``decode_device="cpu"``, the same plumbing as the GPU path (workers ship
 encoded images and drawn parameters, the main process decodes and augments the batch)
@@ -20,10 +20,10 @@ from torchvision.transforms import v2
 
 from shardkit import ShardDataset, ShardLoader
 from shardkit.errors import SampleError, ShardkitError
-from shardkit.gpu_recipe import parse_recipe
-from shardkit.gpu_ship import EncodedImage, encode_for_batch
-from shardkit.mix import Mix
-from shardkit.writer import ShardWriter
+from shardkit.gpu.recipe import parse_recipe
+from shardkit.gpu.ship import EncodedImage, encode_for_batch
+from shardkit.read.mix import Mix
+from shardkit.writing.writer import ShardWriter
 from tests.helpers import keys_of, resumed_keys, stop_after, tiny_jpeg
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -326,7 +326,7 @@ def test_cuda_options_without_cuda_fail_at_construction(shards):
 
 def test_importing_costs_nothing():
     code = (
-        "import sys, torch, shardkit.loader, shardkit.gpu_batch, shardkit.gpu_decoders; "
+        "import sys, torch, shardkit.loader, shardkit.gpu.batch, shardkit.gpu.decoders; "
         "print(torch.cuda.is_initialized(), any(m.startswith('torchvision') for m in sys.modules), "
         "any('nvimgcodec' in m for m in sys.modules))"
     )

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from shardkit.errors import SourceError
-from shardkit.remote import http
-from shardkit.source import SourceOptions, list_prefix, open_stream, read_bytes
+from shardkit.storage.dispatch import SourceOptions, list_prefix, open_stream, read_bytes
+from shardkit.storage.remote import http
 from tests.servers import FaultProxy, free_port
 
 FAST = SourceOptions(retries=8, backoff=0.001, timeout=10)
@@ -66,7 +66,7 @@ def test_ranged_reads(server, shard_files, request, caplog):
     name = shard_files.names[2]
     data = shard_files.data(name)
     size = len(data)
-    caplog.set_level(logging.WARNING, logger="shardkit.remote.http")
+    caplog.set_level(logging.WARNING, logger="shardkit.storage.remote.http")
     for offset, length in [
         (0, 512),
         (512, 10_000),
@@ -132,7 +132,7 @@ def test_cut_ranged_read_resumes(nginx_server, shard_files):
 def test_cut_without_range_support_restarts_and_skips(plain_http_server, shard_files, caplog):
     """http.server ignores Range: a cut stream re-downloads and discards the prefix."""
     name = shard_files.big
-    caplog.set_level(logging.WARNING, logger="shardkit.remote.http")
+    caplog.set_level(logging.WARNING, logger="shardkit.storage.remote.http")
     http._warned_no_range.clear()
     with FaultProxy(plain_http_server.port, seed=3, cut=(1_000_000, 1_500_000), cut_first=2) as proxy:
         assert read_all(proxy.url(name), readinto=True) == shard_files.data(name)

@@ -100,8 +100,8 @@ def test_cycle_finder_sees_function_level_imports(tmp_path):
 def test_graph_reads_imports_inside_functions():
     graph = import_graph()
     # source.backend_for imports the remote backends inside a function body.
-    assert "shardkit.remote.http" in graph["shardkit.source"]
-    assert "shardkit.backend" in graph["shardkit.remote.http"]
+    assert "shardkit.storage.remote.http" in graph["shardkit.storage.dispatch"]
+    assert "shardkit.storage.backend" in graph["shardkit.storage.remote.http"]
 
 
 def test_no_import_cycles():
@@ -110,18 +110,93 @@ def test_no_import_cycles():
 
 
 def test_backend_vocabulary_imports_nothing_from_the_package():
-    assert import_graph()["shardkit.backend"] == set()
+    assert import_graph()["shardkit.storage.backend"] == set()
 
 
 def test_backends_never_import_the_cache():
     graph = import_graph()
     for name in (
-        "shardkit.remote.http",
-        "shardkit.remote.s3",
-        "shardkit.remote.pipe",
-        "shardkit.remote.fsspec_backend",
-        "shardkit.localfile",
-        "shardkit.remote.stream",
+        "shardkit.storage.remote.http",
+        "shardkit.storage.remote.s3",
+        "shardkit.storage.remote.pipe",
+        "shardkit.storage.remote.fsspec_backend",
+        "shardkit.storage.localfile",
+        "shardkit.storage.remote.stream",
     ):
-        assert "shardkit.cache" not in graph[name] and "shardkit.source" not in graph[name], name
-    assert "shardkit.source" not in graph["shardkit.cache"]
+        assert "shardkit.storage.cache" not in graph[name] and "shardkit.storage.dispatch" not in graph[name], name
+    assert "shardkit.storage.dispatch" not in graph["shardkit.storage.cache"]
+
+
+# Which stages each stage may import (besides itself and the shared modules). The folder
+# list of shardkit/ is the data path; these edges are the only ones it has.
+SHARED = {"shardkit", "shardkit.errors", "shardkit.sizes", "shardkit.threadmap", "shardkit.compat"}
+ALLOWED = {
+    "format": set(),
+    "storage": set(),
+    "plan": set(),
+    "decode": set(),
+    "ingest": {"decode"},
+    "read": {"format", "storage", "plan", "decode"},
+    "gpu": {"read", "decode", "plan"},
+    "writing": {"format", "storage", "decode", "ingest"},
+    "loader": {"read", "gpu", "plan"},
+    "cli": {"format", "storage", "plan", "decode", "ingest", "read", "gpu", "writing", "loader"},
+}
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for module, deps in sorted(graph.items()):
+        if module in SHARED:
+            if module != "shardkit":
+                out += [f"{module} -> {d}" for d in sorted(deps) if d not in SHARED]
+            continue
+        stage = _stage(module)
+        assert stage in ALLOWED, f"{module} is in no stage: add its folder to ALLOWED"
+        for dep in sorted(deps):
+            if dep in SHARED:
+                continue
+            other = _stage(dep)
+            if other != stage and other not in ALLOWED[stage]:
+                out.append(f"{module} -> {dep}")
+    return out
+
+
+def test_layering_checker_catches_a_back_edge():
+    graph = {"shardkit.format.tar": {"shardkit.read.reader"}, "shardkit.read.reader": {"shardkit.format.tar"}}
+    assert layering_violations(graph) == ["shardkit.format.tar -> shardkit.read.reader"]
+
+
+def test_stages_import_only_the_stages_below_them():
+    assert layering_violations(import_graph()) == []
+
+
+def test_nothing_outside_the_cli_imports_it():
+    graph = import_graph()
+    users = {m for m, deps in graph.items() if any(_stage(d) == "cli" for d in deps) and _stage(m) != "cli"}
+    assert users == set()
+
+
+def test_read_and_write_do_not_import_each_other():
+    graph = import_graph()
+    for module, deps in graph.items():
+        if _stage(module) in ("read", "writing"):
+            assert not {_stage(d) for d in deps} & ({"read", "writing"} - {_stage(module)}), module
+
+
+def test_old_flat_module_paths_are_the_new_modules():
+    import importlib
+
+    from shardkit.compat import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(f"shardkit.{old}") is importlib.import_module(f"shardkit.{new}"), old
+    from shardkit.write_parallel import write_files  # a path the 0.1 README documented
+    from shardkit.writing.parallel import write_files as now
+
+    assert write_files is now

@@ -22,7 +22,7 @@ from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions, _module, detect_format, open_source
 from shardkit.ingest import tfrecord as tfr
 from shardkit.ingest.protobuf import parse_example
-from shardkit.writer import ShardWriter
+from shardkit.writing.writer import ShardWriter
 from tests.tfrecord_writer import enc_varint, encode_example, frame_record, reference_crc32c, write_tfrecord
 
 N = 200

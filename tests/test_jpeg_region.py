@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from shardkit import jpeg_region
 from shardkit.cli.synthetic import photo_like
-from shardkit.crop_decode import RandomResizedCropDecode
-from shardkit.jpeg_region import TurboJPEG, to_stored, to_upright, turbojpeg
-from shardkit.pixels import orient_array
+from shardkit.decode.crop import RandomResizedCropDecode
+from shardkit.decode.fields import jpeg_region
+from shardkit.decode.jpeg_region import TurboJPEG, to_stored, to_upright, turbojpeg
+from shardkit.decode.pixels import orient_array
 
 needs_turbo = pytest.mark.skipif(turbojpeg() is None, reason=jpeg_region.region_support()[1])
 
@@ -188,10 +188,10 @@ def test_missing_library_is_said_once_and_the_fused_crop_still_works(monkeypatch
     jpeg_region._load.cache_clear()
     try:
         assert jpeg_region.turbojpeg() is None
-        with caplog.at_level(logging.INFO, logger="shardkit.jpeg_region"):
+        with caplog.at_level(logging.INFO, logger="shardkit.decode.jpeg_region"):
             jpeg_region.log_region_support()
             jpeg_region.log_region_support()
-        lines = [r.getMessage() for r in caplog.records if r.name == "shardkit.jpeg_region"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "shardkit.decode.jpeg_region"]
         assert len(lines) == 1 and "pip install 'shardkit[turbo]'" in lines[0]
         data = _jpeg(900, 700)
         torch.manual_seed(0)

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 from torch.utils.data import DataLoader
 
-from shardkit.dataset import ShardDataset
 from shardkit.errors import ShardkitError
 from shardkit.loader import ShardLoader
-from shardkit.source import SourceOptions
+from shardkit.read.dataset import ShardDataset
+from shardkit.storage.dispatch import SourceOptions
 from tests.helpers import keys_of, make_shards
 
 ALL_KEYS = [f"s{i:06d}" for i in range(40)]

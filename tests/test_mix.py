@@ -12,10 +12,10 @@ from collections import Counter
 import pytest
 from torch.utils.data import DataLoader
 
-from shardkit.dataset import ShardDataset
 from shardkit.errors import ShardkitError
 from shardkit.loader import ShardLoader
-from shardkit.mix import Mix
+from shardkit.read.dataset import ShardDataset
+from shardkit.read.mix import Mix
 from tests.helpers import make_shards, resumed_keys, stop_after
 
 HERE = os.path.dirname(os.path.abspath(__file__))

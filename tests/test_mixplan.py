@@ -9,8 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from shardkit.mixplan import MixPart, MixPlanner, interleave, largest_remainder
-from shardkit.plan import Stage, Topology
+from shardkit.plan.epoch import Stage, Topology
+from shardkit.plan.mix import MixPart, MixPlanner, interleave, largest_remainder
 
 parts_st = st.lists(
     st.tuples(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 6)), min_size=1, max_size=4

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from shardkit.errors import SampleError, ShardkitError, SkippedSampleWarning
-from shardkit.pipeline import SamplePipeline, batched, collate, make_handler, parse_fields
+from shardkit.read.pipeline import SamplePipeline, batched, collate, make_handler, parse_fields
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,7 +9,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardkit.plan import EpochPlanner, Stage, Topology, deal_shards, shuffle_order, simulate_consumption, to_pieces
+from shardkit.plan.epoch import (
+    EpochPlanner,
+    Stage,
+    Topology,
+    deal_shards,
+    shuffle_order,
+    simulate_consumption,
+    to_pieces,
+)
 
 counts_st = st.lists(st.integers(0, 40), min_size=1, max_size=12)
 world_st = st.integers(1, 8)

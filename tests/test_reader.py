@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from shardkit.backend import DEFAULT_OPTIONS, SourceOptions
 from shardkit.errors import ShardFormatError, ShardkitError
-from shardkit.pipeline import make_handler
-from shardkit.plan import Piece
-from shardkit.reader import ReadStats, ShardReader
+from shardkit.plan.epoch import Piece
+from shardkit.read.pipeline import make_handler
+from shardkit.read.reader import ReadStats, ShardReader
+from shardkit.storage.backend import DEFAULT_OPTIONS, SourceOptions
 from tests.helpers import make_shards
 
 pytestmark = pytest.mark.timeout(30)

@@ -18,14 +18,14 @@ import pytest
 from PIL import Image, ImageOps
 
 from shardkit import cli
-from shardkit.dataset import ShardDataset
-from shardkit.decode import make_decoder
+from shardkit.decode.fields import make_decoder
+from shardkit.decode.imageinfo import exif_orientation, probe_image, read_image_header
+from shardkit.decode.pixels import orient_array
 from shardkit.errors import SampleError, SkippedSampleWarning
-from shardkit.imageinfo import exif_orientation, probe_image, read_image_header
 from shardkit.ingest.files import IMAGE_SUFFIXES
 from shardkit.loader import ShardLoader
-from shardkit.pixels import orient_array
-from shardkit.writer import ShardWriter
+from shardkit.read.dataset import ShardDataset
+from shardkit.writing.writer import ShardWriter
 from tests import bad_corpus
 from tests.helpers import tiny_jpeg
 
@@ -153,7 +153,7 @@ def test_arithmetic_coded_jpeg():
 
 def test_every_format_the_writer_stores_decodes():
     """Each image suffix the writer accepts maps (by magic) to an extension the reader decodes."""
-    from shardkit.decode import IMAGE_EXTENSIONS
+    from shardkit.decode.fields import IMAGE_EXTENSIONS
 
     samples = {
         "jpg": ODD["jpeg_baseline"][1],
@@ -204,7 +204,7 @@ def test_exif_orientation_on_read(orientation, mode, monkeypatch):
     assert read_image_header(data).orientation == orientation
     for backend in ("simplejpeg", "pil"):
         if backend == "pil":
-            monkeypatch.setattr("shardkit.pixels._simplejpeg", None)
+            monkeypatch.setattr("shardkit.decode.pixels._simplejpeg", None)
         got = decoded(data, "jpg", mode)
         got = got.transpose(1, 2, 0) if mode == "torch" else got
         assert got.shape == UPRIGHT.shape
@@ -406,7 +406,7 @@ def _cut_shard(folder, keep_index: bool) -> tuple[str, list[str]]:
     path = str(folder / "c-000000.tar")
     with open(path, "rb") as f:
         data = f.read()
-    from shardkit.tar import iter_member_tuples
+    from shardkit.format.tar import iter_member_tuples
 
     members = list(iter_member_tuples(io.BytesIO(data)))
     jpg3 = next(m for m in members if m[0] == "s3.jpg")

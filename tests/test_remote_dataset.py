@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from shardkit.dataset import ShardDataset
 from shardkit.loader import ShardLoader
-from shardkit.source import SourceOptions
-from shardkit.writer import ShardWriter
+from shardkit.read.dataset import ShardDataset
+from shardkit.storage.dispatch import SourceOptions
+from shardkit.writing.writer import ShardWriter
 from tests.helpers import make_shards
 from tests.servers import FaultProxy, run_moto, run_nginx, run_seaweedfs
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from shardkit.errors import SourceError
-from shardkit.remote import s3
-from shardkit.source import SourceOptions, list_prefix, open_stream, read_bytes
+from shardkit.storage.dispatch import SourceOptions, list_prefix, open_stream, read_bytes
+from shardkit.storage.remote import s3
 from tests.servers import BUCKET, FaultProxy
 
 FAST = SourceOptions(retries=8, backoff=0.001, timeout=10)

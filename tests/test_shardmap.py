@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 
 from shardkit import ShardMap
 from shardkit.cli import main as cli_main
-from shardkit.dataset import ShardDataset
 from shardkit.errors import ShardFormatError, ShardkitError
-from shardkit.index import decode_index, decode_index_keys, encode_index
+from shardkit.format.index import decode_index, decode_index_keys, encode_index
+from shardkit.read.dataset import ShardDataset
 from tests.helpers import make_shards
 from tests.servers import BUCKET
 
@@ -167,11 +167,11 @@ def test_get_every_key(sets, folder):
 def test_v1_index_falls_back_to_reading_keys_once(sets, caplog):
     want = _sequential(sets["v1"])
     m = ShardMap(sets["v1"])
-    with caplog.at_level(logging.WARNING, logger="shardkit.shardmap"):
+    with caplog.at_level(logging.WARNING, logger="shardkit.read.shardmap"):
         assert m.get(want[5]["__key__"]) == want[5]
     assert "shardkit index" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="shardkit.shardmap"):
+    with caplog.at_level(logging.INFO, logger="shardkit.read.shardmap"):
         for sample in want:
             assert m.get(sample["__key__"]) == sample
     assert caplog.text == ""  # the map was built once

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardkit.errors import ShardFormatError
-from shardkit.samples import iter_samples, split_name
-from shardkit.tar import iter_members
+from shardkit.format.samples import iter_samples, split_name
+from shardkit.format.tar import iter_members
 
 
 def tar_bytes(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:

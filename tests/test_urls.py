@@ -16,8 +16,8 @@ import tarfile
 import pytest
 
 from shardkit.errors import ShardkitError
-from shardkit.urls import expand_pattern, load_manifest, resolve_shards
-from shardkit.writer import ShardWriter
+from shardkit.read.urls import expand_pattern, load_manifest, resolve_shards
+from shardkit.writing.writer import ShardWriter
 from tests.helpers import make_shards, sample
 
 pytestmark = pytest.mark.timeout(30)
@@ -244,7 +244,7 @@ def test_incomplete_manifest_resolves_with_a_warning(tmp_path, caplog):
     assert shards.urls == paths
     assert shards.counts == [tar_count(p) for p in paths] == [3, 3, 1]
     assert shards.manifest is not None and not shards.manifest.complete
-    records = [r for r in caplog.records if r.name == "shardkit.urls" and r.levelno == logging.WARNING]
+    records = [r for r in caplog.records if r.name == "shardkit.read.urls" and r.levelno == logging.WARNING]
     assert len(records) == 1
     assert manifest in records[0].getMessage() and "incomplete" in records[0].getMessage()
     assert not load_manifest(manifest).complete

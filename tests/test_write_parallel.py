@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from shardkit.cli.synthetic import make_image_folder
-from shardkit.errors import ShardkitError
-from shardkit.index import Manifest
-from shardkit.write_parallel import WorkerDied, write_files, write_parallel
+from shardkit.errors import ShardkitError, WorkerDied
+from shardkit.format.index import Manifest
+from shardkit.writing.parallel import write_files, write_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def test_output_is_byte_identical_for_1_2_3_workers(photos, tmp_path):
 def test_parts_in_any_order_merge_to_one_dataset(photos, tmp_path):
     import webdataset as wds
 
-    from shardkit.dataset import ShardDataset
+    from shardkit.read.dataset import ShardDataset
 
     order = [2, 0, 1]
     random.Random(1).shuffle(order)
@@ -339,7 +339,7 @@ def test_dask_engine_on_a_local_two_worker_cluster(photos, tmp_path):
     pytest.importorskip("distributed")
     from dask.distributed import Client
 
-    from shardkit.engine_dask import write_with_dask
+    from shardkit.writing.dask_engine import write_with_dask
 
     dask = [sys.executable, "-m", "dask"]  # the `dask` command of this environment
     scheduler_file = str(tmp_path / "scheduler.json")
@@ -408,7 +408,7 @@ def test_dask_engine_on_a_local_two_worker_cluster(photos, tmp_path):
 
 
 def test_part_slices_cover_every_input_once_and_bad_parts_are_refused(photos, tmp_path):
-    from shardkit.merge import parse_part, part_slice
+    from shardkit.writing.merge import parse_part, part_slice
 
     for total in (0, 1, 7, 240, 1001):
         for count in (1, 2, 3, 8):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from shardkit.errors import ShardkitError
-from shardkit.index import Manifest, decode_index
-from shardkit.samples import iter_samples
+from shardkit.format.index import Manifest, decode_index
+from shardkit.format.samples import iter_samples
 from shardkit.sizes import parse_size
-from shardkit.writer import ShardWriter, validate_key
+from shardkit.writing.writer import ShardWriter, validate_key
 from tests.helpers import sample
 
 

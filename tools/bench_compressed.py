@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardkit.cli.main import main as shardkit_main  # noqa: E402
 from shardkit.cli.synthetic import make_image_folder  # noqa: E402
-from shardkit.samples import iter_samples  # noqa: E402
+from shardkit.format.samples import iter_samples  # noqa: E402
 
 TOOLS = {
     "gzip": (".gz", ["gzip", "-c"]),

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shardkit.crop_decode import RandomResizedCropDecode
-from shardkit.decode import decode_image
-from shardkit.decode_size import decode_size_for
-from shardkit.pixels import dct_scale_for
+from shardkit.decode.crop import RandomResizedCropDecode
+from shardkit.decode.fields import decode_image
+from shardkit.decode.pixels import dct_scale_for
+from shardkit.decode.size import decode_size_for
 
 try:
     import simplejpeg

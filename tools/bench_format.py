@@ -35,7 +35,7 @@ def best_of(fn, repeat: int) -> float:
 
 
 def iterate_shardkit(urls: list[str]) -> int:
-    from shardkit.samples import iter_samples
+    from shardkit.format.samples import iter_samples
 
     n = 0
     for url in urls:
@@ -104,8 +104,8 @@ def bench_write(folder: str, work: str, count: int, repeat: int) -> list[tuple[s
 def bench_first_sample(work: str) -> list[tuple[str, float, str]]:
     """Time to the first sample and first batch of a rank whose range starts in the middle of
     a 10 MB and of a 1 GB shard (the index lets it seek; no bytes before are read)."""
-    from shardkit.dataset import ShardDataset
-    from shardkit.writer import ShardWriter
+    from shardkit.read.dataset import ShardDataset
+    from shardkit.writing.writer import ShardWriter
 
     rows = []
     payload = os.urandom(100_000)

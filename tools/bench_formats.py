@@ -114,7 +114,7 @@ def build_all(cache: str, jpegs: list[bytes], labels: list[int]) -> dict[str, st
     import h5py
     import lmdb
 
-    from shardkit.writer import ShardWriter
+    from shardkit.writing.writer import ShardWriter
 
     n = len(jpegs)
     paths: dict[str, str] = {}
@@ -345,8 +345,8 @@ def make_loader(name: str, path: str, fn: Callable, workers: int) -> Any:
         loader = file_size_loader if fn is read_only else pil_loader
         dataset = ImageFolder(path, loader=loader, transform=None if fn is read_only else augment)
         return DataLoader(dataset, **common)
-    from shardkit.dataset import ShardDataset
     from shardkit.loader import ShardLoader
+    from shardkit.read.dataset import ShardDataset
 
     if name == "shardkit":  # same PIL decode as every other row
         dataset = ShardDataset(path, decode=None, transform={"jpg": fn, "cls": int}, fields="jpg cls")

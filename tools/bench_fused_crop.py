@@ -27,9 +27,9 @@ import torch
 from torchvision.transforms import v2
 
 from shardkit.cli.synthetic import encode, photo_like
-from shardkit.crop_decode import RandomResizedCropDecode
-from shardkit.decode import decode_image
-from shardkit.jpeg_region import region_support
+from shardkit.decode.crop import RandomResizedCropDecode
+from shardkit.decode.fields import decode_image
+from shardkit.decode.jpeg_region import region_support
 
 
 def candidates(size: int) -> dict[str, Callable[[bytes], Any]]:

@@ -4,7 +4,7 @@
 
 Writes ~200 MB of tar shards (members of ~50 KB random payload) once, serves them with
 nginx on loopback and uploads them to a ``weed mini`` S3 gateway, then reads every shard
-end to end with 1 MiB ``read()`` calls through :func:`shardkit.source.open_stream` and
+end to end with 1 MiB ``read()`` calls through :func:`shardkit.storage.dispatch.open_stream` and
 prints MB/s and the ratio to local disk. "warm" runs read from the page cache; "cold"
 runs drop the shards from the page cache first (``posix_fadvise(DONTNEED)``), so local
 and nginx both read the disk. Best of ``--repeat`` runs. Needs nginx and the ``weed``
@@ -26,7 +26,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardkit.cli.bench import drop_page_cache  # noqa: E402
-from shardkit.source import SourceOptions, open_stream  # noqa: E402
+from shardkit.storage.dispatch import SourceOptions, open_stream  # noqa: E402
 
 CHUNK = 1 << 20
 
@@ -90,8 +90,8 @@ def best_rate(fn: Callable[[], int], repeat: int, before: Callable[[], None] | N
 
 def loader_rate(urls: list[str], workers: int) -> float:
     """Raw samples/s (no decode) through ShardDataset + ShardLoader, end to end."""
-    from shardkit.dataset import ShardDataset
     from shardkit.loader import ShardLoader
+    from shardkit.read.dataset import ShardDataset
 
     loader = ShardLoader(ShardDataset(urls), batch_size=64, num_workers=workers)
     started = time.perf_counter()

@@ -87,7 +87,7 @@ if __name__ == "__main__":
 DASK = r"""
 import sys, time
 from dask.distributed import Client, LocalCluster
-from shardkit.engine_dask import write_with_dask
+from shardkit.writing.dask_engine import write_with_dask
 src, out, shard_size = sys.argv[1], sys.argv[2], sys.argv[3]
 if __name__ == "__main__":
     started = time.perf_counter()

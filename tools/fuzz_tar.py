@@ -39,8 +39,8 @@ sys.path.insert(0, ROOT)
 
 import atheris
 
-with atheris.instrument_imports(include=["shardkit.tar", "shardkit.samples"]):
-    from shardkit.samples import iter_samples
+with atheris.instrument_imports(include=["shardkit.format.tar", "shardkit.format.samples"]):
+    from shardkit.format.samples import iter_samples
 
 from tests.bad_corpus import Trickle, fix_checksums, parse_or_error, seed_shards
 from tests.bad_corpus import memfd as _memfd

@@ -60,7 +60,7 @@ def _one_image(args: tuple[int, int, int]) -> tuple[int, bytes]:
 
 def prepare(work: str, count: int, size: tuple[int, int], processes: int) -> str:
     """Shards of ``count`` photo-like JPEGs in ``work/shards`` (reused when complete)."""
-    from shardkit.writer import ShardWriter
+    from shardkit.writing.writer import ShardWriter
 
     shards = os.path.join(work, "shards")
     manifest = os.path.join(shards, "train.manifest.json")
@@ -96,7 +96,7 @@ def batches(name: str, shards: str, args: argparse.Namespace, device: Any) -> tu
     import torch
 
     from shardkit import ShardDataset, ShardLoader
-    from shardkit.decode import decode_image
+    from shardkit.decode.fields import decode_image
 
     if name == "shardkit-cpu" or name.startswith("shardkit-gpu"):
         gpu_decode = name != "shardkit-cpu"

@@ -111,7 +111,7 @@ def drop_page_cache(paths: list[str]) -> None:
 
 def _cpu_now() -> float:
     """CPU seconds of this process, its exited children and its live children (workers)."""
-    from ..profiling import children_cpu, rusage_cpu
+    from .profiling import children_cpu, rusage_cpu
 
     return rusage_cpu(resource.RUSAGE_SELF) + rusage_cpu(resource.RUSAGE_CHILDREN) + children_cpu()
 
@@ -142,7 +142,7 @@ def _limit_loop(files: list[str], aug: Callable[[Any], Any], barrier: Any = None
     """Decode + augment ``files`` from memory: (start, end) on the monotonic clock, CPU seconds."""
     import torch
 
-    from ..decode import decode_image
+    from ..decode.fields import decode_image
 
     torch.set_num_threads(1)
     data = [open(f, "rb").read() for f in files]
@@ -159,9 +159,9 @@ def _limit_loop(files: list[str], aug: Callable[[Any], Any], barrier: Any = None
 def run_config(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:
     import torch
 
-    from ..dataset import ShardDataset
-    from ..decode import decode_image
+    from ..decode.fields import decode_image
     from ..loader import ShardLoader
+    from ..read.dataset import ShardDataset
 
     urls = sorted(glob.glob(os.path.join(shards, "*.tar")))
     aug = augment()
@@ -237,7 +237,7 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
     if name.startswith("shardkit"):
         threads = 2 if name == "shardkit-threads" else 0
         if name == "shardkit-fused-whole":  # as on a machine without libjpeg-turbo 3 (this process only)
-            from .. import jpeg_region
+            from ..decode import jpeg_region
 
             jpeg_region._load = lambda: (None, "switched off by the benchmark")  # type: ignore[assignment]
         decode_size: int | str | None = None

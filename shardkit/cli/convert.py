@@ -10,9 +10,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..index import Manifest
-from ..write_parallel import WriteResult, shard_pattern
-from ..writer import ShardWriter
+from ..format.index import Manifest
+from ..writing.parallel import WriteResult, shard_pattern
+from ..writing.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

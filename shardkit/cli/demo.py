@@ -26,9 +26,9 @@ def _say(text: str) -> None:
 
 def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progress: bool = True) -> int:
     """Run the demo; returns a process exit code."""
-    from ..dataset import ShardDataset
     from ..ingest import IngestOptions, open_source
     from ..loader import ShardLoader
+    from ..read.dataset import ShardDataset
     from .bench import _loop, augment, drop_page_cache
     from .convert import write_shards
     from .synthetic import make_image_folder
@@ -70,7 +70,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
-        from ..decode import decode_image
+        from ..decode.fields import decode_image
 
         def load(path: str):
             with open(path, "rb") as f:

@@ -1,6 +1,6 @@
 """``shardkit doctor URL``: run the user's shards through the loader and say where time goes.
 
-Runs a :class:`~shardkit.profiling.ProfiledShardDataset` under a ShardLoader for a few
+Runs a :class:`~shardkit.cli.profiling.ProfiledShardDataset` under a ShardLoader for a few
 seconds, then reports per stage (read, decode, transform, collate, other worker time,
 hand-off to the DataLoader queue, the main process), CPU-ms per image for the workers and
 the main process, the single-core decode+transform cost of the same samples as a
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..decode.jpeg_region import region_support
 from ..errors import ShardkitError
-from ..jpeg_region import region_support
-from ..profiling import STAGES, children_cpu_since, children_cpu_snapshot, rusage_cpu
+from .profiling import STAGES, children_cpu_since, children_cpu_snapshot, rusage_cpu
 
 #: ``--transform`` presets (torchvision v2, applied to the image field).
 TRANSFORMS = ("none", "rrc224", "rrc224+flip", "resize256+center224")
@@ -55,7 +55,7 @@ class Diagnosis:
     reference_ms: float  # single-core decode+transform per image, same samples, in-process
     decode_size: Any
     fused: bool
-    region_decode: bool = False  # fused crops decode only the crop (libjpeg-turbo 3, shardkit.jpeg_region)
+    region_decode: bool = False  # fused crops decode only the crop (libjpeg-turbo 3, shardkit.decode.jpeg_region)
     bound: str = ""
     advice: list[str] = field(default_factory=list)
 
@@ -74,7 +74,7 @@ def _reference_ms(urls: Any, ds_kwargs: dict[str, Any], count: int = 64) -> floa
     """CPU-ms per image of decode + transform alone on one core, on the first samples."""
     import torch
 
-    from ..dataset import ShardDataset
+    from ..read.dataset import ShardDataset
 
     raw = ShardDataset(urls, handler="skip")
     samples = []
@@ -116,7 +116,7 @@ def diagnose(
     import torch
 
     from ..loader import ShardLoader
-    from ..profiling import ProfiledShardDataset
+    from .profiling import ProfiledShardDataset
 
     if workers < 0 or threads < 0 or batch_size < 1 or seconds <= 0:
         raise ValueError("need workers >= 0, threads >= 0, batch_size >= 1 and seconds > 0")
@@ -131,7 +131,7 @@ def diagnose(
         handler="warn",
     )
     ds = ProfiledShardDataset(urls, **ds_kwargs)
-    from ..dataset import ShardDataset
+    from ..read.dataset import ShardDataset
 
     # The unprofiled pipeline shows whether the crop was fused (the profiled one wraps the decoder).
     fused = type(ShardDataset.pipeline(ds, lambda e: None).decoder).__name__.startswith("Fused")

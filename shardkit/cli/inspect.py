@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ShardkitError
-from ..index import (
+from ..format.index import (
     Manifest,
     ShardInfo,
     dataset_name_for,
@@ -23,10 +23,10 @@ from ..index import (
     manifest_name,
     scan_shard,
 )
-from ..samples import Sample, iter_samples
-from ..source import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
-from ..urls import ShardList, resolve_shards
-from ..writer import _atomic_write
+from ..format.samples import Sample, iter_samples
+from ..read.urls import ShardList, resolve_shards
+from ..storage.dispatch import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
+from ..storage.localfile import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def verify(
     report = VerifyReport()
     decoder = None
     if decode:
-        from ..decode import make_decoder
+        from ..decode.fields import make_decoder
 
         decoder = make_decoder("pil")
     for i, url in enumerate(tqdm(shards.urls, unit="shard", disable=not progress)):
@@ -211,7 +211,7 @@ def build_index(
         with open(path, "rb") as f:
             scan = scan_shard(io.BufferedReader(f, 1 << 20), url=url)  # type: ignore[arg-type]
         if scan.compression is None:
-            _atomic_write(path + ".idx", encode_index(scan.offsets, scan.keys))
+            atomic_write(path + ".idx", encode_index(scan.offsets, scan.keys))
         elif os.path.exists(path + ".idx"):
             # Offsets cannot seek into a compressed file: counts go to the manifest only,
             # and a stale index (written before the shard was compressed) must not be used.
@@ -224,7 +224,7 @@ def build_index(
         if os.path.dirname(path) != folder:
             raise ShardkitError("`shardkit index` needs all shards in one folder (the manifest sits beside them)")
     manifest = Manifest(infos, name=name or dataset_name_for(shards.urls))
-    _atomic_write(os.path.join(folder or ".", manifest_name(manifest.name)), manifest.to_json().encode())
+    atomic_write(os.path.join(folder or ".", manifest_name(manifest.name)), manifest.to_json().encode())
     return manifest
 
 

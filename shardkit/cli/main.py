@@ -39,8 +39,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def cmd_write(args: argparse.Namespace) -> int:
     from ..ingest import IngestOptions
-    from ..merge import parse_part
-    from ..write_parallel import write_source
+    from ..writing.merge import parse_part
+    from ..writing.parallel import write_source
 
     options = IngestOptions(
         images_key=args.images_key,
@@ -106,8 +106,8 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ..merge import merge_parts
-    from ..write_parallel import shard_pattern
+    from ..writing.merge import merge_parts
+    from ..writing.parallel import shard_pattern
 
     manifest = merge_parts(args.dest, name=args.name)
     pattern = shard_pattern(args.dest, args.name, len(manifest.shards))
@@ -141,7 +141,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from ..urls import resolve_shards
+    from ..read.urls import resolve_shards
     from .inspect import describe, shard_samples
 
     rows = []
@@ -157,7 +157,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    from ..urls import resolve_shards
+    from ..read.urls import resolve_shards
     from .inspect import find_sample
 
     sample = find_sample(resolve_shards(args.url), args.key)

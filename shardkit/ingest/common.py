@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..decode.imageinfo import probe_image
 from ..errors import ShardkitError
-from ..imageinfo import probe_image
 from . import IngestOptions
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ they are; label names become indices into their sorted set (recorded as classes)
 
 Images are stored byte-for-byte as on disk, under the extension of their real format
 (probed from magic bytes), unless re-encoding is asked for (resize / quality): then the
-pixels go through the reader's pixel policy (:func:`shardkit.pixels.pil_to_rgb`) and are
+pixels go through the reader's pixel policy (:func:`shardkit.decode.pixels.pil_to_rgb`) and are
 turned upright by their EXIF orientation before resizing. Files that are not images, or
 do not fully decode (unless ``validate`` is off), are reported and skipped (or fatal
 with ``strict``).
@@ -28,11 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..decodable import decode_problem
+from ..decode.check import decode_problem
+from ..decode.imageinfo import probe_image
+from ..decode.pixels import upright_rgb
 from ..errors import ShardkitError
-from ..imageinfo import probe_image
-from ..parallel import ordered_map
-from ..pixels import upright_rgb
+from ..threadmap import ordered_map
 from . import IngestOptions
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _reencode(data: bytes, max_side: int | None, quality: int | None) -> tuple[b
 class EntryLoader:
     """Read one image file and build its sample, or say why it is skipped: ``(path, reason)``.
 
-    With ``validate`` every image is fully decoded (:func:`shardkit.decodable.decode_problem`),
+    With ``validate`` every image is fully decoded (:func:`shardkit.decode.check.decode_problem`),
     so a file truncated in the middle, corrupt, in a codec PIL cannot read or over the pixel
     limit is skipped with its reason instead of being stored. Picklable: it runs in the
     writer's worker processes.

@@ -1,0 +1,400 @@
+"""RandomResizedCrop fused into decoding: draw the crop from the header, decode JPEGs small.
+
+:class:`RandomResizedCropDecode` is an image handler for :func:`shardkit.decode.make_decoder`.
+Unlike a fixed ``decode_size`` (:mod:`shardkit.decode.size`) it picks the DCT scale per
+crop, so small crops keep their resolution and large ones decode cheaply.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SampleError
+from .imageinfo import guess_format_name, read_image_header
+from .jpeg_region import log_region_support, to_stored, to_upright, turbojpeg
+from .pixels import DecodeMode, check_mode, check_pixels, decode_rgb, default_max_pixels, orient_array, to_mode
+from .size import as_hw, flatten_transforms, transform_classes
+
+
+@functools.cache
+def _pil_filters() -> dict[Any, Image.Resampling]:
+    """torchvision interpolation modes -> PIL filters (built on first use: torchvision loads lazily)."""
+    from torchvision.transforms import InterpolationMode as M
+
+    return {
+        M.NEAREST: Image.Resampling.NEAREST,
+        M.NEAREST_EXACT: Image.Resampling.NEAREST,
+        M.BILINEAR: Image.Resampling.BILINEAR,
+        M.BICUBIC: Image.Resampling.BICUBIC,
+        M.BOX: Image.Resampling.BOX,
+        M.HAMMING: Image.Resampling.HAMMING,
+        M.LANCZOS: Image.Resampling.LANCZOS,
+    }
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """A crop box in full-image pixels and the JPEG DCT scale to decode it at."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    scale: int
+
+
+class RandomResizedCropDecode:
+    """Decode an image straight into a RandomResizedCrop, decoding JPEGs at reduced size.
+
+    The crop box is drawn from the header dimensions with the same rule and the same
+    torch RNG calls as ``torchvision.transforms.RandomResizedCrop.get_params`` (so
+    ``torch.manual_seed`` and DataLoader worker seeding behave the same). The JPEG is
+    then decoded at the largest DCT scale (1/2, 1/4, 1/8) at which the crop still has
+    >= ``size`` pixels per side, so the output is never upsampled more than the
+    full-size path would; the crop is then resized with antialiased bilinear filtering.
+    With ``region=True`` (the default) and libjpeg-turbo 3 available
+    (:mod:`shardkit.decode.jpeg_region`), only the crop's region is decoded, with the same pixels
+    the whole-image decode at that scale has there. Other formats are decoded at full
+    size. Same ``max_pixels`` guard as :func:`shardkit.decode.decode_image`.
+
+    Use it as an image handler::
+
+        make_decoder("torch", handlers=dict.fromkeys(IMAGE_EXTENSIONS, RandomResizedCropDecode(224)))
+    """
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        *,
+        mode: DecodeMode = "torch",
+        max_pixels: int | None = None,
+        interpolation: Any = None,
+        antialias: bool = True,
+        exif: bool = False,
+        region: bool = True,
+    ) -> None:
+        check_mode(mode)
+        hw = as_hw(size)
+        if hw is None or min(hw) < 1:
+            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(
+                f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got scale={scale!r}, ratio={ratio!r}"
+            )
+        self.size = hw
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        # torchvision takes the log in float32 on every draw; the same values, computed once.
+        low, high = torch.log(torch.tensor(self.ratio)).tolist()
+        self._log_ratio = (float(low), float(high))
+        self.mode = mode
+        self.max_pixels = default_max_pixels(max_pixels)
+        # None = bilinear; otherwise a torchvision InterpolationMode (what the replaced
+        # RandomResizedCrop used), honoured in every output mode.
+        self.interpolation = interpolation
+        self.antialias = bool(antialias)
+        # Turn images upright by their EXIF orientation first, as the unfused decoder does
+        # with exif_orientation=True: the crop is then drawn on the upright size.
+        self.exif = bool(exif)
+        # Decode only the crop's region of a JPEG when libjpeg-turbo 3 is there (jpeg_region).
+        self.region = bool(region)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropDecode(size={self.size}, scale={self.scale}, ratio={self.ratio}, mode={self.mode!r})"
+
+    def get_params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, crop_height, crop_width), as torchvision's RandomResizedCrop draws it."""
+        area = height * width
+        log_low, log_high = self._log_ratio
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_low, log_high)).item()
+            crop_w = int(round(math.sqrt(target_area * aspect)))
+            crop_h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                top = int(torch.randint(0, height - crop_h + 1, size=(1,)).item())
+                left = int(torch.randint(0, width - crop_w + 1, size=(1,)).item())
+                return top, left, crop_h, crop_w
+        # Fallback to a central crop with the aspect ratio clamped into range.
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            crop_w, crop_h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            crop_w, crop_h = int(round(height * max(self.ratio))), height
+        else:
+            crop_w, crop_h = width, height
+        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+    def plan(self, height: int, width: int) -> CropPlan:
+        """Draw a crop for an image of this size and the DCT scale to decode it at."""
+        top, left, crop_h, crop_w = self.get_params(height, width)
+        out_h, out_w = self.size
+        for scale in (8, 4, 2):
+            if crop_h >= scale * out_h and crop_w >= scale * out_w:
+                break
+        else:
+            scale = 1
+        return CropPlan(top, left, crop_h, crop_w, scale)
+
+    def __call__(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode ``data`` and return the resized crop in ``self.mode``."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        header = read_image_header(data)
+        plan: CropPlan | None = None
+        if header is not None:  # JPEG, PNG, WebP: plan the crop on the upright size before decoding
+            check_pixels(header.width, header.height, self.max_pixels)
+            orientation = header.orientation if self.exif else 1
+            upright = (header.width, header.height) if orientation in (5, 6, 7, 8) else (header.height, header.width)
+            plan = self.plan(*upright)
+            if header.format == "JPEG" and header.components in (1, 3):
+                region = self._decode_region(data, plan, header.height, header.width, orientation)
+                if region is not None:
+                    return self._crop_resize(*region)
+            full_h, full_w = upright
+
+        def scale_for(height: int, width: int) -> int:  # PIL-only JPEGs our header parser could not read
+            nonlocal plan, full_h, full_w
+            if plan is None:
+                plan, full_h, full_w = self.plan(height, width), height, width
+            return plan.scale
+
+        pixels = decode_rgb(
+            data,
+            max_pixels=self.max_pixels,
+            scale_for=scale_for,
+            format_name=guess_format_name(data),
+            exif=self.exif,
+            header=header,
+        )
+        decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
+        if plan is None:  # BMP, PNM, TIFF: the size is known only after decoding
+            plan = self.plan(decoded_h, decoded_w)
+            ratio_y = ratio_x = 1.0
+        else:  # planned from the header: map the box into decoded pixels
+            ratio_y, ratio_x = decoded_h / full_h, decoded_w / full_w
+        box = (
+            plan.left * ratio_x,
+            plan.top * ratio_y,
+            (plan.left + plan.width) * ratio_x,
+            (plan.top + plan.height) * ratio_y,
+        )
+        return self._crop_resize(pixels, box)
+
+    def _decode_region(
+        self, data: bytes, plan: CropPlan, height: int, width: int, orientation: int
+    ) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
+        """(upright pixels of just the crop's region, the crop box in them), or None.
+
+        ``height``/``width`` are the stored (unturned) size. The region is the crop box
+        at the reduced scale widened to whole pixels, so its pixels are those the
+        whole-image decode at that scale gives there, and the box is the same box.
+        """
+        library = turbojpeg() if self.region else None
+        if library is None:
+            return None
+        scale = plan.scale
+        scaled_h, scaled_w = -(-height // scale), -(-width // scale)
+        ratio_y, ratio_x = scaled_h / height, scaled_w / width
+        upright = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+        top, left, box_h, box_w = to_stored(orientation, (plan.top, plan.left, plan.height, plan.width), *upright)
+        y0, x0 = top * ratio_y, left * ratio_x
+        y1, x1 = (top + box_h) * ratio_y, (left + box_w) * ratio_x
+        r_top, r_left = math.floor(y0), math.floor(x0)
+        r_bottom, r_right = min(scaled_h, math.ceil(y1)), min(scaled_w, math.ceil(x1))
+        pixels = library.decode_region(
+            data, scale=scale, top=r_top, left=r_left, height=r_bottom - r_top, width=r_right - r_left
+        )
+        if pixels is None:
+            return None
+        box = (y0 - r_top, x0 - r_left, y1 - y0, x1 - x0)
+        if orientation != 1:
+            pixels = orient_array(pixels, orientation)
+            box = to_upright(orientation, box, r_bottom - r_top, r_right - r_left)
+        box_top, box_left, box_h, box_w = box
+        return pixels, (box_left, box_top, box_left + box_w, box_top + box_h)
+
+    def _crop_resize(self, pixels: np.ndarray | Image.Image, box: tuple[float, ...]) -> Any:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvf
+
+        out_h, out_w = self.size
+        interpolation = InterpolationMode(self.interpolation or InterpolationMode.BILINEAR)
+        if self.mode == "pil":
+            image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
+            # resize(box=...) crops with sub-pixel precision and filters in one pass.
+            return image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR), box=box)  # type: ignore[arg-type]  # a 4-tuple
+        chw = to_mode(pixels, "torch")
+        # floor(v + 0.5), not round(): it commutes with the region's integer offset.
+        left, top, right, bottom = (math.floor(v + 0.5) for v in box)
+        crop = chw[:, top : max(bottom, top + 1), left : max(right, left + 1)]
+        resized = tvf.resize(crop, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
+        if self.mode == "torch":
+            return resized
+        return np.ascontiguousarray(resized.permute(1, 2, 0).numpy())
+
+
+# ------------------------------------------------------- fusing a transform's first crop
+
+# Steps that may stand before the crop: no RNG, no pixel arithmetic, so running them after
+# the fused crop gives the same result.
+_MOVABLE_NAMES = ("ToImage", "ToPureTensor")
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecode, Any] | None:
+    """Split ``transform`` into (a fused crop decoder, the rest of the pipeline), or None.
+
+    Fusable: a torchvision (v1 or v2) ``RandomResizedCrop`` as the first leaf of a
+    (nested) ``Compose``, or alone, optionally after ``ToImage``/``ToPureTensor`` (moved
+    after the crop). The rest is a ``Compose`` of the same family (None when empty).
+    Anything else before the crop (flips, colour jitter, ...) draws random numbers or
+    changes pixels, so the pipeline is left alone.
+    """
+    leaves = flatten_transforms(transform)
+    movable = transform_classes(*_MOVABLE_NAMES)
+    rrc_classes = transform_classes("RandomResizedCrop")
+    for index, step in enumerate(leaves):
+        if isinstance(step, movable):
+            continue
+        if not isinstance(step, rrc_classes):
+            return None
+        antialias = getattr(step, "antialias", True)
+        crop = RandomResizedCropDecode(
+            tuple(step.size),
+            tuple(step.scale),
+            tuple(step.ratio),
+            mode=mode,
+            interpolation=step.interpolation,
+            antialias=True if antialias is None else bool(antialias),
+        )
+        rest = leaves[:index] + leaves[index + 1 :]
+        if not rest:
+            return crop, None
+        import torchvision.transforms as v1
+        import torchvision.transforms.v2 as v2
+
+        compose = (
+            v2.Compose
+            if type(transform).__module__.startswith("torchvision.transforms.v2")
+            or type(step).__module__.startswith("torchvision.transforms.v2")
+            else v1.Compose
+        )
+        return crop, compose(rest)
+    return None
+
+
+class FusedFieldDecoder:
+    """A sample decoder whose named fields go through fused crop decoders.
+
+    The fields are matched by exact name (a ``{"jpg": ...}`` transform does not touch
+    ``"seg.jpg"``); every other field goes to ``base``. Picklable when ``base`` is.
+    """
+
+    def __init__(self, base: Any, crops: dict[str, RandomResizedCropDecode]) -> None:
+        self.base = base
+        self.crops = crops
+
+    def __repr__(self) -> str:
+        return f"FusedFieldDecoder({self.base!r}, {self.crops!r})"
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        fused = {f: sample[f] for f in self.crops if isinstance(sample.get(f), _BYTES)}
+        if not fused:
+            return self.base(sample)
+        out = self.base({k: v for k, v in sample.items() if k not in fused})
+        for field, data in fused.items():
+            out[field] = _located_call(self.base, sample, field, self.crops[field], data)
+        return {k: out[k] for k in sample if k in out} | {k: v for k, v in out.items() if k not in sample}
+
+
+class FusedSamplePipeline:
+    """Decode + a sample-level transform whose first step is a fusable crop.
+
+    v2 transforms crop every image of a dict with one set of parameters; the crop is fused
+    only when the sample has exactly one image field (the usual ``jpg``/``cls`` sample).
+    Otherwise the sample is decoded and transformed as without fusion. Runs in place of
+    the decoder, with no transform after it.
+    """
+
+    def __init__(self, base: Any, crop: RandomResizedCropDecode, rest: Any, transform: Any) -> None:
+        self.base = base
+        self.crop = crop
+        self.rest = rest
+        self.transform = transform
+
+    def __repr__(self) -> str:
+        return f"FusedSamplePipeline({self.base!r}, {self.crop!r}, rest={self.rest!r})"
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        from .fields import IMAGE_EXTENSIONS
+
+        images = [
+            k
+            for k, v in sample.items()
+            if not k.startswith("__") and isinstance(v, _BYTES) and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+        ]
+        if len(images) != 1:
+            return self.transform(self.base(sample))
+        field = images[0]
+        out = self.base({k: v for k, v in sample.items() if k != field})
+        out[field] = _located_call(self.base, sample, field, self.crop, sample[field])
+        out = {k: out[k] for k in sample if k in out}
+        return out if self.rest is None else self.rest(out)
+
+
+def _located_call(base: Any, sample: dict[str, Any], field: str, fn: Any, data: Any) -> Any:
+    """``fn(data)`` with failures raised as SampleError naming the sample and member."""
+    try:
+        return fn(data)
+    except SampleError as exc:
+        raise base._located(sample, field, exc.reason) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # library surprises
+        raise base._located(sample, field, f"{type(exc).__name__}: {exc}") from exc
+
+
+def fuse_crop(decoder: Any, transform: Any) -> tuple[Any, Any]:
+    """(decoder, transform) with a leading RandomResizedCrop fused into decoding when possible.
+
+    ``decoder`` must be a :class:`shardkit.decode.SampleDecoder` (anything else is
+    returned unchanged). A per-field mapping is fused for its *first* entry only, so the
+    random draws happen in the same order as without fusion (the mapping's transforms run
+    in order after decoding, and decoding draws nothing). The same torch RNG calls are
+    made per sample, so seeds, worker seeding and resume behave as without fusion; the
+    pixels differ only by the reduced-size decode (see BENCHMARKS.md for the PSNR bound).
+    """
+    from .fields import IMAGE_EXTENSIONS, SampleDecoder
+
+    # torchvision passes numpy arrays through untouched, so a crop fused there would change results.
+    if not isinstance(decoder, SampleDecoder) or transform is None or decoder.mode == "numpy":
+        return decoder, transform
+    if isinstance(transform, Mapping):
+        if not transform:
+            return decoder, transform
+        field, first = next(iter(transform.items()))
+        if field.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS or field in decoder.handlers:
+            return decoder, transform
+        split = split_crop(first, decoder.mode)
+    else:
+        split = split_crop(transform, decoder.mode)
+    if split is None:
+        return decoder, transform
+    crop, rest = split
+    crop.max_pixels, crop.exif = decoder.max_pixels, decoder.exif_orientation
+    log_region_support()
+    if isinstance(transform, Mapping):
+        rest_map = {k: (rest if k == field else fn) for k, fn in transform.items() if k != field or rest is not None}
+        return FusedFieldDecoder(decoder, {field: crop}), rest_map
+    return FusedSamplePipeline(decoder, crop, rest, transform), None

@@ -1,0 +1,104 @@
+"""Group tar members into samples with webdataset's rules, so both tools agree.
+
+A member name splits into key and extension at the first dot after the last slash
+(``a.b/c.seg.png`` -> key ``a.b/c``, extension ``seg.png``); extensions are lower-cased;
+consecutive members with the same key form one sample. Names without such a dot, and
+webdataset's metadata names (``__*__``), are skipped exactly as webdataset skips them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+
+from ..errors import ShardFormatError
+from .tar import iter_member_tuples
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule (documentation)
+_META_RE = re.compile(r"__[^/]*__($|/)")
+
+Sample = dict[str, Any]
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` for a member name, or None when webdataset would skip it."""
+    if name.startswith("__") and (_META_RE.match(name) or ("/" not in name and name.endswith("__"))):
+        return None
+    # Fast path, same result as the regex: a basename that does not start with a dot
+    # splits at its first dot (unless a newline makes the regex's ``.*/`` stop short).
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 2)
+    if dot > 0 and name[slash + 1] != "." and "\n" not in name:
+        return name[:dot], name[dot + 1 :].lower()
+    return _split_like_regex(name, slash)
+
+
+def _split_like_regex(name: str, slash: int) -> tuple[str, str] | None:
+    """``_KEY_RE`` evaluated in linear time. The regex itself backtracks quadratically on
+    names without a usable dot (a 100 kB name of slashes takes 84 s, and GNU long names
+    may be 1 MiB), so one such member in a shard would hang the reader.
+
+    The regex splits at the first dot ``p`` after the last slash and needs a prefix ``X``
+    (empty, or ending in ``/`` without a newline, which ``.`` does not match) such that
+    ``name[len(X):p]`` is non-empty and dot-free. The shortest candidate decides.
+    """
+    p = name.find(".", slash + 1)
+    if p < 0:
+        return None
+    d = name.rfind(".", 0, p)
+    k = 0 if d < 0 else name.find("/", d) + 1
+    if k >= p or (k and name.find("\n", 0, k) >= 0):
+        return None
+    return name[:p], name[p + 1 :].lower()
+
+
+def group_members(
+    members: Iterable[tuple[str, bytes, int, int]], *, url: str | None = None
+) -> Iterator[tuple[int, int, Sample]]:
+    """Yield ``(start_offset, end_offset, sample)`` for each run of members sharing a key.
+
+    ``members`` are ``(name, payload, offset, end)`` tuples or :class:`~shardkit.format.tar.Member`.
+
+    A sample is complete when the next key starts. When the archive breaks (truncated or
+    corrupt), every complete sample before the damage is yielded before the error is
+    re-raised: if the error names a member of a *new* key (cut in its payload), the
+    sample in progress is complete and yielded too; otherwise it may be partial and is
+    dropped.
+    """
+    sample: Sample | None = None
+    key = None
+    start = end = 0
+    try:
+        for name, payload, offset, member_end in members:
+            parts = split_name(name)
+            if parts is None:
+                continue
+            member_key, ext = parts
+            if member_key != key or sample is None:
+                if sample is not None:
+                    yield start, end, sample
+                key = member_key
+                sample = {"__key__": key, "__url__": url}
+                start = offset
+            if ext in sample:
+                raise ShardFormatError(
+                    f"sample {key!r} has a second {ext!r} member", url=url, offset=offset, member=name
+                )
+            sample[ext] = payload
+            end = member_end
+    except ShardFormatError as e:
+        cut = split_name(e.member) if e.member is not None and sample is not None else None
+        if cut is not None and cut[0] != key:
+            yield start, end, sample  # type: ignore[misc]
+        raise
+    if sample is not None:
+        yield start, end, sample
+
+
+def iter_samples(
+    stream: BinaryIO, *, url: str | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[Sample]:
+    """Samples of a tar stream as dicts: ``{"__key__", "__url__", ext: bytes, ...}``."""
+    for _, _, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url):
+        yield sample

@@ -1,0 +1,242 @@
+"""The worker side of ``decode_device``: read, draw the transform's parameters, ship encoded bytes.
+
+:class:`ShipTransform` replaces a dataset's transform in the workers: small fields are
+decoded as usual, each image field stays encoded as an :class:`EncodedImage` carrying
+its header size and the random parameters drawn with torchvision's RNG calls, so order
+and resume stay exact. :func:`shipping_dataset` builds the shipping copy of a
+``ShardDataset`` or ``Mix``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from PIL import Image
+
+from ..decode.fields import IMAGE_EXTENSIONS, make_decoder
+from ..decode.imageinfo import read_image_header
+from ..decode.pixels import check_pixels, default_max_pixels, exif_orientation_of
+from ..errors import SampleError, ShardkitError
+from ..read.dataset import ShardDataset
+from ..read.mix import Mix
+from ..read.pipeline import SamplePipeline
+from .recipe import Recipe, parse_recipe
+
+# --------------------------------------------------------------- the worker side
+
+
+class EncodedImage:
+    """An image still encoded, with its header size and the transform parameters the
+    worker drew; what crosses from a worker to the main process in place of pixels."""
+
+    __slots__ = ("data", "height", "width", "batchable", "params", "recipe", "key", "url", "upright")
+
+    def __init__(
+        self,
+        data: bytes,
+        height: int,
+        width: int,
+        batchable: bool,
+        params: tuple[Any, ...],
+        recipe: int,
+        key: str | None = None,
+        url: str | None = None,
+        upright: bool = False,
+    ) -> None:
+        self.data, self.height, self.width, self.batchable = data, height, width, batchable
+        self.params, self.recipe, self.key, self.url = params, recipe, key, url
+        self.upright = upright  # decode with the EXIF orientation applied (height/width are upright)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return EncodedImage, (
+            self.data,
+            self.height,
+            self.width,
+            self.batchable,
+            self.params,
+            self.recipe,
+            self.key,
+            self.url,
+            self.upright,
+        )
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({len(self.data)} bytes, {self.width}x{self.height}, key={self.key!r})"
+
+
+def encode_for_batch(
+    data: bytes | bytearray | memoryview,
+    recipe: Recipe,
+    index: int,
+    *,
+    max_pixels: int | None,
+    key: str | None = None,
+    url: str | None = None,
+    exif: bool = False,
+) -> EncodedImage:
+    """Read the size from the header, apply the pixel guard and draw ``recipe``'s parameters.
+
+    ``batchable`` is True for baseline/progressive JPEGs with 1 or 3 components, which the
+    GPU decoders take in a batch; everything else is decoded on the CPU in the main process.
+    """
+    data = bytes(data)
+    header = read_image_header(data)
+    if header is not None:
+        height, width = header.height, header.width
+        batchable = header.format == "JPEG" and header.components in (1, 3)
+        orientation = header.orientation
+    else:  # BMP, TIFF, PNM...: PIL's lazy open reads the header only
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                orientation = exif_orientation_of(image) if exif else 1
+        except Exception as exc:
+            raise SampleError(f"not a readable image: {exc}") from exc
+        batchable = False
+    check_pixels(width, height, max_pixels)
+    # With exif (the dataset's exif_orientation), a turned photo is decoded upright on the
+    # CPU, as on the worker path, and its parameters are drawn on the upright size.
+    upright = exif and orientation != 1
+    if upright:
+        batchable = False
+        if orientation in (5, 6, 7, 8):
+            height, width = width, height
+    return EncodedImage(data, height, width, batchable, recipe.draw(height, width), index, key, url, upright)
+
+
+class ShipTransform:
+    """The worker-side transform of the GPU path: image fields become EncodedImage (with
+    drawn parameters), the other per-field callables of the dataset's transform still run,
+    in the dataset's order (so the RNG is drawn in the same order as on the CPU path)."""
+
+    def __init__(
+        self,
+        steps: Sequence[tuple[str | None, int | Callable[[Any], Any]]],
+        recipes: Sequence[Recipe],
+        max_pixels: int | None,
+        offset: int = 0,
+        exif: bool = False,
+    ) -> None:
+        self.exif = exif  # the dataset's exif_orientation
+        self.steps = list(steps)  # (field or None for every image field, recipe index or callable)
+        self.recipes = list(recipes)
+        self.max_pixels = max_pixels
+        self.offset = offset  # where this dataset's recipes start in the stage's list (Mix parts)
+
+    def _encode(self, sample: dict, field: str, index: int) -> None:
+        sample[field] = encode_for_batch(
+            sample[field],
+            self.recipes[index],
+            self.offset + index,
+            max_pixels=self.max_pixels,
+            key=sample.get("__key__"),
+            url=sample.get("__url__"),
+            exif=self.exif,
+        )
+
+    def __call__(self, sample: dict) -> dict:
+        for field, what in self.steps:
+            if field is None:  # a whole-sample transform: it applies to the sample's image
+                images = [
+                    f
+                    for f in sample
+                    if not f.startswith("__")
+                    and f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+                    and isinstance(sample[f], (bytes, bytearray, memoryview))
+                ]
+                if len(images) > 1:
+                    raise SampleError(
+                        f"decode_device with a whole-sample transform takes one image per sample, "
+                        f"this one has {images}; use transform={{'{images[0]}': ...}}"
+                    )
+                for f in images:
+                    self._encode(sample, f, what)  # type: ignore[arg-type]
+            elif field in sample:
+                if isinstance(what, int):
+                    self._encode(sample, field, what)
+                else:
+                    sample[field] = what(sample[field])
+        return sample
+
+
+class _ShippingDataset(ShardDataset):
+    """The user's dataset with the worker pipeline swapped for the shipping one.
+
+    Built by :func:`shipping_dataset` from the user's dataset's attributes (never
+    modifying it); it shares the epoch counter, so ``set_epoch`` reaches both.
+    """
+
+    _ship_decoder: Callable[[dict], dict]
+    _ship_transform: ShipTransform
+
+    def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
+        pipe = super().pipeline(handler)  # keeps the dataset's select, fields and handler
+        pipe.decoder = self._ship_decoder
+        pipe.transform = self._ship_transform
+        return pipe
+
+
+def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callable[[dict], dict], list[Recipe]]:
+    """The worker-side decoder and transform for ``dataset``, or ShardkitError."""
+    if dataset.decode != "torch":
+        raise ShardkitError(
+            f"decode_device needs the dataset built with decode='torch' (got {dataset.decode!r}): "
+            "the batch stage yields uint8/float tensors as decode='torch' does"
+        )
+    if dataset.decode_size is not None:
+        raise ShardkitError("decode_device decodes at full size (or only the crop region); drop decode_size")
+    transform = dataset.transform
+    recipes: list[Recipe] = []
+    steps: list[tuple[str | None, int | Callable[[Any], Any]]] = []
+    raw: dict[str, Callable[[bytes], Any]] = {}
+    if isinstance(transform, Mapping):
+        for field, fn in transform.items():
+            if field.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                recipes.append(parse_recipe(fn))
+                steps.append((field, len(recipes) - 1))
+                raw[field] = bytes  # keep the field encoded: the stage decodes it
+            else:
+                steps.append((field, fn))
+    elif transform is not None:
+        recipes.append(parse_recipe(transform))
+        steps.append((None, 0))
+        raw = dict.fromkeys(IMAGE_EXTENSIONS, bytes)
+    if not recipes:
+        raise ShardkitError(
+            "decode_device needs an image transform to take over, e.g. "
+            "transform={'jpg': v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])}"
+        )
+    max_pixels = default_max_pixels(None)
+    decoder = make_decoder("torch", handlers=raw, allow_pickle=dataset.allow_pickle, max_pixels=max_pixels)
+    return ShipTransform(steps, recipes, max_pixels, offset, exif=dataset.exif_orientation), decoder, recipes
+
+
+def _shipping_part(dataset: ShardDataset, offset: int) -> tuple[ShardDataset, list[Recipe]]:
+    transform, decoder, recipes = _takeover(dataset, offset)
+    clone = object.__new__(_ShippingDataset)
+    clone.__dict__.update(dataset.__dict__)  # shares the epoch Value: set_epoch reaches the workers
+    clone._ship_decoder = decoder
+    clone._ship_transform = transform
+    return clone, recipes
+
+
+def shipping_dataset(dataset: ShardDataset | Mix) -> tuple[Any, list[Recipe], list[Any]]:
+    """A view of ``dataset`` (or of every part of a Mix) whose workers ship encoded images
+    (see module docstring), the recipes the main-process stage runs, and the handler of
+    the dataset each recipe came from. The original is never modified."""
+    if isinstance(dataset, ShardDataset):
+        clone, recipes = _shipping_part(dataset, 0)
+        return clone, recipes, [dataset.handler] * len(recipes)
+    parts: list[ShardDataset] = []
+    recipes, handlers = [], []
+    for part in dataset.datasets:
+        shipping, own = _shipping_part(part, len(recipes))
+        parts.append(shipping)
+        recipes += own
+        handlers += [part.handler] * len(own)
+    mix = object.__new__(type(dataset))
+    mix.__dict__.update(dataset.__dict__)  # the Mix's own epoch Value is shared likewise
+    mix.datasets = parts
+    return mix, recipes, handlers

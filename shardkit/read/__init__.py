@@ -1,0 +1,3 @@
+"""The read path: URL patterns, the shard reader, the worker loop, the sample pipeline,
+the dataset base, ``ShardDataset``, ``Mix`` and ``ShardMap``.
+"""

@@ -1,0 +1,226 @@
+"""What ShardDataset and Mix share: a shared epoch, rank discovery, worker-level resume
+state, and the tail of the worker loop (batching and progress records)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..errors import ShardkitError
+from ..plan.epoch import EpochInfo, Topology
+from ..plan.state import ResumeState
+from .pipeline import batched, collate
+
+EVEN_MODES = (None, "pad", "drop")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How items are grouped inside the workers: ``batch_size=None`` yields samples."""
+
+    batch_size: int | None = None
+    drop_last: bool = False
+    collate_fn: Callable[[list[Any]], Any] = collate
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+
+    def items(self, samples: int) -> int:
+        """Items a stream of ``samples`` samples yields."""
+        if self.batch_size is None:
+            return samples
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+
+class Progress:
+    """Attached to each item when a ShardLoader drives the dataset (never seen by users).
+
+    ``samples`` is how many samples the item holds; ``stats`` the worker's counters.
+    """
+
+    __slots__ = ("worker", "emitted", "samples", "epoch", "stats")
+
+    def __init__(self, worker: int, emitted: int, samples: int, epoch: int, stats: dict[str, int]) -> None:
+        self.worker, self.emitted, self.samples, self.epoch, self.stats = worker, emitted, samples, epoch, stats
+
+
+class PlannedDataset(IterableDataset):
+    """Base of the planned datasets: subclasses set ``seed``, ``even`` and ``batching`` and
+    implement ``iter_items`` with :meth:`_worker_context` and :meth:`_emit`."""
+
+    seed: int
+    even: str | None
+    batching: Batching
+
+    def __init__(self, *, rank: int | None, world_size: int | None, even: str | None) -> None:
+        super().__init__()
+        if even not in EVEN_MODES:
+            raise ValueError(f"even must be 'pad', 'drop' or None, got {even!r}")
+        if world_size is not None and rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.even = even
+        self._rank, self._world_size = rank, world_size
+        self._epoch = multiprocessing.get_context().Value("q", 0, lock=False)
+        self._resume: ResumeState | None = None  # owned here when no ShardLoader drives us
+        self._worker_state: dict[str, Any] = {}  # this worker's progress, for state_dict()
+
+    # -- pickling: the shared epoch travels to spawned workers; plain copies get a value
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_epoch"] = int(self._epoch.value)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_epoch"], int):
+            state["_epoch"] = multiprocessing.get_context().Value("q", state["_epoch"], lock=False)
+        self.__dict__.update(state)
+
+    # -- epochs and topology ------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (orders and seeds); reaches persistent workers."""
+        self._epoch.value = int(epoch)
+
+    @property
+    def explicit_rank_and_world(self) -> tuple[int | None, int | None]:
+        """(rank, world_size) as given to the constructor (None: from torch.distributed)."""
+        return self._rank, self._world_size
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """(rank, world_size): the constructor's values, else torch.distributed's, else (0, 1)."""
+        world, rank = self._world_size, self._rank
+        if world is None or rank is None:
+            if dist.is_available() and dist.is_initialized():
+                world = dist.get_world_size() if world is None else world
+                rank = dist.get_rank() if rank is None else rank
+            else:
+                world = 1 if world is None else world
+                rank = 0 if rank is None else rank
+        if not 0 <= rank < world:
+            raise ShardkitError(f"rank {rank} out of range for world_size {world}")
+        return rank, world
+
+    # -- what a driver (ShardLoader) asks of every planned dataset ------------------------
+    def topology(self, num_workers: int = 0) -> Topology:
+        """The topology this rank runs with ``num_workers`` DataLoader workers."""
+        raise NotImplementedError
+
+    @property
+    def planned(self) -> bool:
+        """True when the epoch follows a sample-level plan, so every count is exact."""
+        raise NotImplementedError
+
+    def epoch_info(
+        self, epoch: int | None = None, *, num_workers: int = 0, resume: ResumeState | None = None
+    ) -> EpochInfo:
+        """Counts for this rank's epoch: samples, padded, dropped, per worker."""
+        raise NotImplementedError
+
+    def stream_sizes(self, *, num_workers: int, resume: ResumeState | None = None) -> list[list[int]] | None:
+        """Samples in each [rank][worker] stream of the current epoch, or None when unplanned."""
+        raise NotImplementedError
+
+    def num_items(self, batching: Batching, *, num_workers: int = 0) -> int:
+        """Items this rank yields per epoch under ``batching`` with ``num_workers`` workers."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """Items this rank yields per epoch: samples, or batches when batch_size is set."""
+        return self.num_items(self.batching)
+
+    def _stages(self, epoch: int, resume: ResumeState | None) -> list:
+        resume = self._resume if resume is None else resume
+        return resume.stages if resume is not None and resume.epoch == epoch else []
+
+    # -- the worker loop's frame ---------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        return self.iter_items(self.batching, resume=self._resume)
+
+    def iter_items(
+        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+    ) -> Iterator[Any]:
+        """This worker's items for the current epoch (what ``__iter__`` runs).
+
+        For drivers such as ShardLoader: ``resume`` is the state to continue from;
+        ``progress`` pairs each item with a :class:`Progress`; ``rotation`` shifts which
+        plan each DataLoader worker runs when the resume continues its topology (the
+        DataLoader restarts its round-robin at worker 0).
+        """
+        raise NotImplementedError
+
+    def _worker_context(self, resume: ResumeState | None, rotation: int) -> tuple[int, int, int, Topology, ResumeState]:
+        """(rank, worker, epoch, topology, resume) of the calling DataLoader worker."""
+        info = get_worker_info()
+        worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
+        rank, _ = self.rank_and_world()
+        epoch = self.epoch
+        topo = self.topology(num_workers)
+        resume = resume if resume is not None and resume.epoch == epoch else ResumeState(epoch)
+        if resume.continues(topo):
+            worker = (worker + rotation) % topo.streams
+        self._worker_state = {
+            "epoch": epoch,
+            "rank": rank,
+            "worker": worker,
+            "topology": topo,
+            "resume": resume,
+            "emitted": resume.skip(topo, rank, worker),
+        }
+        return rank, worker, epoch, topo, resume
+
+    def _emit(
+        self,
+        mapped: Iterable[tuple[int, Any]],
+        batching: Batching,
+        *,
+        progress: bool,
+        counters: Callable[[], dict[str, int]],
+    ) -> Iterator[Any]:
+        """Batch ``(position count, item)`` pairs and record the progress of each item."""
+        ws = self._worker_state
+        items: Iterator[tuple[int, tuple[int, Any]]]
+        if batching.batch_size is None:
+            items = ((n, (1, item)) for n, item in mapped)
+        else:
+            items = batched(
+                mapped,
+                batching.batch_size,
+                drop_last=batching.drop_last,
+                collate_fn=lambda chunk: (len(chunk), batching.collate_fn(chunk)),
+            )
+        for emitted, (size, item) in items:
+            ws["emitted"] = emitted
+            if progress:
+                yield item, Progress(ws["worker"], emitted, size, ws["epoch"], counters())
+            else:
+                yield item
+
+    # -- resume (when no ShardLoader drives the dataset) ----------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This worker's (or the main process's) progress, for torchdata's StatefulDataLoader.
+
+        ShardLoader users should call ``loader.state_dict()`` instead, which knows every worker.
+        """
+        ws = self._worker_state
+        if not ws:
+            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed)
+        topo: Topology = ws["topology"]
+        emitted = [[0] * topo.streams for _ in range(topo.world_size)]
+        emitted[ws["rank"]][ws["worker"]] = ws["emitted"]
+        return ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume mid-epoch from :meth:`state_dict` (sets the epoch too)."""
+        self._resume = ResumeState.from_dict(state, seed=self.seed)
+        self.set_epoch(self._resume.epoch)

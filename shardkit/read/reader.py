@@ -1,0 +1,166 @@
+"""Read samples of planned pieces (or whole shards) from their sources.
+
+With an index, a piece that starts mid-shard seeks straight to its first sample (a file
+seek, or an HTTP/S3 Range request) and stops at its last; without one, the shard is
+read from the start and the samples before the piece are parsed but not kept.
+Format errors go through the error handler: "raise" re-raises, "warn"/"skip" drop the
+rest of the broken piece (reported as lost positions) and go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from ..errors import ShardkitError, SourceError
+from ..format.index import decode_index, index_url
+from ..format.samples import Sample, group_members
+from ..format.tar import iter_member_tuples
+from ..plan.epoch import Piece
+from ..storage.dispatch import SourceOptions, local_path, open_stream, prefetch, read_bytes
+
+log = logging.getLogger(__name__)
+
+# Called with each error; raising stops the epoch, returning skips the bad sample(s).
+ErrorHandler = Callable[[Exception], None]
+
+
+class ReadStats:
+    """Counters kept by one reader (one worker process)."""
+
+    def __init__(self) -> None:
+        self.samples_read = 0
+        self.bytes_read = 0
+        self.skipped = 0  # samples lost to errors (reading, decoding or transforming)
+        self.filtered = 0  # samples a ``select`` function rejected
+        self.shards_opened = 0
+
+    def count_skipped(self) -> None:
+        self.skipped += 1
+
+    def count_filtered(self) -> None:
+        self.filtered += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class ShardReader:
+    """Opens shards and yields their samples; caches a few shard indexes."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        options: SourceOptions,
+        handler: ErrorHandler,
+        stats: ReadStats | None = None,
+        sha256: list[str | None] | None = None,
+    ) -> None:
+        self.urls = urls
+        self.sha256 = sha256
+        self.options = options
+        self.handler = handler
+        self.stats = stats or ReadStats()
+        self._offsets: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def prefetch(self, urls: list[str]) -> None:
+        """Start downloading ``urls`` into the cache (``options.read_ahead``); errors show
+        up when they are opened."""
+        if urls:
+            prefetch(urls, self.options)
+
+    def offsets(self, shard: int) -> np.ndarray | None:
+        """The shard's sample offsets from its ``.idx``, or None when it has none."""
+        if shard in self._offsets:
+            self._offsets.move_to_end(shard)
+            return self._offsets[shard]
+        url = index_url(self.urls[shard])
+        try:
+            data = read_bytes(url, options=self.options)
+        except SourceError as e:
+            log.debug("no index for %s: %s", self.urls[shard], e)
+            data = None
+        offsets = decode_index(data, url=url) if data is not None else None
+        self._offsets[shard] = offsets
+        while len(self._offsets) > 16:
+            self._offsets.popitem(last=False)
+        return offsets
+
+    def _samples(
+        self, url: str, start: int = 0, stop: int | None = None, sha256: str | None = None
+    ) -> Iterator[Sample]:
+        is_local = local_path(url) is not None
+        length = None if is_local or stop is None else stop - start
+        stream = open_stream(url, offset=start, length=length, options=self.options, expected_sha256=sha256)
+        self.stats.shards_opened += 1
+        try:
+            for _, end, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url):
+                self.stats.bytes_read += end - start
+                start = end
+                self.stats.samples_read += 1
+                yield sample
+        finally:
+            stream.close()
+
+    def read_piece(self, piece: Piece) -> Iterator[Sample | None]:
+        """Samples ``piece.start..piece.stop`` of a shard; ``None`` for each one lost."""
+        url = self.urls[piece.shard]
+        sha256 = self.sha256[piece.shard] if self.sha256 else None
+        wanted = piece.stop - piece.start
+        got = 0
+        try:
+            offsets = self.offsets(piece.shard)
+            if offsets is not None:
+                if piece.stop >= len(offsets):
+                    raise ShardkitError(
+                        f"{url}: plan wants sample {piece.stop - 1} but the index has {len(offsets) - 1}"
+                    )
+                samples = self._samples(url, int(offsets[piece.start]), int(offsets[piece.stop]), sha256)
+            else:
+                samples = self._skip(self._samples(url, sha256=sha256), piece.start)
+            if wanted:
+                for sample in samples:
+                    got += 1
+                    yield sample
+                    if got == wanted:
+                        break  # pulling once more would parse the next sample: not ours to report on
+            if got < wanted:
+                raise ShardkitError(
+                    f"{url}: expected {piece.stop} samples (from the manifest/index) "
+                    f"but the shard has only {piece.start + got}"
+                )
+        except Exception as e:  # noqa: BLE001 - routed through the user's handler
+            lost = wanted - got
+            _note_lost(e, lost)
+            self.handler(e)
+            self.stats.skipped += lost
+            for _ in range(lost):
+                yield None
+
+    @staticmethod
+    def _skip(samples: Iterator[Sample], n: int) -> Iterator[Sample]:
+        for i, sample in enumerate(samples):
+            if i >= n:
+                yield sample
+
+    def read_shard(self, shard: int) -> Iterator[Sample]:
+        """All samples of a shard (no counts needed); errors end the shard via the handler."""
+        url = self.urls[shard]
+        try:
+            yield from self._samples(url, sha256=self.sha256[shard] if self.sha256 else None)
+        except Exception as e:  # noqa: BLE001
+            _note_lost(e, 0)  # unknown: the rest of the shard
+            self.handler(e)
+            self.stats.skipped += 1
+
+
+def _note_lost(exc: Exception, lost: int) -> None:
+    """Tell the handler how many planned samples the error costs (``handler="warn"`` says so)."""
+    try:
+        exc.lost_samples = lost  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        pass

@@ -1,0 +1,158 @@
+"""Turn what the user wrote into an ordered shard list (with counts when known).
+
+Accepted: a brace pattern ``train-{000..099}.tar`` (several patterns joined by ``::``
+or given as a list), the same range written ``train-<000..099>.tar``, a list of URLs,
+a manifest (``NAME.manifest.json``), or a folder/prefix holding shards. Zero padding is
+kept as written. Sample counts come from a manifest (given, or found beside the shards)
+or from per-shard ``.idx`` files; without them splitting falls back to whole shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import braceexpand
+
+from ..errors import ShardFormatError, ShardkitError, SourceError
+from ..format.compression import is_shard_name
+from ..format.index import MANIFEST_SUFFIX, Manifest, dataset_name_for, decode_index, index_url, manifest_name
+from ..storage.dispatch import DEFAULT_OPTIONS, SourceOptions, join_url, list_prefix, local_path, read_bytes, scheme_of
+
+log = logging.getLogger(__name__)
+
+_ANGLE_RANGE = re.compile(r"<(\d+)\.\.(\d+)>")
+
+
+@dataclass
+class ShardList:
+    """Shard URLs in order; ``counts``/``sha256`` aligned with them when known."""
+
+    urls: list[str]
+    counts: list[int] | None = None
+    sha256: list[str | None] | None = None
+    manifest: Manifest | None = None
+    manifest_url: str | None = None
+
+    @property
+    def total(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Expand ``{a..b}``/``<a..b>`` ranges and ``{x,y}`` alternatives, keeping zero padding."""
+    return list(braceexpand.braceexpand(_ANGLE_RANGE.sub(r"{\1..\2}", pattern)))
+
+
+def _is_manifest(url: str) -> bool:
+    return url.endswith(MANIFEST_SUFFIX)
+
+
+def _is_folder(url: str) -> bool:
+    path = local_path(url)
+    if path is not None:
+        return os.path.isdir(path)
+    return url.endswith("/")
+
+
+def load_manifest(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Manifest:
+    data = read_bytes(url, options=options)
+    if data is None:
+        raise SourceError("manifest not found", url=url)
+    return Manifest.from_json(data, url=url)
+
+
+def _from_manifest(url: str, options: SourceOptions) -> ShardList:
+    manifest = load_manifest(url, options)
+    if not manifest.complete:
+        log.warning(
+            "%s: manifest marked incomplete (the write was interrupted); reading the %d shards it lists",
+            url,
+            len(manifest.shards),
+        )
+    urls = [join_url(url, s.name) for s in manifest.shards]
+    return ShardList(urls, [s.samples for s in manifest.shards], [s.sha256 for s in manifest.shards], manifest, url)
+
+
+def _from_folder(url: str, options: SourceOptions) -> ShardList:
+    entries = list_prefix(url, options=options)
+    manifests = [e for e in entries if _is_manifest(e)]
+    if len(manifests) == 1:
+        return _from_manifest(manifests[0], options)
+    if len(manifests) > 1:
+        raise ShardkitError(
+            f"{url}: holds several manifests ({', '.join(os.path.basename(m) for m in manifests)}); "
+            "pass the one you mean"
+        )
+    shards = sorted(e for e in entries if is_shard_name(e))
+    if not shards:
+        raise ShardkitError(
+            f"{url}: no .tar shards or manifest found there (also looked for .tar.gz, .tgz, "
+            ".tar.zst, .tar.bz2, .tar.xz)"
+        )
+    return _counts_beside(shards, options)  # a folder of indexed shards plans by sample, like a pattern
+
+
+def _check_local_exist(urls: list[str]) -> None:
+    missing = [u for u in urls if (p := local_path(u)) is not None and not os.path.isfile(p)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ShardkitError(f"{len(missing)} of {len(urls)} shard(s) do not exist: {', '.join(missing[:3])}{more}")
+
+
+def _counts_beside(urls: list[str], options: SourceOptions) -> ShardList:
+    """Counts for a plain URL list: a manifest beside the shards, else .idx files."""
+    candidate = join_url(urls[0], manifest_name(dataset_name_for(urls)))
+    try:
+        data = read_bytes(candidate, options=options)
+    except SourceError:
+        data = None
+    if data is not None:
+        try:
+            manifest = Manifest.from_json(data, url=candidate)
+            by_url = {join_url(candidate, s.name): s for s in manifest.shards}
+            if all(u in by_url for u in urls):
+                infos = [by_url[u] for u in urls]
+                return ShardList(urls, [s.samples for s in infos], [s.sha256 for s in infos], manifest, candidate)
+        except ShardFormatError as e:
+            log.warning("ignoring unreadable manifest beside the shards: %s", e)
+    counts: list[int] = []
+    for u in urls:
+        if scheme_of(u) not in ("", "file"):
+            return ShardList(urls)  # one request per shard is too costly just for counts
+        try:
+            data = read_bytes(index_url(u), options=options)
+        except SourceError:
+            data = None
+        if data is None:
+            return ShardList(urls)
+        counts.append(len(decode_index(data, url=index_url(u))) - 1)
+    return ShardList(urls, counts)
+
+
+def resolve_shards(urls: str | Sequence[str], *, options: SourceOptions = DEFAULT_OPTIONS) -> ShardList:
+    """Resolve patterns, lists, manifests and folders into a :class:`ShardList`."""
+    if isinstance(urls, (str, os.PathLike)):
+        items = [p for p in str(urls).split("::") if p]
+    else:
+        items = [str(u) for u in urls]
+    if not items:
+        raise ShardkitError("no shard URLs given")
+    if len(items) == 1 and _is_manifest(items[0]):
+        return _from_manifest(items[0], options)
+    if len(items) == 1 and _is_folder(items[0]):
+        return _from_folder(items[0], options)
+    expanded: list[str] = []
+    for item in items:
+        found = expand_pattern(item)
+        if not found:
+            raise ShardkitError(f"pattern {item!r} expands to no URLs")
+        expanded.extend(found)
+    if len(set(expanded)) != len(expanded):
+        dup = next(u for u in expanded if expanded.count(u) > 1)
+        raise ShardkitError(f"shard {dup} is listed more than once")
+    _check_local_exist(expanded)
+    return _counts_beside(expanded, options)

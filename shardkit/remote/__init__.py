@@ -1,1 +1,0 @@
-"""Remote backends for :mod:`shardkit.source`: HTTP(S), S3, pipe:, fsspec."""

@@ -1,0 +1,1 @@
+"""Remote backends for :mod:`shardkit.storage.dispatch`: HTTP(S), S3, pipe:, fsspec."""

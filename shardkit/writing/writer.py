@@ -1,0 +1,413 @@
+"""ShardWriter: samples in, deterministic size-bounded tar shards plus sidecars out.
+
+Rules, each for a reason:
+- A shard never exceeds ``shard_size`` file bytes (headers, padding and end blocks
+  counted), unless one sample alone is bigger: it then gets a shard of its own and a
+  warning. Readers can then size buffers and caches from the setting.
+- Shards are written under a temporary name and renamed only when complete, after their
+  index; a crash never leaves a half shard under a final name.
+- Output is deterministic (fixed mtime/uid/gid/mode, members sorted by extension), so the
+  same input gives byte-identical shards: re-runs are checkable with sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import InvalidKeyError, ShardkitError
+from ..format.index import Manifest, ShardInfo, encode_index, manifest_name
+from ..format.tar import BLOCK, END_BLOCKS, member_header, padding
+from ..sizes import parse_size
+from ..storage.localfile import atomic_write
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+
+
+def validate_key(key: Any) -> str:
+    """Return ``key`` if it can name tar members that read back as this key."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"sample key must be a non-empty string, got {key!r}")
+    if "\0" in key or "\\" in key:
+        raise InvalidKeyError(f"sample key {key!r} contains a NUL or backslash")
+    if key.startswith("/"):
+        raise InvalidKeyError(f"sample key {key!r} is an absolute path")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidKeyError(f"sample key {key!r} has an empty, '.' or '..' path component")
+    if "." in parts[-1]:
+        raise InvalidKeyError(
+            f"sample key {key!r} has a dot in its last component; readers split "
+            "the extension at the first dot, so it would not read back as this key"
+        )
+    return key
+
+
+def encode_field(ext: str, value: Any) -> bytes:
+    """Bytes for one field: bytes as is, str as UTF-8, int/float as text, dict/list as JSON,
+    numpy arrays as .npy."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bool):
+        raise TypeError(f"field {ext!r}: booleans are ambiguous; encode them yourself")
+    if isinstance(value, (int, float)):
+        return str(value).encode("ascii")
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if type(value).__module__ == "numpy" and ext.endswith("npy"):
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    raise TypeError(
+        f"field {ext!r}: cannot store a {type(value).__name__}; pass bytes, str, int, "
+        "float, dict/list (JSON) or a numpy array for .npy"
+    )
+
+
+def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    """(header, payload) pairs for a sample, members sorted by extension."""
+    key = validate_key(sample.get("__key__"))
+    seen: set[str] = set()
+    members = []
+    for ext in sorted(k for k in sample if not k.startswith("_")):
+        if not ext or "/" in ext or "\0" in ext:
+            raise InvalidKeyError(f"sample {key!r}: bad field name {ext!r}")
+        if ext.lower() in seen:
+            raise InvalidKeyError(f"sample {key!r}: fields {ext!r} differ only in case; readers lower-case them")
+        seen.add(ext.lower())
+        payload = encode_field(ext, sample[ext])
+        members.append((member_header(f"{key}.{ext}", len(payload)), payload))
+    if not members:
+        raise InvalidKeyError(f"sample {key!r} has no fields to write")
+    return members
+
+
+class _ShardFile:
+    """A shard being written: bytes are hashed and written on a background thread.
+
+    sha256 and write(2) both release the GIL, so they overlap with the caller reading and
+    encoding the next samples. Order is kept (one thread, one FIFO); an I/O error
+    surfaces at the next ``write`` or at ``finish``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=64)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shardkit-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            pieces = self._queue.get()
+            if pieces is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                for piece in pieces:
+                    self._hash.update(piece)
+                _write_all(self._fd, pieces)
+            except BaseException as e:  # noqa: BLE001 - handed to the writing thread
+                self._error = e
+
+    def write(self, pieces: list[bytes]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(pieces)
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def finish(self) -> str:
+        """Flush, fsync and close; returns the sha256 of everything written."""
+        self._stop()
+        try:
+            if self._error is not None:
+                raise self._error
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        return self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        self._stop()
+        os.close(self._fd)
+        os.remove(self.path)
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    views = [memoryview(p) for p in pieces if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def shard_path(dest: str, name: str, number: int) -> str:
+    return os.path.join(dest, f"{name}-{number:06d}.tar")
+
+
+class ShardWriter:
+    """Write samples into ``{dest}/{name}-000000.tar``, ``-000001.tar``, ...
+
+    Each shard gets an index sidecar (``.tar.idx``) and the dataset a manifest
+    (``{name}.manifest.json``) listing shards, counts, sizes and sha256. Use as a context
+    manager; on an exception (or Ctrl-C) the samples already written are kept: the open
+    shard is completed and the manifest is written with ``"complete": false``.
+
+    Args:
+        dest: output folder (created if missing).
+        name: shard file name prefix.
+        shard_size: maximum shard file size ("1GB", "512MiB", bytes).
+        max_count: maximum samples per shard (None: no limit).
+        classes: class names to record in the manifest (label i -> classes[i]).
+        overwrite: replace shards of the same name already in ``dest``.
+        source_options: credentials/retries for a remote ``dest``.
+
+    ``dest`` may be ``s3://bucket/prefix`` or an HTTP URL accepting PUT: shards are
+    staged in a temporary folder and each is uploaded when complete (its index right
+    after it, the manifest last), so a reader never sees a half-written shard.
+    """
+
+    def __init__(
+        self,
+        dest: str,
+        *,
+        name: str = "data",
+        shard_size: int | str = "1GB",
+        max_count: int | None = None,
+        classes: list[str] | None = None,
+        overwrite: bool = False,
+        source_options: Any = None,
+    ) -> None:
+        if "/" in name or not name:
+            raise ValueError(f"shard name must be a plain file name prefix, got {name!r}")
+        from ..storage.dispatch import DEFAULT_OPTIONS, local_path
+
+        self.remote = None if local_path(dest) is not None else dest.rstrip("/")
+        self._source_options = source_options or DEFAULT_OPTIONS
+        if self.remote is not None:
+            import tempfile
+
+            dest = tempfile.mkdtemp(prefix="shardkit-upload-")
+        self.dest = dest
+        self.name = name
+        self.shard_size = parse_size(shard_size)
+        if self.shard_size < 3 * BLOCK:
+            raise ValueError(f"shard_size {self.shard_size} is smaller than an empty tar (1536 bytes)")
+        if max_count is not None and max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        self.max_count = max_count
+        self.classes = classes
+        self.shards: list[ShardInfo] = []
+        self.samples_written = 0
+        self.bytes_written = 0
+        self._file: _ShardFile | None = None
+        self._offsets: list[int] = []
+        self._keys: list[str] = []  # the shard's sample keys, for its version-2 index
+        self._fields: set[str] = set()
+        self._size = 0
+        self._closed = False
+        os.makedirs(dest, exist_ok=True)
+        # Only this dataset's files: "data" must not touch "data-2021-000000.tar".
+        own_shard = re.compile(re.escape(name) + r"-\d{6}\.tar")
+        own_temp = re.compile(re.escape(name) + r"(-\d{6}\.tar(\.idx)?|\.manifest\.json)" + re.escape(TMP_SUFFIX))
+        entries = sorted(os.listdir(dest))
+        for entry in entries:
+            if own_temp.fullmatch(entry):
+                log.warning("removing %s left by an interrupted write", os.path.join(dest, entry))
+                os.remove(os.path.join(dest, entry))
+        existing = [os.path.join(dest, e) for e in entries if own_shard.fullmatch(e)]
+        if existing and not overwrite:
+            raise ShardkitError(
+                f"{dest} already holds {len(existing)} shard(s) named {name}-NNNNNN.tar "
+                "(first: {}); pass overwrite=True (--overwrite) to replace them".format(os.path.basename(existing[0]))
+            )
+        self._stale = existing
+        if existing:
+            # From now on the folder describes the new dataset (empty, incomplete), so a
+            # crash mid-overwrite can never read as a mix of old and new shards.
+            self._write_manifest(complete=False)
+
+    # -- writing ---------------------------------------------------------------------
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Append one sample (``__key__`` plus one entry per extension)."""
+        if self._closed:
+            raise ShardkitError("ShardWriter is closed")
+        members = encode_sample(sample)
+        size = sum(len(h) + len(p) + (-len(p)) % BLOCK for h, p in members)
+        if self._file is not None and (
+            self._size + size + len(END_BLOCKS) > self.shard_size
+            or (self.max_count is not None and len(self._offsets) >= self.max_count)
+        ):
+            self._finish_shard()
+        if size + len(END_BLOCKS) > self.shard_size:
+            log.warning(
+                "sample %r is %d bytes, more than shard_size %d: it gets a shard of its own",
+                sample["__key__"],
+                size,
+                self.shard_size,
+            )
+            if self._file is not None:
+                self._finish_shard()
+        if self._file is None:
+            self._start_shard()
+        assert self._file is not None
+        self._offsets.append(self._size)
+        self._keys.append(sample["__key__"])
+        pieces: list[bytes] = []
+        for header, payload in members:
+            pieces += (header, payload, padding(len(payload)))
+        try:
+            self._file.write(pieces)
+        except BaseException:
+            # A half-written sample must not end up in a finished shard.
+            self._abandon_shard()
+            raise
+        self._size += size
+        self._fields.update(k for k in sample if not k.startswith("_"))
+        self.samples_written += 1
+
+    def next_shard(self, *, allow_empty: bool = False) -> None:
+        """Finish the current shard now; the next sample starts a new one.
+
+        With ``allow_empty``, a shard with no samples is written when none is open.
+        """
+        if self._file is None:
+            if not allow_empty:
+                return
+            self._start_shard()
+        self._finish_shard()
+
+    def adopt(self, shards: list[ShardInfo]) -> None:
+        """Resume: take ``shards`` (complete, already in ``dest`` under their final names) as
+        this writer's first shards; the next sample starts shard ``len(shards)``."""
+        if self._file is not None or self.shards or self.remote is not None:
+            raise ShardkitError("adopt() needs a fresh writer with a local dest")
+        self.shards = list(shards)
+        self.samples_written = sum(s.samples for s in shards)
+        self.bytes_written = sum(s.bytes for s in shards)
+        self._write_manifest(complete=False)
+
+    def discard_open_shard(self) -> None:
+        """Drop the shard being written (its temp file), e.g. when the input failed mid-way,
+        so that closing does not finish it as a short, complete-looking shard."""
+        if self._file is not None:
+            self._file.abandon()
+            self._file = None
+            self.samples_written -= len(self._offsets)
+            log.warning("discarded unfinished shard %d (%d samples)", len(self.shards), len(self._offsets))
+
+    def _start_shard(self) -> None:
+        path = shard_path(self.dest, self.name, len(self.shards))
+        self._file = _ShardFile(path + TMP_SUFFIX)
+        self._offsets = []
+        self._keys = []
+        self._fields = set()
+        self._size = 0
+
+    def _finish_shard(self) -> None:
+        assert self._file is not None
+        end = self._size
+        self._file.write([END_BLOCKS])
+        self._size += len(END_BLOCKS)
+        try:
+            sha256 = self._file.finish()
+        except BaseException:
+            os.remove(self._file.path)
+            self._file = None
+            raise
+        self._file = None
+        path = shard_path(self.dest, self.name, len(self.shards))
+        atomic_write(path + ".idx", encode_index(self._offsets + [end], self._keys))
+        os.replace(path + TMP_SUFFIX, path)
+        if self.remote is not None:
+            self._upload(path)
+            self._upload(path + ".idx")
+        self.shards.append(
+            ShardInfo(
+                name=os.path.basename(path),
+                samples=len(self._offsets),
+                bytes=self._size,
+                sha256=sha256,
+                fields=sorted(self._fields),
+            )
+        )
+        if self.remote is None:
+            # Kept current after every shard: a killed write leaves a manifest of what is complete.
+            self._write_manifest(complete=False)
+        self.bytes_written += self._size
+        log.debug("wrote %s: %d samples, %d bytes", path, len(self._offsets), self._size)
+
+    def _abandon_shard(self) -> None:
+        assert self._file is not None
+        self._file.abandon()
+        self._file = None
+        self.samples_written -= len(self._offsets) - 1
+        log.error("abandoned shard %d after a failed write; its samples were not kept", len(self.shards))
+
+    # -- closing ---------------------------------------------------------------------
+    def close(self, *, complete: bool = True) -> Manifest:
+        """Finish the open shard and write the manifest; returns it."""
+        if self._closed:
+            return self.manifest(complete)
+        self._closed = True
+        if self._file is not None:
+            self._finish_shard()
+        for path in self._stale:
+            if os.path.basename(path) not in {s.name for s in self.shards}:
+                for stale in (path, path + ".idx"):
+                    if os.path.exists(stale):
+                        os.remove(stale)
+        manifest = self._write_manifest(complete)
+        if self.remote is not None:
+            self._upload(os.path.join(self.dest, manifest_name(self.name)))
+            os.rmdir(self.dest)
+        return manifest
+
+    def _upload(self, path: str) -> None:
+        """Upload a finished local file next to the others at the remote dest, then drop it."""
+        from ..storage.dispatch import put_file
+
+        assert self.remote is not None
+        put_file(path, f"{self.remote}/{os.path.basename(path)}", options=self._source_options)
+        os.remove(path)
+
+    def _write_manifest(self, complete: bool) -> Manifest:
+        manifest = self.manifest(complete)
+        atomic_write(os.path.join(self.dest, manifest_name(self.name)), manifest.to_json().encode())
+        return manifest
+
+    def manifest(self, complete: bool = True) -> Manifest:
+        return Manifest(shards=list(self.shards), name=self.name, classes=self.classes, complete=complete)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            log.warning(
+                "stopping early (%s): keeping the %d samples written so far", exc_type.__name__, self.samples_written
+            )
+        self.close(complete=exc_type is None)
