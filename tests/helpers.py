@@ -70,3 +70,12 @@ def resumed_keys(loader, state: dict, keys=keys_of) -> list[str]:
     """``keys(...)`` of the rest of the epoch after ``loader.load_state_dict(state)``."""
     loader.load_state_dict(state)
     return keys(loader)
+
+
+def pairs(want, got) -> list[tuple]:
+    """``zip(want, got)`` for comparing two results: fails when their lengths differ or when
+    both are empty, so a comparison cannot pass on a result that never arrived."""
+    want, got = list(want), list(got)
+    assert len(want) == len(got), f"lengths differ: {len(want)} expected, {len(got)} got"
+    assert want, "nothing to compare: both results are empty"
+    return list(zip(want, got))

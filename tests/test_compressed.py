@@ -23,7 +23,7 @@ from shardkit.format.index import dataset_name_for
 from shardkit.format.samples import iter_samples
 from shardkit.loader import ShardLoader
 from shardkit.read.dataset import ShardDataset
-from tests.helpers import make_shards, tiny_jpeg
+from tests.helpers import make_shards, pairs, tiny_jpeg
 from tests.servers import run_nginx
 
 COUNTS = [5, 7, 4]
@@ -211,7 +211,7 @@ def test_tar_czf_matches_webdataset(tmp_path):
     ours = list(ShardDataset(str(shard)))
     theirs = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [f"{i:04d}" for i in range(6)]
-    for a, b in zip(ours, theirs):
+    for a, b in pairs(ours, theirs):
         assert {k: v for k, v in a.items() if not k.startswith("__")} == {
             k: v for k, v in b.items() if not k.startswith("__")
         }

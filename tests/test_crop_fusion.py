@@ -17,6 +17,7 @@ from shardkit import ShardDataset
 from shardkit.cli.synthetic import photo_like
 from shardkit.decode.crop import FusedFieldDecoder, FusedSamplePipeline, RandomResizedCropDecode, fuse_crop
 from shardkit.decode.fields import decode_image, make_decoder
+from tests.helpers import pairs
 
 #: The PSNR (dB) every fused output keeps against decode -> crop -> resize with the same
 #: crop, on photo-like JPEGs (BENCHMARKS.md states it; measured minimum is higher).
@@ -232,7 +233,7 @@ def test_dataset_auto_fuses_with_identical_stream(uneven_shards, sample_level):
     plain, _ = run(None)
     fused, ds = run("auto")
     assert ds.fuse_crop and len(plain) == len(fused) == 64
-    for (a, la), (b, lb) in zip(plain, fused):
+    for (a, la), (b, lb) in pairs(plain, fused):
         assert la == lb and torch.equal(a, b)
     pipeline = ds.pipeline(lambda e: None)
     assert isinstance(pipeline.decoder, FusedSamplePipeline if sample_level else FusedFieldDecoder)

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from tests.helpers import make_shards
+from tests.helpers import make_shards, pairs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -259,7 +259,7 @@ def test_same_seed_same_result_across_runs(runs):
     assert configs(runs["P"]).keys() == configs(runs["R"]).keys()
     for name, per_rank in configs(runs["P"]).items():
         again = configs(runs["R"])[name]
-        for a, b in zip(per_rank, again):
+        for a, b in pairs(per_rank, again):
             assert [e["keys"] for e in a] == [e["keys"] for e in b], name
             assert [e["batches"] for e in a] == [e["batches"] for e in b], name
 

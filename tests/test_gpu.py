@@ -15,6 +15,7 @@ from PIL import Image
 from shardkit.decode.fields import decode_image
 from shardkit.errors import SampleError
 from shardkit.gpu.cuda import CudaPrefetcher, _to_device, cuda_available, decode_images_cuda
+from tests.helpers import pairs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -66,7 +67,7 @@ def test_prefetcher_passes_through_without_cuda():
     prefetcher = CudaPrefetcher(batches)
     assert prefetcher.device is None and len(prefetcher) == 2
     out = list(prefetcher)
-    assert len(out) == 2 and all(a is b for a, b in zip(out, batches))
+    assert len(out) == 2 and all(a is b for a, b in pairs(out, batches))
 
 
 @without_cuda
@@ -116,7 +117,7 @@ def test_decode_images_cuda_matches_cpu():
     Image.new("RGB", (10, 12), (1, 2, 3)).save(buffer, "PNG")
     images.append(buffer.getvalue())
     decoded = decode_images_cuda(images)
-    for data, tensor in zip(images, decoded):
+    for data, tensor in pairs(images, decoded):
         reference = decode_image(data, "torch")
         assert tensor.is_cuda and tensor.dtype == torch.uint8 and tensor.shape == reference.shape
         diff = (tensor.cpu().int() - reference.int()).abs().float().mean().item()

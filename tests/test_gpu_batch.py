@@ -24,7 +24,7 @@ from shardkit.gpu.recipe import parse_recipe
 from shardkit.gpu.ship import EncodedImage, encode_for_batch
 from shardkit.read.mix import Mix
 from shardkit.writing.writer import ShardWriter
-from tests.helpers import keys_of, resumed_keys, stop_after, tiny_jpeg
+from tests.helpers import keys_of, pairs, resumed_keys, stop_after, tiny_jpeg
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
@@ -93,7 +93,7 @@ def test_cpu_stage_matches_the_worker_path(shards, workers):
     assert stats["cpu_decoded"] == 30
     assert stats["samples"] == 30 and stats["wait_s"] >= 0
     assert [b["__key__"] for b in staged] == [b["__key__"] for b in expected]
-    for want, got in zip(expected, staged):
+    for want, got in pairs(expected, staged):
         assert torch.equal(got["cls"], want["cls"])
         image = got["jpg"]
         assert image.dtype == torch.uint8 and image.shape == want["jpg"].shape == (len(want["cls"]), 3, 24, 24)
@@ -117,7 +117,7 @@ def test_cpu_stage_normalised_bf16_and_tuples(shards):
         torch.manual_seed(1)
         return list(ShardLoader(ds, batch_size=16, num_workers=0, **kw))
 
-    for (want_x, want_y), (got_x, got_y) in zip(run(), run(decode_device="cpu")):
+    for (want_x, want_y), (got_x, got_y) in pairs(run(), run(decode_device="cpu")):
         assert got_x.dtype == torch.bfloat16 and got_x.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got_y, want_y)
         assert (got_x.float() - want_x.float()).abs().max().item() < 0.05
@@ -127,7 +127,7 @@ def test_eval_transform_resize_center_crop(shards):
     aug = v2.Compose([v2.Resize(28), v2.CenterCrop(24), v2.ToDtype(torch.float32, scale=True)])
     expected, _ = _run(shards, aug)
     staged, _ = _run(shards, aug, decode_device="cpu")
-    for want, got in zip(expected, staged):
+    for want, got in pairs(expected, staged):
         assert got["jpg"].dtype == torch.float32
         assert torch.allclose(got["jpg"], want["jpg"], atol=1e-6)
 
@@ -152,7 +152,7 @@ def test_png_and_cmyk_fall_back_to_the_cpu_decoder(tmp_path):
         staged, stats = _run(path, batch=7, fields="jpg;png cls", decode_device="cpu", decode_backend="nvjpeg")
     assert stats["decode_backend"] == "nvjpeg" and len(staged) == 3
     assert stats["cpu_decoded"] == 6  # the 3 PNGs and 3 CMYK JPEGs of 21 samples
-    for (want_x, want_y), (got_x, got_y) in zip(expected, staged):
+    for (want_x, want_y), (got_x, got_y) in pairs(expected, staged):
         assert torch.equal(got_y, want_y) and got_x.shape == want_x.shape == (7, 3, 24, 24)
         assert (got_x.float() - want_x.float()).abs().mean().item() < 1.0
 
@@ -255,7 +255,7 @@ def test_mix_parts_ship_too(tmp_path, shards):
     got, loader = run(decode_device="cpu")
     assert all(type(part) is ShardDataset for part in loader.shard_dataset.datasets)  # the user's Mix is untouched
     assert [b["__key__"] for b in got] == [b["__key__"] for b in want] and len(got) == 4
-    for a, b in zip(want, got):
+    for a, b in pairs(want, got):
         assert torch.equal(a["cls"], b["cls"]) and (a["jpg"].int() - b["jpg"].int()).abs().max().item() <= 1
 
 
@@ -308,7 +308,7 @@ def test_whole_sample_transform_takes_one_image(tmp_path, shards):
     want = list(ShardLoader(ds, batch_size=8, num_workers=0))
     torch.manual_seed(0)
     got = list(ShardLoader(ds, batch_size=8, num_workers=0, decode_device="cpu"))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(want, got))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs(want, got))
     with ShardWriter(str(tmp_path), name="two", shard_size="1GB") as writer:
         writer.write({"__key__": "a", "jpg": tiny_jpeg(0), "png": _png(0)})
     two = ShardDataset(str(tmp_path), decode="torch", transform=AUG)
@@ -348,7 +348,7 @@ def test_device_cuda_delivers_the_same_batches_on_the_gpu(shards):
     expected, _ = _run(shards)
     moved, stats = _run(shards, device="cuda")
     assert stats["device"].startswith("cuda")
-    for want, got in zip(expected, moved):
+    for want, got in pairs(expected, moved):
         assert got["jpg"].is_cuda and got["cls"].is_cuda and got["__key__"] == want["__key__"]
         assert torch.equal(got["jpg"].cpu(), want["jpg"])
 
@@ -359,7 +359,7 @@ def test_decode_device_cuda_matches_the_cpu_stage(tmp_path, backend):
     path = _write(tmp_path, 21, odd=True)
     staged, stats = _run(path, batch=7, fields="jpg;png cls", decode_device="cuda", decode_backend=backend)
     expected, _ = _run(path, batch=7, fields="jpg;png cls", decode_device="cpu")
-    for (want_x, want_y), (got_x, got_y) in zip(expected, staged):
+    for (want_x, want_y), (got_x, got_y) in pairs(expected, staged):
         assert got_x.is_cuda and got_y.is_cuda and torch.equal(got_y.cpu(), want_y)
         diff = (got_x.cpu().float() - want_x.float()).abs().mean().item()
         assert diff < 3.0, (stats["decode_backend"], diff)
@@ -371,5 +371,5 @@ def test_nvimgcodec_region_decode_matches_the_cpu_stage(shards):
     expected, _ = _run(shards, decode_device="cpu")
     staged, stats = _run(shards, decode_device="cuda", decode_backend="nvimgcodec")
     assert stats["decode_backend"] == "nvimgcodec"
-    for want, got in zip(expected, staged):
+    for want, got in pairs(expected, staged):
         assert (got["jpg"].cpu().float() - want["jpg"].float()).abs().mean().item() < 3.0

@@ -17,6 +17,7 @@ from torch.utils.data import default_collate
 
 from shardkit.errors import SampleError, ShardkitError, SkippedSampleWarning
 from shardkit.read.pipeline import SamplePipeline, batched, collate, make_handler, parse_fields
+from tests.helpers import pairs
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -338,10 +339,10 @@ def test_collate_keeps_lists_where_it_cannot_stack():
     assert collate(raw) == raw
     images = [Image.new("RGB", (4, 3)), Image.new("RGB", (5, 3))]
     out = collate(images)
-    assert isinstance(out, list) and len(out) == 2 and all(x is y for x, y in zip(out, images))
+    assert isinstance(out, list) and len(out) == 2 and all(x is y for x, y in pairs(out, images))
     ragged = [torch.zeros(3, 4), torch.ones(3, 5)]
     out = collate(ragged)
-    assert isinstance(out, list) and all(x is y for x, y in zip(out, ragged))
+    assert isinstance(out, list) and all(x is y for x, y in pairs(out, ragged))
     assert collate(["k0", "k1"]) == ["k0", "k1"]
 
 

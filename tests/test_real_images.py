@@ -27,7 +27,7 @@ from shardkit.loader import ShardLoader
 from shardkit.read.dataset import ShardDataset
 from shardkit.writing.writer import ShardWriter
 from tests import bad_corpus
-from tests.helpers import tiny_jpeg
+from tests.helpers import pairs, tiny_jpeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,7 +256,7 @@ def test_resize_output_is_upright_for_all_orientations(tmp_path):
         assert (sample["json"]["width"], sample["json"]["height"]) == (24, 16)
     # no orientation tag left to turn it again: reading with EXIF on gives the same pixels
     again = list(ShardDataset(str(tmp_path / "out"), decode="numpy"))
-    assert all(np.array_equal(a["jpg"], b["jpg"]) for a, b in zip(samples, again))
+    assert all(np.array_equal(a["jpg"], b["jpg"]) for a, b in pairs(samples, again))
 
 
 def test_16bit_reads_the_same_with_and_without_resize(tmp_path):

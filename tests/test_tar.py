@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from shardkit.errors import ShardFormatError
 from shardkit.format.samples import iter_samples, split_name
 from shardkit.format.tar import iter_members
+from tests.helpers import pairs
 
 
 def tar_bytes(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -182,7 +183,7 @@ def test_gnu_tar_archives_read_like_webdataset(tmp_path, fmt):
     ours = list(iter_samples(open(shard, "rb"), url=str(shard)))
     theirs = list(wds.WebDataset(str(shard), shardshuffle=False))
     assert len(ours) == len(theirs) >= (2 if fmt == "ustar" else 4)
-    for a, b in zip(ours, theirs):
+    for a, b in pairs(ours, theirs):
         assert a["__key__"] == b["__key__"]
         assert {k: v for k, v in a.items() if not k.startswith("__")} == {
             k: v for k, v in b.items() if not k.startswith("__")

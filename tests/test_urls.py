@@ -18,7 +18,7 @@ import pytest
 from shardkit.errors import ShardkitError
 from shardkit.read.urls import expand_pattern, load_manifest, resolve_shards
 from shardkit.writing.writer import ShardWriter
-from tests.helpers import make_shards, sample
+from tests.helpers import make_shards, pairs, sample
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -133,7 +133,7 @@ def test_folder_with_a_manifest_uses_it(ds):
         assert shards.manifest_url is not None
         assert os.path.samefile(shards.manifest_url, os.path.join(ds, "data.manifest.json"))
         assert [os.path.basename(u) for u in shards.urls] == NAMES
-        assert all(os.path.samefile(u, os.path.join(ds, n)) for u, n in zip(shards.urls, NAMES))
+        assert all(os.path.samefile(u, os.path.join(ds, n)) for u, n in pairs(shards.urls, NAMES))
         assert shards.counts == COUNTS
 
 

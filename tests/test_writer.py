@@ -18,7 +18,7 @@ from shardkit.format.index import Manifest, decode_index
 from shardkit.format.samples import iter_samples
 from shardkit.sizes import parse_size
 from shardkit.writing.writer import ShardWriter, validate_key
-from tests.helpers import sample
+from tests.helpers import pairs, sample
 
 
 def write(dest, samples, **kw):
@@ -52,7 +52,7 @@ def test_shards_never_exceed_size_and_read_back_everywhere(tmp_path):
     assert all(os.path.getsize(p) <= 200_000 for p in paths)
     ours = [s for p in paths for s in iter_samples(open(p, "rb"), url=p)]
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in samples]
-    assert all(o["jpg"] == s["jpg"] and int(o["cls"]) == s["cls"] for o, s in zip(ours, samples))
+    assert all(o["jpg"] == s["jpg"] and int(o["cls"]) == s["cls"] for o, s in pairs(ours, samples))
     listed = []
     for p in paths:
         with tarfile.open(p) as tf:
@@ -61,7 +61,7 @@ def test_shards_never_exceed_size_and_read_back_everywhere(tmp_path):
     assert listed == [f"{s['__key__']}.{ext}" for s in samples for ext in ("cls", "jpg", "json")]
     theirs = list(wds.WebDataset(paths, shardshuffle=False))
     assert [t["__key__"] for t in theirs] == [s["__key__"] for s in samples]
-    assert all(t["jpg"] == s["jpg"] for t, s in zip(theirs, samples))
+    assert all(t["jpg"] == s["jpg"] for t, s in pairs(theirs, samples))
 
 
 def test_index_and_manifest_describe_the_shards(tmp_path):
