@@ -481,7 +481,7 @@ def _pax_header(records: dict[str, str]) -> bytes:
     return _ustar_header(b"././@PaxHeader", len(body), b"x") + body + padding(len(body))
 
 
-def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes = b"") -> bytes:
+def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", magic: bytes = b"ustar\x0000") -> bytes:
     header = bytearray(BLOCK)
     header[0 : len(name)] = name
     header[100:108] = b"0000644\0"
@@ -490,23 +490,34 @@ def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", prefix: bytes 
     header[124:136] = _octal(size, 12) if size <= _MAX_OCTAL_SIZE else _octal(0, 12)
     header[136:148] = b"00000000000\0"  # mtime 0: deterministic output
     header[156:157] = typeflag
-    header[257:265] = b"ustar\x0000"
-    header[345 : 345 + len(prefix)] = prefix
+    header[257:265] = magic
     header[148:156] = b"%06o\0 " % header_checksum(header)
     return bytes(header)
 
 
+_GNU_MAGIC = b"ustar  \0"
+
+
+def _gnu_long_name(raw: bytes) -> bytes:
+    """A GNU ``././@LongLink`` record (typeflag L) carrying a name of any length."""
+    body = raw + b"\0"
+    return _ustar_header(b"././@LongLink", len(body), b"L", _GNU_MAGIC) + body + padding(len(body))
+
+
 def member_header(name: str, size: int) -> bytes:
-    """Tar header block(s) for a regular file: ustar when the name fits, else pax."""
+    """Tar header block(s) for a regular file.
+
+    A name of up to 100 bytes (UTF-8) fits a ustar header. A longer one goes in a GNU
+    long-name record, not in a ustar prefix or a pax header: GNU tar, ``tarfile``,
+    webdataset, Hugging Face ``datasets`` and DALI's own tar index all read GNU long
+    names, while DALI ignores pax headers and would see only the truncated name. Sizes
+    beyond the 12-byte octal field (8 GiB) need a pax ``size`` record.
+    """
     raw = name.encode("utf-8")
-    if raw.isascii() and size <= _MAX_OCTAL_SIZE:
-        if len(raw) <= 100:
-            return _ustar_header(raw, size)
-        # ustar can split a long name at a slash into prefix (155) + name (100).
-        cut = raw.find(b"/", len(raw) - 101)
-        if 0 < cut <= 155 and len(raw) - cut - 1 <= 100:
-            return _ustar_header(raw[cut + 1 :], size, prefix=raw[:cut])
-    records = {"path": name}
+    head = b""
+    if len(raw) > 100:
+        head = _gnu_long_name(raw)
+        raw = raw[:100]
     if size > _MAX_OCTAL_SIZE:
-        records["size"] = str(size)
-    return _pax_header(records) + _ustar_header(raw[:100].decode("utf-8", "ignore").encode(), size)
+        return head + _pax_header({"size": str(size)}) + _ustar_header(raw, size)
+    return head + _ustar_header(raw, size, magic=_GNU_MAGIC if head else b"ustar\x0000")
