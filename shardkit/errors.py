@@ -23,6 +23,9 @@ class ShardFormatError(ShardkitError):
         self.url = url
         self.offset = offset
         self.member = member
+        # True when ``member`` is the name field of a header cut short, and a directory
+        # prefix stored later in that header may be missing from it.
+        self.member_dir_unknown = False
         self.reason = message
         where = []
         if url is not None:

@@ -275,15 +275,31 @@ P1 = PREFIX_KEYS[:1]
 @case(
     "truncated_in_header",
     "format",
+    P,
+    message=("truncated", "tar header"),
+    tarfile="lenient",
+    tarfile_note="tarfile treats the cut header as the end of the archive: no error",
+    behaviour="ShardFormatError at the cut header's offset, naming the member whose name and "
+    "type flag survived (a new key: g0001 is whole); tarfile stops silently there",
+)
+def _(workdir: str) -> Built:
+    head = prefix()
+    return Built(head + good_sample("b0000")[:300], offset=len(head), member="b0000.cls")
+
+
+@case(
+    "truncated_in_header_before_type",
+    "format",
     P1,
     message=("truncated", "tar header"),
     tarfile="lenient",
     tarfile_note="tarfile treats the cut header as the end of the archive: no error",
-    behaviour="ShardFormatError at the cut header's offset; tarfile stops silently there",
+    behaviour="ShardFormatError at the cut header's offset; the type flag did not arrive, so the "
+    "name proves nothing and g0001 may be partial",
 )
 def _(workdir: str) -> Built:
     head = prefix()
-    return Built(head + good_sample("b0000")[:300], offset=len(head))
+    return Built(head + good_sample("b0000")[:150], offset=len(head))
 
 
 @case(

@@ -9,7 +9,7 @@ webdataset's metadata names (``__*__``), are skipped exactly as webdataset skips
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from ..errors import ShardFormatError
@@ -54,7 +54,10 @@ def _split_like_regex(name: str, slash: int) -> tuple[str, str] | None:
 
 
 def group_members(
-    members: Iterable[tuple[str, bytes, int, int]], *, url: str | None = None
+    members: Iterable[tuple[str, bytes, int, int]],
+    *,
+    url: str | None = None,
+    complete: Callable[[Sample], bool] | None = None,
 ) -> Iterator[tuple[int, int, Sample]]:
     """Yield ``(start_offset, end_offset, sample)`` for each run of members sharing a key.
 
@@ -62,9 +65,10 @@ def group_members(
 
     A sample is complete when the next key starts. When the archive breaks (truncated or
     corrupt), every complete sample before the damage is yielded before the error is
-    re-raised: if the error names a member of a *new* key (cut in its payload), the
-    sample in progress is complete and yielded too; otherwise it may be partial and is
-    dropped.
+    re-raised. The sample in progress is yielded too when the bytes prove it whole: the
+    error names a member of a *new* key (cut in its payload, or in its header after the
+    name field), or ``complete(sample)`` says it has every field the caller needs (a
+    reader given ``fields=``); otherwise it may be partial and is dropped.
     """
     sample: Sample | None = None
     key = None
@@ -88,12 +92,21 @@ def group_members(
             sample[ext] = payload
             end = member_end
     except ShardFormatError as e:
-        cut = split_name(e.member) if e.member is not None and sample is not None else None
-        if cut is not None and cut[0] != key:
-            yield start, end, sample  # type: ignore[misc]
+        if sample is not None and (_names_new_key(e, key) or (complete is not None and complete(sample))):
+            yield start, end, sample
         raise
     if sample is not None:
         yield start, end, sample
+
+
+def _names_new_key(error: ShardFormatError, key: str | None) -> bool:
+    """Whether the member the error names provably belongs to another key than ``key``."""
+    cut = split_name(error.member) if error.member is not None else None
+    if cut is None or key is None or cut[0] == key:
+        return False
+    # A lost directory prefix P would make the real key P/<cut key>: only a key that
+    # cannot end that way is proven different.
+    return not (error.member_dir_unknown and key.endswith("/" + cut[0]))
 
 
 def iter_samples(

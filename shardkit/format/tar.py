@@ -362,6 +362,29 @@ def _size(field: bytes, pax: dict[str, str], url: str | None, here: int) -> int:
     return size
 
 
+def _cut_header(partial: bytes, long_name: str | None, url: str | None, here: int) -> ShardFormatError:
+    """The error for a stream that ends inside a header, naming the member when the bytes
+    that arrived prove its name: a reader can then tell that the sample before it is whole."""
+    message = "truncated archive: stream ended in a tar header"
+    if len(partial) <= 156 or partial[156:157] not in _REGULAR:
+        return ShardFormatError(message, url=url, offset=here)  # no type flag yet, or an extended header
+    dir_unknown = False
+    if long_name is not None:
+        name = long_name
+    else:
+        name = _nts(partial[:100]).decode("utf-8", "surrogateescape")
+        prefix = partial[345:500]
+        if len(partial) >= 500 and partial[257:263] == b"ustar\0" and prefix[:1] != b"\0":
+            name = _nts(prefix).decode("utf-8", "surrogateescape") + "/" + name
+        elif not (len(partial) >= 263 and partial[257:263] != b"ustar\0") and not (
+            len(partial) > 345 and not prefix[0]
+        ):
+            dir_unknown = True  # a POSIX prefix (a directory) may precede the name
+    error = ShardFormatError(message, url=url, offset=here, member=name)
+    error.member_dir_unknown = dir_unknown
+    return error
+
+
 def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str, bytes, int, int]]:
     global_pax: dict[str, str] = {}
     pax: dict[str, str] = {}
@@ -378,8 +401,13 @@ def _parse(w: _Window, url: str | None, stop: int | None) -> Iterator[tuple[str,
         if w.hi - w.lo < BLOCK and not w.fill(BLOCK):
             if here == 0:
                 raise _not_a_tar(bytes(w.buf[w.lo : w.hi]), url)
-            what = "in a tar header" if w.hi > w.lo else "before the end-of-archive marker"
-            raise ShardFormatError(f"truncated archive: stream ended {what}", url=url, offset=here)
+            if w.hi == w.lo:
+                raise ShardFormatError(
+                    "truncated archive: stream ended before the end-of-archive marker", url=url, offset=here
+                )
+            raise _cut_header(
+                bytes(w.buf[w.lo : w.hi]), pax.get("path") or global_pax.get("path") or long_name, url, here
+            )
         lo = w.lo
         buf = w.buf
         header = buf[lo : lo + BLOCK]
