@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
 from ..errors import ShardkitError
-from ..sizes import format_size
+from ..sizes import format_size, parse_size
 
 log = logging.getLogger("shardkit")
 
@@ -37,45 +37,105 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; e.g. 1000,64,64,3") from None
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (anything else is a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _part(text: str) -> tuple[int, int]:
+    from ..writing.merge import parse_part
+
+    try:
+        return parse_part(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _quality(text: str) -> int:
+    value = _at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality goes from 1 to 100, got {value}")
+    return value
+
+
+def _decode_size(text: str) -> int | str | None:
+    if text == "none":
+        return None
+    if text == "auto":
+        return text
+    try:
+        return _at_least(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto, none or a positive integer, got {text!r}") from None
+
+
+# IngestOptions fields set from the flags of the same name (the dataset formats' layout).
+_INGEST_FLAGS = (
+    "images_key",
+    "labels_key",
+    "keys_key",
+    "image_format",
+    "shape",
+    "dtype",
+    "table",
+    "image_column",
+    "label_column",
+    "key_column",
+    "image_feature",
+    "label_feature",
+    "index",
+    "labels",
+    "allow_pickle",
+)
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     from ..ingest import IngestOptions
-    from ..writing.merge import parse_part
-    from ..writing.parallel import write_source
+    from ..writing.driver import write
 
-    options = IngestOptions(
-        images_key=args.images_key,
-        labels_key=args.labels_key,
-        keys_key=args.keys_key,
-        image_format=args.format,
-        quality=args.quality or 95,
-        shape=args.shape,
-        dtype=args.dtype,
-        table=args.table,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        key_column=args.key_column,
-        image_feature=args.image_feature,
-        label_feature=args.label_feature,
-        index=args.index,
-        labels=args.labels,
-        allow_pickle=args.allow_pickle,
-        strict=args.strict,
-        validate=args.validate,
-        max_pixels=args.max_pixels,
-    )
-    if args.workers is not None and args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    summary = write_source(
+    # Only the flags given: a dataset-format flag the source does not read is refused.
+    layout = {k: getattr(args, k) for k in _INGEST_FLAGS if getattr(args, k) not in (None, False)}
+    summary = write(
         args.src,
         args.dest,
         fmt=args.from_format,
-        options=options,
+        options=IngestOptions(**layout),
         shuffle=args.shuffle,
         seed=args.seed,
         resize=args.resize,
         quality=args.quality,
+        validate=args.validate,
+        strict=args.strict,
+        max_pixels=args.max_pixels,
         workers=args.workers,
-        part=parse_part(args.part) if args.part else None,
+        part=args.part,
         name=args.name,
         shard_size=args.shard_size,
         max_count=args.max_count,
@@ -96,7 +156,7 @@ def cmd_write(args: argparse.Namespace) -> int:
         if len(summary.skipped) > 10:
             text += f"\n  ... and {len(summary.skipped) - 10} more (--json lists them all)"
     if args.part:
-        text += f"\npart {args.part} done; after every part: shardkit merge {args.dest}" + (
+        text += f"\npart {args.part[0]}/{args.part[1]} done; after every part: shardkit merge {args.dest}" + (
             f" --name {args.name}" if args.name != "data" else ""
         )
     else:
@@ -106,12 +166,13 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from ..format.index import manifest_name
+    from ..writing.driver import shard_pattern
     from ..writing.merge import merge_parts
-    from ..writing.parallel import shard_pattern
 
     manifest = merge_parts(args.dest, name=args.name)
-    pattern = shard_pattern(args.dest, args.name, len(manifest.shards))
-    path = os.path.join(args.dest, f"{args.name}.manifest.json")
+    pattern = shard_pattern(args.dest, manifest.name, len(manifest.shards))
+    path = os.path.join(args.dest, manifest_name(manifest.name))
     _out(
         args,
         {
@@ -128,9 +189,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .inspect import build_index
+    from ..read.urls import resolve_shards
+    from ..writing.indexer import build_index
 
-    manifest = build_index(args.urls, name=args.name, progress=_progress(args))
+    manifest = build_index(resolve_shards(args.urls).urls, name=args.name, progress=_progress(args))
     _out(
         args,
         {"shards": len(manifest.shards), "samples": manifest.total_samples},
@@ -145,7 +207,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from .inspect import describe, shard_samples
 
     rows = []
-    for url in resolve_shards(args.url).urls:
+    for url in resolve_shards(args.urls).urls:
         for sample in shard_samples(url):
             rows.append({"url": url, **describe(sample)})
             if len(rows) >= args.n:
@@ -160,7 +222,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     from ..read.urls import resolve_shards
     from .inspect import find_sample
 
-    sample = find_sample(resolve_shards(args.url), args.key)
+    sample = find_sample(resolve_shards(args.urls), args.key)
     fields = [k for k in sample if not k.startswith("__")]
     field = args.field or (fields[0] if len(fields) == 1 else None)
     if field is None:
@@ -175,7 +237,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .inspect import verify
 
-    report = verify(args.urls if len(args.urls) > 1 else args.urls[0], decode=args.decode, progress=_progress(args))
+    report = verify(args.urls, decode=args.decode, progress=_progress(args))
     data = {
         "ok": report.ok,
         "shards": report.shards,
@@ -195,7 +257,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .inspect import stats
 
-    data = stats(args.urls if len(args.urls) > 1 else args.urls[0])
+    data = stats(args.urls)
     lines = [f"{data['shards']} shard(s), {data['samples']:,} samples"]
     lines.append("fields: " + ", ".join(f"{k} x{v}" for k, v in sorted(data["fields"].items())))
     if data["labels"]:
@@ -225,25 +287,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import diagnose, format_report, make_transform
 
-    text: str = args.decode_size
-    decode_size: int | str | None = None if text == "none" else text
-    if text not in ("none", "auto"):
-        try:
-            decode_size = int(text)
-        except ValueError:
-            raise ValueError(f"--decode-size must be auto, none or an integer, got {text!r}") from None
     diagnosis = diagnose(
-        args.url,
+        args.urls,
         transform=make_transform(args.transform),
         workers=args.workers,
         threads=args.threads,
         batch_size=args.batch,
-        decode_size=decode_size,
+        decode_size=args.decode_size,
         seconds=args.seconds,
         field_name=args.field,
     )
     _out(args, diagnosis.as_dict(), format_report(diagnosis))
     return 0
+
+
+SHARDS_HELP = "shards: one or more files, brace patterns, globs, folders, manifests, http(s):// or s3:// URLs"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,21 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("dest", help="output folder")
     w.add_argument(
         "--shard-size",
+        type=_size,
         default="1GB",
         help="max shard size: 1GB, 512MiB, 1.5G, 100k, bytes (k/M/G = 1000-based, KiB/MiB/GiB = 1024-based)",
     )
-    w.add_argument("--max-count", type=int, help="max samples per shard")
+    w.add_argument("--max-count", type=_at_least(1), help="max samples per shard")
     w.add_argument("--name", default="data", help="shard name prefix (default: data)")
     w.add_argument("--from", dest="from_format", help="source format (default: detected)")
-    w.add_argument("--shuffle", action="store_true", help="write samples in shuffled order")
-    w.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
-    w.add_argument("--resize", type=int, metavar="MAX_SIDE", help="re-encode images to at most this side")
-    w.add_argument("--quality", type=int, help="JPEG quality when re-encoding")
+    w.add_argument("--shuffle", action="store_true", help="write samples in shuffled order (image files)")
+    w.add_argument("--seed", type=int, help="seed for --shuffle (default 0)")
+    w.add_argument(
+        "--resize", type=_at_least(1), metavar="MAX_SIDE", help="re-encode images to at most this side (image files)"
+    )
+    w.add_argument(
+        "--quality",
+        type=_quality,
+        help="JPEG quality (1-100) when re-encoding image files, or of dense arrays stored with --format jpg",
+    )
     w.add_argument(
         "--workers",
-        type=int,
-        help="processes reading, checking and encoding inputs (default: "
-        "CPU cores); the output is byte-identical for any number",
+        type=_at_least(1),
+        help="writer processes that read, check and encode the inputs (default: CPU cores, or 1 "
+        "when they would have nothing to do: a dataset format with --no-validate); "
+        "the output is byte-identical for any number",
     )
     w.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
     w.add_argument(
@@ -307,30 +373,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="store images without decoding them first (trusted data only; faster)",
     )
-    w.add_argument("--max-pixels", type=int, help="decompression-bomb limit for the check (default: PIL's)")
-    w.add_argument("--overwrite", action="store_true", help="replace shards of the same name in DEST")
     w.add_argument(
+        "--max-pixels", type=_at_least(1), help="decompression-bomb limit for the decode check (default: PIL's)"
+    )
+    again = w.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace shards of the same name in DEST")
+    again.add_argument(
         "--resume",
         action="store_true",
         help="finish an interrupted write of the same input and options (keeps its complete shards)",
     )
     w.add_argument(
         "--part",
+        type=_part,
         metavar="I/N",
         help="write only part I of N (0-based) for many machines; then run shardkit merge DEST once",
     )
     g = w.add_argument_group("dataset formats (HDF5, numpy, LMDB, SQLite, TFRecord, binary)")
-    g.add_argument("--images-key"), g.add_argument("--labels-key"), g.add_argument("--keys-key")
+    g.add_argument("--images-key", help="HDF5 dataset or .npz array of the images (default: images, else data)")
+    g.add_argument("--labels-key", help="HDF5 dataset or .npz array of the labels (default: labels, if present)")
+    g.add_argument("--keys-key", help="HDF5 dataset or .npz array of sample ids (default: keys, if present)")
     g.add_argument(
         "--format",
-        default="png",
+        dest="image_format",
         choices=("png", "jpg", "npy"),
         help="how dense pixel arrays are stored (default png, lossless)",
     )
     g.add_argument("--shape", type=_shape, help="raw memmap shape, e.g. 1000,64,64,3")
     g.add_argument("--dtype", help="raw memmap dtype, e.g. uint8")
-    g.add_argument("--table"), g.add_argument("--image-column"), g.add_argument("--label-column")
-    g.add_argument("--key-column"), g.add_argument("--image-feature"), g.add_argument("--label-feature")
+    g.add_argument("--table", help="SQLite table (default: the only table, or the only one with the image column)")
+    g.add_argument("--image-column", help="SQLite column of the image bytes (default: image)")
+    g.add_argument("--label-column", help="SQLite column of the labels (default: label, if present)")
+    g.add_argument("--key-column", help="SQLite column of sample ids (default: key, if present, else the rowid)")
+    g.add_argument("--image-feature", help="TFRecord feature of the image (default: image/encoded, else image)")
+    g.add_argument("--label-feature", help="TFRecord feature of the label (default: image/class/label, else label)")
     g.add_argument("--index", help="index file of a binary source")
     g.add_argument("--labels", help="labels .npy for a numpy source")
     g.add_argument("--allow-pickle", action="store_true", help="unpickle LMDB values (trusted data only)")
@@ -342,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         "shardkit merge /shared/shards",
     )
     m.add_argument("dest", help="the folder the parts were written to")
-    m.add_argument("--name", default="data", help="shard name prefix (default: data)")
+    m.add_argument(
+        "--name", help="shard name prefix (default: the one dataset whose parts are in DEST; several are listed)"
+    )
     m.set_defaults(func=cmd_merge)
 
     i = add(
@@ -350,18 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
         "write .idx sidecars and a manifest for existing tar shards (e.g. from webdataset)",
         "shardkit index 'shards/train-{000000..000099}.tar'",
     )
-    i.add_argument("urls", nargs="+")
+    i.add_argument("urls", nargs="+", metavar="SHARDS", help="local shards: files, brace patterns, globs or a folder")
     i.add_argument("--name", help="manifest name (default: from the shard names)")
     i.set_defaults(func=cmd_index)
 
-    ls = add("ls", "list samples and their fields", "shardkit ls shards/data.manifest.json -n 5")
-    ls.add_argument("url")
-    ls.add_argument("-n", type=int, default=20, help="how many samples (default 20)")
+    ls = add("ls", "list samples and their fields", "shardkit ls shards/*.tar -n 5")
+    ls.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
+    ls.add_argument("-n", type=_at_least(1), default=20, help="how many samples (default 20)")
     ls.set_defaults(func=cmd_ls)
 
     c = add("cat", "write one field of one sample to stdout", "shardkit cat shards/ 000042 --field jpg > x.jpg")
-    c.add_argument("url")
-    c.add_argument("key")
+    c.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
+    c.add_argument("key", help="the sample's key (see shardkit ls)")
     c.add_argument("--field", help="extension of the field (default: the only one)")
     c.set_defaults(func=cmd_cat)
 
@@ -370,17 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
         "parse every shard and check it against the manifest and indexes",
         "shardkit verify shards/data.manifest.json --decode",
     )
-    v.add_argument("urls", nargs="+")
+    v.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
     v.add_argument("--decode", action="store_true", help="also decode every image")
     v.set_defaults(func=cmd_verify)
 
     s = add("stats", "samples, bytes, field types and label histogram per shard", "shardkit stats shards/")
-    s.add_argument("urls", nargs="+")
+    s.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
     s.set_defaults(func=cmd_stats)
 
     d = add("demo", "generate images, shard them, stream them, compare with small files", "shardkit demo")
-    d.add_argument("--count", type=int, default=1000, help="images to generate (default 1000)")
-    d.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    d.add_argument("--count", type=_at_least(1), default=1000, help="images to generate (default 1000)")
+    d.add_argument(
+        "--workers", type=_at_least(0), default=2, help="DataLoader worker processes that read the shards (default 2)"
+    )
     d.add_argument("--keep", action="store_true", help="keep the temporary folder")
     d.set_defaults(func=cmd_demo)
 
@@ -389,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run shards through the loader for a few seconds and say where the time goes",
         "shardkit doctor 'shards/data-{000000..000009}.tar' --transform rrc224+flip --workers 4",
     )
-    dr.add_argument("url", help="shards: pattern, folder, manifest, http(s):// or s3://")
+    dr.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
     dr.add_argument(
         "--transform",
         default="rrc224+flip",
@@ -397,23 +477,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dr.add_argument(
         "--workers",
-        type=int,
+        type=_at_least(0),
         default=min(os.cpu_count() or 1, 8),
-        help="DataLoader worker processes (default: cores, at most 8)",
+        help="DataLoader worker processes (default: cores, at most 8; 0: the main process)",
     )
-    dr.add_argument("--threads", type=int, default=0, help="decode threads per worker (default 0)")
-    dr.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    dr.add_argument("--decode-size", default="auto", help="auto (default), none or a shorter side in pixels")
-    dr.add_argument("--seconds", type=float, default=5.0, help="how long to run (default 5)")
+    dr.add_argument("--threads", type=_at_least(0), default=0, help="decode threads per worker (default 0)")
+    dr.add_argument("--batch", type=_at_least(1), default=64, help="batch size (default 64)")
+    dr.add_argument(
+        "--decode-size", type=_decode_size, default="auto", help="auto (default), none or a shorter side in pixels"
+    )
+    dr.add_argument("--seconds", type=_seconds, default=5.0, help="how long to run (default 5)")
     dr.add_argument("--field", default="jpg;png;jpeg;webp", help="image field alternatives (default jpg;png;jpeg;webp)")
     dr.set_defaults(func=cmd_doctor)
 
     b = add(
         "bench",
-        "benchmark shardkit against ImageFolder and webdataset (see tools/bench.py)",
+        "benchmark shardkit against ImageFolder and webdataset (its --workers: DataLoader workers)",
         "shardkit bench -- --count 2000",
     )
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see: shardkit bench -- --help)"
+    )
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -421,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quiet and (args.json or args.verbose):
+        parser.error(f"--quiet cannot be combined with {'--json' if args.json else '--verbose'}")
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="shardkit: %(levelname)s: %(message)s")
     if args.command in ("demo",):
