@@ -167,8 +167,8 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..format.index import manifest_name
-    from ..writing.driver import shard_pattern
     from ..writing.merge import merge_parts
+    from ..writing.result import shard_pattern
 
     manifest = merge_parts(args.dest, name=args.name)
     pattern = shard_pattern(args.dest, manifest.name, len(manifest.shards))
@@ -305,6 +305,8 @@ SHARDS_HELP = "shards: one or more files, brace patterns, globs, folders, manife
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..ingest import FORMATS  # the names only: no format module is imported
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -348,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--max-count", type=_at_least(1), help="max samples per shard")
     w.add_argument("--name", default="data", help="shard name prefix (default: data)")
-    w.add_argument("--from", dest="from_format", help="source format (default: detected)")
+    w.add_argument("--from", dest="from_format", choices=tuple(FORMATS), help="source format (default: detected)")
     w.add_argument("--shuffle", action="store_true", help="write samples in shuffled order (image files)")
     w.add_argument("--seed", type=int, help="seed for --shuffle (default 0)")
     w.add_argument(

@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -39,59 +38,26 @@ from . import resume as record
 from .inputs import plan_items, plan_source
 from .merge import parse_part, part_name, part_slice, require_local
 from .pool import default_workers, ordered_results, require_picklable, start_method_for
+from .result import WriteResult, build_result, shard_pattern
 from .work import Result, SampleWork, Skip, describe_input
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
+# What shardkit.write_parallel (this module's 0.1 name, an alias now) offered, pool names included.
+__all__ = [
+    "WriteResult",
+    "default_workers",
+    "ordered_results",
+    "shard_pattern",
+    "write",
+    "write_files",
+    "write_parallel",
+    "write_source",
+]
+
 #: Modules a forkserver imports once for all workers (the work classes and their loaders).
 PRELOAD = (SampleWork.__module__, EntryLoader.__module__)
-
-
-@dataclass
-class WriteResult:
-    """What a write did: shards and samples in the dataset, the inputs skipped in this run."""
-
-    shards: int
-    samples: int
-    bytes: int
-    seconds: float
-    skipped: list[Skip] = field(default_factory=list)
-    pattern: str = ""
-    manifest: str = ""
-    resumed_shards: int = 0
-    workers: int = 1
-    written: int | None = None  # samples written by this run (resumed shards excluded)
-    filtered: int = 0  # inputs ``fn`` returned None (or no samples) for, in this run
-
-    @property
-    def rate(self) -> float:
-        """Samples written per second by this run."""
-        done = self.samples if self.written is None else self.written
-        return done / self.seconds if self.seconds > 0 else float("inf")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
-            "samples_per_s": round(self.rate, 1),
-            "skipped": len(self.skipped),
-            "skipped_files": [{"path": where, "reason": reason} for where, reason in self.skipped],
-            "filtered": self.filtered,
-            "resumed_shards": self.resumed_shards,
-            "workers": self.workers,
-            "pattern": self.pattern,
-            "manifest": self.manifest,
-        }
-
-
-def shard_pattern(dest: str, name: str, n_shards: int) -> str:
-    """The brace pattern that reads the shards back: ``dest/name-{000000..000009}.tar``."""
-    if n_shards <= 1:
-        return os.path.join(dest, f"{name}-000000.tar")
-    return os.path.join(dest, f"{name}-{{000000..{n_shards - 1:06d}}}.tar")
 
 
 # -------------------------------------------------------------------------- the entry point
@@ -151,12 +117,9 @@ def write(
     dense arrays stored as JPEG). ``classes``: label names for the manifest of an item
     sequence. ``progress``: a progress bar (default: when stderr is a terminal).
     """
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if resume and overwrite:
-        raise ValueError("resume carries on a write and overwrite replaces it: choose one")
-    if max_pixels is not None and not validate:
-        raise ValueError("max_pixels is the limit of the decode check, which validate=False turns off")
+    _refuse_contradictions(
+        workers=workers, resume=resume, overwrite=overwrite, validate=validate, max_pixels=max_pixels
+    )
     if seed is not None and not shuffle:
         raise ValueError("seed is the seed of shuffle=True; without shuffle it would change nothing")
     if isinstance(part, str):
@@ -253,10 +216,7 @@ def write_parallel(
     describes them; a mismatch is refused).
     """
     started = time.perf_counter()
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if resume and overwrite:
-        raise ValueError("resume carries on a write and overwrite replaces it: choose one")
+    _refuse_contradictions(workers=workers, resume=resume, overwrite=overwrite)
     fingerprint = dict(fingerprint or {})
     fingerprint.update(shard_size=parse_size(shard_size), max_count=max_count, name=name, total=total)
     writer_name = name
@@ -292,7 +252,7 @@ def write_parallel(
                 manifest = Manifest.from_json(f.read(), url=path)
             log.warning("%s is already complete; nothing to do (--overwrite rewrites it)", path)
             record.remove(dest, writer_name)
-            return _result(manifest, dest, writer_name, started, [], len(manifest.shards), workers, 0)
+            return build_result(manifest, dest, writer_name, started, [], len(manifest.shards), workers, 0)
         if point.adopt:
             log.warning(
                 "resuming %s after %d complete shard(s), at input %d", writer_name, len(point.adopt), point.next[0]
@@ -364,33 +324,24 @@ def write_parallel(
     manifest = writer.close()
     if local is not None:
         record.remove(dest, writer_name)
-    return _result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered)
+    return build_result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered)
 
 
-def _result(
-    manifest: Manifest,
-    dest: str,
-    name: str,
-    started: float,
-    skipped: list[Skip],
-    resumed: int,
-    workers: int,
-    filtered: int,
-) -> WriteResult:
-    """The one builder of a WriteResult, from the manifest the write left."""
-    return WriteResult(
-        shards=len(manifest.shards),
-        samples=manifest.total_samples,
-        bytes=manifest.total_bytes,
-        seconds=time.perf_counter() - started,
-        skipped=skipped,
-        pattern=shard_pattern(dest, name, len(manifest.shards)),
-        manifest=os.path.join(dest, manifest_name(name)),
-        resumed_shards=resumed,
-        workers=workers,
-        written=sum(s.samples for s in manifest.shards[resumed:]),
-        filtered=filtered,
-    )
+def _refuse_contradictions(
+    *,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    validate: bool = True,
+    max_pixels: int | None = None,
+) -> None:
+    """Options that cannot all be honoured are refused, before anything is written."""
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if resume and overwrite:
+        raise ValueError("resume carries on a write and overwrite replaces it: choose one")
+    if max_pixels is not None and not validate:
+        raise ValueError("max_pixels is the limit of the decode check, which validate=False turns off")
 
 
 # -------------------------------------------------------------------------- 0.1 entry points
@@ -432,8 +383,7 @@ def write_files(
     ``labels`` gives one integer class per path. ``kwargs`` go to :func:`write_parallel`
     (``name``, ``shard_size``, ``max_count``, ``part``, ``resume``, ``overwrite``, ``strict``...).
     """
-    if max_pixels is not None and not validate:
-        raise ValueError("max_pixels is the limit of the decode check, which validate=False turns off")
+    _refuse_contradictions(validate=validate, max_pixels=max_pixels)
     paths = list(paths)
     label_list = list(labels) if labels is not None else [None] * len(paths)
     if len(label_list) != len(paths):
