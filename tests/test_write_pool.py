@@ -84,3 +84,22 @@ def test_start_method_follows_the_threads_of_this_process():
     finally:
         stop.set()
         thread.join()
+
+
+def test_work_from_an_interactive_main_is_refused_not_a_dying_worker(tmp_path):
+    """A function of ``python -c`` (or a notebook) pickles by reference to a __main__ the
+    workers cannot import; without the check every worker would die with a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import shardkit\n"
+        "def caption(i):\n"
+        "    return {'txt': str(i)}\n"
+        f"shardkit.write(range(20), {str(tmp_path / 'out')!r}, fn=caption, workers=2, start_method='forkserver')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 1 and "interactive session" in proc.stderr and "forkserver" in proc.stderr
+    assert "Traceback" in proc.stderr and proc.stderr.count("Traceback") == 1  # ours, not one per worker
+    assert not (tmp_path / "out").exists()

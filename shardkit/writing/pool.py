@@ -13,6 +13,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -54,13 +55,22 @@ def require_picklable(work: Any, start_method: str, what: str = "the work functi
     if start_method == "fork":
         return
     try:
-        pickle.dumps(work)
+        data = pickle.dumps(work)
     except Exception as e:  # noqa: BLE001 - pickle raises PicklingError, AttributeError, TypeError...
         raise ShardkitError(
             f"{what} cannot be sent to worker processes started with {start_method!r}: it does not pickle "
             f"({type(e).__name__}: {e}). Define it at module level (a lambda, a nested function or a "
             "closure does not pickle), or use workers=1"
         ) from None
+    main = sys.modules.get("__main__")
+    if b"__main__" in data and getattr(main, "__file__", None) is None:
+        # Pickled by reference to a __main__ the workers cannot import (a notebook, the REPL,
+        # python -c): each worker would die unpickling it.
+        raise ShardkitError(
+            f"{what} is defined in an interactive session (a notebook, the REPL or python -c), which "
+            f"worker processes started with {start_method!r} cannot import: define it in a module, "
+            "or use workers=1 (or start_method='fork' where fork is safe)"
+        )
 
 
 def _worker_main(conn: Any, work: Callable[[Any], Any], slots: Any, slot: int, inherited: list[int]) -> None:
