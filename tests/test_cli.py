@@ -246,12 +246,28 @@ def test_merge_finds_the_name_of_the_parts(tmp_path, photos):
 def test_every_flag_and_argument_has_help():
     import argparse
 
-    from shardkit.cli.main import build_parser
+    from shardkit.cli.main import COMMANDS
+    from shardkit.cli.parser import build_parser
 
     parser = build_parser()
     # argparse has no public accessor for a parser's actions; _actions is what its help formatter walks.
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert {"write", "merge", "index", "ls", "cat", "verify", "stats", "demo", "doctor", "bench"} <= set(commands)
+    assert (
+        set(commands)
+        == set(COMMANDS)
+        == {
+            "write",
+            "merge",
+            "index",
+            "ls",
+            "cat",
+            "verify",
+            "stats",
+            "demo",
+            "doctor",
+            "bench",
+        }
+    )
     missing = [
         f"{name} {action.option_strings or action.dest}"
         for name, sub in commands.items()
