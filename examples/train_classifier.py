@@ -47,6 +47,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+import shardkit  # noqa: E402
 from shardkit.loader import ShardLoader  # noqa: E402
 from shardkit.read.dataset import ShardDataset  # noqa: E402
 
@@ -75,14 +76,11 @@ def make_demo_images(root: str, *, count: int, classes: int, size: tuple[int, in
 def make_demo_shards(dest: str, *, count: int = 400, classes: int = 4, shard_size: str = "150k") -> str:
     """Generate a small ImageFolder and write it as shards (as ``shardkit write`` does);
     returns the shard folder."""
-    from shardkit.cli.convert import write_shards
-    from shardkit.ingest import open_source
-
     images = os.path.join(dest, "images")
     make_demo_images(images, count=count, classes=classes)
     shards = os.path.join(dest, "shards")
-    source = open_source(images, shuffle=True, seed=0)  # shuffled at write time, too
-    write_shards(source, shards, shard_size=shard_size, classes=getattr(source, "classes", None), progress=False)
+    # shuffled at write time, too; class names (from the folders) go into the manifest
+    shardkit.write(images, shards, shard_size=shard_size, shuffle=True, seed=0, progress=False)
     return shards
 
 

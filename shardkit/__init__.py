@@ -7,6 +7,7 @@ import logging
 from . import compat
 from .errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from .sizes import format_size, parse_size
+from .storage.backend import SourceOptions
 from .writing.writer import ShardWriter
 
 __version__ = "0.1.0"
@@ -24,15 +25,22 @@ __all__ = [
     "ShardWriter",
     "ShardkitError",
     "SourceError",
+    "SourceOptions",
+    "WriteResult",
     "format_size",
     "parse_size",
+    "write",
     "__version__",
 ]
 
 
 def __getattr__(name: str):
-    # ShardDataset/ShardLoader/ShardMap import torch: load them on first use so the CLI and the
-    # writer start fast.
+    # ShardDataset/ShardLoader/ShardMap import torch, write imports PIL and the ingest formats:
+    # load them on first use so that `import shardkit` and the CLI start fast.
+    if name in ("write", "WriteResult"):
+        from .writing import driver
+
+        return getattr(driver, name)
     if name == "ShardDataset":
         from .read.dataset import ShardDataset
 

@@ -1,6 +1,8 @@
 """The flat module paths of shardkit 0.1 (``shardkit.dataset``, ``shardkit.writer``, ...) as
 aliases of the stage subpackages that replaced them: ``import shardkit.dataset`` gives the
 module object ``shardkit.read.dataset``, so old imports and the names in them keep working.
+``shardkit.writing.parallel`` (the process pool and the write driver in one module, now
+``writing.pool`` and ``writing.driver``) is kept the same way.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ MOVED = {
     "tar": "format.tar",
     "urls": "read.urls",
     "worker": "read.worker",
-    "write_parallel": "writing.parallel",
+    "write_parallel": "writing.driver",
     "writer": "writing.writer",
+    # moved again within the stage: the process pool and the write driver were one module
+    "writing.parallel": "writing.driver",
 }
 
 

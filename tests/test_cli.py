@@ -169,3 +169,120 @@ def test_write_detects_migration_formats(tmp_path):
         assert [int(s["cls"]) for s in samples] == labels
     bad = shardkit("write", str(tmp_path / "t.sqlite"), str(tmp_path / "x"), "--table", "nope", check=False)
     assert bad.returncode == 1 and b"nope" in bad.stderr and b"pics" in bad.stderr
+
+
+def test_every_command_that_reads_shards_takes_several_paths(tmp_path, photos):
+    out = tmp_path / "out"
+    shardkit("write", photos, str(out), "--shard-size", "2MB", "-q")
+    tars = sorted(str(p) for p in out.glob("*.tar"))  # what the shell makes of shards/*.tar
+    assert len(tars) >= 3
+    rows = json.loads(shardkit("ls", *tars, "-n", "300", "--json").stdout)
+    assert len(rows) == 300 and {r["url"] for r in rows} == set(tars)
+    last = rows[-1]
+    jpg = shardkit("cat", *tars, last["key"], "--field", "jpg").stdout
+    with tarfile.open(last["url"]) as tf:
+        assert jpg == tf.extractfile(f"{last['key']}.jpg").read()
+    stats = json.loads(shardkit("stats", *tars[:2], "--json").stdout)
+    assert stats["shards"] == 2 and stats["samples"] == sum(1 for r in rows if r["url"] in tars[:2])
+    assert json.loads(shardkit("verify", *tars, "--json").stdout)["samples"] == 300
+    index = json.loads(shardkit("index", *tars, "--name", "again", "--json").stdout)
+    assert index == {"shards": len(tars), "samples": 300} and (out / "again.manifest.json").exists()
+    doctor = json.loads(
+        shardkit(
+            "doctor", *tars[:2], "--seconds", "0.5", "--workers", "0", "--batch", "8", "--transform", "none", "--json"
+        ).stdout
+    )
+    assert doctor["images"] > 0
+
+
+def test_usage_errors_exit_2(tmp_path, photos):
+    out = str(tmp_path / "out")
+    cases = [
+        (("write", photos, out, "--workers", "0"), b"--workers: must be at least 1"),
+        (("write", photos, out, "--part", "3/3"), b"0 <= I < N"),
+        (("write", photos, out, "--part", "half"), b"I/N"),
+        (("write", photos, out, "--shard-size", "12XB"), b"--shard-size"),
+        (("write", photos, out, "--max-count", "0"), b"--max-count"),
+        (("write", photos, out, "--quality", "101"), b"1 to 100"),
+        (("write", photos, out, "--resume", "--overwrite"), b"not allowed with"),
+        (("ls", out, "-n", "0"), b"-n: must be at least 1"),
+        (("doctor", out, "--decode-size", "big"), b"auto, none or a positive integer"),
+        (("doctor", out, "--seconds", "0"), b"more than 0"),
+        (("stats", out, "--quiet", "--json"), b"--quiet cannot be combined"),
+        (("ls",), b"required"),
+    ]
+    for args, message in cases:
+        proc = shardkit(*args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.returncode, proc.stderr)
+    assert not os.path.exists(out)
+    # Problems with the data (not the command line) still exit 1, naming what is wrong.
+    flag = shardkit("write", photos, out, "--table", "pics", check=False)
+    assert flag.returncode == 1 and b"--table) does not apply to folder sources" in flag.stderr
+
+
+def test_merge_finds_the_name_of_the_parts(tmp_path, photos):
+    dest = str(tmp_path / "shards")
+    for i in (0, 1):
+        shardkit("write", photos, dest, "--part", f"{i}/2", "--name", "d", "-q")
+    merged = json.loads(shardkit("merge", dest, "--json").stdout)
+    assert merged["samples"] == 300 and merged["manifest"].endswith("d.manifest.json")
+    assert merged["pattern"].startswith(os.path.join(dest, "d-"))
+    assert Manifest.from_json((tmp_path / "shards" / "d.manifest.json").read_text()).complete
+    assert json.loads(shardkit("merge", dest, "--json").stdout)["samples"] == 300  # again: a no-op
+    # Two sets of parts: both are named, and --name chooses.
+    for name in ("a", "b"):
+        shardkit("write", photos, dest, "--part", "0/1", "--name", name, "-q")
+    two = shardkit("merge", dest, check=False)
+    assert two.returncode == 1 and b"parts of 2 datasets: 'a' (of 1 parts), 'b' (of 1 parts)" in two.stderr
+    missing = shardkit("merge", dest, "--name", "data", check=False)
+    assert missing.returncode == 1 and b"no parts of 'data'" in missing.stderr and b"'a'" in missing.stderr
+    assert json.loads(shardkit("merge", dest, "--name", "b", "--json").stdout)["samples"] == 300
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = shardkit("merge", str(empty), check=False)
+    assert none.returncode == 1 and b"no parts to merge" in none.stderr
+
+
+def test_every_flag_and_argument_has_help():
+    import argparse
+
+    from shardkit.cli.main import COMMANDS
+    from shardkit.cli.parser import build_parser
+
+    parser = build_parser()
+    # argparse has no public accessor for a parser's actions; _actions is what its help formatter walks.
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert (
+        set(commands)
+        == set(COMMANDS)
+        == {
+            "write",
+            "merge",
+            "index",
+            "ls",
+            "cat",
+            "verify",
+            "stats",
+            "demo",
+            "doctor",
+            "bench",
+        }
+    )
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.items()
+        for action in sub._actions
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+    # --workers says which workers.
+    workers = {
+        name: action.help
+        for name, sub in commands.items()
+        for action in sub._actions
+        if "--workers" in action.option_strings
+    }
+    assert set(workers) == {"write", "demo", "doctor"}
+    assert "writer processes" in workers["write"]
+    assert "DataLoader worker" in workers["doctor"] and "DataLoader worker" in workers["demo"]
+    assert "DataLoader workers" in commands["bench"].description

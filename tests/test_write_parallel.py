@@ -19,7 +19,7 @@ from PIL import Image
 from shardkit.cli.synthetic import make_image_folder
 from shardkit.errors import ShardkitError, WorkerDied
 from shardkit.format.index import Manifest
-from shardkit.writing.parallel import write_files, write_parallel
+from shardkit.writing.driver import write_files, write_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -420,7 +420,7 @@ def test_part_slices_cover_every_input_once_and_bad_parts_are_refused(photos, tm
         with pytest.raises(ValueError):
             parse_part(bad)
     usage = shardkit("write", photos, str(tmp_path / "x"), "--part", "3/3", check=False)
-    assert usage.returncode == 1 and b"0 <= I < N" in usage.stderr
+    assert usage.returncode == 2 and b"0 <= I < N" in usage.stderr  # a usage error
     remote = shardkit("write", photos, "s3://bucket/shards", "--part", "0/2", check=False)
     assert remote.returncode == 1 and b"shared-filesystem DEST" in remote.stderr
     assert b"shared-filesystem DEST" in shardkit("merge", "s3://bucket/shards", check=False).stderr

@@ -86,12 +86,10 @@ def bench_write(folder: str, work: str, count: int, repeat: int) -> list[tuple[s
 
     t_sk = best_of(write, repeat)
     # Library call without interpreter start-up, for the per-sample cost.
-    from shardkit.cli.convert import write_shards
-    from shardkit.ingest import IngestOptions, open_source
+    import shardkit
 
     def write_lib() -> None:
-        src = open_source(folder, options=IngestOptions(workers=4))
-        write_shards(src, os.path.join(work, "w2"), shard_size="100MB", overwrite=True, progress=False)
+        shardkit.write(folder, os.path.join(work, "w2"), shard_size="100MB", overwrite=True, progress=False)
 
     t_lib = best_of(write_lib, repeat)
     return [

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from multiprocessing import Pool
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,34 +46,43 @@ STD = (0.229, 0.224, 0.225)
 # ---------------------------------------------------------------------------- data
 
 
-def _one_image(args: tuple[int, int, int]) -> tuple[int, bytes]:
-    import numpy as np
+class PhotoSample:
+    """``shardkit.write``'s fn: input ``i`` -> sample ``i`` with a photo-like JPEG of about
+    ``width`` x ``height`` (runs in the writer's worker processes)."""
 
-    from shardkit.cli.synthetic import encode, photo_like
+    def __init__(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
 
-    i, width, height = args
-    rng = np.random.default_rng([7, i])
-    w, h = int(width * rng.uniform(0.8, 1.2)), int(height * rng.uniform(0.8, 1.2))
-    return i, encode(photo_like(rng, w, h), quality=90)
+    def __call__(self, i: int) -> dict[str, Any]:
+        import numpy as np
+
+        from shardkit.cli.synthetic import encode, photo_like
+
+        rng = np.random.default_rng([7, i])
+        w, h = int(self.width * rng.uniform(0.8, 1.2)), int(self.height * rng.uniform(0.8, 1.2))
+        return {"__key__": f"{i:08d}", "jpg": encode(photo_like(rng, w, h), quality=90), "cls": i % 1000}
 
 
 def prepare(work: str, count: int, size: tuple[int, int], processes: int) -> str:
     """Shards of ``count`` photo-like JPEGs in ``work/shards`` (reused when complete)."""
-    from shardkit.writing.writer import ShardWriter
+    import shardkit
 
     shards = os.path.join(work, "shards")
     manifest = os.path.join(shards, "train.manifest.json")
     if os.path.exists(manifest) and json.load(open(manifest)).get("complete"):
         return shards
-    started = time.perf_counter()
     # Many shards, so webdataset can give each of 15 workers its own (it splits by shard).
-    with Pool(processes) as pool, ShardWriter(shards, name="train", shard_size="40MB") as writer:
-        jobs = ((i, size[0], size[1]) for i in range(count))
-        for i, data in pool.imap(_one_image, jobs, chunksize=32):
-            writer.write({"__key__": f"{i:08d}", "jpg": data, "cls": i % 1000})
-    print(
-        f"generated {count} JPEGs into {len(writer.shards)} shards in {time.perf_counter() - started:.1f}s", flush=True
+    result = shardkit.write(
+        range(count),
+        shards,
+        fn=PhotoSample(*size),
+        name="train",
+        shard_size="40MB",
+        workers=processes,
+        overwrite=True,
+        progress=False,
     )
+    print(f"generated {result.samples} JPEGs into {result.shards} shards in {result.seconds:.1f}s", flush=True)
     return shards
 
 

@@ -1,4 +1,4 @@
-"""The ``shardkit`` command line and the modules only it uses (bench, demo, inspect, convert, synthetic).
+"""The ``shardkit`` command line and the modules only it uses (bench, demo, doctor, inspect, profiling, synthetic).
 
 Library modules never import from here.
 """

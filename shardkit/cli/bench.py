@@ -54,7 +54,6 @@ CONFIGS = (
 E2E_CONFIGS = (
     "limit",
     "limit-parallel",
-    "limit-parallel",
     "webdataset",
     "webdataset-pil",
     "shardkit",
@@ -74,8 +73,7 @@ def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), qualit
     """Image folder and shards in ``work``, reused when made by a run with the same settings."""
     import shutil
 
-    from ..ingest import IngestOptions, open_source
-    from .convert import write_shards
+    from ..writing.driver import write
     from .synthetic import make_image_folder
 
     folder = os.path.join(work, "images")
@@ -88,13 +86,7 @@ def prepare(work: str, count: int, *, size: tuple[int, int] = (500, 375), qualit
     if not os.path.isdir(folder):
         make_image_folder(folder, count=count, classes=10, size=size, workers=os.cpu_count() or 2, quality=quality)
     if not os.path.exists(os.path.join(shards, "data.manifest.json")):
-        write_shards(
-            open_source(folder, options=IngestOptions(workers=4)),
-            shards,
-            shard_size="25MB",
-            overwrite=True,
-            progress=False,
-        )
+        write(folder, shards, shard_size="25MB", overwrite=True, progress=False)
     open(made, "w").close()
     return folder, shards
 

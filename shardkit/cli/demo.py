@@ -26,11 +26,10 @@ def _say(text: str) -> None:
 
 def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progress: bool = True) -> int:
     """Run the demo; returns a process exit code."""
-    from ..ingest import IngestOptions, open_source
     from ..loader import ShardLoader
     from ..read.dataset import ShardDataset
+    from ..writing.driver import write
     from .bench import _loop, augment, drop_page_cache
-    from .convert import write_shards
     from .synthetic import make_image_folder
 
     work = tempfile.mkdtemp(prefix="shardkit-demo-")
@@ -43,16 +42,11 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
 
         shards = os.path.join(work, "shards")
         _say("2/4 shardkit write images -> shards ...")
-        summary = write_shards(
-            open_source(folder, options=IngestOptions(workers=4)),
-            shards,
-            shard_size="20MB",
-            total=count,
-            progress=progress,
-        )
+        summary = write(folder, shards, shard_size="20MB", progress=progress)
         _say(
             f"    {summary.shards} shards, {summary.samples} samples, {format_size(summary.bytes)} "
-            f"in {summary.seconds:.1f} s; read back with ShardDataset({summary.pattern!r})"
+            f"in {summary.seconds:.1f} s ({summary.workers} writer processes); "
+            f"read back with ShardDataset({summary.pattern!r})"
         )
 
         aug = augment()

@@ -1,32 +1,19 @@
-"""Look inside shards: list samples, extract one field, verify, summarise, index."""
+"""Look inside shards: list samples, extract one field, verify, summarise."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ShardkitError
-from ..format.index import (
-    Manifest,
-    ShardInfo,
-    dataset_name_for,
-    decode_index,
-    decode_index_keys,
-    encode_index,
-    index_url,
-    manifest_name,
-    scan_shard,
-)
+from ..format.index import ShardInfo, decode_index, decode_index_keys, index_url, scan_shard
 from ..format.samples import Sample, iter_samples
 from ..read.urls import ShardList, resolve_shards
-from ..storage.dispatch import DEFAULT_OPTIONS, SourceOptions, local_path, open_stream, read_bytes
-from ..storage.localfile import atomic_write
+from ..storage.dispatch import DEFAULT_OPTIONS, SourceOptions, open_stream, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -193,39 +180,6 @@ def stats(urls: str | list[str], *, options: SourceOptions = DEFAULT_OPTIONS) ->
         "classes": classes,
         "per_shard": per_shard,
     }
-
-
-def build_index(
-    urls: str | list[str], *, name: str | None = None, options: SourceOptions = DEFAULT_OPTIONS, progress: bool = False
-) -> Manifest:
-    """Write ``.idx`` sidecars and a manifest for existing local tars, one pass each."""
-    from tqdm import tqdm
-
-    shards = resolve_shards(urls, options=options)
-    infos = []
-    folder = None
-    for url in tqdm(shards.urls, unit="shard", disable=not progress):
-        path = local_path(url)
-        if path is None:
-            raise ShardkitError(f"{url}: `shardkit index` writes sidecars next to local shards only")
-        with open(path, "rb") as f:
-            scan = scan_shard(io.BufferedReader(f, 1 << 20), url=url)  # type: ignore[arg-type]
-        if scan.compression is None:
-            atomic_write(path + ".idx", encode_index(scan.offsets, scan.keys))
-        elif os.path.exists(path + ".idx"):
-            # Offsets cannot seek into a compressed file: counts go to the manifest only,
-            # and a stale index (written before the shard was compressed) must not be used.
-            log.warning(
-                "%s is %s-compressed: removing its stale .idx (counts go to the manifest)", url, scan.compression
-            )
-            os.remove(path + ".idx")
-        infos.append(ShardInfo(os.path.basename(path), len(scan.offsets) - 1, scan.bytes, scan.sha256, scan.fields))
-        folder = folder or os.path.dirname(path)
-        if os.path.dirname(path) != folder:
-            raise ShardkitError("`shardkit index` needs all shards in one folder (the manifest sits beside them)")
-    manifest = Manifest(infos, name=name or dataset_name_for(shards.urls))
-    atomic_write(os.path.join(folder or ".", manifest_name(manifest.name)), manifest.to_json().encode())
-    return manifest
 
 
 def describe(sample: Sample) -> dict[str, Any]:

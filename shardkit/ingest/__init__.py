@@ -94,6 +94,20 @@ FORMATS: dict[str, str] = {
 
 FILE_FORMATS = ("folder", "list", "csv", "jsonl")
 
+# The IngestOptions fields each format reads, besides the check's (strict, validate,
+# max_pixels) that every source honours. Any other field set away from its default is
+# refused for that format, never silently ignored.
+_DENSE = {"image_format", "quality"}
+FORMAT_OPTIONS: dict[str, frozenset[str]] = {
+    **{fmt: frozenset({"workers"}) for fmt in FILE_FORMATS},
+    "hdf5": frozenset({"images_key", "labels_key", "keys_key", *_DENSE}),
+    "numpy": frozenset({"images_key", "labels_key", "keys_key", "shape", "dtype", "labels", "allow_pickle", *_DENSE}),
+    "lmdb": frozenset({"allow_pickle", *_DENSE}),
+    "sqlite": frozenset({"table", "image_column", "label_column", "key_column"}),
+    "tfrecord": frozenset({"image_feature", "label_feature"}),
+    "binary": frozenset({"index"}),
+}
+
 # Optional libraries and the extra that installs them.
 EXTRAS = {"h5py": "hdf5", "lmdb": "lmdb"}
 
@@ -137,6 +151,7 @@ def open_source(
         raise ShardkitError(f"unknown source format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not os.path.exists(src):
         raise ShardkitError(f"{src}: no such file or folder")
+    check_options(options, fmt)
     module = _module(fmt)
     if fmt in FILE_FORMATS:
         return module.open_source(src, fmt, options, **file_options)
@@ -146,3 +161,25 @@ def open_source(
             f"image-file sources ({', '.join(FILE_FORMATS)}), not {fmt}"
         )
     return module.open_source(src, options)
+
+
+def _named(option: str) -> str:
+    """How a message names an option: its field and its ``shardkit write`` flag."""
+    if option == "workers":  # threads of a FileSource iterated by hand; no flag
+        return "IngestOptions.workers"
+    flag = "--format" if option == "image_format" else "--" + option.replace("_", "-")
+    return f"IngestOptions.{option} ({flag})"
+
+
+def check_options(options: IngestOptions, fmt: str) -> None:
+    """Raise ShardkitError when ``options`` sets something ``fmt`` does not read."""
+    default = IngestOptions()
+    reads = FORMAT_OPTIONS[fmt]
+    for option in sorted(set().union(*FORMAT_OPTIONS.values())):
+        if option in reads or getattr(options, option) == getattr(default, option):
+            continue
+        users = [f for f, names in FORMAT_OPTIONS.items() if option in names and f not in FILE_FORMATS]
+        raise ShardkitError(
+            f"{_named(option)} does not apply to {fmt} sources"
+            + (f"; it is read by {', '.join(users)}" if users else "")
+        )

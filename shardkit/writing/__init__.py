@@ -1,5 +1,14 @@
-"""The write path: ``ShardWriter``, the ordered process pool, the write driver with its
-resume record, merge, the Dask engine and the indexer.
+"""The write path. :func:`shardkit.write` (``driver``) is the entry point; ``ShardWriter``
+(``writer``) is for hand-written loops; ``dask_engine`` runs parts on a cluster.
+
+- ``inputs``: a path or items -> keyed items for the workers, and their work;
+- ``work``: what a worker does with one input (load, the user's fn, the decode check);
+- ``pool``: the ordered process pool (results in input order, deaths named);
+- ``driver``: the one assembler: part slices, resume, progress, ShardWriter;
+- ``resume``: the resume record; ``result``: WriteResult, built from the manifest;
+- ``writer``: ShardWriter (size-bounded, deterministic shards, sidecars, manifest);
+- ``merge``: ``--part I/N`` outputs joined into one dataset; ``indexer``: sidecars for
+  existing tars (``shardkit index``).
 
 (Named ``writing`` because ``shardkit.write`` is the function users call.)
 """

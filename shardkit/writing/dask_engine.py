@@ -1,9 +1,8 @@
 """Write a dataset as ``--part I/N`` tasks on a Dask cluster, then merge them.
 
-Dask ``distributed`` was chosen over Ray after measuring both on the 2-core development
-machine (BENCHMARKS.md, "Writing in parallel"): 44 MB installed vs 259 MB, 3.3 s vs
-8.8 s to import and start a local 2-worker cluster. Both run plain Python functions on
-remote processes, which is all this needs.
+Dask ``distributed`` was chosen over Ray after measuring both (BENCHMARKS.md, "The
+engine: Dask over Ray"): a smaller install and a faster start. Both run plain Python
+functions on remote processes, which is all this needs.
 
 Every Dask worker needs shardkit installed and DEST on a filesystem it shares with the
 others (NFS, Lustre, a mounted bucket); SRC must be readable at the same path everywhere.
@@ -31,11 +30,10 @@ log = logging.getLogger(__name__)
 
 def write_part(src: str, dest: str, index: int, count: int, **options: Any) -> dict[str, Any]:
     """One task: ``shardkit write SRC DEST --part index/count`` (keyword options as in
-    :func:`shardkit.writing.parallel.write_source`); returns a small summary."""
-    from .parallel import write_source
+    :func:`shardkit.write`) in the Dask worker's own process; returns a small summary."""
+    from .driver import write
 
-    options.setdefault("workers", 1)  # Dask worker processes are daemonic: no child processes
-    result = write_source(src, dest, part=(index, count), **options)
+    result = write(src, dest, part=(index, count), workers=1, progress=False, **options)
     return {
         "part": index,
         "parts": count,
@@ -62,9 +60,16 @@ def write_with_dask(
     merged manifest and the per-part summaries.
 
     Pass a ``client`` (``dask.distributed.Client``) or a scheduler ``address``. ``options``
-    go to :func:`shardkit.writing.parallel.write_source` (``shard_size``, ``max_count``,
-    ``shuffle``, ``seed``, ``options=IngestOptions(...)``...).
+    go to :func:`shardkit.write` (``shard_size``, ``max_count``, ``validate``, ``shuffle``,
+    ``seed``, ``options=IngestOptions(...)``...). Each part runs in one process (Dask's
+    worker processes cannot start their own): scale with ``parts`` and Dask workers.
     """
+    for refused in ("workers", "part", "progress"):
+        if refused in options:
+            raise ValueError(
+                f"{refused}= is set by the Dask engine (one process per part, part i of {parts}); "
+                "scale with parts= and the number of Dask workers"
+            )
     try:
         from dask.distributed import Client
     except ImportError:

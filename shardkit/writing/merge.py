@@ -80,14 +80,63 @@ def _part_manifests(dest: str, name: str) -> dict[int, tuple[int, str]]:
     return found
 
 
-def merge_parts(dest: str, *, name: str = "data") -> Manifest:
+def part_sets(dest: str) -> dict[str, set[int]]:
+    """Dataset name -> the part counts of the part manifests for it in ``dest``."""
+    pattern = re.compile(r"(.+)-part\d{5}of(\d{5})" + re.escape(manifest_name("")))
+    found: dict[str, set[int]] = {}
+    for entry in sorted(os.listdir(dest)):
+        match = pattern.fullmatch(entry)
+        if match:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    return found
+
+
+def _describe_sets(sets: dict[str, set[int]]) -> str:
+    return ", ".join(f"{n!r} (of {'/'.join(map(str, sorted(c)))} parts)" for n, c in sorted(sets.items()))
+
+
+def _merged_names(dest: str) -> list[str]:
+    """Names of the complete, merged datasets in ``dest`` (their manifest, no parts left)."""
+    names = []
+    for entry in sorted(os.listdir(dest)):
+        if entry.endswith(manifest_name("")) and not re.search(r"-part\d{5}of\d{5}\.", entry):
+            with open(os.path.join(dest, entry), "rb") as f:
+                if Manifest.from_json(f.read(), url=os.path.join(dest, entry)).complete:
+                    names.append(entry[: -len(manifest_name(""))])
+    return names
+
+
+def find_name(dest: str) -> str:
+    """The dataset whose parts are in ``dest``, when there is one; otherwise an error that
+    lists the candidates. A folder with no parts and one complete dataset names that one
+    (merging it again is a no-op)."""
+    sets = part_sets(dest)
+    if len(sets) == 1:
+        return next(iter(sets))
+    if sets:
+        raise ShardkitError(
+            f"{dest} holds parts of {len(sets)} datasets: {_describe_sets(sets)}; choose one with --name"
+        )
+    merged = _merged_names(dest)
+    if len(merged) == 1:
+        return merged[0]
+    raise ShardkitError(
+        f"{dest}: no parts to merge (no NAME-partIIIIIofNNNNN{manifest_name('')} from shardkit write --part I/N)"
+        + (f"; it holds the complete datasets {', '.join(map(repr, merged))}" if merged else "")
+    )
+
+
+def merge_parts(dest: str, *, name: str | None = None) -> Manifest:
     """Merge the complete parts of ``name`` in ``dest`` into one dataset; returns its manifest.
 
-    Raises ShardkitError naming every missing or incomplete part (nothing is changed then).
+    ``name`` None: the one dataset with parts in ``dest`` (see :func:`find_name`). Raises
+    ShardkitError naming every missing or incomplete part (nothing is changed then).
     """
     require_local(dest, "merge")
     if not os.path.isdir(dest):
         raise ShardkitError(f"{dest}: no such folder")
+    if name is None:
+        name = find_name(dest)
     final = os.path.join(dest, manifest_name(name))
     parts = _part_manifests(dest, name)
     if not parts:
@@ -97,9 +146,11 @@ def merge_parts(dest: str, *, name: str = "data") -> Manifest:
             if manifest.complete:
                 log.info("%s is already merged", final)
                 return manifest
+        others = part_sets(dest)
         raise ShardkitError(
-            f"{dest}: no parts of {name!r} to merge (expected {part_name(name, 0, 4)}"
-            f"{manifest_name('')} and the like, from shardkit write --part I/N)"
+            f"{dest}: no parts of {name!r} to merge (expected {name}-partIIIIIofNNNNN{manifest_name('')} "
+            f"from shardkit write --part I/N --name {name})"
+            + (f"; it holds parts of {_describe_sets(others)}: choose one with --name" if others else "")
         )
     count = next(iter(parts.values()))[0]
     manifests: list[Manifest] = []
