@@ -81,8 +81,13 @@ class Mix(PlannedDataset):
         self.epoch_length = epoch_length
         self.seed = seed
         if threads is None:
-            set_by_parts = {part.threads for part in self.datasets if isinstance(part, ShardDataset)} - {0}
-            threads = set_by_parts.pop() if len(set_by_parts) == 1 else 0
+            set_by_parts = sorted({part.threads for part in self.datasets if isinstance(part, ShardDataset)} - {0})
+            if len(set_by_parts) > 1:
+                raise ShardkitError(
+                    f"Mix parts set different threads ({', '.join(map(str, set_by_parts))}); the Mix runs one "
+                    "pool for the interleaved samples of all parts: set threads= on the Mix"
+                )
+            threads = set_by_parts[0] if set_by_parts else 0
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.threads = threads
