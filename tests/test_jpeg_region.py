@@ -20,7 +20,7 @@ from PIL import Image
 
 from shardkit.cli.synthetic import photo_like
 from shardkit.decode.crop import RandomResizedCropDecode
-from shardkit.decode.fields import jpeg_region
+from shardkit.decode import jpeg_region
 from shardkit.decode.jpeg_region import TurboJPEG, to_stored, to_upright, turbojpeg
 from shardkit.decode.pixels import orient_array
 
