@@ -18,8 +18,8 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvf
 
-from shardkit.decode.crop import RandomResizedCropDecode
 from shardkit.decode import pixels
+from shardkit.decode.crop import RandomResizedCropDecode
 from shardkit.decode.fields import IMAGE_EXTENSIONS, decode_image, make_decoder
 from shardkit.decode.imageinfo import read_image_header
 from shardkit.decode.jpeg_region import turbojpeg

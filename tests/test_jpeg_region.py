@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from shardkit.cli.synthetic import photo_like
-from shardkit.decode.crop import RandomResizedCropDecode
 from shardkit.decode import jpeg_region
+from shardkit.decode.crop import RandomResizedCropDecode
 from shardkit.decode.jpeg_region import TurboJPEG, to_stored, to_upright, turbojpeg
 from shardkit.decode.pixels import orient_array
 
