@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shardkit import ShardLoader, ShardWriter
+from shardkit import ShardDataset, ShardLoader, ShardWriter
 from shardkit.cli.doctor import diagnose
 from shardkit.cli.main import main
-from shardkit.cli.profiling import STAGES, ProfiledShardDataset
+from shardkit.cli.profiling import STAGES, profiled
 from shardkit.cli.synthetic import photo_like
 from shardkit.decode.jpeg_region import region_support
 
@@ -89,7 +89,7 @@ def test_worker_cpu_is_counted_when_the_data_runs_out(big_shards):
 
 
 def test_profiled_counters_reach_loader_stats(uneven_shards):
-    ds = ProfiledShardDataset(uneven_shards, decode="torch", fields="jpg cls")
+    ds = profiled(ShardDataset(uneven_shards, decode="torch", fields="jpg cls"))
     loader = ShardLoader(ds, batch_size=8, num_workers=2)
     assert sum(len(b[1]) for b in loader) == 64
     stats = loader.stats()
