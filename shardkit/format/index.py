@@ -143,6 +143,9 @@ class Manifest:
     classes: list[str] | None = None
     complete: bool = True
     version: int = FORMAT_VERSION
+    # A companion set (new fields for another set, see format/companion.py): which base
+    # it aligns with, {"name", "manifest", "sha256"}; None for an ordinary dataset.
+    base: dict[str, str] | None = None
 
     @property
     def total_samples(self) -> int:
@@ -168,6 +171,8 @@ class Manifest:
             "classes": self.classes,
             "shards": [asdict(s) for s in self.shards],
         }
+        if self.base is not None:  # only companions carry it: other manifests keep their bytes
+            doc["base"] = dict(self.base)
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -198,11 +203,17 @@ class Manifest:
             ]
         except (KeyError, TypeError, ValueError) as e:
             raise ShardFormatError(f"{where}: bad shard entry ({e!r})", url=url) from None
+        base = doc.get("base")
+        if base is not None and not (
+            isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("name", "manifest", "sha256"))
+        ):
+            raise ShardFormatError(f'{where}: "base" must hold the base\'s name, manifest and sha256', url=url)
         return cls(
             shards=shards,
             name=str(doc.get("name", "data")),
             classes=doc.get("classes"),
             complete=bool(doc.get("complete", True)),
+            base=None if base is None else {k: base[k] for k in ("name", "manifest", "sha256")},
         )
 
 

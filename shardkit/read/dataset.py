@@ -19,6 +19,7 @@ from ..plan.state import ResumeState
 from ..storage.backend import SourceOptions, merge_source_options
 from .base import Batching, PlannedDataset
 from .pipeline import SamplePipeline, collate, make_handler
+from .join import Join, JoinedReader, JoinSpec, open_join
 from .reader import CacheCounters, ReadStats, ShardReader
 from .stages import KEEP, Decoding, HooksFactory, Keep, StageHooks
 from .urls import ShardList, resolve_shards
@@ -77,6 +78,15 @@ class ShardDataset(PlannedDataset):
             (default True; False gives the stored pixels, as webdataset does).
         threads: decode/transform threads per worker (0 = inline). JPEG decoders and
             torch ops release the GIL, so threads can stand in for worker processes.
+        join: companion sets of these shards (each given as ``urls`` is), whose fields
+            every sample gains: the parts are read in lockstep, shard by shard, and
+            checked to line up when the dataset opens (see :mod:`shardkit.read.join`).
+            Plan, shuffle, resume, ``select`` (on the joined raw sample) and ``fields``
+            work as on one shard set. A companion sample written as missing
+            (``missing="skip"``) drops the sample, counted as filtered.
+        join_wins: ``{field: part}`` for a field two parts hold: which one's value is
+            kept (0 the base, 1 the first companion, ...). Without it such a field is
+            refused: nothing is silently overridden.
     """
 
     def __init__(
@@ -108,6 +118,8 @@ class ShardDataset(PlannedDataset):
         threads: int = 0,
         source_options: SourceOptions | None = None,
         exif_orientation: bool = True,
+        join: Sequence[JoinSpec] | None = None,
+        join_wins: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(rank=rank, world_size=world_size, even=even)
         self.buffer = DEFAULT_BUFFER if shuffle is True else int(shuffle or 0)
@@ -119,6 +131,11 @@ class ShardDataset(PlannedDataset):
         self.shards: ShardList = resolve_shards(urls, options=self.options)
         self.urls = self.shards.urls
         self.counts = self.shards.counts
+        if join_wins is not None and not join:
+            raise ValueError("join_wins decides between the parts of a join; there is no join=")
+        self.join: Join | None = (
+            open_join(self.shards, join, wins=join_wins, options=self.options) if join is not None else None
+        )
         if self.counts is None:
             log.info(
                 "no index or manifest for these shards: splitting by whole shards "
@@ -334,9 +351,25 @@ class ShardDataset(PlannedDataset):
     def reader(
         self, handler: Callable[[Exception], None], stats: ReadStats, *, hooks: StageHooks | None = None
     ) -> ShardReader:
-        """A reader of this dataset's shards (one per worker), observed by ``hooks``."""
-        return ShardReader(
-            self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256, hooks=hooks
+        """A reader of this dataset's shards (one per worker), observed by ``hooks``; with
+        ``join``, a JoinedReader of all parts in lockstep."""
+        if self.join is None:
+            return ShardReader(
+                self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256, hooks=hooks
+            )
+        parts = [
+            ShardReader(part.urls, options=self.options, handler=handler, stats=ReadStats(), sha256=part.sha256)
+            for part in self.join.parts
+        ]
+        return JoinedReader(
+            self.urls,
+            parts=parts,
+            join=self.join,
+            options=self.options,
+            handler=handler,
+            stats=stats,
+            sha256=self.shards.sha256,
+            hooks=hooks,
         )
 
     def pipeline(self, handler: Callable[[Exception], None], *, hooks: StageHooks | None = None) -> SamplePipeline:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +43,15 @@ def record_path(dest: str, name: str) -> str:
     return os.path.join(dest, name + SUFFIX)
 
 
-def load(dest: str, name: str, fingerprint: Mapping[str, Any]) -> ResumePoint | None:
+def load(
+    dest: str, name: str, fingerprint: Mapping[str, Any], *, shard_names: Sequence[str] | None = None
+) -> ResumePoint | None:
     """What to carry on for a killed write of ``name`` in ``dest``; None when it is complete.
 
     Only shards listed in both the manifest and the record, present with the right size
     and an index, are adopted; everything after them is written again. A record made with
-    other options is refused.
+    other options is refused. ``shard_names``: the shards' file names, when the write
+    named them (a companion set's, see ``ShardWriter(shard_names=...)``).
     """
     manifest_path = os.path.join(dest, manifest_name(name))
     if not os.path.exists(manifest_path):
@@ -71,7 +74,7 @@ def load(dest: str, name: str, fingerprint: Mapping[str, Any]) -> ResumePoint | 
     starts = list(zip(inputs, samples))
     adopt = []
     for number, info in enumerate(manifest.shards[: len(starts)]):
-        path = shard_path(dest, name, number)
+        path = shard_path(dest, name, number) if shard_names is None else os.path.join(dest, shard_names[number])
         if (
             info.name != os.path.basename(path)
             or not os.path.exists(path + ".idx")

@@ -20,10 +20,11 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidKeyError, ShardkitError
+from ..format.companion import MISSING
 from ..format.index import Manifest, ShardInfo, encode_index, manifest_name
 from ..format.tar import BLOCK, END_BLOCKS, member_header, padding
 from ..sizes import parse_size
@@ -79,10 +80,17 @@ def encode_field(ext: str, value: Any) -> bytes:
 
 
 def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
-    """(header, payload) pairs for a sample, members sorted by extension."""
+    """(header, payload) pairs for a sample, members sorted by extension.
+
+    Fields whose names start with ``_`` are not written, except a companion's empty
+    ``__missing__`` marker (:data:`shardkit.format.companion.MISSING`)."""
     key = validate_key(sample.get("__key__"))
     seen: set[str] = set()
     members = []
+    if MISSING in sample:
+        if sample[MISSING] != b"" or any(not k.startswith("_") for k in sample):
+            raise InvalidKeyError(f"sample {key!r}: the {MISSING} marker stands alone and is empty")
+        return [(member_header(f"{key}.{MISSING}", 0), b"")]
     for ext in sorted(k for k in sample if not k.startswith("_")):
         if not ext or "/" in ext or "\0" in ext:
             raise InvalidKeyError(f"sample {key!r}: bad field name {ext!r}")
@@ -178,12 +186,17 @@ class ShardWriter:
 
     Args:
         dest: output folder (created if missing).
-        name: shard file name prefix.
+        name: shard file name prefix (and the manifest's name).
+        shard_names: the file name of each shard in order, in place of
+            ``{name}-000000.tar``...: a companion set takes its base's (writing more
+            shards than named is an error).
         shard_size: maximum shard file size ("1GB", "512MiB", bytes).
         max_count: maximum samples per shard (None: no limit).
         classes: class names to record in the manifest (label i -> classes[i]).
         overwrite: replace shards of the same name already in ``dest``.
         source_options: credentials/retries for a remote ``dest``.
+        base: for a companion set, the manifest's ``base`` entry (see
+            :mod:`shardkit.format.companion`).
 
     ``dest`` may be ``s3://bucket/prefix`` or an HTTP URL accepting PUT: shards are
     staged in a temporary folder and each is uploaded when complete (its index right
@@ -200,9 +213,18 @@ class ShardWriter:
         classes: list[str] | None = None,
         overwrite: bool = False,
         source_options: Any = None,
+        shard_names: Sequence[str] | None = None,
+        base: Mapping[str, str] | None = None,
     ) -> None:
         if "/" in name or not name:
             raise ValueError(f"shard name must be a plain file name prefix, got {name!r}")
+        if shard_names is not None:
+            names = list(shard_names)
+            bad = [n for n in names if not n.endswith(".tar") or "/" in n or n.startswith(".")]
+            if bad or len(set(names)) != len(names):
+                raise ValueError(f"shard_names must be distinct plain '.tar' file names, got {(bad or names)[0]!r}")
+        self.shard_names = None if shard_names is None else list(shard_names)
+        self.base = None if base is None else dict(base)
         from ..storage.dispatch import DEFAULT_OPTIONS, local_path
 
         self.remote = None if local_path(dest) is not None else dest.rstrip("/")
@@ -233,15 +255,22 @@ class ShardWriter:
         # Only this dataset's files: "data" must not touch "data-2021-000000.tar".
         own_shard = re.compile(re.escape(name) + r"-\d{6}\.tar")
         own_temp = re.compile(re.escape(name) + r"(-\d{6}\.tar(\.idx)?|\.manifest\.json)" + re.escape(TMP_SUFFIX))
+        named = set(self.shard_names or ())
+        temps = {n + s + TMP_SUFFIX for n in named for s in ("", ".idx")}
+
+        def own(entry: str) -> bool:
+            return entry in named if self.shard_names is not None else bool(own_shard.fullmatch(entry))
+
         entries = sorted(os.listdir(dest))
         for entry in entries:
-            if own_temp.fullmatch(entry):
+            if own_temp.fullmatch(entry) or entry in temps:
                 log.warning("removing %s left by an interrupted write", os.path.join(dest, entry))
                 os.remove(os.path.join(dest, entry))
-        existing = [os.path.join(dest, e) for e in entries if own_shard.fullmatch(e)]
+        existing = [os.path.join(dest, e) for e in entries if own(e)]
         if existing and not overwrite:
             raise ShardkitError(
-                f"{dest} already holds {len(existing)} shard(s) named {name}-NNNNNN.tar "
+                f"{dest} already holds {len(existing)} shard(s) named "
+                f"{name + '-NNNNNN.tar' if self.shard_names is None else 'as this write names them'} "
                 "(first: {}); pass overwrite=True (--overwrite) to replace them".format(os.path.basename(existing[0]))
             )
         self._stale = existing
@@ -319,8 +348,16 @@ class ShardWriter:
             self.samples_written -= len(self._offsets)
             log.warning("discarded unfinished shard %d (%d samples)", len(self.shards), len(self._offsets))
 
+    def shard_path(self, number: int) -> str:
+        """Where shard ``number`` goes (locally: a remote dest is staged here)."""
+        if self.shard_names is None:
+            return shard_path(self.dest, self.name, number)
+        if number >= len(self.shard_names):
+            raise ShardkitError(f"{self.dest}: writing shard {number + 1}, but only {len(self.shard_names)} are named")
+        return os.path.join(self.dest, self.shard_names[number])
+
     def _start_shard(self) -> None:
-        path = shard_path(self.dest, self.name, len(self.shards))
+        path = self.shard_path(len(self.shards))
         self._file = _ShardFile(path + TMP_SUFFIX)
         self._offsets = []
         self._keys = []
@@ -339,7 +376,7 @@ class ShardWriter:
             self._file = None
             raise
         self._file = None
-        path = shard_path(self.dest, self.name, len(self.shards))
+        path = self.shard_path(len(self.shards))
         atomic_write(path + ".idx", encode_index(self._offsets + [end], self._keys))
         os.replace(path + TMP_SUFFIX, path)
         if self.remote is not None:
@@ -400,7 +437,9 @@ class ShardWriter:
         return manifest
 
     def manifest(self, complete: bool = True) -> Manifest:
-        return Manifest(shards=list(self.shards), name=self.name, classes=self.classes, complete=complete)
+        return Manifest(
+            shards=list(self.shards), name=self.name, classes=self.classes, complete=complete, base=self.base
+        )
 
     def __enter__(self) -> ShardWriter:
         return self
