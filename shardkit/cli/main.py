@@ -136,25 +136,28 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from ..read.urls import resolve_shards
-    from .inspect import describe, shard_samples
+    from .inspect import describe, samples_of
 
     rows = []
-    for url in resolve_shards(args.urls).urls:
-        for sample in shard_samples(url):
-            rows.append({"url": url, **describe(sample)})
-            if len(rows) >= args.n:
-                break
+    for sample in samples_of(resolve_shards(args.urls), join=args.join, join_wins=_wins(args)):
+        rows.append({"url": sample["__url__"], **describe(sample)})
         if len(rows) >= args.n:
             break
     _out(args, rows, "\n".join(json.dumps(r, default=str) for r in rows))
     return 0
 
 
+def _wins(args: argparse.Namespace) -> dict[str, int] | None:
+    if args.join_wins and not args.join:
+        raise ShardkitError("--join-wins decides between the parts of a join; there is no --join")
+    return dict(args.join_wins) or None
+
+
 def cmd_cat(args: argparse.Namespace) -> int:
     from ..read.urls import resolve_shards
     from .inspect import find_sample
 
-    sample = find_sample(resolve_shards(args.urls), args.key)
+    sample = find_sample(resolve_shards(args.urls), args.key, join=args.join, join_wins=_wins(args))
     fields = [k for k in sample if not k.startswith("__")]
     field = args.field or (fields[0] if len(fields) == 1 else None)
     if field is None:
@@ -169,7 +172,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .inspect import verify
 
-    report = verify(args.urls, decode=args.decode, progress=_progress(args))
+    report = verify(args.urls, decode=args.decode, progress=_progress(args), join=args.join)
     data = {
         "ok": report.ok,
         "shards": report.shards,
@@ -184,6 +187,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     _out(args, data, "\n".join(lines))
     return 0 if report.ok else 1
+
+
+def cmd_companion(args: argparse.Namespace) -> int:
+    from ..writing.companion import write_companion
+
+    if args.key_column is not None and args.table is None:
+        raise ShardkitError("--key-column names the key column of --from TABLE")
+    summary = write_companion(
+        args.base,
+        args.dest,
+        _import_fn(args.fn) if args.fn else None,
+        table=args.table,
+        key_column=args.key_column,
+        missing=args.missing,
+        name=args.name,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=_progress(args),
+    )
+    text = (
+        f"wrote a companion of {summary.shards} shard(s), {summary.samples:,} samples, "
+        f"{format_size(summary.bytes)} in {summary.seconds:.1f} s ({summary.workers} worker(s))"
+    )
+    if summary.resumed_shards:
+        text += f"\nresumed after {summary.resumed_shards} complete shard(s) already in {args.dest}"
+    if summary.missing:
+        text += f"\n{len(summary.missing)} key(s) without new fields (--missing {args.missing}), first: "
+        text += ", ".join(f"{key} ({os.path.basename(shard)})" for shard, key in summary.missing[:5])
+    if summary.unmatched:
+        text += f"\n{len(summary.unmatched)} key(s) of the table are not in the base, first: "
+        text += ", ".join(summary.unmatched[:5])
+    text += f"\nread them with: ShardDataset(BASE, join=[{args.dest!r}])  (manifest: {summary.manifest})"
+    _out(args, summary.as_dict(), text)
+    return 0
+
+
+def _import_fn(spec: str) -> Callable[..., Any]:
+    """``MODULE:FUNCTION`` -> the function (the module is imported as Python imports it)."""
+    import importlib
+
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ShardkitError(f"--fn {spec!r}: expected MODULE:FUNCTION, e.g. mycaptions:caption")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ShardkitError(f"--fn {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ShardkitError(f"--fn {spec!r} is not a function")
+    return fn  # type: ignore[no-any-return]
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -241,6 +295,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cat": cmd_cat,
     "verify": cmd_verify,
     "stats": cmd_stats,
+    "companion": cmd_companion,
     "demo": cmd_demo,
     "doctor": cmd_doctor,
     "bench": cmd_bench,

@@ -83,6 +83,28 @@ def decode_size(text: str) -> int | str | None:
 
 
 SHARDS_HELP = "shards: one or more files, brace patterns, globs, folders, manifests, http(s):// or s3:// URLs"
+JOIN_HELP = "a companion set of SHARDS (its manifest or folder) whose fields to add; repeat for several"
+
+
+def winner(text: str) -> tuple[str, int]:
+    """``FIELD=PART`` of --join-wins: the part (0 the base, 1 the first --join...) whose FIELD is kept."""
+    field, sep, number = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=PART, e.g. txt=1, got {text!r}")
+    return field, at_least(0)(number)
+
+
+def add_join(p: argparse.ArgumentParser, *, wins: bool = True) -> None:
+    p.add_argument("--join", action="append", default=[], metavar="COMPANION", help=JOIN_HELP)
+    if wins:
+        p.add_argument(
+            "--join-wins",
+            action="append",
+            default=[],
+            type=winner,
+            metavar="FIELD=PART",
+            help="for a field two parts hold: the part whose value is shown (0 the base, 1 the first --join, ...)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,19 +237,67 @@ def build_parser() -> argparse.ArgumentParser:
     ls = add("ls", "list samples and their fields", "shardkit ls shards/*.tar -n 5")
     ls.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
     ls.add_argument("-n", type=at_least(1), default=20, help="how many samples (default 20)")
+    add_join(ls)
 
     c = add("cat", "write one field of one sample to stdout", "shardkit cat shards/ 000042 --field jpg > x.jpg")
     c.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
     c.add_argument("key", help="the sample's key (see shardkit ls)")
     c.add_argument("--field", help="extension of the field (default: the only one)")
+    add_join(c)
 
     v = add(
         "verify",
-        "parse every shard and check it against the manifest and indexes",
-        "shardkit verify shards/data.manifest.json --decode",
+        "parse every shard and check it against the manifest and indexes (and a companion against its base)",
+        "shardkit verify shards/data.manifest.json --decode --join captions/",
     )
     v.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)
     v.add_argument("--decode", action="store_true", help="also decode every image")
+    v.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="COMPANION",
+        help="a companion set of SHARDS to verify too, and against them: base manifest sha256, shards, "
+        "keys in order; repeat for several",
+    )
+
+    co = add(
+        "companion",
+        "write new fields for an existing shard set (captions, labels, embeddings) without rewriting it",
+        "shardkit companion shards/ captions/ --from captions.parquet --key-column key",
+    )
+    co.add_argument("base", help="the base set: its manifest (NAME.manifest.json) or folder, local, http(s):// or s3://")
+    co.add_argument("dest", help="output folder of the companion set")
+    source = co.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--from",
+        dest="table",
+        metavar="TABLE",
+        help="a .csv, .tsv, .jsonl or .parquet table, one row per key: the caption column becomes txt, "
+        "a class column cls, the others json",
+    )
+    source.add_argument(
+        "--fn",
+        metavar="MODULE:FUNCTION",
+        help="a function of the raw base sample returning a dict of new fields (imported from MODULE)",
+    )
+    co.add_argument("--key-column", help="the table's key column (default: key)")
+    co.add_argument(
+        "--missing",
+        choices=("error", "skip", "empty"),
+        default="error",
+        help="a base key without a row (or fn returning None): error (default), skip (a marker keeps the "
+        "place; joined reads leave the sample out) or empty (the table's fields, empty)",
+    )
+    co.add_argument("--name", help="the companion's manifest name (default: the base's)")
+    co.add_argument(
+        "--workers",
+        type=at_least(1),
+        help="processes running --fn (default: CPU cores; a table: 1); the output is byte-identical for any number",
+    )
+    co_again = co.add_mutually_exclusive_group()
+    co_again.add_argument("--overwrite", action="store_true", help="replace a companion of the same name in DEST")
+    co_again.add_argument("--resume", action="store_true", help="finish an interrupted companion write")
 
     s = add("stats", "samples, bytes, field types and label histogram per shard", "shardkit stats shards/")
     s.add_argument("urls", nargs="+", metavar="SHARDS", help=SHARDS_HELP)

@@ -18,8 +18,8 @@ from ..plan.epoch import EpochInfo, EpochPlanner, Topology
 from ..plan.state import ResumeState
 from ..storage.backend import SourceOptions, merge_source_options
 from .base import Batching, PlannedDataset
-from .pipeline import SamplePipeline, collate, make_handler
 from .join import Join, JoinedReader, JoinSpec, open_join
+from .pipeline import SamplePipeline, collate, make_handler
 from .reader import CacheCounters, ReadStats, ShardReader
 from .stages import KEEP, Decoding, HooksFactory, Keep, StageHooks
 from .urls import ShardList, resolve_shards

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 JoinSpec = str | Sequence[str]
 
 
+class MissingInCompanion(SampleError):
+    """Random access (``ShardMap``) to a sample a companion holds as missing."""
+
+
 @dataclass(frozen=True)
 class JoinPart:
     """One companion, its shards aligned with the base's (shard i holds base shard i's fields)."""
@@ -186,7 +190,7 @@ def _check_wins(wins: Mapping[str, int], base_fields: tuple[str, ...], parts: li
         name, held = sorted(clashes.items())[0]
         raise ShardkitError(
             f"field {name!r} is in {' and '.join(labels[n] for n in held)}; name the part whose value is kept, "
-            f"e.g. join_wins={{{name!r}: {held[-1]}}}" + (f" (also: {', '.join(sorted(clashes)[1:])})" if len(clashes) > 1 else "")
+            f"e.g. join_wins={{{name!r}: {held[-1]}}} (--join-wins {name}={held[-1]})" + (f" (also: {', '.join(sorted(clashes)[1:])})" if len(clashes) > 1 else "")
         )
     return out
 

@@ -38,6 +38,7 @@ from ..format.samples import Sample, group_members, split_name
 from ..format.tar import iter_member_tuples
 from ..storage.backend import SourceOptions, merge_source_options
 from ..storage.dispatch import local_path, open_stream, read_bytes, scheme_of
+from .join import Join, JoinSpec, MissingInCompanion, open_join
 from .pipeline import SamplePipeline, make_handler
 from .stages import Decoding
 from .urls import resolve_shards
@@ -70,6 +71,11 @@ class ShardMap(Dataset):
             (default True, as for ``ShardDataset``).
         max_open_files: local shard files kept open per process (LRU).
         max_indexes: decoded shard indexes kept in memory per process (LRU).
+        join, join_wins: companion sets whose fields every sample gains, as for
+            ``ShardDataset`` (checked to line up when the map opens); ``m[i]`` reads
+            sample i of every part. A sample a companion holds as missing
+            (``missing="skip"``) is absent: ``m[i]`` raises
+            :class:`~shardkit.read.join.MissingInCompanion`, ``get`` returns None.
 
     If several samples share a key, ``get`` returns the first in shard order.
     """
@@ -92,6 +98,8 @@ class ShardMap(Dataset):
         max_open_files: int = DEFAULT_MAX_OPEN_FILES,
         max_indexes: int = DEFAULT_MAX_INDEXES,
         exif_orientation: bool = True,
+        join: Sequence[JoinSpec] | None = None,
+        join_wins: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if handler != "raise":
@@ -112,6 +120,16 @@ class ShardMap(Dataset):
         shards = resolve_shards(urls, options=self.options)
         self.urls: list[str] = shards.urls
         self.sha256 = shards.sha256
+        if join_wins is not None and not join:
+            raise ValueError("join_wins decides between the parts of a join; there is no join=")
+        self.join: Join | None = None
+        self.companions: list[ShardMap] = []  # one raw reader per companion, shards aligned with ours
+        if join is not None:
+            self.join = open_join(shards, join, wins=join_wins, options=self.options)
+            self.companions = [
+                ShardMap(part.urls, source_options=self.options, max_open_files=max_open_files, max_indexes=max_indexes)
+                for part in self.join.parts
+            ]
         pipes = [u for u in self.urls if scheme_of(u) == "pipe"]
         if pipes and not self.options.cache_dir:
             raise ShardkitError(
@@ -199,9 +217,15 @@ class ShardMap(Dataset):
         return self._process(self.raw(shard, j))
 
     def get(self, key: str) -> Any | None:
-        """The sample with ``__key__ == key`` (decoded/transformed), or None when absent."""
+        """The sample with ``__key__ == key`` (decoded/transformed), or None when absent
+        (with ``join``: also when a companion holds it as missing)."""
         position = self.position(key)
-        return None if position is None else self[position]
+        if position is None:
+            return None
+        try:
+            return self[position]
+        except MissingInCompanion:
+            return None
 
     def position(self, key: str) -> int | None:
         """Global position of the sample with this key (the first, if repeated), or None."""
@@ -217,7 +241,21 @@ class ShardMap(Dataset):
 
     # -- reading ---------------------------------------------------------------------------
     def raw(self, shard: int, j: int) -> Sample:
-        """Sample ``j`` of shard ``shard`` as raw bytes (``__key__``, ``__url__``, fields)."""
+        """Sample ``j`` of shard ``shard`` as raw bytes (``__key__``, ``__url__``, fields),
+        with the fields of every companion when joined."""
+        sample = self._raw(shard, j)
+        if self.join is None:
+            return sample
+        joined = self.join.merge([sample, *(c.raw(shard, j) for c in self.companions)], self.urls[shard])
+        if joined is None:
+            raise MissingInCompanion(
+                "a companion holds this sample as missing (written with missing='skip')",
+                url=self.urls[shard],
+                key=sample["__key__"],
+            )
+        return joined
+
+    def _raw(self, shard: int, j: int) -> Sample:
         self._own_process()
         offsets = self._offsets(shard)
         start, stop = int(offsets[j]), int(offsets[j + 1])
