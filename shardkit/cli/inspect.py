@@ -197,7 +197,8 @@ def _check_companion(
     data = read_bytes(base.manifest_url, options=options) or b""
     names = [_name(u) for u in base.urls]
     for shard, message in alignment_problems(base.manifest, manifest_sha256(data), companion.manifest, shards=names):
-        report.problems.append(Problem(companion.manifest_url or spec, f"shard {shard}: {message}" if shard else message))
+        where = companion.manifest_url or spec
+        report.problems.append(Problem(where, f"shard {shard}: {message}" if shard else message))
     by_name = {s.name: s for s in companion.manifest.shards}
     for i, name in enumerate(_bar(names, progress)):
         info = by_name.get(companion_shard_name(name))

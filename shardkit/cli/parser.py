@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         "write new fields for an existing shard set (captions, labels, embeddings) without rewriting it",
         "shardkit companion shards/ captions/ --from captions.parquet --key-column key",
     )
-    co.add_argument("base", help="the base set: its manifest (NAME.manifest.json) or folder, local, http(s):// or s3://")
+    co.add_argument(
+        "base", help="the base set: its manifest (NAME.manifest.json) or folder, local, http(s):// or s3://"
+    )
     co.add_argument("dest", help="output folder of the companion set")
     source = co.add_mutually_exclusive_group(required=True)
     source.add_argument(

@@ -183,14 +183,17 @@ def _check_wins(wins: Mapping[str, int], base_fields: tuple[str, ...], parts: li
         if number not in held:
             raise ShardkitError(f"join_wins[{name!r}] names {labels[number]}, which has no field {name!r}")
         if len(held) < 2:
-            raise ShardkitError(f"join_wins[{name!r}]: only {labels[number]} has field {name!r}; there is nothing to decide")
+            raise ShardkitError(
+                f"join_wins[{name!r}]: only {labels[number]} has field {name!r}; there is nothing to decide"
+            )
         out[name.lower()] = number
     clashes = {name: held for name, held in holders.items() if len(held) > 1 and name not in out}
     if clashes:
         name, held = sorted(clashes.items())[0]
+        also = f" (also: {', '.join(sorted(clashes)[1:])})" if len(clashes) > 1 else ""
         raise ShardkitError(
             f"field {name!r} is in {' and '.join(labels[n] for n in held)}; name the part whose value is kept, "
-            f"e.g. join_wins={{{name!r}: {held[-1]}}} (--join-wins {name}={held[-1]})" + (f" (also: {', '.join(sorted(clashes)[1:])})" if len(clashes) > 1 else "")
+            f"e.g. join_wins={{{name!r}: {held[-1]}}} (--join-wins {name}={held[-1]}){also}"
         )
     return out
 
@@ -275,7 +278,9 @@ class JoinedReader(ShardReader):
         joined = (s for s in self._joined(shard, rows, planned=False) if s is not None)
         return self.read_hooks.wrap_iter("read", joined)
 
-    def _joined(self, shard: int, rows: Iterator[tuple[Sample | None, ...]], *, planned: bool) -> Iterator[Sample | None]:
+    def _joined(
+        self, shard: int, rows: Iterator[tuple[Sample | None, ...]], *, planned: bool
+    ) -> Iterator[Sample | None]:
         url = self.urls[shard]
         before = [(p.stats.bytes_read, p.stats.shards_opened) for p in self.parts]
         try:
@@ -308,7 +313,9 @@ class JoinedReader(ShardReader):
         """Unplanned reading: one part's shard ended before another's."""
         labels = ["the base", *(p.label for p in self.join.parts)]
         ended = [labels[i] for i, s in enumerate(row) if s is None]
-        e = ShardkitError(f"{self.urls[shard]}: {', '.join(ended)} ended before the other parts: the parts are not aligned")
+        e = ShardkitError(
+            f"{self.urls[shard]}: {', '.join(ended)} ended before the other parts: the parts are not aligned"
+        )
         _note_lost(e, 0)
         self.handler(e)
         self.stats.skipped += 1

@@ -2,9 +2,10 @@
 
 ::
 
-    base manifest ──▶ base samples, in order ──▶ worker processes (pool.py): ──▶ ONE assembler: ──▶ ShardWriter
-    (its shards)      (key tables only, for a    fn(sample), or the table's    one companion shard    (the base's shard
-                       table)                    row, -> new fields, encoded   per base shard         names, .idx, manifest)
+    base manifest ──▶ base samples, in order ──▶ workers (pool.py):  ──▶ ONE assembler: ──▶ ShardWriter
+    (its shards)      (key tables only, for a    fn(sample), or the    one companion shard   (the base's shard
+                       table)                    table's row -> new    per base shard        names, .idx,
+                                                 fields, encoded                             manifest)
 
 The companion has exactly the base's shards (same names, boundaries, keys and order,
 see :mod:`shardkit.format.companion`) and a manifest that records the base manifest's
@@ -105,7 +106,9 @@ class BaseSet:
     def _check_count(self, shard: int, n: int) -> None:
         want = self.manifest.shards[shard].samples
         if n != want:
-            raise ShardkitError(f"{self.urls[shard]}: has {n} samples, the base manifest {self.manifest_url} says {want}")
+            raise ShardkitError(
+                f"{self.urls[shard]}: has {n} samples, the base manifest {self.manifest_url} says {want}"
+            )
 
 
 def open_base(base: str, options: SourceOptions = DEFAULT_OPTIONS) -> BaseSet:

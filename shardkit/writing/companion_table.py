@@ -100,7 +100,8 @@ class TableLookup:
         key_column = key_column or ("key" if "key" in columns else None)
         if key_column is None or key_column not in columns:
             raise ShardkitError(
-                f"{path}: no key column {key_column or 'key'!r} (columns: {', '.join(columns)}); name it with --key-column"
+                f"{path}: no key column {key_column or 'key'!r} (columns: {', '.join(columns)}); "
+                "name it with key_column (--key-column)"
             )
         plan = ColumnPlan.for_columns(columns, key_column, path)
         rows: dict[str, dict[str, Any]] = {}
