@@ -30,6 +30,7 @@ __all__ = [
     "format_size",
     "parse_size",
     "write",
+    "write_companion",
     "__version__",
 ]
 
@@ -41,6 +42,10 @@ def __getattr__(name: str):
         from .writing import driver
 
         return getattr(driver, name)
+    if name == "write_companion":
+        from .writing.companion import write_companion
+
+        return write_companion
     if name == "ShardDataset":
         from .read.dataset import ShardDataset
 

@@ -8,7 +8,9 @@
 - ``resume``: the resume record; ``result``: WriteResult, built from the manifest;
 - ``writer``: ShardWriter (size-bounded, deterministic shards, sidecars, manifest);
 - ``merge``: ``--part I/N`` outputs joined into one dataset; ``indexer``: sidecars for
-  existing tars (``shardkit index``).
+  existing tars (``shardkit index``);
+- ``companion``: :func:`shardkit.write_companion`, new fields for an existing set in shards
+  aligned with it (``companion_table``: its table form).
 
 (Named ``writing`` because ``shardkit.write`` is the function users call.)
 """

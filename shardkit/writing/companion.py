@@ -153,6 +153,10 @@ def _manifest_url(base: str, options: SourceOptions) -> str:
 Item = tuple[str, str, Any]
 
 
+class NoNewFields(LookupError):
+    """A base key got no new fields and ``missing="error"`` (the pool names the shard and key)."""
+
+
 @dataclass(frozen=True)
 class FieldsWork:
     """One base sample to its companion sample, in a worker (picklable when ``fields`` is).
@@ -165,22 +169,25 @@ class FieldsWork:
     fields: Callable[[Any], Mapping[str, Any] | None]
     missing: str = "error"
     empty: Mapping[str, Any] | None = None  # the fields missing="empty" writes
+    absent: str = "fn returned None for it"  # why a key has no fields, for the message
 
     def __call__(self, item: Item) -> tuple[bool, dict[str, Any]]:
-        where, key, payload = item
+        _, key, payload = item
         out = self.fields(payload)
         if out is not None and not isinstance(out, Mapping):
             raise TypeError(f"fn returned a {type(out).__name__}; return a dict of new fields, or None")
         new = {k: v for k, v in (out or {}).items() if not k.startswith("_")}
         if out is not None and out.get("__key__", key) != key:
-            raise ShardkitError(f"fn returned __key__ {out['__key__']!r} for base sample {key!r}; keys stay the base's")
+            raise ValueError(f"fn returned __key__ {out['__key__']!r}; a companion's keys stay the base's")
         if new:
             return False, {"__key__": key, **{ext: encode_field(ext, value) for ext, value in new.items()}}
         if self.missing == "skip":
             return True, {"__key__": key, MISSING: b""}
         if self.missing == "empty" and self.empty is not None:
             return True, {"__key__": key, **{ext: encode_field(ext, value) for ext, value in self.empty.items()}}
-        raise ShardkitError(f"{where}: no new fields for key {key!r} (missing={self.missing!r})")
+        raise NoNewFields(
+            f"{self.absent}; with missing='error' that stops the write (missing='skip' keeps its place with a marker)"
+        )
 
 
 @dataclass(frozen=True)
@@ -293,7 +300,8 @@ def write_companion(
 
         assert table is not None
         lookup = TableLookup.open(os.fspath(table), key_column=key_column)
-        work = FieldsWork(lookup.plan, missing, lookup.plan.empty() if missing == "empty" else None)
+        empty = lookup.plan.empty() if missing == "empty" else None
+        work = FieldsWork(lookup.plan, missing, empty, f"{os.fspath(table)} has no row for it")
         fingerprint.update(lookup.fingerprint)
         batch_size, prefetch = 64, 2
         workers = workers or 1
@@ -376,6 +384,8 @@ def write_companion(
             shard = bisect.bisect_right(starts_at, index) - 1
             finish_through(shard)
             writer.write(sample)
+            if index + 1 == starts_at[shard + 1]:  # its last sample: finish it now, not at the next one
+                finish_through(shard + 1)
             if was_missing:
                 missing_keys.append((names[shard], sample["__key__"]))
             if bar is None and show:  # after the workers start: tqdm starts a thread
