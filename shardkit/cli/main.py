@@ -415,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     b.set_defaults(func=cmd_bench)
+
+    from .show import add_show_parser
+
+    add_show_parser(sub, parents=[common])
     return parser
 
 
