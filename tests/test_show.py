@@ -168,7 +168,10 @@ def test_tiles_show_the_decoded_pixels(photos, tmp_path, tile):
 def test_tiles_after_a_seeded_transform(photos, tmp_path):
     out = str(tmp_path / "sheet.png")
     args = ["-o", out, "-q", "--count", "6", "--tile", "112", "--transform", "rrc224+flip", "--seed", "7"]
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
     assert show(photos, *args) == 0
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
     layout = layout_for(6, tile=112)
     sheet = Image.open(out).convert("RGB")
     fn = make_transform("rrc224+flip")
@@ -200,9 +203,26 @@ def test_collect_tiles_captions_label_names_and_sizes(photos):
         assert tile.meta["jpg"] == f"image {tile.sizes}" and tile.meta["__url__"].endswith(".tar")
     tiles, _ = collect_tiles(photos, count=2, fields="jpg txt", transform="resize256+center224")
     assert [t.caption for t in tiles] == CAPTIONS[:2]
-    assert [t.sizes for t in tiles] == ["64×96 → 224×224", "96×64 → 224×224"]
+    assert [t.sizes for t in tiles] == ["64×96→224×224", "96×64→224×224"]
     with pytest.raises(ValueError, match="txt is not an image field"):
         collect_tiles(photos, fields="txt jpg")
+
+
+def test_phone_photos_stand_upright(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 is shown as the camera meant it."""
+    from PIL import ImageOps
+
+    stored = Image.open(io.BytesIO(blocks(0, (96, 64))))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    with ShardWriter(str(tmp_path), name="data") as w:
+        w.write({"__key__": "phone", "jpg": buf.getvalue()})
+    tiles, _ = collect_tiles(str(tmp_path), count=1)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+    assert upright.size == (64, 96) and tiles[0].sizes == "64×96"
+    assert diff(tiles[0].image, upright, (4, 6)) < 4 and diff(tiles[0].image, stored.resize((64, 96)), (4, 6)) > 30
 
 
 def test_select_keys_in_order_and_missing(photos, tmp_path, caplog, capsys):

@@ -56,7 +56,7 @@ class Tile:
     url: str | None = None
     image: Image.Image | None = None
     caption: str = ""  # label name and/or text, "\n" between paragraphs
-    sizes: str = ""  # e.g. "640×480" or "640×480 → 224×224", shown on the key line
+    sizes: str = ""  # e.g. "640×480", or "640×480→224×224" after a transform; on the key line
     error: str | None = None  # undecodable: the reason
     meta: dict[str, Any] = field(default_factory=dict)  # the sample as JSON (the HTML page shows it)
 

@@ -13,11 +13,12 @@ line and leaves a marked tile in its place. The drawing is :mod:`.sheet` (PNG) a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ShardkitError
@@ -93,7 +94,7 @@ class SeededTransform:
 
         torch.manual_seed(tile_seed(self.seed, str(sample.get("__key__"))))
         sample[field] = self.fn(sample[field])
-        sample["__sizes__"] = f"{before} → {_size(sample[field])}"
+        sample["__sizes__"] = f"{before}→{_size(sample[field])}"
         return sample
 
 
@@ -216,18 +217,21 @@ def collect_tiles(
     limit = min(count, len(wanted)) if wanted else count
     tiles: list[Tile] = []
     shown: set[str] = set()
-    for item in _with_errors(iter(ds), errors):
-        if isinstance(item, Exception):
-            log.warning("undecodable sample, drawn as a marked tile: %s", item)
-            tile = failed_tile(item)
-        else:
-            tile = make_tile(item, caption_slots, classes)
-        if wanted and (tile.key not in wanted_set or tile.key in shown):
-            continue  # a read error outside the keys asked for (logged), or a repeated key
-        tiles.append(tile)
-        shown.add(tile.key)
-        if len(tiles) >= limit:
-            break
+    samples = iter(ds)
+    # --transform seeds torch's global RNG per sample: the caller's RNG state is restored after.
+    with _own_rng(transform != "none"), contextlib.closing(_with_errors(samples, errors)) as items:
+        for item in items:
+            if isinstance(item, Exception):
+                log.warning("undecodable sample, drawn as a marked tile: %s", item)
+                tile = failed_tile(item)
+            else:
+                tile = make_tile(item, caption_slots, classes)
+            if wanted and (tile.key not in wanted_set or tile.key in shown):
+                continue  # a read error outside the keys asked for (logged), or a repeated key
+            tiles.append(tile)
+            shown.add(tile.key)
+            if len(tiles) >= limit:
+                break
     if wanted:
         order = {k: i for i, k in enumerate(wanted)}
         tiles.sort(key=lambda t: order[t.key])
@@ -235,19 +239,29 @@ def collect_tiles(
     return tiles, missing
 
 
-def _with_errors(samples: Iterator[Any], errors: list[Exception]) -> Iterator[Any]:
+def _own_rng(seeded: bool) -> contextlib.AbstractContextManager[Any]:
+    if not seeded:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.random.fork_rng(devices=[])
+
+
+def _with_errors(samples: Iterator[Any], errors: list[Exception]) -> Generator[Any, None, None]:
     """The dataset's samples with the errors its handler saw, in stream order (the
-    handler runs synchronously, just before the next sample comes out)."""
-    while True:
-        try:
-            sample = next(samples)
-        except StopIteration:
-            break
+    handler runs synchronously, just before the next sample comes out). Closing this
+    closes the dataset's iterator, and with it any open shard stream."""
+    try:
+        for sample in samples:
+            while errors:
+                yield errors.pop(0)
+            yield sample
         while errors:
             yield errors.pop(0)
-        yield sample
-    while errors:
-        yield errors.pop(0)
+    finally:
+        close = getattr(samples, "close", None)
+        if close is not None:
+            close()
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -321,7 +335,7 @@ def add_show_parser(subparsers: Any, *, parents: Sequence[argparse.ArgumentParse
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --transform and --shuffle (default 0)")
     p.add_argument("--shuffle", action="store_true", help="shuffled shard order and a 1000-sample shuffle buffer")
-    p.add_argument("--select", nargs="+", metavar="KEY", help="show these keys (in this order)")
+    p.add_argument("--select", nargs="+", metavar="KEY", help="show these keys, in this order (after the URLs)")
     p.add_argument(
         "--fields",
         default=DEFAULT_FIELDS,
