@@ -349,6 +349,18 @@ def test_http_and_gzip_shards_through_nginx(photos, tmp_path, capsys, monkeypatc
         assert len(os.listdir(tmp_path / "page" / "thumbs")) == 3
 
 
+def test_s3_shards(photos, s3_server):
+    client = s3_server.client()
+    for name in sorted(os.listdir(photos)):
+        client.upload_file(os.path.join(photos, name), s3_server.bucket, f"show/{name}")
+    local = collect_tiles(photos, count=10, transform="rrc224+flip", seed=2)[0]
+    remote, missing = collect_tiles(f"s3://{s3_server.bucket}/show/", count=10, transform="rrc224+flip", seed=2)
+    assert missing == []
+    for want, got in pairs(local, remote):
+        assert (got.key, got.caption, got.sizes) == (want.key, want.caption, want.sizes)
+        assert np.array_equal(np.asarray(got.image), np.asarray(want.image)), got.key
+
+
 # -- the HTML page -------------------------------------------------------------------------
 
 

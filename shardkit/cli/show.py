@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ShardkitError
 
+# The CLI builds every subparser on each run: the drawing, decoding and torch imports
+# (doctor's presets import torch) wait until ``show`` runs.
 if TYPE_CHECKING:
     from PIL import Image
 
     from .sheet import Tile
 
-# The CLI builds every subparser on each run: the drawing, decoding and torch imports
-# (doctor's presets import torch) wait until ``show`` runs.
 log = logging.getLogger(__name__)
 
 IMAGE_FIELDS = "jpg;jpeg;png;webp;ppm;pgm;pbm;pnm;bmp;tif;tiff;gif;npy"
@@ -182,8 +182,8 @@ def collect_tiles(
     shuffle: bool = False,
 ) -> tuple[list[Tile], list[str]]:
     """Up to ``count`` tiles from the shards (only ``keys`` when given, in that order,
-    each once), and the keys asked for that the shards do not hold. ``fields``: the image field's
-    alternatives, then one slot per caption line (e.g. ``"jpg;png cls txt"``)."""
+    each once), and the keys asked for that the shards do not hold. ``fields``: the image
+    field's alternatives, then one slot per caption line (e.g. ``"jpg;png cls txt"``)."""
     from ..decode.fields import IMAGE_EXTENSIONS
     from ..read.dataset import ShardDataset
     from ..read.pipeline import parse_fields
