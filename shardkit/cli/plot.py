@@ -70,8 +70,8 @@ def plot_stage_times(diagnosis: Diagnosis, path: str) -> list[Bar]:
     per_px = BAR_SPACE / scale_max
     titles = [
         f"{d.rate:,.0f} img/s · {d.workers} workers × {d.threads} threads · {d.cores} cores · bound: {d.bound or '?'}",
-        "ms per image, summed over workers",
-        "against decode + transform on one core",
+        "wall-clock ms per image in each stage, summed over workers",
+        "the loader against decode + transform alone on one core (CPU time)",
     ]
     top = 14 + 2 * font.line_height
     height = top + sum(len(g) for g in groups) * ROW + len(groups) * (font.line_height + 10) + 10
@@ -83,6 +83,7 @@ def plot_stage_times(diagnosis: Diagnosis, path: str) -> list[Bar]:
     for title, group in zip(titles[1:], groups):
         font.draw(draw, (12, y), title, fill=(90, 90, 90))
         y += font.line_height + 8
+        draw.line((LABEL_WIDTH - 1, y - 4, LABEL_WIDTH - 1, y + len(group) * ROW - 2), fill=(120, 120, 120))
         for label, value, colour in group:
             font.draw(draw, (LABEL_WIDTH - 10 - round(font.width(label)), y), label, fill=(20, 20, 20))
             length = round(max(0.0, value) * per_px)
@@ -93,6 +94,5 @@ def plot_stage_times(diagnosis: Diagnosis, path: str) -> list[Bar]:
             bars.append(Bar(label, value, colour, box))
             y += ROW
         y += 2
-    draw.line((LABEL_WIDTH - 1, top, LABEL_WIDTH - 1, y), fill=(120, 120, 120))
     image.save(path)
     return bars
