@@ -29,7 +29,7 @@ def emitted_ids(planner: EpochPlanner, topo: Topology, stages=()) -> dict[tuple[
     for r in range(topo.world_size):
         for w in range(topo.streams):
             plan, _ = planner.plan(topo, rank=r, worker=w, stages=stages)
-            out[r, w] = [int(plan.ids[p]) for p in plan.emission_order()]
+            out[r, w] = list(plan.emitted_ids())
     return out
 
 
