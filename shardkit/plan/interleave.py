@@ -43,6 +43,46 @@ def seed64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+def block_labels(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of blocks, one per row: block ``i`` holds ``counts[i, p]`` labels ``p`` in
+    the order of hashed keys seeded by ``keys[i]``. Returns ``(blocks, BLOCK)`` labels
+    (a short block's tail is filler) and each block's length."""
+    lengths = counts.sum(axis=1)
+    slot = np.arange(BLOCK)[None, :]
+    hashed = mix64_array(keys[:, None] + slot.astype(np.uint64))
+    hashed[slot >= lengths[:, None]] = np.iinfo(np.uint64).max  # past a short block's end
+    order = np.argsort(hashed, axis=1, kind="stable")
+    cum = np.cumsum(counts, axis=1)[:, :-1]
+    in_key_order = (slot[:, :, None] >= cum[:, None, :]).sum(axis=2)  # label of the t-th smallest key
+    labels = np.empty_like(in_key_order)
+    np.put_along_axis(labels, order, in_key_order, axis=1)
+    return labels, lengths
+
+
+def counts_before_many(labels: Sequence[Interleave], emitted: Sequence[int]) -> np.ndarray:
+    """``labels[i].counts_before(emitted[i])`` for many sequences of as many parts at once
+    (a stage's workers), as a ``(sequences, parts)`` array."""
+    out = np.zeros((len(labels), len(labels[0].sizes) if labels else 0), dtype=np.int64)
+    partial, keys, counts, into = [], [], [], []
+    for i, (seq, x) in enumerate(zip(labels, emitted)):
+        if not 0 <= x <= seq.total:
+            raise ValueError(f"resume state says {x} samples were emitted but the plan has only {seq.total}")
+        block, rest = divmod(x, BLOCK)
+        out[i] = seq.boundary_counts(block * BLOCK)
+        if rest:
+            partial.append(i)
+            keys.append(seq.block_key(block))
+            counts.append(np.subtract(seq.boundary_counts(min((block + 1) * BLOCK, seq.total)), out[i]))
+            into.append(rest)
+    if partial:
+        block, _ = block_labels(np.array(keys, dtype=np.uint64), np.array(counts, dtype=np.int64))
+        taken = np.arange(BLOCK)[None, :] < np.array(into)[:, None]
+        parts = out.shape[1]
+        flat = (block + parts * np.arange(len(partial))[:, None])[taken]
+        out[partial] += np.bincount(flat, minlength=parts * len(partial)).reshape(len(partial), parts)
+    return out
+
+
 class Interleave:
     """A seeded sequence of part labels holding exactly ``sizes[i]`` labels ``i``."""
 
@@ -55,58 +95,51 @@ class Interleave:
             self.prefix.append(self.prefix[-1] + s)
         self.total = self.prefix[-1]
         self.key = seed64(rng_seed)
+        self._nodes: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
     def __len__(self) -> int:
         return self.total
 
-    def _schedule(self, x: int, lo: int, hi: int, out: list[int]) -> None:
-        """Add the labels of parts ``lo..hi-1`` among the first ``x`` of their group to ``out``."""
-        if hi - lo == 1 or x == 0:
-            out[lo] += x
-            return
-        mid = (lo + hi) // 2
-        group = self.prefix[hi] - self.prefix[lo]
-        left = self.prefix[mid] - self.prefix[lo]
-        u = mix64(self.key ^ mix64((lo << 32) | hi))
-        to_left = (x * left * (1 << 64) + u * group) // (group << 64)
-        self._schedule(to_left, lo, mid, out)
-        self._schedule(x - to_left, mid, hi, out)
+    def _split_node(self, lo: int, hi: int) -> tuple[int, int, int, int]:
+        """(mid, left, group, offset) of the parts tree's node over parts ``lo..hi-1``."""
+        node = self._nodes.get((lo, hi))
+        if node is None:
+            mid = (lo + hi) // 2
+            group = self.prefix[hi] - self.prefix[lo]
+            node = (mid, self.prefix[mid] - self.prefix[lo], group, mix64(self.key ^ mix64((lo << 32) | hi)))
+            self._nodes[(lo, hi)] = node
+        return node
 
     def boundary_counts(self, x: int) -> list[int]:
-        """Labels of each part among the first ``x`` when ``x`` is a block boundary (or the end)."""
+        """Labels of each part among the first ``x`` when ``x`` is a block boundary (or the end):
+        each tree node sends ``floor(x * left / group + u)`` of its ``x`` to its left half."""
         out = [0] * len(self.sizes)
-        if self.sizes:
-            self._schedule(x, 0, len(self.sizes), out)
+        todo = [(0, len(self.sizes), x)] if self.sizes else []
+        while todo:
+            lo, hi, n = todo.pop()
+            if hi - lo == 1 or n == 0:
+                out[lo] += n
+                continue
+            mid, left, group, u = self._split_node(lo, hi)
+            to_left = (n * left * (1 << 64) + u * group) // (group << 64)
+            todo.append((lo, mid, to_left))
+            todo.append((mid, hi, n - to_left))
         return out
+
+    def block_key(self, block: int) -> int:
+        return mix64(self.key ^ mix64(block + (1 << 40)))
 
     def _blocks(self, first: int, stop: int) -> np.ndarray:
         """Labels of blocks ``first..stop-1`` (the last block may be short), concatenated."""
-        parts = len(self.sizes)
         edges = [min(b * BLOCK, self.total) for b in range(first, stop + 1)]
         at = np.array([self.boundary_counts(x) for x in edges], dtype=np.int64)  # (blocks + 1, parts)
-        counts = np.diff(at, axis=0)
-        lengths = np.diff(np.array(edges, dtype=np.int64))
-        keys0 = np.array([mix64(self.key ^ mix64(b + (1 << 40))) for b in range(first, stop)], dtype=np.uint64)
-        keys = mix64_array(keys0[:, None] + np.arange(BLOCK, dtype=np.uint64)[None, :])
-        slot = np.arange(BLOCK)[None, :]
-        keys[slot >= lengths[:, None]] = np.iinfo(np.uint64).max  # past a short block's end
-        order = np.argsort(keys, axis=1, kind="stable")
-        cum = np.cumsum(counts, axis=1)[:, : parts - 1]
-        in_key_order = (slot[:, :, None] >= cum[:, None, :]).sum(axis=2)  # label of the t-th smallest key
-        labels = np.empty_like(in_key_order)
-        np.put_along_axis(labels, order, in_key_order, axis=1)
-        return labels[slot < lengths[:, None]]
+        keys = np.array([self.block_key(b) for b in range(first, stop)], dtype=np.uint64)
+        labels, lengths = block_labels(keys, np.diff(at, axis=0))
+        return labels[np.arange(BLOCK)[None, :] < lengths[:, None]]
 
     def counts_before(self, x: int) -> list[int]:
         """Labels of each part among the first ``x``."""
-        if not 0 <= x <= self.total:
-            raise ValueError(f"resume state says {x} samples were emitted but the plan has only {self.total}")
-        block, into = divmod(x, BLOCK)
-        out = self.boundary_counts(block * BLOCK)
-        if into:
-            extra = np.bincount(self._blocks(block, block + 1)[:into], minlength=len(self.sizes))
-            out = [a + int(b) for a, b in zip(out, extra.tolist())]
-        return out
+        return counts_before_many([self], [x])[0].tolist()
 
     def labels(self, start: int = 0) -> Iterator[int]:
         """The labels from position ``start`` on."""

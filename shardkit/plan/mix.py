@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .epoch import EpochInfo, Stage, Topology, WorkerPlan, check_cell, check_stage, continues, stream_plan
-from .interleave import Interleave
+from .interleave import Interleave, counts_before_many
 from .layout import Layout, padded_dropped
 from .ranges import After, Level, Whole
 from .source import PassChain
@@ -168,9 +168,12 @@ class MixPlanner:
         whole = emitted == sizes.sum(axis=0)
         out[:, whole] = sizes[:, whole]
         streams = stage.topology.streams
-        for s in np.flatnonzero(~whole & (emitted > 0)).tolist():
-            seed = self._rng("labels", stage_no, s // streams, s % streams)
-            out[:, s] = Interleave(sizes[:, s].tolist(), seed).counts_before(int(emitted[s]))
+        cells = np.flatnonzero(~whole & (emitted > 0)).tolist()
+        labels = [
+            Interleave(sizes[:, s].tolist(), self._rng("labels", stage_no, s // streams, s % streams)) for s in cells
+        ]
+        if cells:
+            out[:, cells] = counts_before_many(labels, emitted[cells].tolist()).T
         return out
 
     def _current(self, topology: Topology, stages: Sequence[Stage]) -> tuple[list[Level], int, bool]:

@@ -146,10 +146,10 @@ class After(Level):
         lasts = np.concatenate([firsts[1:], [len(x0)]]) - 1
         c0, c1 = x0[firsts], reach[lasts] if len(x0) else x1
         members = np.bincount(cluster, minlength=len(firsts)) if len(x0) else np.zeros(0, np.int64)
-        split_streams = np.bincount(stream, minlength=len(self.read)) > 1 if len(x0) else np.zeros(0, bool)
+        in_two = np.bincount(stream, minlength=len(self.read)) > 1 if len(x0) else np.zeros(0, bool)
         simple = members == 1
         if len(x0):
-            simple &= ~split_streams[stream[firsts]]
+            simple &= ~in_two[stream[firsts]]
         self._points: list[np.ndarray] = []
         kinds, refs, counts = [], [], []
         for c in range(len(firsts)):
