@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardkit.plan.epoch import EpochPlanner, Stage, Topology
+from shardkit.plan.epoch import EpochPlanner, Stage, Topology, simulate_consumption
 from tests.old_planner import epoch as old
 
 counts_st = st.lists(st.integers(0, 30), min_size=1, max_size=10)
@@ -97,3 +97,10 @@ def test_tiny_remainders_under_pad_wrap_several_times(world, workers, buffer, da
     if second != first:
         stages.append(draw_stage(data, new, second, stages))
     assert_same_plans(new, ref, Topology(world + 1, workers, even="pad", buffer=buffer), stages)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches=st.lists(st.integers(0, 30), min_size=1, max_size=9), taken=st.integers(-2, 300))
+def test_consumption_replay_matches_the_round_robin_loop(batches, taken):
+    got = simulate_consumption(batches, taken)
+    assert len(got) == len(batches) and got == old.simulate_consumption(batches, taken)

@@ -335,13 +335,26 @@ def simulate_consumption(worker_batches: Sequence[int], batches_taken: int) -> l
     """Batches each worker delivered after ``batches_taken`` batches of a DataLoader.
 
     DataLoader takes batches from its workers round-robin, skipping exhausted workers;
-    this replays that to know other ranks' progress from this rank's batch count.
+    this replays that to know other ranks' progress from this rank's batch count. After
+    ``R`` full rounds worker ``w`` gave ``min(b_w, R)``; the largest ``R`` that fits is
+    found by bisection and the rest go to the first workers not yet exhausted.
     """
-    taken = [0] * len(worker_batches)
-    left = batches_taken
-    while left > 0 and any(t < b for t, b in zip(taken, worker_batches)):
-        for w, b in enumerate(worker_batches):
-            if left and taken[w] < b:
-                taken[w] += 1
-                left -= 1
+    batches = [int(b) for b in worker_batches]
+    if batches_taken <= 0:
+        return [0] * len(batches)
+    if batches_taken >= sum(batches):
+        return batches
+    lo, hi = 0, max(batches)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(b, mid) for b in batches) <= batches_taken:
+            lo = mid
+        else:
+            hi = mid - 1
+    taken = [min(b, lo) for b in batches]
+    left = batches_taken - sum(taken)
+    for w, b in enumerate(batches):
+        if left and b > lo:
+            taken[w] += 1
+            left -= 1
     return taken
