@@ -63,7 +63,10 @@ def counts_before_many(labels: Sequence[Interleave], emitted: Sequence[int]) -> 
     """``labels[i].counts_before(emitted[i])`` for many sequences of as many parts at once
     (a stage's workers), as a ``(sequences, parts)`` array."""
     out = np.zeros((len(labels), len(labels[0].sizes) if labels else 0), dtype=np.int64)
-    partial, keys, counts, into = [], [], [], []
+    partial: list[int] = []
+    keys: list[int] = []
+    counts: list[np.ndarray] = []
+    into: list[int] = []
     for i, (seq, x) in enumerate(zip(labels, emitted)):
         if not 0 <= x <= seq.total:
             raise ValueError(f"resume state says {x} samples were emitted but the plan has only {seq.total}")
@@ -75,10 +78,10 @@ def counts_before_many(labels: Sequence[Interleave], emitted: Sequence[int]) -> 
             counts.append(np.subtract(seq.boundary_counts(min((block + 1) * BLOCK, seq.total)), out[i]))
             into.append(rest)
     if partial:
-        block, _ = block_labels(np.array(keys, dtype=np.uint64), np.array(counts, dtype=np.int64))
+        labels_in, _ = block_labels(np.array(keys, dtype=np.uint64), np.array(counts, dtype=np.int64))
         taken = np.arange(BLOCK)[None, :] < np.array(into)[:, None]
         parts = out.shape[1]
-        flat = (block + parts * np.arange(len(partial))[:, None])[taken]
+        flat = (labels_in + parts * np.arange(len(partial))[:, None])[taken]
         out[partial] += np.bincount(flat, minlength=parts * len(partial)).reshape(len(partial), parts)
     return out
 
