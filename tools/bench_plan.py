@@ -92,7 +92,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np  # noqa: F401  (imported before the baseline, as the library does)
 
     from shardkit import Mix, ShardDataset
-    from shardkit.plan.epoch import EpochPlanner, Stage, Topology
+    from shardkit.plan import epoch as new
+    from shardkit.plan.epoch import EpochPlanner, Topology
     from shardkit.plan.mix import MixPlanner
     from shardkit.plan.state import ResumeState
     from shardkit.read.urls import resolve_shards
@@ -122,11 +123,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     elif case.startswith("mix"):
         parts = [ShardDataset(m, shuffle=BUFFER) for m in spec["manifests"]]
         mix = Mix(parts, world_size=world, rank=rank)
-        planner = MixPlanner(mix.parts, epoch=0, seed=mix.seed)
         stages: list = []
         if case.startswith("mix-resume"):
             old_topo = Topology(RESUME_FROM, WORKERS, "pad", 0)
-            state = resume_state(planner.stream_sizes(old_topo), old_topo)
+            state = resume_state(MixPlanner(mix.parts, epoch=0, seed=mix.seed).stream_sizes(old_topo), old_topo)
             mix.load_state_dict(state)
             stages = ResumeState.from_dict(state, seed=0).stages
         if case in ("mix-len", "mix-resume-len"):
@@ -147,27 +147,24 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     else:  # the planner calls behind len(ds) and a worker, for the old planner and the new
         counts = resolve_shards(spec["manifests"][0]).counts
         assert counts is not None
-        mod = old if impl == "old" else None
-        make_topo = (lambda *a: old.Topology(*a)) if mod else (lambda *a: Topology(*a))
-        make_planner = old.EpochPlanner if mod else EpochPlanner
+        api = old if impl == "old" else new
         stages = []
         if case == "plan-resume":
             topo = Topology(RESUME_FROM, WORKERS, "pad", BUFFER)
             emitted = tuple(tuple(n // 2 for n in row) for row in EpochPlanner(counts, epoch=0).stream_sizes(topo))
-            make_stage = old.Stage if mod else Stage
-            stages = [make_stage(make_topo(RESUME_FROM, WORKERS, "pad", BUFFER), emitted)]
+            stages = [api.Stage(api.Topology(RESUME_FROM, WORKERS, "pad", BUFFER), emitted)]
         if case == "plan-len":
 
             def op() -> Any:
-                planner = make_planner(counts, epoch=0, seed=0)
-                return planner.plan(make_topo(world, 0, "pad", BUFFER), rank=rank, worker=0)[1].rank_samples
+                planner = api.EpochPlanner(counts, epoch=0, seed=0)
+                return planner.plan(api.Topology(world, 0, "pad", BUFFER), rank=rank, worker=0)[1].rank_samples
 
         else:
 
             def op() -> Any:
-                planner = make_planner(counts, epoch=0, seed=0)
+                planner = api.EpochPlanner(counts, epoch=0, seed=0)
                 plan, _ = planner.plan(
-                    make_topo(world, WORKERS, "pad", BUFFER), rank=rank, worker=WORKERS - 1, stages=stages
+                    api.Topology(world, WORKERS, "pad", BUFFER), rank=rank, worker=WORKERS - 1, stages=stages
                 )
                 first = next(iter(plan.emission_order()), None)
                 return len(plan.pieces), first
@@ -186,7 +183,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "peak_above_import_mb": (peak - base) / 1024,
         "op_peak_mb": (hwm - rss_setup) / 1024 if can_reset and hwm and rss_setup else None,
-        "result": repr(result if not hasattr(result, "__len__") or isinstance(result, tuple) else len(result))[:80],
+        "result": repr(result)[:80],
     }
 
 
