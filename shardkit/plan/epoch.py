@@ -41,6 +41,7 @@ import numpy as np
 
 from .layout import Layout, padded_dropped
 from .ranges import After, Level, Ranges, StreamMap, Whole, merge_touching, resolve
+from .seeds import rng_seed
 from .shuffle import ShuffleState, resume_shuffle, shuffle_order, shuffled
 from .source import EpochSource, Piece, RunArrays, empty_runs, shard_order, shard_starts, to_piece_list
 
@@ -229,7 +230,7 @@ def to_pieces(ids: np.ndarray, shard_starts: np.ndarray) -> list[Piece]:
 
 def stream_seed(seed: int, epoch: int, stage_no: int, rank: int, worker: int) -> str:
     """The shuffle-buffer seed of one stream of one stage."""
-    return f"shardkit:{seed}:{epoch}:{stage_no}:{rank}:{worker}"
+    return rng_seed(seed, epoch, stage_no, rank, worker)
 
 
 def stage_level(parent: Level, stage: Stage, *, buffer: int, seeds: Callable[[int, int], str]) -> After:

@@ -13,10 +13,11 @@ neither counting a prefix nor starting mid-sequence needs the labels before it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from .seeds import int_seed
 
 BLOCK = 64
 CHUNK_BLOCKS = 256  # blocks generated per numpy step when iterating
@@ -37,10 +38,6 @@ def mix64_array(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def seed64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def block_labels(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +94,7 @@ class Interleave:
         for s in self.sizes:
             self.prefix.append(self.prefix[-1] + s)
         self.total = self.prefix[-1]
-        self.key = seed64(rng_seed)
+        self.key = int_seed(rng_seed)
         self._nodes: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
     def __len__(self) -> int:

@@ -27,7 +27,6 @@ size of the parts: draws are ranges of passes, streams are arithmetic cuts.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from .epoch import EpochInfo, Stage, Topology, WorkerPlan, check_cell, check_sta
 from .interleave import Interleave, counts_before_many
 from .layout import Layout, padded_dropped
 from .ranges import After, Level, Whole
+from .seeds import int_seed, rng_seed
 from .source import PassChain
 
 
@@ -94,10 +94,6 @@ def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     return out
 
 
-def _int_seed(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def interleave(sizes: Sequence[int], rng_seed: str) -> np.ndarray:
     """A random sequence of part labels holding exactly ``sizes[i]`` labels ``i`` (all of
     it; workers use :class:`~shardkit.plan.interleave.Interleave` lazily)."""
@@ -144,7 +140,7 @@ class MixPlanner:
         ]
 
     def _part_seed(self, i: int) -> int:
-        return _int_seed(f"mix:{self.seed}:{i}:{self.parts[i].seed}") & 0xFFFFFFFF
+        return int_seed(rng_seed(self.seed, i, self.parts[i].seed, domain="mix")) & 0xFFFFFFFF
 
     @property
     def total(self) -> int:
@@ -155,7 +151,7 @@ class MixPlanner:
         return self.sources[i].ids(np.arange(self.draws[i], dtype=np.int64))
 
     def _rng(self, what: str, stage_no: int, rank: int, worker: int) -> str:
-        return f"shardkit-mix:{self.seed}:{self.epoch}:{stage_no}:{rank}:{worker}:{what}"
+        return rng_seed(self.seed, self.epoch, stage_no, rank, worker, what, domain="shardkit-mix")
 
     def _layouts(self, levels: Sequence[Level], topology: Topology) -> list[Layout]:
         return [Layout.of(level.size, topology.world_size, topology.streams, topology.even) for level in levels]
