@@ -78,6 +78,16 @@ def test_doctor_cli_json(big_shards, capsys):
     assert main(["doctor", big_shards, "--transform", "sharpen", "--seconds", "0.5"]) == 1
 
 
+def test_doctor_plot_draws_the_stage_chart(big_shards, tmp_path):
+    from PIL import Image
+
+    chart = tmp_path / "doctor.png"
+    args = ["doctor", big_shards, "--workers", "1", "--batch", "2", "--seconds", "0.5", "--plot", str(chart), "-q"]
+    assert main(args) == 0
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 100
+
+
 def test_worker_cpu_is_counted_when_the_data_runs_out(big_shards):
     # 12 images, 2 workers, batches of 2: the data runs out long before 30 s and the
     # DataLoader joins its workers, whose CPU then shows only in getrusage's children.

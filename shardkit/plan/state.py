@@ -19,7 +19,9 @@ from typing import Any
 from ..errors import ShardkitError
 from .epoch import Stage, Topology, continues
 
-STATE_VERSION = 1
+# 2: a Mix interleaves its parts by seekable blocks (plan/interleave.py); a version-1
+# Mix state would resume other samples, so version 1 states are refused.
+STATE_VERSION = 2
 
 
 def topology_to_dict(t: Topology) -> dict[str, Any]:
@@ -72,7 +74,11 @@ class ResumeState:
     def from_dict(cls, state: Mapping[str, Any], *, seed: int) -> ResumeState:
         """Parse a saved state, refusing one of another version or seed."""
         if state.get("version") != STATE_VERSION:
-            raise ShardkitError(f"resume state version {state.get('version')!r} is not supported")
+            raise ShardkitError(
+                f"resume state version {state.get('version')!r} is not supported (this shardkit writes and "
+                f"reads version {STATE_VERSION}; version 1 states predate the Mix interleaving of version 2): "
+                "restart the epoch, or finish it with the shardkit that saved the state"
+            )
         if "seed" in state and state["seed"] != seed:
             raise ShardkitError(
                 f"resume state was saved with seed {state['seed']}, this dataset has "

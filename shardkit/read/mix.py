@@ -220,7 +220,7 @@ class Mix(PlannedDataset):
         pipelines = [part.pipeline(handler, hooks=hooks) for part, handler in zip(self.datasets, handlers)]
 
         def interleaved() -> Iterator[tuple[int, tuple[int, Any]]]:
-            for n, label in enumerate(plan.emission_labels().tolist(), plan.skip + 1):
+            for n, label in enumerate(plan.emission_labels(), plan.skip + 1):
                 sample = next(streams[label])
                 if sample is not None:  # lost to a read error; its handler already saw it
                     yield n, (label, sample)

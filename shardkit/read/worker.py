@@ -189,7 +189,7 @@ def execute(plan: WorkerPlan, reader: ShardReader) -> Iterator[Sample | None]:
             read_ahead(reader, (p.shard for p in itertools.islice(pieces, i + 1, None)), piece.shard)
             yield from reader.read_piece(piece)
 
-    stream = zip(plan.read_positions().tolist(), read())
+    stream = zip(plan.read_positions(), read())
     held: dict[int, Sample | None] = {}
     for target in plan.emission_order():
         while target not in held:
