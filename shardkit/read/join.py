@@ -253,6 +253,7 @@ class JoinedReader(ShardReader):
         self.join = join
         self.read_hooks = hooks or StageHooks()
         self._positions: dict[str, int] | None = None
+        self._counted = [(0, 0)] * len(self.parts)  # the parts' (bytes, streams) already in stats
 
     def prefetch(self, urls: list[str]) -> None:
         """Start downloading the shards of ``urls`` (base URLs) of every part into the cache."""
@@ -282,32 +283,38 @@ class JoinedReader(ShardReader):
         self, shard: int, rows: Iterator[tuple[Sample | None, ...]], *, planned: bool
     ) -> Iterator[Sample | None]:
         url = self.urls[shard]
-        before = [(p.stats.bytes_read, p.stats.shards_opened) for p in self.parts]
-        try:
-            for row in rows:
-                if any(s is None for s in row):
-                    if planned:  # a part lost it to a read error (its handler saw it)
-                        if row[0] is not None:
-                            self.stats.skipped += 1
-                        yield None
-                        continue
-                    self._uneven(shard, row)
-                    return
-                try:
-                    merged = self.join.merge(row, url)  # type: ignore[arg-type]
-                except ShardkitError as e:
-                    _note_lost(e, 1)
-                    self.handler(e)
-                    self.stats.skipped += 1
+        for row in rows:
+            self._count_parts()
+            if any(s is None for s in row):
+                if planned:  # a part lost it to a read error (its handler saw it)
+                    if row[0] is not None:
+                        self.stats.skipped += 1
                     yield None
                     continue
-                if merged is None:
-                    self.stats.filtered += 1
-                yield merged
-        finally:
-            for part, (read, opened) in zip(self.parts, before):
-                self.stats.bytes_read += part.stats.bytes_read - read
-                self.stats.shards_opened += part.stats.shards_opened - opened
+                self._uneven(shard, row)
+                return
+            try:
+                merged = self.join.merge(row, url)  # type: ignore[arg-type]
+            except ShardkitError as e:
+                _note_lost(e, 1)
+                self.handler(e)
+                self.stats.skipped += 1
+                yield None
+                continue
+            if merged is None:
+                self.stats.filtered += 1
+            yield merged
+        self._count_parts()
+
+    def _count_parts(self) -> None:
+        """Add what the companions read since the last call to ``stats`` (bytes, streams
+        opened), so each item's progress record counts every part."""
+        for number, part in enumerate(self.parts):
+            now = (part.stats.bytes_read, part.stats.shards_opened)
+            before = self._counted[number]
+            self.stats.bytes_read += now[0] - before[0]
+            self.stats.shards_opened += now[1] - before[1]
+            self._counted[number] = now
 
     def _uneven(self, shard: int, row: tuple[Sample | None, ...]) -> None:
         """Unplanned reading: one part's shard ended before another's."""
