@@ -267,6 +267,7 @@ def test_every_flag_and_argument_has_help():
             "doctor",
             "bench",
             "show",
+            "companion",
         }
     )
     missing = [
@@ -283,7 +284,7 @@ def test_every_flag_and_argument_has_help():
         for action in sub._actions
         if "--workers" in action.option_strings
     }
-    assert set(workers) == {"write", "demo", "doctor"}
-    assert "writer processes" in workers["write"]
+    assert set(workers) == {"write", "demo", "doctor", "companion"}
+    assert "writer processes" in workers["write"] and "processes running --fn" in workers["companion"]
     assert "DataLoader worker" in workers["doctor"] and "DataLoader worker" in workers["demo"]
     assert "DataLoader workers" in commands["bench"].description
