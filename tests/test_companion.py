@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from shardkit.errors import ShardkitError
-from shardkit.format.companion import MISSING, manifest_sha256
+from shardkit.format.companion import EMPTY, MISSING, manifest_sha256
 from shardkit.format.index import Manifest, decode_index_keys
 from shardkit.writing.companion import write_companion
 from tests.helpers import make_shards, pairs
@@ -114,8 +114,11 @@ def test_missing_keys_error_skip_and_empty(base, tmp_path):
     assert members["s000000." + MISSING] == 0 and "s000001.txt" in members and "s000000.txt" not in members
     manifest = Manifest.from_json((tmp_path / "s" / "data.manifest.json").read_bytes())
     assert manifest.fields == ["npy", "txt"]  # the marker is not a field
-    with pytest.raises(ValueError, match="missing='empty' needs"):
-        write_companion(base, str(tmp_path / "x"), odd_only, missing="empty")
+    empty = write_companion(base, str(tmp_path / "m"), odd_only, workers=1, missing="empty")
+    assert empty.samples == 29 and len(empty.missing) == 15
+    with tarfile.open(tmp_path / "m" / "data-000000.tar") as tar:
+        members = {m.name: m.size for m in tar.getmembers()}
+    assert members["s000000." + EMPTY] == 0 and "s000001.txt" in members
     with pytest.raises(ShardkitError, match="sample 's000000': ValueError: fn returned __key__ 's000000x'"):
         write_companion(base, str(tmp_path / "k"), renamed, workers=1)
 

@@ -107,6 +107,17 @@ def test_missing_keys_follow_the_policy(base, tmp_path):
     assert "cls" not in got[1] and MISSING not in got[1] and got[0]["txt"] == b"a caption for s000000"
 
 
+def test_a_table_of_label_fixes_replaces_only_those_labels(base, tmp_path):
+    fixes = write_table(tmp_path / "fixes.csv", [{"key": "s000003", "label": 9}, {"key": "s000011", "label": 8}])
+    result = write_companion(base, str(tmp_path / "fix"), table=fixes, missing="empty")
+    assert len(result.missing) == 14 and result.unmatched == []
+    plain = list(ShardDataset(base))
+    fixed = list(ShardDataset(base, join=[str(tmp_path / "fix")], join_wins={"cls": 1}))
+    for b, f in pairs(plain, fixed):
+        want = {"s000003": b"9", "s000011": b"8"}.get(b["__key__"], b["cls"])
+        assert f == {**b, "cls": want}
+
+
 def test_bad_tables_are_refused_naming_the_row(base, tmp_path):
     dup = write_table(tmp_path / "dup.jsonl", rows(KEYS + KEYS[:1]))
     with pytest.raises(ShardkitError, match=r"dup\.jsonl: row \d+: key 's000000' appears twice"):

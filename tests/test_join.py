@@ -128,6 +128,16 @@ def test_a_field_in_two_parts_needs_a_winner(sets):
         ShardDataset(sets["base"], join=sets["cap"])
 
 
+def test_an_empty_marker_keeps_the_sample_as_it_is(sets, tmp_path):
+    write_companion(sets["base"], str(tmp_path / "e"), odd_only, workers=1, missing="empty")
+    joined = _raw(sets["base"], join=[str(tmp_path / "e")])
+    for b, j in pairs(_raw(sets["base"]), joined):
+        if int(b["__key__"][1:]) % 2:
+            assert j == {**b, "txt": f"odd {b['__key__']}".encode()}
+        else:
+            assert j == b
+
+
 def test_a_key_held_as_missing_drops_the_sample_and_counts_as_filtered(sets):
     loader = ShardLoader(ShardDataset(sets["base"], join=[sets["odd"]], shuffle=5), batch_size=4, num_workers=2)
     keys = keys_of(loader)

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("error", "skip", "empty"),
         default="error",
         help="a base key without a row (or fn returning None): error (default), skip (a marker keeps the "
-        "place; joined reads leave the sample out) or empty (the table's fields, empty)",
+        "place; joined reads leave the sample out) or empty (joined reads keep it: the table's text and "
+        "json fields empty, else no new field)",
     )
     co.add_argument("--name", help="the companion's manifest name (default: the base's)")
     co.add_argument(

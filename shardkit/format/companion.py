@@ -4,10 +4,11 @@ checks that it still lines up with it. Bytes and manifests only, no I/O.
 A companion holds new fields for an existing ("base") set: one shard per base shard,
 with the same name (a compressed base shard ``x.tar.gz`` gets ``x.tar``), the same keys
 in the same order, its own ``.idx`` files, and a manifest whose ``base`` entry records
-the base manifest's name, URL and sha256. A key without a value is written as the
-marker member ``KEY.__missing__`` (empty), so every base key keeps its place; a joined
-read leaves such a sample out (counted as filtered), and webdataset sees the marker as
-metadata (``__``-prefixed), not as a field.
+the base manifest's name, URL and sha256. Every base key keeps its place: a key the
+companion has no value for is an empty marker member, ``KEY.__missing__`` (a joined read
+leaves the sample out, counted as filtered) or ``KEY.__empty__`` (the sample stays, with
+no fields from this companion). webdataset sees markers as metadata (``__``-prefixed),
+not as fields.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from collections.abc import Sequence
 from .compression import COMPRESSED_SUFFIXES
 from .index import Manifest
 
-#: The member (empty) a companion holds for a key it has no value for.
+#: The member (empty) a companion holds for a key it has no value for: a joined read drops the sample.
 MISSING = "__missing__"
+#: The member (empty) a companion holds for a key it adds no field to: the sample stays as it is.
+EMPTY = "__empty__"
+MARKERS = (MISSING, EMPTY)
 
 
 def manifest_sha256(data: bytes) -> str:

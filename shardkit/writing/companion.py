@@ -15,11 +15,14 @@ the results in base order: the bytes do not depend on ``workers``, and ``resume=
 carries on a killed write after its finished shards (read from the base's next shard,
 not from its start).
 
-A key without a value (``fn`` returned None, or the table has no row for it) follows
-``missing``: "error" (default) stops the write naming the shard and key; "skip" writes
-the empty marker ``KEY.__missing__`` in its place, so alignment holds and a joined read
-leaves that sample out (counted as filtered, like a ``select`` reject); "empty" (table
-form) writes the table's fields with empty values (an empty ``txt``, nulls in ``json``).
+A key without a value (``fn`` returned None or nothing, or the table has no row for it)
+follows ``missing``, and keeps its place whatever it is: "error" (default) stops the
+write naming the shard and key; "skip" writes the empty marker ``KEY.__missing__``, and
+a joined read leaves that sample out (counted as filtered, like a ``select`` reject);
+"empty" keeps the sample with nothing new: the table form writes its text and json
+fields empty (``txt`` "", ``json`` nulls, so batches keep their shape), otherwise (a
+function, or a table of labels only) the empty marker ``KEY.__empty__`` is written and a
+joined read keeps the base's fields (a label-fix table then needs rows only for the fixes).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ShardkitError
-from ..format.companion import MISSING, base_ref, companion_shard_name, manifest_sha256
+from ..format.companion import EMPTY, MISSING, base_ref, companion_shard_name, manifest_sha256
 from ..format.index import MANIFEST_SUFFIX, Manifest, decode_index_keys, index_url, manifest_name
 from ..format.samples import Sample, iter_samples
 from ..storage.backend import DEFAULT_OPTIONS, SourceOptions, local_path
@@ -183,7 +186,9 @@ class FieldsWork:
             return False, {"__key__": key, **{ext: encode_field(ext, value) for ext, value in new.items()}}
         if self.missing == "skip":
             return True, {"__key__": key, MISSING: b""}
-        if self.missing == "empty" and self.empty is not None:
+        if self.missing == "empty":
+            if not self.empty:
+                return True, {"__key__": key, EMPTY: b""}
             return True, {"__key__": key, **{ext: encode_field(ext, value) for ext, value in self.empty.items()}}
         raise NoNewFields(
             f"{self.absent}; with missing='error' that stops the write (missing='skip' keeps its place with a marker)"
@@ -262,8 +267,8 @@ def write_companion(
 
     The companion's shards are named as the base's and hold the same keys in the same
     order; its manifest is ``dest/NAME.manifest.json`` (``name``: default the base's).
-    ``missing``: see the module docstring ("empty" needs the table form: with ``fn``,
-    return the empty fields yourself). Output bytes do not depend on ``workers``;
+    ``missing``: "error", "skip" or "empty", see the module docstring. Output bytes do
+    not depend on ``workers``;
     ``resume`` carries on a killed write (local ``dest``), ``overwrite`` replaces one.
     ``progress``: a progress bar (default: when stderr is a terminal). Returns a
     :class:`CompanionResult`; table keys the base lacks are logged and listed in it.
@@ -273,11 +278,6 @@ def write_companion(
         raise ValueError("give the new fields either as fn (a function of the base sample) or as table=, not both")
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-    if missing == "empty" and fn is not None:
-        raise ValueError(
-            "missing='empty' needs to know which fields to leave empty: with fn, return them "
-            "(e.g. {'txt': ''}) instead of None, or use missing='skip'"
-        )
     if key_column is not None and table is None:
         raise ValueError("key_column names the key column of table=; it means nothing to fn")
     if workers is not None and workers < 1:

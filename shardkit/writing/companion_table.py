@@ -64,7 +64,8 @@ class ColumnPlan:
         return out
 
     def empty(self) -> dict[str, Any]:
-        """The fields a key without a row gets with ``missing="empty"`` (no ``cls``: no class is not a class)."""
+        """The fields a key without a row gets with ``missing="empty"`` (no ``cls``: no class
+        is not a class; with nothing else the key gets the ``__empty__`` marker)."""
         out: dict[str, Any] = {}
         if self.text is not None:
             out["txt"] = ""

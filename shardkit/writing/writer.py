@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidKeyError, ShardkitError
-from ..format.companion import MISSING
+from ..format.companion import MARKERS
 from ..format.index import Manifest, ShardInfo, encode_index, manifest_name
 from ..format.tar import BLOCK, END_BLOCKS, member_header, padding
 from ..sizes import parse_size
@@ -83,14 +83,15 @@ def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     """(header, payload) pairs for a sample, members sorted by extension.
 
     Fields whose names start with ``_`` are not written, except a companion's empty
-    ``__missing__`` marker (:data:`shardkit.format.companion.MISSING`)."""
+    markers (:data:`shardkit.format.companion.MARKERS`), each standing alone."""
     key = validate_key(sample.get("__key__"))
     seen: set[str] = set()
     members = []
-    if MISSING in sample:
-        if sample[MISSING] != b"" or any(not k.startswith("_") for k in sample):
-            raise InvalidKeyError(f"sample {key!r}: the {MISSING} marker stands alone and is empty")
-        return [(member_header(f"{key}.{MISSING}", 0), b"")]
+    for marker in MARKERS:
+        if marker in sample:
+            if sample[marker] != b"" or sum(not k.startswith("_") or k in MARKERS for k in sample) != 1:
+                raise InvalidKeyError(f"sample {key!r}: the {marker} marker stands alone and is empty")
+            return [(member_header(f"{key}.{marker}", 0), b"")]
     for ext in sorted(k for k in sample if not k.startswith("_")):
         if not ext or "/" in ext or "\0" in ext:
             raise InvalidKeyError(f"sample {key!r}: bad field name {ext!r}")
