@@ -179,6 +179,20 @@ def test_convert_imagefolder_script():
     assert epoch["samples"] == 60
 
 
+@pytest.mark.timeout(300)
+def test_recaption_with_companions():
+    out = run([sys.executable, os.path.join(EXAMPLES, "recaption.py"), "--count", "60", "--workers", "2"])
+    steps = {r.pop("step"): r for r in results(out)}
+    assert list(steps) == ["base", "captions", "read", "recaption", "fixes", "verify"]
+    base, captions = steps["base"], steps["captions"]
+    assert base["samples"] == captions["samples"] == 60 and base["shards"] == captions["shards"] > 1
+    assert captions["bytes"] < base["bytes"] / 5  # captions only: the images are not written again
+    assert steps["read"]["batch"] == 16 and all(c.endswith(" photo") for c in steps["read"]["captions"])
+    assert steps["recaption"]["refused_without_winner"] and steps["recaption"]["caption"].count(",") == 1
+    assert steps["fixes"] == {"rows": 6, "kept": 54, "changed": 6, "as_fixed": True, "total": 60}
+    assert steps["verify"]["ok"] and steps["verify"]["problems"] == 0
+
+
 def test_examples_are_documented():
     for name in sorted(os.listdir(EXAMPLES)):
         if not name.endswith((".py", ".sh")):
