@@ -205,6 +205,15 @@ def test_a_key_mismatch_while_reading_names_the_shard_and_key(sets, tmp_path):
     assert got == [f"s{i:06d}" for i in range(N) if i not in (7, 8)]
 
 
+def test_resampled_and_epoch_length_read_joined_shards(sets):
+    got = _raw(sets["base"], join=[sets["cap"]], resampled=True, epoch_length=40, seed=1)
+    assert len(got) == 40 and all(s["txt"] == f"caption {s['__key__']}".encode() for s in got)
+    # A dropped sample counts as a position, as a select reject does.
+    loop = _raw(sets["base"], join=[sets["odd"]], epoch_length=40, shuffle=3)
+    selected = _raw(sets["base"], select=lambda s: int(s["__key__"][1:]) % 2 == 1, epoch_length=40, shuffle=3)
+    assert [s["__key__"] for s in loop] == [s["__key__"] for s in selected] and 10 < len(loop) < 40
+
+
 def test_shard_map_joins_too(sets):
     m = ShardMap(sets["base"], join=[sets["cap"], sets["odd"]], join_wins={"txt": 2})
     assert len(m) == N and m[3]["txt"] == b"odd s000003" and m.raw(2, 0)["npy"] is not None

@@ -292,7 +292,7 @@ def write_companion(
     if fn is not None:
         work = FieldsWork(CallFn(fn), missing)
         fingerprint["fn"] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-        batch_size, prefetch = 4, 1  # samples carry their image bytes through the pipes
+        batch_size = 4  # samples carry their image bytes through the pipes
         if workers is None:
             workers = max(1, min(default_workers(), -(-base_set.manifest.total_samples // batch_size)))
     else:
@@ -303,7 +303,7 @@ def write_companion(
         empty = lookup.plan.empty() if missing == "empty" else None
         work = FieldsWork(lookup.plan, missing, empty, f"{os.fspath(table)} has no row for it")
         fingerprint.update(lookup.fingerprint)
-        batch_size, prefetch = 64, 2
+        batch_size = 64
         workers = workers or 1
     method = start_method_for(start_method) if workers > 1 else None
     if method is not None:
@@ -376,7 +376,9 @@ def write_companion(
             workers=workers,
             describe=describe_item,
             batch_size=batch_size,
-            prefetch=prefetch,
+            # One batch per worker: with two, the pool's parent can block sending a batch of
+            # more than a pipe's buffer (64 KiB) to a worker blocked sending its results.
+            prefetch=1,
             start_method=method,
             preload=(__name__,),
             on_start=on_start,
