@@ -23,8 +23,9 @@ readers skip samples inside the decompressed stream.
 
 Manifest (``NAME.manifest.json``): format version, shard file names (relative to the
 manifest), sample counts, byte sizes, sha256 of each shard, the field extensions, class
-names. Readers never require either; with them they gain len(), balanced splitting,
-seeking, resume and verification.
+names; a companion set's also ``base``, the name, URL and sha256 of the manifest of the
+set it adds fields to (:mod:`shardkit.format.companion`). Readers never require either;
+with them they gain len(), balanced splitting, seeking, resume and verification.
 """
 
 from __future__ import annotations
