@@ -132,8 +132,11 @@ def read_optional(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> byte
     Only "not found" means absent: one that exists but cannot be read (the retries spent
     on 5xx answers or cut connections) raises, naming it. A 401/403 also counts as
     absent, with a warning, because object stores answer 403 for a missing key to
-    readers without list permission.
+    readers without list permission. ``pipe:`` sidecars are never looked for: a command
+    cannot say "not found", and one made up from the user's command is not theirs to run.
     """
+    if scheme_of(url) == "pipe":
+        return None
     try:
         return read_bytes(url, options=options)
     except SourceError as e:
