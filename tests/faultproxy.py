@@ -8,7 +8,8 @@ request of a keep-alive connection and, per request, may break the answer on pur
   complete line and no blank line: what ``http.client`` accepts without complaint), or
   inside a header's value.
 - ``cut_body``: send the header block and part of the body, then close or reset.
-- ``stall``: stop forwarding for a while at some point of the answer, then close.
+- ``stall``: stop forwarding for a while at some point of the header block or the body,
+  then close.
 - ``status``: answer 429/500/503 itself, with or without ``Retry-After``.
 - ``reset``: reset the connection before any byte of the answer.
 
@@ -53,6 +54,7 @@ class Fault:
     rst: end a cut with a reset instead of a clean close.
     status / retry_after: the answer of a ``status`` fault.
     seconds: how long a ``stall`` lasts (then the connection is closed).
+    in_head: a ``stall`` inside the header block (at ``at`` of it) rather than the body.
     first: headers moved to the front of the block before any cut.
     """
 
@@ -66,6 +68,7 @@ class Fault:
     status: int = 503
     retry_after: str | None = None
     seconds: float = 1.0
+    in_head: bool = False
     first: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -117,7 +120,8 @@ class Chaos:
             if rng.random() < 0.5:
                 return Fault("cut_head", before=name, rst=rng.random() < 0.3, first=first)
             return Fault("cut_head", inside=name, keep=rng.randint(0, 12), rst=rng.random() < 0.3, first=first)
-        return Fault(kind, at=rng.random(), rst=rng.random() < 0.3, seconds=self.stall_seconds)
+        in_head = kind == "stall" and rng.random() < 0.3
+        return Fault(kind, at=rng.random(), rst=rng.random() < 0.3, seconds=self.stall_seconds, in_head=in_head)
 
 
 class _Conn:
@@ -376,8 +380,10 @@ class FaultProxy:
             fields = wanted + [f for f in fields if f not in wanted]
         head = _build(status_line, fields)
         status = int(status_line.split(" ")[1])
-        if fault is not None and fault.kind == "cut_head":
+        if fault is not None and (fault.kind == "cut_head" or (fault.kind == "stall" and fault.in_head)):
             client.sendall(head[: head_cut(head, fault)])
+            if fault.kind == "stall":
+                self._stop.wait(fault.seconds)
             _end(client, fault.rst)
             return False
         client.sendall(head)

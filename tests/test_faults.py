@@ -131,6 +131,19 @@ def test_short_bodies_are_resumed_never_returned(served):
         assert proxy.injected["cut_body"] + proxy.injected["cut_body_rst"] == 10
 
 
+@pytest.mark.parametrize("in_head", [True, False])
+def test_stalls_time_out_and_resume(served, in_head):
+    data, nginx = served
+    want = file_bytes(data, SHARD)
+    opts = SourceOptions(retries=3, backoff=0.001, timeout=0.3)
+    with FaultProxy(nginx.port) as proxy:
+        proxy.script([Fault("stall", at=0.5, seconds=2.0, in_head=in_head)])
+        start = time.monotonic()
+        got = read(proxy.url(SHARD), offset=10, options=opts)
+        assert proxy.injected["stall"] == 1 and time.monotonic() - start < 1.9
+    assert len(got) == len(want) - 10 and got == want[10:]
+
+
 def test_sidecar_read_cut_in_its_headers(served):
     """Before: an .idx read the same way came back empty ("bad magic")."""
     data, nginx = served
@@ -360,8 +373,7 @@ def test_s3_retry_after_is_honoured(s3_server, shard_files, monkeypatch):
 
 # -- the soak --------------------------------------------------------------------------------
 
-# Seeds chosen so that the bounded soak covers every source, kills and give-ups.
-SOAK_SEEDS = range(24)
+SOAK_SEEDS = range(36)
 
 
 @pytest.mark.slow
@@ -369,10 +381,11 @@ SOAK_SEEDS = range(24)
 def test_soak_kill_resume_exact(served, tmp_path):
     data, nginx = served
     summary = Summary()
-    failures = []
+    failures, sources = [], set()
     for seed in SOAK_SEEDS:
         result = soak_run(draw_spec(seed), data, nginx.port, str(tmp_path), deadline=60)
         summary.add(result)
+        sources.add(result.spec.source)
         if not result.ok:
             failures.append(result)
     assert not failures, failures
@@ -381,4 +394,4 @@ def test_soak_kill_resume_exact(served, tmp_path):
     # The soak really exercised what it claims: faults of every kind, kills, give-ups.
     assert sum(summary.faults.values()) >= 100, summary.faults
     assert {k.split("_")[0] for k in summary.faults} >= {"cut", "stall", "status", "reset"}
-    assert summary.kills >= 5 and summary.give_ups >= 1, summary
+    assert summary.kills >= 5 and summary.give_ups >= 1 and len(sources) == 4, summary
