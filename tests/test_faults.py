@@ -241,6 +241,15 @@ def test_manifest_not_found_means_absent(served):
     assert ds.counts is None and len(ds.urls) == data.shards
 
 
+def test_manifest_forbidden_is_absent_with_a_warning(nginx_server, caplog):
+    """S3 (and CloudFront) answer 403 for a missing key to readers without list
+    permission: a 403 on the manifest looked for beside the shards is absent, said aloud."""
+    url = nginx_server.url + "forbidden/x.tar"
+    ds = ShardDataset(url, source_options=FAST)
+    assert ds.counts is None and ds.urls == [url]
+    assert any("forbidden/x.tar.manifest.json" in r.getMessage() and "403" in r.getMessage() for r in caplog.records)
+
+
 def test_unreadable_manifest_beside_the_shards_is_an_error(served, tmp_path):
     data, _ = served
     folder = tmp_path / "ds"
