@@ -21,6 +21,7 @@ import pytest
 
 from shardkit.errors import ShardkitError, SourceError
 from shardkit.loader import ShardLoader
+from shardkit.plan.state import PlanIdentity
 from shardkit.read.dataset import ShardDataset
 from shardkit.storage.dispatch import SourceOptions, open_stream, read_bytes
 from tests.faultproxy import Fault, FaultProxy
@@ -325,6 +326,23 @@ def test_state_with_other_counts_is_refused(served, tmp_path):
     ds = ShardDataset(other.url(other.root + "/", "manifest"))
     with pytest.raises(ShardkitError, match="sample counts changed"):
         ShardLoader(ds, batch_size=2, num_workers=0).load_state_dict(state)
+
+
+def test_plan_identity_says_what_changed():
+    base = PlanIdentity.of([3, 0, 5], shards=3, shuffle_shards=True)
+    assert base.changes(PlanIdentity.of([3, 0, 5], shards=3, shuffle_shards=True)) == []
+    assert base.changes(PlanIdentity.from_dict(base.to_dict())) == []
+    [by] = base.changes(PlanIdentity.of(None, shards=3, shuffle_shards=True))
+    assert "by sample over 3 shard(s), 8 sample(s)" in by and "by whole shard" in by
+    [counts] = base.changes(PlanIdentity.of([3, 1, 5], shards=3, shuffle_shards=True))
+    assert "sample counts changed (8 -> 9" in counts
+    [shards] = base.changes(PlanIdentity.of([3, 0, 5, 1], shards=4, shuffle_shards=True))
+    assert "number of shards changed (3 -> 4)" in shards
+    [option] = base.changes(PlanIdentity.of([3, 0, 5], shards=3, shuffle_shards=False))
+    assert option == "shuffle_shards changed (True -> False)"
+    mix = PlanIdentity.of_parts([base, PlanIdentity.of([2], shards=1)], weights=[1.0, 2.0])
+    assert (mix.by, mix.shards, mix.samples) == ("sample", 4, 10)
+    assert mix.changes(PlanIdentity.of_parts([base, PlanIdentity.of([3], shards=1)], weights=[1.0, 2.0]))
 
 
 def test_state_under_the_same_plan_and_another_topology_is_accepted(served):
