@@ -22,6 +22,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import signal
 import tarfile
@@ -314,12 +315,11 @@ class Summary:
 
 
 def _shape(message: str) -> str:
-    """A give-up message with its port and byte numbers blanked, to group alike ones."""
-    import re
-
+    """A give-up message with its host, shard and byte numbers blanked, to group alike ones."""
     first = message.splitlines()[0] if "Original Traceback" not in message else message.strip().splitlines()[-1]
-    first = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", first)
-    return re.sub(r"\b\d{3,}\b", "N", first)[:300]
+    first = re.sub(r"^[\w.]+\.(\w+Error)", r"\1", first.strip())  # as raised in a DataLoader worker
+    first = re.sub(r"127\.0\.0\.1:\d+", "HOST", first)
+    return re.sub(r"\d{4,}", "N", first)[:300]
 
 
 __all__ = ["RunSpec", "RunResult", "SoakData", "Summary", "draw_spec", "make_soak_data", "soak_run"]
