@@ -52,8 +52,8 @@ def report(s: Summary, wall: float) -> str:
         ("loader processes killed mid-epoch and resumed", s.kills),
         ("faults injected", sum(s.faults.values())),
         ("runs that gave up at least once (then resumed)", s.runs_that_gave_up),
-        (f"give-ups, all after the retry budget ({OPTIONS['retries']} retries) and naming the URL", s.give_ups),
-        ("give-ups before the budget was spent", len(s.premature)),
+        ("give-ups (the loader raised; restarted from its last state)", s.give_ups),
+        (f"give-ups before the retry budget ({OPTIONS['retries']} retries) was spent", len(s.premature)),
         ("give-ups not naming the URL", len(s.quiet)),
         ("wall time", f"{wall:.0f} s"),
     ]
