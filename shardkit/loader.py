@@ -257,7 +257,7 @@ class ShardLoader(DataLoader):
             bs = batching.batch_size or 1
             emitted.append([min(t * bs, n) for t, n in zip(taken, sizes[r])])
         return resume.with_progress(topo, emitted).to_dict(
-            kind="loader", seed=dataset.seed, batches=self._batches_taken
+            kind="loader", seed=dataset.seed, plan=dataset.plan_identity(), batches=self._batches_taken
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -276,7 +276,7 @@ class ShardLoader(DataLoader):
                 "iterates, or use persistent_workers=False"
             )
         dataset = self.shard_dataset
-        resume = ResumeState.from_dict(state, seed=dataset.seed)
+        resume = ResumeState.from_dict(state, seed=dataset.seed, plan=dataset.plan_identity())
         dataset.set_epoch(resume.epoch)
         topo = dataset.topology(self.num_workers)
         self._view.resume = resume
