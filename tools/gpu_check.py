@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here too (after every configuration)")
     parser.add_argument("--markdown", help="write the results as a markdown table here too")
     parser.add_argument("--config-timeout", type=float, default=150, help="seconds per configuration (150)")
-    parser.add_argument("--deadline", type=float, default=540, help="seconds for everything; later ones skip (540)")
+    parser.add_argument("--deadline", type=float, default=420, help="seconds for everything; later ones skip (420)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, to test this script (CPU ok)")
     parser.add_argument("--prepare-wheels", metavar="DIR", help="download and trim the box's wheels into DIR, exit")
     parser.add_argument("--wheel-cuda", default="13", choices=sorted(COMMON_WHEELS), help="the box's CUDA major")

@@ -5,7 +5,7 @@
 # On a box with one CUDA GPU and 16 cores (built for the lent H100/H200: Python 3.12,
 # PyTorch + torchvision with CUDA 13, no network), from the repository root:
 #
-#   bash tools/gpu_check.sh                 # ~6-9 minutes (stops starting configurations at 540 s)
+#   bash tools/gpu_check.sh                 # ~5-7 minutes (ends within 420 s: --deadline)
 #   bash tools/gpu_check.sh --only ceiling,shardkit-gpu-torchcodec --steps 30
 #   bash tools/gpu_check.sh --smoke         # the whole script, tiny, on the CPU (a minute)
 #
