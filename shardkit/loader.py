@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import ShardkitError
 from .gpu.batch import DeviceStage
+from .gpu.batch_decoder import BatchDecoder
 from .plan.epoch import simulate_consumption
 from .plan.state import ResumeState
 from .read.base import Batching, PlannedDataset, Progress
@@ -116,8 +117,11 @@ class ShardLoader(DataLoader):
             crop/flip parameters; the main process decodes, crops, resizes, flips and
             normalises each batch on the GPU (see :mod:`shardkit.gpu.batch`). "cpu" runs
             the same main-process stage with the CPU decoder (what CI tests).
-        decode_backend: with decode_device: "auto" (nvImageCodec when installed, else
-            torchvision's nvjpeg; the CPU decoder on "cpu"), "nvimgcodec", "nvjpeg" or "cpu".
+        decode_backend: with decode_device: "auto" (on CUDA TorchCodec when installed,
+            else nvImageCodec; the CPU decoder on "cpu"), "torchcodec" (TorchCodec's batched
+            nvJPEG; "nvjpeg" is the same), "nvimgcodec", "cpu", or a
+            :class:`~shardkit.gpu.batch_decoder.BatchDecoder` instance (see
+            :func:`shardkit.gpu.decoders.make_backend`).
         Other keyword arguments go to DataLoader.
     """
 
@@ -134,7 +138,7 @@ class ShardLoader(DataLoader):
         collate_fn: Callable[[list[Any]], Any] | None = None,
         device: str | torch.device | None = None,
         decode_device: str | torch.device | None = None,
-        decode_backend: str = "auto",
+        decode_backend: str | BatchDecoder = "auto",
         **kwargs: Any,
     ) -> None:
         if not isinstance(dataset, PlannedDataset):
@@ -257,7 +261,7 @@ class ShardLoader(DataLoader):
             bs = batching.batch_size or 1
             emitted.append([min(t * bs, n) for t, n in zip(taken, sizes[r])])
         return resume.with_progress(topo, emitted).to_dict(
-            kind="loader", seed=dataset.seed, batches=self._batches_taken
+            kind="loader", seed=dataset.seed, plan=dataset.plan_identity(), batches=self._batches_taken
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -276,7 +280,7 @@ class ShardLoader(DataLoader):
                 "iterates, or use persistent_workers=False"
             )
         dataset = self.shard_dataset
-        resume = ResumeState.from_dict(state, seed=dataset.seed)
+        resume = ResumeState.from_dict(state, seed=dataset.seed, plan=dataset.plan_identity())
         dataset.set_epoch(resume.epoch)
         topo = dataset.topology(self.num_workers)
         self._view.resume = resume

@@ -1,35 +1,23 @@
-"""Tests for shardkit.gpu.cuda: CPU behaviour always, CUDA behaviour when a GPU is present."""
+"""Tests for shardkit.gpu.cuda: CPU behaviour always, CUDA behaviour when a GPU is present.
+
+(Batch decoding on the GPU is tested in tests/test_gpu_decoders.py.)"""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from collections import OrderedDict, namedtuple
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from shardkit.decode.fields import decode_image
-from shardkit.errors import SampleError
-from shardkit.gpu.cuda import CudaPrefetcher, _to_device, cuda_available, decode_images_cuda
+from shardkit.gpu.cuda import CudaPrefetcher, _to_device, cuda_available
 from tests.helpers import pairs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 
 Pair = namedtuple("Pair", "image label")
-
-
-def _jpeg(height: int = 40, width: int = 56, seed: int = 0, mode: str = "RGB") -> bytes:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.normal(0, 4, (height, width, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 def _nested_batch() -> dict:
@@ -80,18 +68,11 @@ def test_prefetcher_prepares_batches_without_cuda():
 def test_explicit_cuda_device_without_cuda_is_an_error():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         CudaPrefetcher([], device="cuda")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        decode_images_cuda([_jpeg()])
 
 
 def test_non_cuda_device_rejected():
     with pytest.raises(ValueError, match="CUDA device"):
         CudaPrefetcher([], device="cpu")
-
-
-def test_decode_images_cuda_bomb_guard_runs_before_any_gpu_work():
-    with pytest.raises(SampleError, match="image 1 of the batch.*max_pixels"):
-        decode_images_cuda([_jpeg(8, 8), _jpeg(40, 56)], max_pixels=1000)
 
 
 @needs_cuda
@@ -108,17 +89,3 @@ def test_prefetcher_moves_nested_batches_in_order():
     assert list(CudaPrefetcher([], device="cuda")) == []
     prepared = list(CudaPrefetcher([torch.ones(2)], device="cuda", prepare=lambda b: {"x": b * 2}))
     assert prepared[0]["x"].is_cuda and prepared[0]["x"].sum().item() == 4
-
-
-@needs_cuda
-def test_decode_images_cuda_matches_cpu():
-    images = [_jpeg(seed=1), _jpeg(64, 48, seed=2), _jpeg(seed=3, mode="L"), _jpeg(seed=4, mode="CMYK")]
-    buffer = io.BytesIO()
-    Image.new("RGB", (10, 12), (1, 2, 3)).save(buffer, "PNG")
-    images.append(buffer.getvalue())
-    decoded = decode_images_cuda(images)
-    for data, tensor in pairs(images, decoded):
-        reference = decode_image(data, "torch")
-        assert tensor.is_cuda and tensor.dtype == torch.uint8 and tensor.shape == reference.shape
-        diff = (tensor.cpu().int() - reference.int()).abs().float().mean().item()
-        assert diff < 2.0

@@ -7,6 +7,7 @@ with the CPU decoder, and compare it with the ordinary worker path under the sam
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from tests.helpers import keys_of, pairs, resumed_keys, stop_after, tiny_jpeg
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+needs_torchcodec = pytest.mark.skipif(importlib.util.find_spec("torchcodec") is None, reason="needs torchcodec")
 
 AUG = v2.Compose([v2.RandomResizedCrop(24), v2.RandomHorizontalFlip()])
 
@@ -143,14 +145,16 @@ def test_resume_is_exact(shards):
     assert resumed_keys(loader(), state) == full[12:]
 
 
+@needs_torchcodec
 def test_png_and_cmyk_fall_back_to_the_cpu_decoder(tmp_path):
     path = _write(tmp_path, 21, odd=True)
     expected, _ = _run(path, batch=7, fields="jpg;png cls")
-    # torchvision's batched decode_jpeg (nvjpeg on a GPU) runs on the CPU here, for the plain JPEGs only.
+    # "nvjpeg" is TorchCodec's batched decode_jpeg (nvJPEG on a GPU, libjpeg-turbo here), for the plain JPEGs only.
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)  # silenced: the user chose this backend
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated torchvision.io decoder behind it
         staged, stats = _run(path, batch=7, fields="jpg;png cls", decode_device="cpu", decode_backend="nvjpeg")
     assert stats["decode_backend"] == "nvjpeg" and len(staged) == 3
+    assert stats["decode_batch_failures"] == 0 and stats["decode_regions"] is False
     assert stats["cpu_decoded"] == 6  # the 3 PNGs and 3 CMYK JPEGs of 21 samples
     for (want_x, want_y), (got_x, got_y) in pairs(expected, staged):
         assert torch.equal(got_y, want_y) and got_x.shape == want_x.shape == (7, 3, 24, 24)
@@ -166,10 +170,12 @@ def _turned_jpeg(i: int, orientation: int) -> bytes:
     return buffer.getvalue()
 
 
+@needs_torchcodec
 @pytest.mark.parametrize("exif_orientation", [True, False])
 def test_exif_turned_photos_follow_the_datasets_exif_orientation(tmp_path, exif_orientation):
-    # The shipping step drew crops on the stored size and the GPU decoders ignore EXIF, so a
-    # turned phone photo came out sideways although the dataset asks for upright pixels.
+    # The shipping step drew crops on the stored size and nvImageCodec ignores EXIF, so a
+    # turned phone photo came out sideways although the dataset asks for upright pixels;
+    # TorchCodec ("nvjpeg") always applies EXIF, so it would turn photos the dataset wants as stored.
     with ShardWriter(str(tmp_path), name="data", shard_size="1GB") as writer:
         for i in range(16):
             writer.write({"__key__": f"s{i:06d}", "cls": i % 3, "jpg": _turned_jpeg(i, 1 + i % 8)})
@@ -184,8 +190,9 @@ def test_exif_turned_photos_follow_the_datasets_exif_orientation(tmp_path, exif_
 
     expected, _ = run()
     staged, stats = run(decode_device="cpu", decode_backend="nvjpeg")
-    # Orientations 2-8 (14 of 16) go to the CPU decoder when they must turn; none do otherwise.
-    assert stats["cpu_decoded"] == (14 if exif_orientation else 0)
+    # TorchCodec turns what must turn (orientations 2-8, 14 of 16); they go to the CPU decoder
+    # when they must stay as stored. (The EXIF-ignoring routing: tests/test_gpu_decoders.py.)
+    assert stats["cpu_decoded"] == (0 if exif_orientation else 14)
     for want, got in zip(expected, staged, strict=True):
         assert got["__key__"] == want["__key__"]
         assert (got["jpg"].float() - want["jpg"].float()).abs().mean().item() < 1.0
@@ -328,10 +335,11 @@ def test_importing_costs_nothing():
     code = (
         "import sys, torch, shardkit.loader, shardkit.gpu.batch, shardkit.gpu.decoders; "
         "print(torch.cuda.is_initialized(), any(m.startswith('torchvision') for m in sys.modules), "
-        "any('nvimgcodec' in m for m in sys.modules))"
+        "any('nvimgcodec' in m for m in sys.modules if not m.startswith('shardkit')), "
+        "any(m.startswith('torchcodec') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.split() == ["False", "False", "False"]
+    assert out.stdout.split() == ["False", "False", "False", "False"]
 
 
 def test_default_path_prints_no_deprecation_warning(shards):
@@ -354,7 +362,7 @@ def test_device_cuda_delivers_the_same_batches_on_the_gpu(shards):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["auto", "nvjpeg", "cpu"])
+@pytest.mark.parametrize("backend", ["auto", "torchcodec", "nvjpeg", "cpu"])
 def test_decode_device_cuda_matches_the_cpu_stage(tmp_path, backend):
     path = _write(tmp_path, 21, odd=True)
     staged, stats = _run(path, batch=7, fields="jpg;png cls", decode_device="cuda", decode_backend=backend)
@@ -369,7 +377,13 @@ def test_decode_device_cuda_matches_the_cpu_stage(tmp_path, backend):
 def test_nvimgcodec_region_decode_matches_the_cpu_stage(shards):
     pytest.importorskip("nvidia.nvimgcodec")
     expected, _ = _run(shards, decode_device="cpu")
+    from nvidia import nvimgcodec
+
+    from shardkit.gpu.nvimgcodec import region_refusal
+
     staged, stats = _run(shards, decode_device="cuda", decode_backend="nvimgcodec")
-    assert stats["decode_backend"] == "nvimgcodec"
+    assert stats["decode_backend"] == "nvimgcodec" and stats["decode_batch_failures"] == 0
+    # Region decoding only on versions where it is safe (0.9.0 crashes: NVIDIA/nvImageCodec issue 55).
+    assert stats["decode_regions"] == (region_refusal(nvimgcodec.__version__) is None)
     for want, got in pairs(expected, staged):
         assert (got["jpg"].cpu().float() - want["jpg"].float()).abs().mean().item() < 3.0

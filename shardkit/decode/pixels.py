@@ -1,7 +1,7 @@
 """Encoded image bytes to RGB pixels: size guards, backend choice, mode conversion.
 
-The image core of :func:`shardkit.decode.decode_image` and
-:class:`shardkit.decode.crop.RandomResizedCropDecode`, with the guards :mod:`shardkit.gpu.cuda`
+The image core of :func:`shardkit.decode.fields.decode_image` and
+:class:`shardkit.decode.crop.RandomResizedCropDecode`, with the guards :mod:`shardkit.gpu.ship`
 reuses. Every image comes out as 3-channel RGB uint8 by one pixel policy
 (:func:`pil_to_rgb`, shared with ``shardkit write --resize``; the README's table lists
 it), sized from its header and refused over ``max_pixels`` before any pixel memory is

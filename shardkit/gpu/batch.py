@@ -8,8 +8,8 @@
   the same torch RNG calls as torchvision. The image itself stays encoded: the batch
   crosses the process boundary as :class:`~shardkit.gpu.ship.EncodedImage` objects plus collated labels.
 - **in the main process** (:class:`BatchStage`): decode the batch's JPEGs in one call
-  (:mod:`shardkit.gpu.decoders`: nvImageCodec, decoding only the crop region, when it
-  is installed; else torchvision's nvjpeg batch decode), other formats and CMYK JPEGs on the CPU, then
+  (:mod:`shardkit.gpu.decoders`: TorchCodec's batched nvJPEG, or nvImageCodec, which can
+  decode only the crop region), other formats and CMYK JPEGs on the CPU, then
   crop, resize and flip each image with the drawn parameters, stack, convert dtype,
   normalise and return a channels-last batch on the device.
 
@@ -34,6 +34,7 @@ from ..decode.pixels import default_max_pixels
 from ..errors import SampleError, ShardkitError
 from ..read.base import Batching
 from ..read.pipeline import collate, make_handler
+from .batch_decoder import BatchDecoder
 from .cuda import CudaPrefetcher, cuda_device
 from .decoders import make_backend
 from .recipe import Recipe
@@ -112,7 +113,7 @@ class BatchStage:
         recipes: Sequence[Recipe],
         device: torch.device,
         *,
-        backend: str = "auto",
+        backend: str | BatchDecoder = "auto",
         handlers: Sequence[str | Callable[[Exception], Any]] | None = None,
         max_pixels: int | None = None,
     ) -> None:
@@ -132,9 +133,7 @@ class BatchStage:
         out = self._walk(batch, failed)
         if failed:
             out = _keep(out, [i for i in range(n) if i not in failed], n)
-        finish = getattr(self.backend, "finish", None)
-        if finish is not None:
-            finish()
+        self.backend.finish()
         self.seconds += time.perf_counter() - started
         return out
 
@@ -238,13 +237,13 @@ class DeviceStage:
         *,
         device: str | torch.device | int | None,
         decode_device: str | torch.device | int | None,
-        decode_backend: str = "auto",
+        decode_backend: str | BatchDecoder = "auto",
     ) -> DeviceStage | None:
         """Validate the loader's device options; None when neither is set."""
         target = _resolve(device, "device")
         decode_at = _resolve(decode_device, "decode_device")
         if decode_at is None:
-            if decode_backend != "auto":
+            if isinstance(decode_backend, BatchDecoder) or decode_backend != "auto":
                 raise ShardkitError("decode_backend only applies with decode_device='cuda' (or 'cpu')")
             return None if target is None or target.type == "cpu" else cls(target, None, dataset)
         if target is not None and target != decode_at and not (target.type == "cuda" and decode_at.type == "cpu"):
@@ -266,7 +265,7 @@ class DeviceStage:
         its batch, so the loader records it only when the batch is handed out."""
         if self.batch_stage is not None:
             self.batch_stage.seconds, self.batch_stage.skipped = 0.0, 0
-            self.batch_stage.backend.cpu_decoded = 0
+            self.batch_stage.backend.reset_counts()
         prepare = self._prepare if self.batch_stage is not None else None
         if self.target.type == "cuda":
             return iter(CudaPrefetcher(pairs, self.target, prepare=prepare))
@@ -279,8 +278,10 @@ class DeviceStage:
 
     def stats(self) -> dict[str, Any]:
         """``stage_s``: main-process seconds in the batch stage; ``decode_skipped``:
-        samples dropped there by the handler; the decoder's name and ``cpu_decoded``, the
-        images it left to the CPU decoder (non-JPEG, CMYK, rejected)."""
+        samples dropped there by the handler; the decoder's name, ``decode_regions`` (it
+        decodes only the crop box), ``cpu_decoded``, the images it left to the CPU decoder
+        (non-JPEG, CMYK, rejected, retried), and ``decode_batch_failures``, the batches it
+        failed as a whole, each decoded again on the CPU."""
         if self.batch_stage is None:
             return {"device": str(self.target)}
         return {
@@ -289,4 +290,6 @@ class DeviceStage:
             "stage_s": self.batch_stage.seconds,
             "decode_skipped": self.batch_stage.skipped,
             "cpu_decoded": self.batch_stage.backend.cpu_decoded,
+            "decode_batch_failures": self.batch_stage.backend.batch_failures,
+            "decode_regions": self.batch_stage.backend.regions,
         }

@@ -1,4 +1,6 @@
-"""Optional GPU helpers: nvjpeg batch decoding and a CUDA prefetcher.
+"""Optional GPU helpers: resolving a CUDA device and a CUDA prefetcher.
+
+Batch decoding on the GPU lives in :mod:`shardkit.gpu.decoders` (through ``ShardLoader(decode_device=...)``).
 
 Importing this module makes no CUDA call, so it is safe on machines without a GPU and
 before DataLoader workers fork. Every CUDA call happens inside a function.
@@ -7,15 +9,10 @@ before DataLoader workers fork. Every CUDA call happens inside a function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-
-from ..decode.fields import decode_image
-from ..decode.imageinfo import read_image_header
-from ..decode.pixels import check_pixels, default_max_pixels
-from ..errors import SampleError
 
 logger = logging.getLogger(__name__)
 
@@ -40,51 +37,6 @@ def cuda_device(device: str | torch.device | int | None) -> torch.device:
     if resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
-
-
-def decode_images_cuda(
-    images: Sequence[bytes], *, device: str | torch.device | None = None, max_pixels: int | None = None
-) -> list[torch.Tensor]:
-    """Decode encoded images to CHW uint8 RGB tensors on a CUDA device.
-
-    JPEGs go to nvjpeg in one batched ``torchvision.io.decode_jpeg`` call; other formats,
-    and JPEGs nvjpeg rejects (e.g. CMYK), are decoded on the CPU and copied over. Every
-    header is checked against ``max_pixels`` (default PIL's limit) before anything is
-    decoded, because nvjpeg has no such guard. Raises SampleError naming the batch index.
-    """
-    import torchvision.io as tvio  # deferred: only GPU users need it
-
-    limit = default_max_pixels(max_pixels)
-    jpeg_indices: list[int] = []
-    for index, data in enumerate(images):
-        header = read_image_header(data)
-        try:
-            if header is not None:
-                check_pixels(header.width, header.height, limit)
-        except SampleError as exc:
-            raise SampleError(f"image {index} of the batch: {exc.reason}") from exc
-        if header is not None and header.format == "JPEG" and header.components in (1, 3):
-            jpeg_indices.append(index)
-    target = cuda_device(device)
-
-    decoded: list[torch.Tensor | None] = [None] * len(images)
-    # nvjpeg wants 1-D uint8 CPU tensors; bytearray keeps torch.frombuffer from warning.
-    encoded = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpeg_indices]
-    if encoded:
-        try:
-            batch = tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.RGB, device=target)
-            for index, tensor in zip(jpeg_indices, batch):
-                decoded[index] = tensor
-        except RuntimeError as exc:  # one bad file fails the whole batch: CPU below
-            logger.debug("nvjpeg batch decode failed (%s); decoding on the CPU", exc)
-    for index, data in enumerate(images):
-        if decoded[index] is None:
-            try:
-                cpu = decode_image(data, "torch", max_pixels=limit)
-            except SampleError as exc:
-                raise SampleError(f"image {index} of the batch: {exc.reason}") from exc
-            decoded[index] = cpu.to(target, non_blocking=False)
-    return decoded  # type: ignore[return-value]
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

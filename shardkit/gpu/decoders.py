@@ -1,200 +1,177 @@
-"""Batch decoders for the main-process GPU stage: nvImageCodec, torchvision's nvjpeg, or the CPU.
+"""Batch decoders for the main-process GPU stage: TorchCodec, nvImageCodec, or the CPU.
 
-:func:`make_backend` picks one (``decode_backend=``); each decodes a list of
-:class:`~shardkit.gpu.ship.EncodedImage` into CHW uint8 tensors on the device, sending
-what it cannot decode (PNG, CMYK, damaged files) to shardkit's CPU decoder per image.
-Importing this module makes no CUDA call and imports no GPU decoder.
+:func:`make_backend` picks one (``decode_backend=``). Each decodes a list of
+:class:`~shardkit.gpu.ship.EncodedImage` into CHW uint8 RGB tensors on the device:
+
+- per image, what the decoder does not take (PNG, CMYK, a turned photo it would orient
+  differently from shardkit's pixel policy) or gives no image for goes to shardkit's CPU
+  decoder (``cpu_decoded``);
+- a decoder that fails a whole batch (an exception from the library: one damaged file
+  fails nvJPEG's batched call, a CUDA library error fails everything) has that batch
+  decoded once more on the CPU, and the failure is counted (``batch_failures``,
+  ``loader.stats()["decode_batch_failures"]``) instead of ending the training run.
+
+No backend calls a deprecated decoder: ``"nvjpeg"`` is nvJPEG through TorchCodec, which
+replaces torchvision.io's image decoding (deprecated since torchvision 0.29). Importing
+this module makes no CUDA call and imports no GPU decoder.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
-import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from ..decode.fields import decode_image
-from ..errors import SampleError, ShardkitError
+from ..errors import ShardkitError
+from .batch_decoder import BatchDecoder, Decoded
+from .nvimgcodec import NvimgcodecBackend
 from .recipe import Recipe
 from .ship import EncodedImage
 
 log = logging.getLogger(__name__)
 
-DECODE_BACKENDS = ("auto", "cpu", "nvjpeg", "nvimgcodec")
+DECODE_BACKENDS = ("auto", "cpu", "torchcodec", "nvimgcodec", "nvjpeg")
+
+__all__ = [
+    "DECODE_BACKENDS",
+    "BatchDecoder",
+    "CpuBackend",
+    "Decoded",
+    "NvimgcodecBackend",
+    "TorchcodecBackend",
+    "make_backend",
+]
+
+_INSTALL = (
+    "pip install 'shardkit[torchcodec]' (TorchCodec), or nvImageCodec: "
+    "pip install 'shardkit[nvimgcodec-cu12]' ('shardkit[nvimgcodec-cu13]' for a CUDA 13 PyTorch)"
+)
 
 
-# ------------------------------------------------------------ decoding backends
-
-
-def _decode_cpu(image: EncodedImage, device: torch.device, max_pixels: int | None) -> torch.Tensor:
-    """shardkit's CPU decoder (simplejpeg/PIL), moved to ``device``."""
-    return decode_image(image.data, "torch", max_pixels=max_pixels, exif_orientation=image.upright).to(device)
-
-
-class _Decoded:
-    """Per image: the CHW uint8 tensor, or the error; ``cropped`` when the decoder
-    already applied the first RandomResizedCrop box (region decoding)."""
-
-    __slots__ = ("tensor", "error", "cropped")
-
-    def __init__(
-        self, tensor: torch.Tensor | None = None, error: Exception | None = None, cropped: bool = False
-    ) -> None:
-        self.tensor, self.error, self.cropped = tensor, error, cropped
-
-
-class CpuBackend:
+class CpuBackend(BatchDecoder):
     """Decode every image with shardkit's CPU decoder (the stand-in on machines without CUDA)."""
 
     name = "cpu"
 
-    def __init__(self, device: torch.device, max_pixels: int | None) -> None:
-        self.device, self.max_pixels = device, max_pixels
-        self.cpu_decoded = 0  # images the CPU decoded (all of them here; the fallbacks for GPU backends)
+    def takes(self, image: EncodedImage) -> bool:
+        return False
 
-    def decode(self, images: Sequence[EncodedImage], recipes: Sequence[Recipe]) -> list[_Decoded]:
-        return [self.fallback(image) for image in images]
-
-    def fallback(self, image: EncodedImage) -> _Decoded:
-        self.cpu_decoded += 1
-        try:
-            return _Decoded(_decode_cpu(image, self.device, self.max_pixels))
-        except SampleError as exc:
-            return _Decoded(error=exc)
+    def decode_batch(self, images: Sequence[EncodedImage], recipes: Sequence[Recipe]) -> list[Decoded | None]:
+        return [None] * len(images)
 
 
-class NvjpegBackend(CpuBackend):
-    """torchvision's batched ``decode_jpeg(device=...)`` (nvjpeg on CUDA) for the batch's
-    JPEGs, the CPU decoder for the rest and for a batch nvjpeg rejects.
+@functools.lru_cache(maxsize=1)
+def _probe_jpeg() -> bytes:
+    """An 8x8 JPEG that a decoder must read before it is trusted with batches."""
+    from PIL import Image
 
-    torchvision.io decoding is deprecated since 0.29: its warning is silenced here because
-    the user chose this path (nvImageCodec is preferred when installed); it is logged once.
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class TorchcodecBackend(BatchDecoder):
+    """TorchCodec's ``decode_jpeg``: on CUDA one batched nvJPEG call per batch (the GPU's
+    hardware JPEG engines where it has them), on the CPU libjpeg-turbo per image.
+
+    TorchCodec decodes to RGB uint8 (gray JPEGs too) and always applies the EXIF
+    orientation, whereas shardkit applies it only with ``exif_orientation=True``: so a
+    turned photo is given to TorchCodec only when the dataset wants it upright, and to
+    the CPU decoder otherwise (see :meth:`BatchDecoder.takes`). Its outputs come from
+    PyTorch's caching allocator on the current stream, so they need no keep-alive.
+
+    ``name`` is what ``loader.stats()`` reports: ``"nvjpeg"`` when chosen by that name.
+    Construction decodes a tiny JPEG on ``device``, so a TorchCodec that cannot run there
+    (e.g. CUDA libraries built for another CUDA major version) fails when the loader is
+    built, not in the first batch.
     """
 
-    name = "nvjpeg"
-    _warned = False
+    name = "torchcodec"
+    applies_exif = True
 
-    def decode(self, images: Sequence[EncodedImage], recipes: Sequence[Recipe]) -> list[_Decoded]:
-        import torchvision.io as tvio
-
-        out: list[_Decoded | None] = [None] * len(images)
-        batch = [i for i, image in enumerate(images) if image.batchable]
-        if batch:
-            encoded = [torch.frombuffer(bytearray(images[i].data), dtype=torch.uint8) for i in batch]
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded = tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.RGB, device=self.device)
-                for i, tensor in zip(batch, decoded):
-                    out[i] = _Decoded(tensor)
-            except RuntimeError as exc:  # one bad file fails the whole batch: the CPU decodes each
-                log.debug("batched decode_jpeg failed (%s); decoding this batch on the CPU", exc)
-            if not NvjpegBackend._warned:
-                NvjpegBackend._warned = True
-                log.info(
-                    "decoding with torchvision.io.decode_jpeg (deprecated since torchvision 0.29); "
-                    "install nvidia-nvimgcodec-cu12 for the preferred backend"
-                )
-        return [d if d is not None else self.fallback(image) for d, image in zip(out, images)]
-
-
-class NvimgcodecBackend(CpuBackend):
-    """nvImageCodec: one batched decode of the batch's JPEGs on the GPU (hardware JPEG
-    engines where the GPU has them), decoding only the RandomResizedCrop region when the
-    recipe starts with one. Images it cannot decode go to the CPU decoder.
-
-    nvImageCodec allocates the decoded images itself (not through torch's caching
-    allocator), so each batch's images are kept alive until an event recorded after the
-    last kernel that reads them has completed.
-    """
-
-    name = "nvimgcodec"
-
-    def __init__(self, device: torch.device, max_pixels: int | None) -> None:
-        from nvidia import nvimgcodec  # optional dependency: nvidia-nvimgcodec-cu12
+    def __init__(self, device: torch.device, max_pixels: int | None, *, name: str = "torchcodec") -> None:
+        from torchcodec.decoders import decode_jpeg  # optional dependency: pip install torchcodec
 
         super().__init__(device, max_pixels)
-        self._nv = nvimgcodec
-        self._decoder = nvimgcodec.Decoder(device_id=device.index or 0)
-        # 3-channel interleaved sRGB whatever the JPEG holds (grayscale too); EXIF orientation is
-        # ignored as on the CPU path. ColorSpec.RGB was renamed SRGB in nvImageCodec 0.6.
-        color = getattr(nvimgcodec.ColorSpec, "SRGB", None) or nvimgcodec.ColorSpec.RGB
-        extra = {"sample_format": nvimgcodec.SampleFormat.I_RGB} if hasattr(nvimgcodec, "SampleFormat") else {}
-        self._params = nvimgcodec.DecodeParams(
-            color_spec=color, allow_any_depth=False, apply_exif_orientation=False, **extra
-        )
-        self._keepalive: list[tuple[Any, list[Any]]] = []
+        self.name = name
+        self._decode_jpeg = decode_jpeg
+        probe = decode_jpeg([_probe_jpeg()], mode="RGB", device=device)
+        if len(probe) != 1 or tuple(probe[0].shape) != (3, 8, 8) or probe[0].device != device:
+            raise RuntimeError(f"TorchCodec decoded an 8x8 test JPEG to {[tuple(t.shape) for t in probe]}")
 
-    def _source(self, image: EncodedImage, region: tuple[int, int, int, int] | None) -> Any:
-        nv = self._nv
-        stream = nv.CodeStream(image.data)
-        if region is None:
-            return stream
-        top, left, height, width = region
-        roi = nv.Region(top, left, top + height, left + width)
-        if hasattr(stream, "get_sub_code_stream"):  # nvImageCodec >= 0.6
-            return stream.get_sub_code_stream(region=roi)
-        return nv.DecodeSource(stream, region=roi)  # 0.3 - 0.5
-
-    def decode(self, images: Sequence[EncodedImage], recipes: Sequence[Recipe]) -> list[_Decoded]:
-        # Release the images of earlier batches whose kernels have finished.
-        self._keepalive = [(event, held) for event, held in self._keepalive if not event.query()]
-        out: list[_Decoded | None] = [None] * len(images)
-        batch = [i for i, image in enumerate(images) if image.batchable]
-        regions = [images[i].params[0] if recipes[images[i].recipe].steps[0].kind == "rrc" else None for i in batch]
-        if batch:
-            sources = [self._source(images[i], region) for i, region in zip(batch, regions)]
-            stream = torch.cuda.current_stream(self.device)
-            decoded = self._decoder.decode(sources, params=self._params, cuda_stream=stream.cuda_stream)
-            held = []
-            for i, region, result in zip(batch, regions, decoded):
-                if result is None:
-                    continue
-                held.append(result)
-                # DLPack hands torch the current stream, on which nvImageCodec orders its decode.
-                tensor = torch.from_dlpack(result).permute(2, 0, 1)  # HWC -> CHW view
-                out[i] = _Decoded(tensor, cropped=region is not None)
-            event = torch.cuda.Event()
-            event.record(stream)  # recorded again after the stage's kernels: see finish()
-            self._keepalive.append((event, held))
-        return [d if d is not None else self.fallback(image) for d, image in zip(out, images)]
-
-    def finish(self) -> None:
-        """Called after the batch's kernels are queued: the held images live until they ran."""
-        if self._keepalive:
-            self._keepalive[-1][0].record(torch.cuda.current_stream(self.device))
+    def decode_batch(self, images: Sequence[EncodedImage], recipes: Sequence[Recipe]) -> list[Decoded | None]:
+        decoded = self._decode_jpeg([image.data for image in images], mode="RGB", device=self.device)
+        return [Decoded(tensor) for tensor in decoded]
 
 
-def make_backend(name: str, device: torch.device, max_pixels: int | None) -> CpuBackend:
-    """The decoder for ``name`` ("auto": nvImageCodec on CUDA when importable, else nvjpeg;
-    the CPU decoder on the CPU). Raises ShardkitError for a backend that cannot run."""
-    if name not in DECODE_BACKENDS:
-        raise ShardkitError(f"decode_backend must be one of {DECODE_BACKENDS}, got {name!r}")
-    if name == "auto":
-        if device.type != "cuda":
-            name = "cpu"
-        else:
-            try:
-                return NvimgcodecBackend(device, max_pixels)
-            except ImportError:
-                log.info(
-                    "nvImageCodec is not installed (pip install nvidia-nvimgcodec-cu12, or -cu13 for a "
-                    "CUDA 13 PyTorch): decoding with torchvision's nvjpeg"
-                )
-            except (RuntimeError, OSError) as exc:  # e.g. a CUDA major version it was not built for
-                log.warning("nvImageCodec failed to start (%s): decoding with torchvision's nvjpeg", exc)
-            name = "nvjpeg"
-    if name == "cpu":
+def _torchcodec(device: torch.device, max_pixels: int | None, name: str) -> TorchcodecBackend:
+    try:
+        return TorchcodecBackend(device, max_pixels, name=name)
+    except ImportError as exc:
+        raise ShardkitError(
+            f"decode_backend={name!r} decodes with TorchCodec, which is not installed: "
+            f"pip install 'shardkit[torchcodec]' ({exc})"
+        ) from exc
+    except (RuntimeError, OSError) as exc:
+        raise ShardkitError(f"decode_backend={name!r}: TorchCodec cannot decode on {device}: {exc}") from exc
+
+
+def _auto_cuda(device: torch.device, max_pixels: int | None) -> BatchDecoder:
+    """TorchCodec, else nvImageCodec, else a clear error (see :func:`make_backend`)."""
+    reasons = []
+    for name, build in (("torchcodec", TorchcodecBackend), ("nvimgcodec", NvimgcodecBackend)):
+        try:
+            return build(device, max_pixels)
+        except ImportError:
+            reasons.append(f"{name} is not installed")
+        except (RuntimeError, OSError) as exc:  # e.g. built for another CUDA major version
+            log.warning("%s cannot decode on %s (%s)", name, device, exc)
+            reasons.append(f"{name} failed to start: {exc}")
+    raise ShardkitError(
+        f"decode_device={str(device)!r} needs a GPU JPEG decoder ({'; '.join(reasons)}): {_INSTALL}; "
+        "or decode_backend='cpu' to decode in the main process on the CPU"
+    )
+
+
+def make_backend(backend: str | BatchDecoder, device: torch.device, max_pixels: int | None) -> BatchDecoder:
+    """The decoder for ``backend``, or ShardkitError for one that cannot run here.
+
+    - ``"auto"``: on CUDA, TorchCodec when installed and working, else nvImageCodec (with
+      region decoding only on versions where it is safe, see
+      :func:`shardkit.gpu.nvimgcodec.region_refusal`), else an error naming the installs;
+      shardkit's CPU decoder on the CPU. TorchCodec comes first because no GPU run has
+      measured the two yet: it is PyTorch's maintained successor of torchvision.io, has
+      no known crash, and allocates through PyTorch; nvImageCodec's region decoding saves
+      decode work but its newest release (0.9.0) crashes in exactly that path.
+    - ``"torchcodec"`` (or ``"nvjpeg"``, its former name here): TorchCodec's batched
+      nvJPEG decode, also on the CPU (libjpeg-turbo, as CI runs it).
+    - ``"nvimgcodec"``: nvImageCodec, CUDA only.
+    - ``"cpu"``: shardkit's CPU decoder (simplejpeg/PIL) in the main process.
+    - a :class:`BatchDecoder` instance: used as is (its device must be ``device``).
+    """
+    if isinstance(backend, BatchDecoder):
+        if backend.device != device:
+            raise ShardkitError(
+                f"decode_backend {backend.name!r} decodes on {backend.device}, but decode_device is {device}"
+            )
+        return backend
+    if backend not in DECODE_BACKENDS:
+        raise ShardkitError(f"decode_backend must be one of {DECODE_BACKENDS} or a BatchDecoder, got {backend!r}")
+    if backend == "auto":
+        return CpuBackend(device, max_pixels) if device.type != "cuda" else _auto_cuda(device, max_pixels)
+    if backend == "cpu":
         return CpuBackend(device, max_pixels)
-    if name == "nvjpeg":
-        return NvjpegBackend(device, max_pixels)
+    if backend in ("torchcodec", "nvjpeg"):
+        return _torchcodec(device, max_pixels, backend)
     if device.type != "cuda":
         raise ShardkitError("decode_backend='nvimgcodec' decodes on a CUDA device: use decode_device='cuda'")
     try:
         return NvimgcodecBackend(device, max_pixels)
     except ImportError as exc:
         raise ShardkitError(
-            f"decode_backend='nvimgcodec' needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 ({exc})"
+            "decode_backend='nvimgcodec' needs nvImageCodec: pip install 'shardkit[nvimgcodec-cu12]' "
+            f"('shardkit[nvimgcodec-cu13]' for a CUDA 13 PyTorch) ({exc})"
         ) from exc

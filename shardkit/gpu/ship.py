@@ -30,7 +30,7 @@ class EncodedImage:
     """An image still encoded, with its header size and the transform parameters the
     worker drew; what crosses from a worker to the main process in place of pixels."""
 
-    __slots__ = ("data", "height", "width", "batchable", "params", "recipe", "key", "url", "upright")
+    __slots__ = ("data", "height", "width", "batchable", "params", "recipe", "key", "url", "upright", "orientation")
 
     def __init__(
         self,
@@ -43,10 +43,12 @@ class EncodedImage:
         key: str | None = None,
         url: str | None = None,
         upright: bool = False,
+        orientation: int = 1,
     ) -> None:
         self.data, self.height, self.width, self.batchable = data, height, width, batchable
         self.params, self.recipe, self.key, self.url = params, recipe, key, url
         self.upright = upright  # decode with the EXIF orientation applied (height/width are upright)
+        self.orientation = orientation  # the EXIF orientation tag in the file (1: none or as stored)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return EncodedImage, (
@@ -59,6 +61,7 @@ class EncodedImage:
             self.key,
             self.url,
             self.upright,
+            self.orientation,
         )
 
     def __repr__(self) -> str:
@@ -77,8 +80,10 @@ def encode_for_batch(
 ) -> EncodedImage:
     """Read the size from the header, apply the pixel guard and draw ``recipe``'s parameters.
 
-    ``batchable`` is True for baseline/progressive JPEGs with 1 or 3 components, which the
-    GPU decoders take in a batch; everything else is decoded on the CPU in the main process.
+    ``batchable`` is True for baseline/progressive JPEGs with 1 or 3 components, the files
+    the GPU decoders can take in a batch; everything else is decoded on the CPU in the main
+    process. Which batchable images a decoder takes also depends on the EXIF orientation
+    (``orientation``, ``upright``): see :meth:`shardkit.gpu.decoders.BatchDecoder.takes`.
     """
     data = bytes(data)
     header = read_image_header(data)
@@ -95,14 +100,14 @@ def encode_for_batch(
             raise SampleError(f"not a readable image: {exc}") from exc
         batchable = False
     check_pixels(width, height, max_pixels)
-    # With exif (the dataset's exif_orientation), a turned photo is decoded upright on the
-    # CPU, as on the worker path, and its parameters are drawn on the upright size.
+    # With exif (the dataset's exif_orientation), a turned photo is decoded upright, as on
+    # the worker path (by a decoder that applies EXIF, else on the CPU), and its parameters
+    # are drawn on the upright size.
     upright = exif and orientation != 1
-    if upright:
-        batchable = False
-        if orientation in (5, 6, 7, 8):
-            height, width = width, height
-    return EncodedImage(data, height, width, batchable, recipe.draw(height, width), index, key, url, upright)
+    if upright and orientation in (5, 6, 7, 8):
+        height, width = width, height
+    params = recipe.draw(height, width)
+    return EncodedImage(data, height, width, batchable, params, index, key, url, upright, orientation)
 
 
 class ShipTransform:

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ShardkitError
 from ..plan.epoch import EVEN_MODES, EpochInfo, Topology
-from ..plan.state import ResumeState
+from ..plan.state import PlanIdentity, ResumeState
 from .pipeline import batched, collate
 from .stages import KEEP, HooksFactory, Keep, StageHooks, check_hooks
 
@@ -175,6 +175,10 @@ class PlannedDataset(IterableDataset):
         """Counts for this rank's epoch: samples, padded, dropped, per worker."""
         raise NotImplementedError
 
+    def plan_identity(self) -> PlanIdentity:
+        """The plan saved states count in; loading one saved under another is refused."""
+        raise NotImplementedError
+
     def stream_sizes(self, *, num_workers: int, resume: ResumeState | None = None) -> list[list[int]] | None:
         """Samples in each [rank][worker] stream of the current epoch, or None when unplanned."""
         raise NotImplementedError
@@ -269,13 +273,15 @@ class PlannedDataset(IterableDataset):
         """
         ws = self._worker_state
         if not ws:
-            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed)
+            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed, plan=self.plan_identity())
         topo: Topology = ws["topology"]
         emitted = [[0] * topo.streams for _ in range(topo.world_size)]
         emitted[ws["rank"]][ws["worker"]] = ws["emitted"]
-        return ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed)
+        return (
+            ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed, plan=self.plan_identity())
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume mid-epoch from :meth:`state_dict` (sets the epoch too)."""
-        self._resume = ResumeState.from_dict(state, seed=self.seed)
+        self._resume = ResumeState.from_dict(state, seed=self.seed, plan=self.plan_identity())
         self.set_epoch(self._resume.epoch)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ShardkitError
 from ..plan.epoch import EpochInfo, EpochPlanner, Topology
-from ..plan.state import ResumeState
+from ..plan.state import PlanIdentity, ResumeState
 from ..storage.backend import SourceOptions, merge_source_options
 from .base import Batching, PlannedDataset
 from .join import Join, JoinedReader, JoinSpec, open_join
@@ -210,6 +210,16 @@ class ShardDataset(PlannedDataset):
         """True when epochs follow the sample-level planner (counts known, one pass, no
         epoch_length); then every count below is exact."""
         return self.counts is not None and not self.resampled and self.epoch_length is None
+
+    def plan_identity(self) -> PlanIdentity:
+        """By sample (counts known) or by whole shard, and the counts: what a saved state needs."""
+        return PlanIdentity.of(
+            self.counts,
+            shards=len(self.urls),
+            shuffle_shards=self.shuffle_shards,
+            epoch_length=self.epoch_length,
+            resampled=self.resampled,
+        )
 
     def _planner(self, epoch: int) -> EpochPlanner:
         assert self.counts is not None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ShardkitError
 from ..plan.epoch import EpochInfo, Topology
 from ..plan.mix import MixPart, MixPlanner
-from ..plan.state import ResumeState
+from ..plan.state import PlanIdentity, ResumeState
 from .base import Batching, PlannedDataset
 from .dataset import ShardDataset
 from .pipeline import make_handler, map_parts
@@ -162,6 +162,14 @@ class Mix(PlannedDataset):
     @property
     def planned(self) -> bool:
         return True  # exact counts always: every part has them
+
+    def plan_identity(self) -> PlanIdentity:
+        return PlanIdentity.of_parts(
+            [part.plan_identity() for part in self.datasets],
+            weights=self.weights,
+            epoch_length=self.epoch_length,
+            buffers=[part.buffer for part in self.datasets],
+        )
 
     def _planner(self, epoch: int) -> MixPlanner:
         return MixPlanner(self.parts, epoch=epoch, seed=self.seed, weights=self.weights, epoch_length=self.epoch_length)

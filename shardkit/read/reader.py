@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..errors import ShardkitError, SourceError
+from ..errors import ShardkitError
 from ..format.index import decode_index, index_url
 from ..format.samples import Sample, group_members
 from ..format.tar import iter_member_tuples
 from ..plan.epoch import Piece
 from ..storage.cache import cache_for
-from ..storage.dispatch import SourceOptions, local_path, open_stream, prefetch, read_bytes
+from ..storage.dispatch import SourceOptions, local_path, open_stream, prefetch, read_optional
 from .stages import StageHooks
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,7 @@ class ShardReader:
             self._offsets.move_to_end(shard)
             return self._offsets[shard]
         url = index_url(self.urls[shard])
-        try:
-            data = read_bytes(url, options=self.options)
-        except SourceError as e:
-            log.debug("no index for %s: %s", self.urls[shard], e)
-            data = None
+        data = read_optional(url, options=self.options)  # None: not found; unreadable raises, naming it
         offsets = decode_index(data, url=url) if data is not None else None
         self._offsets[shard] = offsets
         while len(self._offsets) > 16:
