@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .compression import COMPRESSED_SUFFIXES
-from .index import Manifest
+
+if TYPE_CHECKING:  # the sample encoder imports the markers: no import of the index at run time
+    from .index import Manifest
 
 #: The member (empty) a companion holds for a key it has no value for: a joined read drops the sample.
 MISSING = "__missing__"

@@ -10,7 +10,8 @@
 - ``merge``: ``--part I/N`` outputs joined into one dataset; ``indexer``: sidecars for
   existing tars (``shardkit index``);
 - ``companion``: :func:`shardkit.write_companion`, new fields for an existing set in shards
-  aligned with it (``companion_table``: its table form).
+  aligned with it (``companion_base``: the base set it reads; ``companion_table``: the
+  table form).
 
 (Named ``writing`` because ``shardkit.write`` is the function users call.)
 """
