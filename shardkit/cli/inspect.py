@@ -226,8 +226,8 @@ def _check_against_recorded_base(
         return
     assert base.manifest is not None and base.manifest_url is not None
     data = read_bytes(base.manifest_url, options=options) or b""
-    names = [_name(u) for u in companion.urls]
-    wanted = [n for n in (s.name for s in base.manifest.shards) if companion_shard_name(n) in set(names)]
+    names = {_name(u) for u in companion.urls}
+    wanted = [n for n in (s.name for s in base.manifest.shards) if companion_shard_name(n) in names]
     where = companion.manifest_url or companion.urls[0]
     for shard, message in alignment_problems(base.manifest, manifest_sha256(data), companion.manifest, shards=wanted):
         report.problems.append(Problem(where, f"shard {shard}: {message}" if shard else message))

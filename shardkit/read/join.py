@@ -32,7 +32,7 @@ from ..format.companion import (
     first_key_mismatch,
     manifest_sha256,
 )
-from ..format.index import decode_index_keys, index_url
+from ..format.index import Manifest, decode_index_keys, index_url
 from ..format.samples import Sample
 from ..plan.epoch import Piece
 from ..storage.dispatch import SourceOptions, local_path, read_bytes
@@ -150,10 +150,9 @@ def open_join(
             picked.append(i)
         urls = [shards.urls[i] for i in picked]
         sha = [shards.sha256[i] for i in picked] if shards.sha256 is not None else None
-        fields = tuple(sorted({f for i in picked for f in _shard_fields(shards, i)}))
-        parts.append(JoinPart(label, urls, sha, fields))
+        parts.append(JoinPart(label, urls, sha, _fields(shards.manifest, [_name(u) for u in urls])))
         _check_key_tables(base.urls, urls, label, options)
-    base_fields = tuple(sorted({f for s in base.manifest.shards if s.name in set(names) for f in s.fields}))
+    base_fields = _fields(base.manifest, names)
     return Join(tuple(parts), _check_wins(wins or {}, base_fields, parts), base_fields)
 
 
@@ -163,10 +162,10 @@ def _name(url: str) -> str:
     return os.path.basename(path) if path is not None else url.rsplit("/", 1)[-1]
 
 
-def _shard_fields(shards: ShardList, i: int) -> list[str]:
-    assert shards.manifest is not None
-    name = _name(shards.urls[i])
-    return next((s.fields for s in shards.manifest.shards if s.name == name), [])
+def _fields(manifest: Manifest, names: list[str]) -> tuple[str, ...]:
+    """The fields the manifest lists for the shards ``names``."""
+    wanted = set(names)
+    return tuple(sorted({f for s in manifest.shards if s.name in wanted for f in s.fields}))
 
 
 def _check_wins(wins: Mapping[str, int], base_fields: tuple[str, ...], parts: list[JoinPart]) -> dict[str, int]:
