@@ -80,6 +80,14 @@ def cmd_write(args: argparse.Namespace) -> int:
         f"in {summary.seconds:.1f} s ({summary.rate:,.0f} samples/s, "
         f"{summary.bytes / 1e6 / max(summary.seconds, 1e-9):.0f} MB/s, {summary.workers} worker(s))"
     )
+    if summary.warned:
+        text += (
+            f"\nkept {len(summary.warned)} image(s) that decode with a warning (readers decode them too; "
+            "--strict refuses them):"
+        )
+        text += "".join(f"\n  {where}: {warning}" for where, warning in summary.warned[:10])
+        if len(summary.warned) > 10:
+            text += f"\n  ... and {len(summary.warned) - 10} more (--json lists them all)"
     if summary.resumed_shards:
         text += f"\nresumed after {summary.resumed_shards} complete shard(s) already in {args.dest}"
     if summary.skipped:

@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         "when they would have nothing to do: a dataset format with --no-validate); "
         "the output is byte-identical for any number",
     )
-    w.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
+    w.add_argument(
+        "--strict",
+        action="store_true",
+        help="an unreadable image is an error, not a skip; so is one that decodes only with a "
+        "decoder warning (kept and counted otherwise)",
+    )
     w.add_argument(
         "--no-validate",
         dest="validate",

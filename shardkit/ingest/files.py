@@ -28,12 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..decode.check import decode_problem
+from ..decode.check import check_image
 from ..decode.imageinfo import probe_image
 from ..decode.pixels import upright_rgb
 from ..errors import ShardkitError
 from ..threadmap import ordered_map
 from . import IngestOptions
+from .common import Warned
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +203,20 @@ def _reencode(data: bytes, max_side: int | None, quality: int | None) -> tuple[b
 class EntryLoader:
     """Read one image file and build its sample, or say why it is skipped: ``(path, reason)``.
 
-    With ``validate`` every image is fully decoded (:func:`shardkit.decode.check.decode_problem`),
+    With ``validate`` every image is fully decoded (:func:`shardkit.decode.check.check_image`),
     so a file truncated in the middle, corrupt, in a codec PIL cannot read or over the pixel
-    limit is skipped with its reason instead of being stored. Picklable: it runs in the
-    writer's worker processes.
+    limit is skipped with its reason instead of being stored; one that decodes only with a
+    warning the reader tolerates comes back as :class:`~shardkit.ingest.common.Warned`
+    (``strict``: skipped instead). Picklable: it runs in the writer's worker processes.
     """
 
     resize: int | None = None
     quality: int | None = None
     validate: bool = True
     max_pixels: int | None = None
+    strict: bool = False
 
-    def __call__(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
+    def __call__(self, item: tuple[str, Entry]) -> dict[str, Any] | Warned | tuple[str, str]:
         key, entry = item
         try:
             with open(entry.path, "rb") as f:
@@ -226,10 +229,14 @@ class EntryLoader:
         if looks_truncated(info.ext, data):
             return entry.path, f"truncated {info.ext} (no end marker)"
         ext, width, height = info
+        warning = None
         if self.validate:
-            problem = decode_problem(data, max_pixels=self.max_pixels)
-            if problem:
-                return entry.path, problem
+            check = check_image(data, max_pixels=self.max_pixels)
+            if check.problem:
+                return entry.path, check.problem
+            if check.warning and self.strict:
+                return entry.path, f"decodes only with a warning: {check.warning}"
+            warning = check.warning
         if self.resize or self.quality:
             try:
                 data, width, height = _reencode(data, self.resize, self.quality)
@@ -242,7 +249,7 @@ class EntryLoader:
             sample["cls"] = entry.label
             meta["label"] = entry.label_name if entry.label_name is not None else entry.label
         sample["json"] = meta
-        return sample
+        return Warned(sample, ((entry.path, f"{ext}: {warning}"),)) if warning else sample
 
 
 class FileSource:
@@ -277,6 +284,7 @@ class FileSource:
         self.resize = resize
         self.quality = quality
         self.skipped: list[tuple[str, str]] = []  # (path, reason)
+        self.warned: list[tuple[str, str]] = []  # (path, decoder warning): kept
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -284,10 +292,14 @@ class FileSource:
     def loader(self) -> EntryLoader:
         """The picklable per-file work (read, check, build the sample) for worker processes."""
         return EntryLoader(
-            resize=self.resize, quality=self.quality, validate=self.options.validate, max_pixels=self.options.max_pixels
+            resize=self.resize,
+            quality=self.quality,
+            validate=self.options.validate,
+            max_pixels=self.options.max_pixels,
+            strict=self.options.strict,
         )
 
-    def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
+    def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | Warned | tuple[str, str]:
         return self.loader()(item)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -305,6 +317,10 @@ class FileSource:
                 log.warning("skipping %s: %s", path, reason)
                 self.skipped.append(result)
                 continue
+            if isinstance(result, Warned):
+                log.info("%s: decoded with a warning: %s", *result.warnings[0])
+                self.warned.extend(result.warnings)
+                result = result.sample
             yield result
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import ShardkitError
 from ..format.index import Manifest, manifest_name
 from ..ingest import IngestOptions
+from ..ingest.common import Warned
 from ..ingest.files import Entry, EntryLoader
 from ..sizes import parse_size
 from ..storage.backend import SourceOptions, local_path
@@ -109,7 +110,10 @@ def write(
     workers would have nothing to do: a dataset format with ``validate=False`` and no
     ``fn``). ``validate``: every image of every sample is fully decoded first; an input
     whose image does not decode is skipped and listed in ``result.skipped`` (``strict``:
-    the first one raises); ``max_pixels`` is that check's decompression-bomb limit.
+    the first one raises); an image that decodes only with a decoder warning the reader
+    tolerates (extraneous bytes before a marker, a bad ICC segment) is kept and listed in
+    ``result.warned`` (``strict``: it is a problem too, so it raises); ``max_pixels`` is
+    that check's decompression-bomb limit.
     ``part=(I, N)`` or ``"I/N"``: write input slice I of N (merge with
     :func:`shardkit.writing.merge.merge_parts`); ``resume``: carry on a killed write of the
     same input and options; ``overwrite``: replace a dataset of the same ``name``.
@@ -144,7 +148,7 @@ def write(
         given = [k for k, v in path_only.items() if v not in (None, False)]
         if given:
             raise ValueError(f"{', '.join(given)} apply to a path input (a folder, list file or dataset), not to items")
-        plan = plan_items(inputs, fn=fn, validate=validate, max_pixels=max_pixels, classes=classes)
+        plan = plan_items(inputs, fn=fn, validate=validate, strict=strict, max_pixels=max_pixels, classes=classes)
     if fn is not None:
         plan.fingerprint["fn"] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
     result = write_parallel(
@@ -274,6 +278,7 @@ def write_parallel(
         record.save(writer.dest, writer_name, fingerprint, starts)
     first_input, first_sample = point.next
     skipped: list[Skip] = []
+    warned: list[Skip] = []
     filtered = 0
     bar = None
     try:
@@ -289,6 +294,11 @@ def write_parallel(
             preload=PRELOAD,
             on_start=on_start,
         ):
+            if isinstance(result, Warned):
+                for where, warning in result.warnings:
+                    log.info("%s: decoded with a warning (kept): %s", where, warning)
+                warned.extend(result.warnings)
+                result = result.sample
             if isinstance(result, tuple):
                 where, reason = result
                 if strict:
@@ -324,7 +334,7 @@ def write_parallel(
     manifest = writer.close()
     if local is not None:
         record.remove(dest, writer_name)
-    return build_result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered)
+    return build_result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered, warned)
 
 
 def _refuse_contradictions(
@@ -393,7 +403,10 @@ def write_files(
     fingerprint = {"paths": len(paths), "validate": validate, "max_pixels": max_pixels}
     return write_parallel(
         entries,
-        SampleWork(load=EntryLoader(validate=validate, max_pixels=max_pixels), validate=False),
+        SampleWork(
+            load=EntryLoader(validate=validate, max_pixels=max_pixels, strict=bool(kwargs.get("strict"))),
+            validate=False,
+        ),
         dest,
         total=len(entries),
         workers=workers,

@@ -34,7 +34,13 @@ class Plan:
 
 
 def plan_items(
-    inputs: Iterable[Any], *, fn: Any, validate: bool, max_pixels: int | None, classes: list[str] | None
+    inputs: Iterable[Any],
+    *,
+    fn: Any,
+    validate: bool,
+    strict: bool,
+    max_pixels: int | None,
+    classes: list[str] | None,
 ) -> Plan:
     try:
         total: int | None = len(inputs)  # type: ignore[arg-type]
@@ -44,7 +50,7 @@ def plan_items(
     items = ((f"{i:0{width}d}", item) for i, item in enumerate(inputs))
     return Plan(
         items,
-        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels),
+        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels, strict=strict),
         total,
         classes,
         {"inputs": total, "validate": validate, "max_pixels": max_pixels},
@@ -101,7 +107,7 @@ def plan_source(
     if isinstance(source, FileSource):
         # With fn, the check runs on what fn returns, not on the file it was given.
         load = replace(source.loader(), validate=validate and fn is None)
-        work = SampleWork(fn=fn, load=load, validate=validate and fn is not None, max_pixels=max_pixels)
+        work = SampleWork(fn=fn, load=load, validate=validate and fn is not None, max_pixels=max_pixels, strict=strict)
         return Plan(source.entries, work, len(source.entries), own or classes, fingerprint, source=source)
     try:
         total: int | None = len(source)
@@ -109,7 +115,7 @@ def plan_source(
         total = None
     return Plan(
         ((sample["__key__"], sample) for sample in source),
-        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels),
+        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels, strict=strict),
         total,
         own or classes,
         fingerprint,
