@@ -82,6 +82,14 @@ def decode_size(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"must be auto, none or a positive integer, got {text!r}") from None
 
 
+def column_list(text: str) -> tuple[str, ...]:
+    """Comma-separated column names ('' for none)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if text.strip() and not names:
+        raise argparse.ArgumentTypeError(f"no column names in {text!r}")
+    return names
+
+
 SHARDS_HELP = "shards: one or more files, brace patterns, globs, folders, manifests, http(s):// or s3:// URLs"
 
 
@@ -119,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "src",
-        help="image folder (class subfolders), list file (path<TAB>label), .csv, .jsonl, "
-        ".h5, .npy/.npz, LMDB, SQLite, .tfrecord, or binary file + index",
+        help="image folder (class subfolders), list file (path<TAB>label), table (.csv, .tsv, .jsonl, "
+        ".parquet or a folder/pattern of them), .h5, .npy/.npz, LMDB, SQLite, .tfrecord, or binary file + index",
     )
     w.add_argument("dest", help="output folder")
     w.add_argument(
@@ -177,6 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I/N",
         help="write only part I of N (0-based) for many machines; then run shardkit merge DEST once",
     )
+    t = w.add_argument_group(
+        "tables (CSV, TSV, JSONL, Parquet; every column is kept: image -> KEY.jpg, caption -> KEY.txt, "
+        "label -> KEY.cls, the rest -> KEY.json)"
+    )
+    t.add_argument(
+        "--image-column",
+        help="column of the images: paths, bytes or Hugging Face images, or a list of them (KEY.0.jpg, "
+        "KEY.1.jpg...) (default: the one image column, else path/file/filename/image...); "
+        "SQLite: column of the image bytes (default: image)",
+    )
+    t.add_argument("--caption-column", help="column of the captions, stored as KEY.txt (default: caption/text/txt)")
+    t.add_argument(
+        "--label-column",
+        help="column of the class labels, stored as KEY.cls (default: label/class/cls/target; SQLite: label)",
+    )
+    t.add_argument(
+        "--key-column",
+        help="column of the sample keys: unique, no '/' or '.' (default: row numbers; SQLite: key, else the rowid)",
+    )
+    t.add_argument(
+        "--columns",
+        type=column_list,
+        metavar="A,B,...",
+        help="the columns to keep in KEY.json (default: every column without another role; '' keeps none)",
+    )
     g = w.add_argument_group("dataset formats (HDF5, numpy, LMDB, SQLite, TFRecord, binary)")
     g.add_argument("--images-key", help="HDF5 dataset or .npz array of the images (default: images, else data)")
     g.add_argument("--labels-key", help="HDF5 dataset or .npz array of the labels (default: labels, if present)")
@@ -190,9 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape", type=shape, help="raw memmap shape, e.g. 1000,64,64,3")
     g.add_argument("--dtype", help="raw memmap dtype, e.g. uint8")
     g.add_argument("--table", help="SQLite table (default: the only table, or the only one with the image column)")
-    g.add_argument("--image-column", help="SQLite column of the image bytes (default: image)")
-    g.add_argument("--label-column", help="SQLite column of the labels (default: label, if present)")
-    g.add_argument("--key-column", help="SQLite column of sample ids (default: key, if present, else the rowid)")
     g.add_argument("--image-feature", help="TFRecord feature of the image (default: image/encoded, else image)")
     g.add_argument("--label-feature", help="TFRecord feature of the label (default: image/class/label, else label)")
     g.add_argument("--index", help="index file of a binary source")

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -176,6 +176,8 @@ def write(
         what="fn" if fn is not None else "the work function",
     )
     result.skipped = list(getattr(plan.source, "skipped", [])) + result.skipped
+    result.columns = plan.columns
+    result.notes = plan.notes
     return result
 
 
@@ -224,13 +226,13 @@ def write_parallel(
     fingerprint = dict(fingerprint or {})
     fingerprint.update(shard_size=parse_size(shard_size), max_count=max_count, name=name, total=total)
     writer_name = name
+    start, stop = 0, None  # the slice of the inputs this write covers
     if part is not None:
         require_local(dest, "--part")
         if total is None:
             raise ShardkitError("--part needs an input whose size is known")
         index, count = part
         start, stop = part_slice(total, index, count)
-        items = islice(items, start, stop)
         writer_name = part_name(name, index, count)
         fingerprint["part"] = [index, count]
         total = stop - start
@@ -282,7 +284,7 @@ def write_parallel(
     filtered = 0
     bar = None
     try:
-        indexed = enumerate(islice(items, first_input, None), first_input)
+        indexed = enumerate(window(items, start + first_input, stop), first_input)
         for index, result in ordered_results(
             work,
             indexed,
@@ -335,6 +337,13 @@ def write_parallel(
     if local is not None:
         record.remove(dest, writer_name)
     return build_result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered, warned)
+
+
+def window(items: Iterable[Any], start: int, stop: int | None) -> Iterator[Any]:
+    """Items ``start`` to ``stop``: through the items' own ``window(start, stop)`` when they
+    have one (a table seeks to the row instead of reading the rows before it)."""
+    own = getattr(items, "window", None)
+    return own(start, stop) if callable(own) else islice(items, start, stop)
 
 
 def _refuse_contradictions(

@@ -2,8 +2,10 @@
 they run on each, and the fingerprint a resumed write must match.
 
 A path input is opened with :func:`shardkit.ingest.open_source`: image files travel as
-``(key, Entry)`` and are read in the workers; samples of a dataset format are read here
-and travel whole. A sequence of items travels as ``(position, item)``.
+``(key, Entry)`` and are read in the workers; the rows of a table as ``(key, Row)`` (its
+caption, label and JSON columns converted here, its images read or checked in the
+workers), streamed; samples of a dataset format are read here and travel whole. A
+sequence of items travels as ``(position, item)``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from ..ingest import FILE_FORMATS, IngestOptions, detect_format, open_source
 from ..ingest.files import FileSource
+from ..ingest.table import TableSource
 from .work import SampleWork
 
 
@@ -31,6 +34,16 @@ class Plan:
     batch_size: int = 8
     prefetch: int = 2
     source: Any = None
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Where each column of a table input went (empty for other inputs)."""
+        return self.source.plan.destinations() if isinstance(self.source, TableSource) else {}
+
+    @property
+    def notes(self) -> list[str]:
+        """What the input said about its columns and values while it was read."""
+        return list(getattr(self.source, "notes", []))
 
 
 def plan_items(
@@ -94,7 +107,7 @@ def plan_source(
     own = getattr(source, "classes", None)
     if classes is not None and own is not None and list(classes) != list(own):
         raise ValueError(f"{src} names its classes ({', '.join(own[:5])}...); classes= would contradict them")
-    fingerprint = {
+    fingerprint: dict[str, Any] = {
         "src": os.path.abspath(src),
         "format": fmt,
         "shuffle": shuffle,
@@ -104,6 +117,22 @@ def plan_source(
         "validate": validate,
         "max_pixels": max_pixels,
     }
+    if isinstance(source, TableSource):
+        fingerprint["columns"] = source.plan.destinations()
+        # With fn, the check runs on what fn returns, not on the row it was given.
+        rows = replace(source.loader(), validate=validate and fn is None)
+        work = SampleWork(fn=fn, load=rows, validate=validate and fn is not None, max_pixels=max_pixels, strict=strict)
+        heavy = source.embedded  # rows carry their image bytes through the pipes
+        return Plan(
+            source.items(),
+            work,
+            len(source),
+            own or classes,
+            fingerprint,
+            batch_size=4 if heavy else 8,
+            prefetch=1 if heavy else 2,
+            source=source,
+        )
     if isinstance(source, FileSource):
         # With fn, the check runs on what fn returns, not on the file it was given.
         load = replace(source.loader(), validate=validate and fn is None)

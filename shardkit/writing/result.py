@@ -29,6 +29,8 @@ class WriteResult:
     written: int | None = None  # samples written by this run (resumed shards excluded)
     filtered: int = 0  # inputs ``fn`` returned None (or no samples) for, in this run
     warned: list[Skip] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)  # a table's columns -> where they went
+    notes: list[str] = field(default_factory=list)  # what the input said about its columns and values
 
     @property
     def rate(self) -> float:
@@ -48,6 +50,8 @@ class WriteResult:
             "warned": len(self.warned),
             "warned_files": [{"path": where, "warning": warning} for where, warning in self.warned],
             "filtered": self.filtered,
+            "columns": self.columns,
+            "notes": self.notes,
             "resumed_shards": self.resumed_shards,
             "workers": self.workers,
             "pattern": self.pattern,

@@ -18,6 +18,7 @@ from typing import Any
 from ..decode.check import check_sample
 from ..ingest.common import Warned
 from ..ingest.files import Entry
+from ..ingest.table import Row
 
 Skip = tuple[str, str]  # (where, reason)
 Result = dict[str, Any] | list[dict[str, Any]] | Warned | Skip | None
@@ -40,6 +41,8 @@ def describe_input(item: tuple[str, Any]) -> str:
     key, payload = item
     if isinstance(payload, Entry):
         return payload.path
+    if isinstance(payload, Row):
+        return payload.where
     if isinstance(payload, Mapping) and "__key__" in payload:
         return describe_sample(payload)
     if isinstance(payload, (str, os.PathLike)):
