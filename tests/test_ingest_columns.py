@@ -60,8 +60,9 @@ def test_ambiguity_is_an_error_for_images_and_a_note_for_captions():
         plan_columns(["url", "caption"], where="t.csv")
     plan = plan_columns(["path", "caption", "text"])
     assert plan.caption is None and plan.json == ("path", "caption", "text")
-    assert plan.notes == ("several columns could be the caption (caption, text): all kept in json; choose with "
-                          "--caption-column",)
+    assert plan.notes == (
+        "several columns could be the caption (caption, text): all kept in json; choose with --caption-column",
+    )
     assert plan_columns(["path", "caption", "text"], caption="text").caption == "text"
 
 

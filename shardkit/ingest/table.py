@@ -105,10 +105,11 @@ class TextTable:
         self.typed = fmt == "jsonl"
         self.kinds: dict[str, str | None] = {}
         if fmt == "jsonl":
-            seen: dict[str, None] = {}
+            seen: dict[str, set[str]] = {}  # column -> the kinds of its values
             count = 0
             for _, record in self._records():
-                seen.update(dict.fromkeys(record))
+                for column, value in record.items():
+                    seen.setdefault(column, set()).add(value_kind(value))
                 count += 1
             self.columns = list(seen)
         else:
@@ -120,6 +121,12 @@ class TextTable:
             count = sum(1 for _ in self._records())
         self._count = count
         self.kinds = dict.fromkeys(self.columns)
+        if fmt == "jsonl":  # what the values say, when they all agree (a list of paths: images)
+            for column, kinds in seen.items():
+                kinds.discard("null")
+                if kinds == {"int", "float"}:
+                    kinds = {"float"}
+                self.kinds[column] = kinds.pop() if len(kinds) == 1 else None
 
     def _open(self):
         return open(self.path, encoding="utf-8-sig", newline="")
@@ -171,6 +178,20 @@ class TextTable:
 
     def class_names(self, column: str) -> list[str] | None:
         return None
+
+
+def value_kind(value: Any) -> str:
+    """The kind (see :mod:`shardkit.ingest.columns`) of one JSON value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float, str)):
+        return {int: "int", float: "float", str: "text"}[type(value)]
+    if isinstance(value, list):
+        inner = {value_kind(v) for v in value} - {"null"}
+        return "list:" + inner.pop() if len(inner) == 1 else "list"
+    return "struct"
 
 
 def open_table(src: str, fmt: str) -> Table:
