@@ -149,9 +149,11 @@ class ParquetTable:
                 if path != self.files[0]:
                     other = meta.schema.to_arrow_schema()
                     if other.names != schema.names or other.types != schema.types:
+                        mine = ", ".join(f"{f.name}: {f.type}" for f in other)
                         raise ShardkitError(
-                            f"{path}: its columns ({', '.join(other.names)}) or their types differ from "
-                            f"{self.files[0]}'s; every file of a table must have the same schema"
+                            f"{path}: its columns ({mine}) differ from {os.path.basename(self.files[0])}'s "
+                            f"({', '.join(f'{f.name}: {f.type}' for f in schema)}); every file of a table "
+                            "must have the same columns and types"
                         )
                 groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
                 self._groups.append([g.num_rows for g in groups])
