@@ -184,7 +184,7 @@ def test_a_row_becomes_txt_cls_and_typed_json():
         "json": {"path": "a/1.jpg", "aesthetic": 5.5, "label": 2, "note": None},
     }
     notes = ValueNotes()
-    assert "txt" not in row_fields({**row, "caption": ""}, plan, where="x", typed=False, notes=notes)
+    assert row_fields({**row, "caption": ""}, plan, where="x", typed=False, notes=notes)["txt"] == ""
     assert notes.no_caption == 1
     with pytest.raises(ShardkitError, match=r"x: caption column 'caption' holds list, not text"):
         row_fields({**row, "caption": ["a", "b"]}, plan, where="x")

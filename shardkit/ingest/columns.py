@@ -7,8 +7,9 @@ A table (CSV, TSV, JSONL, Parquet) keeps every column:
   ``KEY.1.png``, ... It holds paths (relative to the table's folder), raw bytes, or the
   Hugging Face ``Image`` struct ``{bytes, path}``. Paths are also kept in ``KEY.json``
   under the column's name (where the image came from);
-- the caption column becomes ``KEY.txt`` (UTF-8); a row with a null caption gets no
-  ``txt`` (counted in the notes);
+- the caption column becomes ``KEY.txt`` (UTF-8); a null caption is an empty ``txt``
+  (counted in the notes), so that every sample has the same fields: Hugging Face's
+  webdataset loader refuses shards whose first samples do not;
 - the label column becomes ``KEY.cls`` (integers as they are; names become indices into
   their sorted set, the manifest's classes) and keeps its value in ``KEY.json`` too;
 - the key column (only when named) becomes the sample key;
@@ -283,7 +284,7 @@ class ValueNotes:
             for column, count in sorted(self.nulled.items())
         ]
         if self.no_caption:
-            out.append(f"{self.no_caption} row(s) have no caption (null {caption!r}): their samples have no txt")
+            out.append(f"{self.no_caption} row(s) have a null caption ({caption!r}): stored as an empty txt")
         return out
 
 
@@ -417,6 +418,7 @@ def row_fields(
         caption = row.get(plan.caption)
         if caption is None or (not typed and caption == ""):  # an empty CSV cell is null
             notes.no_caption += 1
+            fields["txt"] = ""
         elif isinstance(caption, str):
             fields["txt"] = caption
         elif isinstance(caption, (int, float)) and not isinstance(caption, bool):
