@@ -1,11 +1,16 @@
 """ShardLoader: a DataLoader for ShardDataset that batches in workers and can resume.
 
 It is a real ``torch.utils.data.DataLoader`` subclass (so frameworks that check for one
-keep working). It never changes the dataset it is given: the DataLoader runs a small
+keep working). It never changes the dataset's configuration: the DataLoader runs a small
 view that asks the dataset for items with this loader's batching, resume state and
 progress records; the loader strips each batch's progress record off and keeps it,
-which is what ``state_dict()`` saves. The epoch advances by itself on each new pass
-unless ``set_epoch`` was called.
+which is what ``state_dict()`` saves.
+
+The epoch has one owner, the dataset (it lives in shared memory there, so persistent
+workers see it): ``loader.set_epoch``, ``loader.dataset.set_epoch`` and
+``dataset.set_epoch`` are the same call, and the loader drives it through that public
+method only: it advances it by one on each new pass unless ``set_epoch`` was called, and
+``load_state_dict`` selects the saved epoch.
 """
 
 from __future__ import annotations
@@ -164,6 +169,7 @@ class ShardLoader(DataLoader):
         self._stats: dict[str, float] = {}
         self._worker_stats: dict[int, dict[str, int]] = {}
         self._device_stage = stage
+        self._workers_kept = False  # persistent workers started (they hold the plan they began with)
 
     @property
     def batching(self) -> Batching:
@@ -191,6 +197,7 @@ class ShardLoader(DataLoader):
             log.debug("set_epoch not called: advancing to epoch %d", dataset.epoch)
         self._epoch_started = True
         self._epoch_set = False
+        self._workers_kept = self._workers_kept or (self.persistent_workers and self.num_workers > 0)
         resume = self._resume_for_epoch()
         if not resume.stages:
             self._progress, self._batches_taken = {}, 0
@@ -250,15 +257,26 @@ class ShardLoader(DataLoader):
             bs = batching.batch_size or 1
             emitted.append([min(t * bs, n) for t, n in zip(taken, sizes[r])])
         return resume.with_progress(topo, emitted).to_dict(
-            kind="loader", seed=dataset.seed, batches=self._batches_taken
+            kind="loader", seed=dataset.seed, plan=dataset.plan_identity(), batches=self._batches_taken
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (also with another world size or worker count)."""
+        """Resume from :meth:`state_dict` (also with another world size or worker count).
+
+        Load before the first pass: persistent workers, once started, keep the plan they
+        began with, so a loader that has iterated with them refuses (build a new
+        ShardLoader over the same dataset and load the state into it).
+        """
         if state.get("kind") != "loader":
             raise ShardkitError("not a ShardLoader state (use dataset.load_state_dict for worker states)")
+        if self._workers_kept:
+            raise ShardkitError(
+                "this ShardLoader has started its persistent workers, which keep the plan they began "
+                "with; load the state into a new ShardLoader (the dataset can be reused) before it "
+                "iterates, or use persistent_workers=False"
+            )
         dataset = self.shard_dataset
-        resume = ResumeState.from_dict(state, seed=dataset.seed)
+        resume = ResumeState.from_dict(state, seed=dataset.seed, plan=dataset.plan_identity())
         dataset.set_epoch(resume.epoch)
         topo = dataset.topology(self.num_workers)
         self._view.resume = resume
@@ -274,8 +292,6 @@ class ShardLoader(DataLoader):
             self._view.rotation = 0
         self._epoch_set = True
         self._epoch_started = False
-        # Persistent workers hold the old plan: start fresh ones on the next iteration.
-        self._iterator = None
 
     def stats(self) -> dict[str, Any]:
         """This rank's numbers for the current/last epoch: batches and samples delivered,

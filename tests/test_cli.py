@@ -266,6 +266,7 @@ def test_every_flag_and_argument_has_help():
             "demo",
             "doctor",
             "bench",
+            "show",
         }
     )
     missing = [

@@ -1,4 +1,4 @@
-"""Fused crop decode (shardkit.decode.crop.fuse_crop): same random draws as torchvision,
+"""Fused crop decode (shardkit.decode.fuse.fuse_crop): same random draws as torchvision,
 pixels close to decode-crop-resize, fallbacks, and the dataset wiring of decode_size="auto"."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from PIL import Image
 
 from shardkit import ShardDataset
 from shardkit.cli.synthetic import photo_like
-from shardkit.decode.crop import FusedFieldDecoder, FusedSamplePipeline, RandomResizedCropDecode, fuse_crop
+from shardkit.decode.crop import RandomResizedCropDecode
 from shardkit.decode.fields import decode_image, make_decoder
+from shardkit.decode.fuse import FusedFieldDecoder, FusedSamplePipeline, fuse_crop
 from tests.helpers import pairs
 
 #: The PSNR (dB) every fused output keeps against decode -> crop -> resize with the same

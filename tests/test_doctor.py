@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shardkit import ShardLoader, ShardWriter
+from shardkit import ShardDataset, ShardLoader, ShardWriter
 from shardkit.cli.doctor import diagnose
 from shardkit.cli.main import main
-from shardkit.cli.profiling import STAGES, ProfiledShardDataset
+from shardkit.cli.profiling import STAGES, profiled
 from shardkit.cli.synthetic import photo_like
 from shardkit.decode.jpeg_region import region_support
 
@@ -78,6 +78,16 @@ def test_doctor_cli_json(big_shards, capsys):
     assert main(["doctor", big_shards, "--transform", "sharpen", "--seconds", "0.5"]) == 1
 
 
+def test_doctor_plot_draws_the_stage_chart(big_shards, tmp_path):
+    from PIL import Image
+
+    chart = tmp_path / "doctor.png"
+    args = ["doctor", big_shards, "--workers", "1", "--batch", "2", "--seconds", "0.5", "--plot", str(chart), "-q"]
+    assert main(args) == 0
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 100
+
+
 def test_worker_cpu_is_counted_when_the_data_runs_out(big_shards):
     # 12 images, 2 workers, batches of 2: the data runs out long before 30 s and the
     # DataLoader joins its workers, whose CPU then shows only in getrusage's children.
@@ -89,7 +99,7 @@ def test_worker_cpu_is_counted_when_the_data_runs_out(big_shards):
 
 
 def test_profiled_counters_reach_loader_stats(uneven_shards):
-    ds = ProfiledShardDataset(uneven_shards, decode="torch", fields="jpg cls")
+    ds = profiled(ShardDataset(uneven_shards, decode="torch", fields="jpg cls"))
     loader = ShardLoader(ds, batch_size=8, num_workers=2)
     assert sum(len(b[1]) for b in loader) == 64
     stats = loader.stats()

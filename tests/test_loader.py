@@ -109,3 +109,27 @@ def test_batched_dataset_in_a_plain_dataloader_len(shards):
     batches = list(DataLoader(ds, batch_size=None))
     assert [len(b["__key__"]) for b in batches] == [16, 16, 8]
     assert batches[0]["cls"][:3] == [b"0", b"1", b"2"]  # undecoded bytes stay lists
+
+
+def test_a_state_loads_before_persistent_workers_start_or_without_them(shards):
+    def make(**kw) -> ShardLoader:
+        return ShardLoader(ShardDataset(shards, shuffle=5, seed=3), batch_size=4, num_workers=2, **kw)
+
+    full = keys_of(make())
+    loader = make()
+    it = iter(loader)
+    before = keys_of(next(it) for _ in range(3))
+    state = loader.state_dict()
+    del it
+    # Its persistent workers keep the plan they started with: loading into it is refused...
+    with pytest.raises(ShardkitError, match="persistent workers.*new ShardLoader"):
+        loader.load_state_dict(state)
+    # ...a new loader takes it, and so does one without persistent workers after a pass.
+    again = make()
+    again.load_state_dict(state)
+    rest = keys_of(again)
+    assert len(before) == 12 and before + rest == full
+    plain = make(persistent_workers=False)
+    assert sorted(keys_of(plain)) == ALL_KEYS
+    plain.load_state_dict(state)
+    assert keys_of(plain) == rest

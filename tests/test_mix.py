@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 
 import pytest
@@ -209,3 +210,39 @@ def test_torchrun_two_ranks_pad_equal_batches(parts, tmp_path):
     # weights 1:2 of 35 -> 12 of a, 23 of b; pad adds at most world-1 per part
     assert 12 <= by_part["a"] <= 13 and 23 <= by_part["b"] <= 24
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"])
+
+
+def test_threads_are_honoured_or_refused(parts):
+    def part(i: int, threads: int = 0) -> ShardDataset:
+        return ShardDataset(parts[i], shuffle=3, threads=threads)
+
+    assert Mix([part(0, 2), part(1, 2)]).threads == 2
+    assert Mix([part(0, 2), part(1)]).threads == 2  # 0 is the default: the part that sets it decides
+    assert Mix([part(0), part(1)], threads=3).threads == 3
+    with pytest.raises(ShardkitError, match=r"parts set different threads \(2, 3\).*set threads= on the Mix"):
+        Mix([part(0, 2), part(1, 3)])
+    with pytest.raises(ShardkitError, match=r"part 0 .*threads=2 but the Mix runs threads=4"):
+        Mix([part(0, 2), part(1)], threads=4)
+    inline, threaded = Mix([part(0), part(1)], seed=5), Mix([part(0), part(1)], seed=5, threads=3)
+    assert len(ids(inline)) == len(ALL) and ids(threaded) == ids(inline)
+
+
+def test_mix_batches_carry_the_cache_counters(parts):
+    from tests.servers import run_nginx
+
+    root = os.path.dirname(parts[0])
+    with run_nginx(root) as server, tempfile.TemporaryDirectory() as cache:
+
+        def mix() -> Mix:
+            urls = [f"{server.url}{name}/{name}.manifest.json" for name in ("a", "b")]
+            return Mix([ShardDataset(url, cache_dir=cache) for url in urls], seed=1)
+
+        loader = ShardLoader(mix(), batch_size=5, num_workers=0)
+        assert sorted(ids(loader)) == sorted(ALL)
+        first = loader.stats()
+        assert first["cache_misses"] == 3 and first["cache_hits"] == 0  # the 3 non-empty shards
+        shards = ("a/a-000000.tar", "a/a-000002.tar", "b/b-000000.tar")  # a-000001 is empty: never read
+        assert first["cache_bytes_downloaded"] == sum(os.path.getsize(os.path.join(root, s)) for s in shards)
+        assert len(ids(loader)) == len(ALL)
+        second = loader.stats()  # this epoch's share only
+        assert second["cache_misses"] == 0 and second["cache_hits"] == 3 and second["cache_bytes_downloaded"] == 0

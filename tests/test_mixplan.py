@@ -102,7 +102,7 @@ def test_no_repeat_before_a_pass_completes(counts, draws, epochs, seed):
     chain: list[int] = []
     for epoch in range(epochs):
         planner = MixPlanner([part, other], epoch=epoch, seed=seed, weights=[draws, 5], epoch_length=draws + 5)
-        chain += planner.sequences[0].tolist()
+        chain += planner.part_ids(0).tolist()
     n = part.size
     for start in range(0, len(chain), n):
         window = chain[start : start + n]

@@ -16,7 +16,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from shardkit.errors import SampleError, ShardkitError, SkippedSampleWarning
-from shardkit.read.pipeline import SamplePipeline, batched, collate, make_handler, parse_fields
+from shardkit.read.pipeline import Failed, SamplePipeline, batched, collate, make_handler, parse_fields
+from shardkit.read.stages import StageHooks
 from tests.helpers import pairs
 
 pytestmark = pytest.mark.timeout(30)
@@ -234,6 +235,42 @@ def test_other_exceptions_become_sample_errors(threads):
                 ((i, raw_sample(i)) for i in range(5)), Counter(), threads=threads
             )
         )
+
+
+def test_attempt_returns_the_located_failure_without_calling_the_handler():
+    handler = Collect()
+    pipe = SamplePipeline(transform={"cls": lambda v: 1 // (int(v) - 2)}, handler=handler)
+    assert pipe.attempt(raw_sample(3))["cls"] == 1
+    failed = pipe.attempt(raw_sample(2))
+    assert isinstance(failed, Failed) and isinstance(failed.error, SampleError)
+    assert failed.error.key == "k0002" and "ZeroDivisionError" in str(failed.error)
+    assert handler.errors == []
+
+
+class Hooked(StageHooks):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def wrap(self, stage, fn):
+        def call(sample):
+            self.seen.append((stage, sample["__key__"]))
+            return fn(sample)
+
+        return call
+
+
+def test_hooks_wrap_the_decode_and_transform_stages():
+    hooks = Hooked()
+
+    def decoder(sample: dict) -> dict:
+        return {**sample, "cls": int(sample["cls"])}
+
+    pipe = SamplePipeline(decoder=decoder, transform={"cls": str}, handler=make_handler("raise"), hooks=hooks)
+    out = [pipe(raw_sample(i)) for i in range(3)]
+    assert [s["cls"] for s in out] == ["0", "1", "2"]
+    assert hooks.seen == [(stage, f"k{i:04d}") for i in range(3) for stage in ("decode", "transform")]
+    bare = SamplePipeline(handler=make_handler("raise"), hooks=hooks)
+    assert bare(raw_sample(4))["__key__"] == "k0004" and len(hooks.seen) == 6  # no stage, no call
 
 
 @pytest.mark.parametrize("threads", [0, 4])

@@ -29,7 +29,7 @@ def emitted_ids(planner: EpochPlanner, topo: Topology, stages=()) -> dict[tuple[
     for r in range(topo.world_size):
         for w in range(topo.streams):
             plan, _ = planner.plan(topo, rank=r, worker=w, stages=stages)
-            out[r, w] = [int(plan.ids[p]) for p in plan.emission_order()]
+            out[r, w] = list(plan.emitted_ids())
     return out
 
 
@@ -153,3 +153,29 @@ def test_simulate_consumption_is_round_robin():
     assert simulate_consumption([3, 1, 2], 0) == [0, 0, 0]
     assert simulate_consumption([3, 1, 2], 4) == [2, 1, 1]
     assert simulate_consumption([3, 1, 2], 99) == [3, 1, 2]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 60), min_size=1, max_size=10),
+    shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 4), st.integers(0, 12)), min_size=2, max_size=4),
+    data=st.data(),
+)
+def test_successive_elastic_resumes_cover_the_rest_exactly_once(counts, shapes, data):
+    """Stop and resume under a new topology several times: what every stage emitted,
+    plus the rest of the last one, is each sample exactly once."""
+    planner = EpochPlanner(counts, epoch=1, seed=4)
+    stages: list[Stage] = []
+    consumed: list[int] = []
+    for world, workers, buffer in shapes:
+        topo = Topology(world, workers, even=None, buffer=buffer)
+        if stages and stages[-1].topology == topo:
+            continue
+        cells = emitted_ids(planner, topo, stages)
+        done = {c: data.draw(st.integers(0, len(v))) for c, v in cells.items()}
+        consumed += [i for c, v in cells.items() for i in v[: done[c]]]
+        stages.append(Stage(topo, tuple(tuple(done[r, w] for w in range(topo.streams)) for r in range(world))))
+    last = Topology(2, 3, even=None, buffer=5)
+    rest = [i for v in emitted_ids(planner, last, stages).values() for i in v]
+    assert len(consumed) + len(rest) == sum(counts)
+    assert sorted(consumed + rest) == list(range(sum(counts)))

@@ -16,6 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from shardkit import ShardMap
@@ -310,3 +311,56 @@ def test_s3(s3_server, sets, tmp_path, cached):
                 client.upload_file(os.path.join(sets[folder], name), BUCKET, f"shardmap/{folder}/{name}")
         _uploaded.add(s3_server.name)
     _check_remote(f"s3://{BUCKET}/shardmap/", sets, cache_dir=str(tmp_path / "cache") if cached else None)
+
+
+def _photo_shards(dest: str) -> str:
+    """One shard: a 900x700 photo-like JPEG (decoded at a reduced scale when fused) and
+    a 40x20 one whose EXIF orientation (6) turns it upright to 20x40."""
+    from shardkit.cli.synthetic import photo_like
+    from shardkit.writing.writer import ShardWriter
+
+    big = io.BytesIO()
+    Image.fromarray(photo_like(np.random.default_rng(1), 900, 700)).save(big, "JPEG", quality=90)
+    turned = io.BytesIO()
+    image = Image.fromarray(photo_like(np.random.default_rng(2), 40, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(turned, "JPEG", quality=90, exif=exif.tobytes())
+    with ShardWriter(dest, shard_size="1GB") as writer:
+        writer.write({"__key__": "big", "jpg": big.getvalue(), "cls": 0})
+        writer.write({"__key__": "turned", "jpg": turned.getvalue(), "cls": 1})
+    return dest
+
+
+def test_decoding_is_built_as_shard_dataset_builds_it(tmp_path):
+    """One builder for both: the EXIF orientation and the fused crop of decode_size="auto"."""
+    from torchvision.transforms import v2
+
+    url = _photo_shards(str(tmp_path / "photos"))
+    m = ShardMap(url, decode="numpy")
+    assert m.get("turned")["jpg"].shape == (40, 20, 3)  # upright by default, as ShardDataset
+    assert ShardMap(url, decode="numpy", exif_orientation=False).get("turned")["jpg"].shape == (20, 40, 3)
+    kw = dict(decode="torch", transform={"jpg": v2.RandomResizedCrop(64)})
+    fused_map = ShardMap(url, decode_size="auto", **kw)
+    assert fused_map.decoding.fuse and not ShardMap(url, **kw).decoding.fuse
+    torch.manual_seed(0)
+    fused = fused_map[0]["jpg"]
+    torch.manual_seed(0)
+    from_dataset = next(iter(ShardDataset(url, decode_size="auto", **kw)))["jpg"]
+    torch.manual_seed(0)
+    unfused = ShardMap(url, **kw)[0]["jpg"]
+    assert fused.shape == from_dataset.shape == unfused.shape == (3, 64, 64)
+    assert torch.equal(fused, from_dataset)  # the same crop, decoded the same way
+    assert not torch.equal(fused, unfused)  # ... at a reduced DCT scale: the crop was fused
+
+
+@pytest.mark.parametrize("decode", [None, lambda s: s])
+def test_decode_size_without_a_builtin_decoder_is_refused_the_same_way(sets, decode):
+    for cls in (ShardMap, ShardDataset):
+        for size in (64, "auto"):
+            with pytest.raises(ValueError, match="decode_size applies to decode='pil'/'numpy'/'torch'"):
+                cls(sets["v2"], decode=decode, decode_size=size)
+    with pytest.raises(ValueError, match="decode must be None, a callable or one of"):
+        ShardMap(sets["v2"], decode="jpeg")
+    with pytest.raises(ValueError, match="decode must be None, a callable or one of"):
+        ShardDataset(sets["v2"], decode="jpeg")

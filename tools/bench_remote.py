@@ -26,9 +26,8 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardkit.cli.bench import drop_page_cache  # noqa: E402
+from shardkit.storage.backend import CHUNK  # noqa: E402
 from shardkit.storage.dispatch import SourceOptions, open_stream  # noqa: E402
-
-CHUNK = 1 << 20
 
 
 def make_shards(folder: str, total_mb: int, shard_mb: int = 25, payload: int = 50_000) -> list[str]:

@@ -108,7 +108,9 @@ def _cpu_now() -> float:
     return rusage_cpu(resource.RUSAGE_SELF) + rusage_cpu(resource.RUSAGE_CHILDREN) + children_cpu()
 
 
-def _loop(batches, count_of: Callable[[Any], int]) -> dict[str, float]:
+def measure(batches: Any, count_of: Callable[[Any], int]) -> dict[str, float]:
+    """Iterate ``batches`` and measure: samples (``count_of`` each batch), seconds, time to
+    the first batch, rate, steady rate (after the first batch) and CPU-ms per sample."""
     cpu = _cpu_now()
     started = time.perf_counter()
     first = None
@@ -207,7 +209,7 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
 
         ds = ImageFolder(folder, loader=load, transform=aug)
         loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=False)
-        return _loop(loader, lambda b: len(b[1]))
+        return measure(loader, lambda b: len(b[1]))
     if name.startswith("webdataset"):
         import webdataset as wds
 
@@ -225,31 +227,33 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
         else:
             ds = wds.WebDataset(urls, shardshuffle=False).shuffle(0).map(prep).batched(batch)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
-        return _loop(loader, lambda b: len(b[1]))
+        return measure(loader, lambda b: len(b[1]))
     if name.startswith("shardkit"):
         threads = 2 if name == "shardkit-threads" else 0
-        if name == "shardkit-fused-whole":  # as on a machine without libjpeg-turbo 3 (this process only)
-            from ..decode import jpeg_region
-
-            jpeg_region._load = lambda: (None, "switched off by the benchmark")  # type: ignore[assignment]
         decode_size: int | str | None = None
         if name == "shardkit-reduced":
             decode_size = 224
-        elif name.startswith("shardkit-fused"):
+        elif name == "shardkit-fused":
             decode_size = "auto"
         ds = ShardDataset(
             shards, decode="torch", decode_size=decode_size, transform={"jpg": aug}, fields="jpg cls", threads=threads
         )
+        if name == "shardkit-fused-whole":  # the fused crop as on a machine without libjpeg-turbo 3
+            from ..decode.fields import make_decoder
+            from ..decode.fuse import fuse_crop
+
+            decoder, transform = fuse_crop(make_decoder("torch"), {"jpg": aug}, region=False)
+            ds = ds.with_stages(decoder=decoder, transform=transform)
         loader = ShardLoader(ds, batch_size=batch, num_workers=0 if threads else workers)
-        return _loop(loader, lambda b: len(b[1]))
+        return measure(loader, lambda b: len(b[1]))
     if name.startswith("raw-"):
         if name.endswith("-cold"):
             drop_page_cache(urls)
         if "webdataset" in name:
             import webdataset as wds
 
-            return _loop(wds.WebDataset(urls, shardshuffle=False), lambda s: 1)
-        return _loop(ShardDataset(shards), lambda s: 1)
+            return measure(wds.WebDataset(urls, shardshuffle=False), lambda s: 1)
+        return measure(ShardDataset(shards), lambda s: 1)
     raise ValueError(f"unknown configuration {name!r}")
 
 

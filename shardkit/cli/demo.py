@@ -29,7 +29,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
     from ..loader import ShardLoader
     from ..read.dataset import ShardDataset
     from ..writing.driver import write
-    from .bench import _loop, augment, drop_page_cache
+    from .bench import augment, drop_page_cache, measure
     from .synthetic import make_image_folder
 
     work = tempfile.mkdtemp(prefix="shardkit-demo-")
@@ -56,7 +56,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
         ds = ShardDataset(shards, decode="torch", transform={"jpg": aug}, fields="jpg cls", shuffle=500)
         loader = ShardLoader(ds, batch_size=64, num_workers=workers)
         drop_page_cache([os.path.join(shards, f) for f in os.listdir(shards)])
-        ours = _loop(loader, lambda b: len(b[1]))
+        ours = measure(loader, lambda b: len(b[1]))
         batch = next(iter(loader))
         _say(f"    batch: images {tuple(batch[0].shape)} {batch[0].dtype}, labels {tuple(batch[1].shape)}")
 
@@ -72,7 +72,7 @@ def run_demo(*, count: int = 1000, workers: int = 2, keep: bool = False, progres
 
         files = [os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs]
         drop_page_cache(files)
-        baseline = _loop(
+        baseline = measure(
             DataLoader(
                 ImageFolder(folder, loader=load, transform=aug), batch_size=64, shuffle=True, num_workers=workers
             ),

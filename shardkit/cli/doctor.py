@@ -1,7 +1,7 @@
 """``shardkit doctor URL``: run the user's shards through the loader and say where time goes.
 
-Runs a :class:`~shardkit.cli.profiling.ProfiledShardDataset` under a ShardLoader for a few
-seconds, then reports per stage (read, decode, transform, collate, other worker time,
+Runs the user's dataset with :class:`~shardkit.cli.profiling.StageTimes` hooks under a
+ShardLoader for a few seconds, then reports per stage (read, decode, transform, collate, other worker time,
 hand-off to the DataLoader queue, the main process), CPU-ms per image for the workers and
 the main process, the single-core decode+transform cost of the same samples as a
 reference, which stage bounds the run, and what to change.
@@ -87,10 +87,10 @@ def _reference_ms(urls: Any, ds_kwargs: dict[str, Any], count: int = 64) -> floa
     torch.set_num_threads(1)
     try:
         for sample in samples[:4]:  # warm-up (first-call imports and allocations)
-            pipeline._safe((0, dict(sample)))
+            pipeline.attempt(dict(sample))
         start = time.process_time()
         for sample in samples:
-            pipeline._safe((0, dict(sample)))
+            pipeline.attempt(dict(sample))
         return (time.process_time() - start) * 1e3 / max(1, len(samples))
     finally:
         torch.set_num_threads(threads)
@@ -115,8 +115,10 @@ def diagnose(
     """
     import torch
 
+    from ..decode.fuse import FusedFieldDecoder, FusedSamplePipeline
     from ..loader import ShardLoader
-    from .profiling import ProfiledShardDataset
+    from ..read.dataset import ShardDataset
+    from .profiling import profiled
 
     if workers < 0 or threads < 0 or batch_size < 1 or seconds <= 0:
         raise ValueError("need workers >= 0, threads >= 0, batch_size >= 1 and seconds > 0")
@@ -130,12 +132,11 @@ def diagnose(
         fields=field_name,
         handler="warn",
     )
-    ds = ProfiledShardDataset(urls, **ds_kwargs)
-    from ..read.dataset import ShardDataset
-
-    # The unprofiled pipeline shows whether the crop was fused (the profiled one wraps the decoder).
-    fused = type(ShardDataset.pipeline(ds, lambda e: None).decoder).__name__.startswith("Fused")
-    loader = ShardLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False, pin_memory=False)
+    ds = ShardDataset(urls, **ds_kwargs)
+    fused = isinstance(ds.stages()[0], (FusedFieldDecoder, FusedSamplePipeline))
+    loader = ShardLoader(
+        profiled(ds), batch_size=batch_size, num_workers=workers, persistent_workers=False, pin_memory=False
+    )
     threads_before = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)  # like a DataLoader worker
@@ -167,8 +168,7 @@ def diagnose(
         stats = loader.stats()
         main_cpu = rusage_cpu(resource.RUSAGE_SELF) - first["main"]
         worker_cpu = children_cpu_since(first["workers"])
-        del iterator
-        loader._iterator = None
+        del iterator  # its workers stop now (not persistent: the loader keeps no iterator)
     finally:
         torch.set_num_threads(threads_before)
     per = 1e3 / images

@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import ShardkitError
 from ..sizes import format_size
 from .parser import build_parser
+from .show import cmd_show
 
 log = logging.getLogger("shardkit")
 
@@ -244,6 +245,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         field_name=args.field,
     )
+    if args.plot:
+        from .plot import plot_stage_times
+
+        plot_stage_times(diagnosis, args.plot)
     _out(args, diagnosis.as_dict(), format_report(diagnosis))
     return 0
 
@@ -259,6 +264,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "doctor": cmd_doctor,
     "bench": cmd_bench,
+    "show": cmd_show,
 }
 
 

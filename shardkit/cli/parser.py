@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .. import __version__
 from ..sizes import parse_size
+from .show import add_show_parser
 
 EPILOG = "exit codes: 0 ok, 1 problems found (or an error), 2 usage error"
 
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dr.add_argument("--seconds", type=seconds, default=5.0, help="how long to run (default 5)")
     dr.add_argument("--field", default="jpg;png;jpeg;webp", help="image field alternatives (default jpg;png;jpeg;webp)")
+    dr.add_argument("--plot", metavar="PNG", help="also draw the time per image of each stage as a bar chart")
 
     b = add(
         "bench",
@@ -307,4 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see: shardkit bench -- --help)"
     )
+
+    add_show_parser(sub, parents=[common])
     return parser

@@ -1,28 +1,28 @@
 """Per-stage timing inside the workers, for ``shardkit doctor``; off the normal path.
 
-:class:`ProfiledShardDataset` is a :class:`~shardkit.read.dataset.ShardDataset` whose worker
-pipeline is wrapped with ``time.perf_counter`` counters: read (tar parsing and I/O),
-decode (with a fused crop, the crop and resize too), transform, collate, the rest of the
-worker's time ("other": planning, shuffle buffer, per-sample dispatch) and the time spent
-outside the worker's generator ("handoff": handing the batch to the DataLoader queue, or
-blocking when its prefetch queue is full). The counters (integer microseconds, cumulative
-per worker and epoch) ride on the per-batch progress records, so ``loader.stats()`` sums
-them over the workers. A plain ShardDataset has none of these wrappers and pays nothing.
+:class:`StageTimes` is a stage hook (:class:`~shardkit.read.stages.StageHooks`):
+``profiled(dataset)`` is ``dataset.with_stages(hooks=StageTimes)``, whose workers time
+with ``time.perf_counter``: read (tar parsing and I/O), decode (with a fused crop, the
+crop and resize too), transform, collate, the rest of the worker's time ("other":
+planning, shuffle buffer, per-sample dispatch) and the time spent outside the worker's
+generator ("handoff": handing the batch to the DataLoader queue, or blocking when its
+prefetch queue is full). The counters (integer microseconds, cumulative per worker and
+epoch) ride on the per-batch progress records, so ``loader.stats()`` sums them over the
+workers. A dataset without hooks has none of these wrappers and pays nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from ..read.base import Batching
-from ..read.dataset import ShardDataset
-from ..read.pipeline import SamplePipeline
-from ..read.reader import ReadStats, ShardReader
+from ..read.base import PlannedDataset
+from ..read.stages import StageHooks
+
+P = TypeVar("P", bound=PlannedDataset)
 
 #: The timed stages, in pipeline order; each is a ``<stage>_us`` key in ``loader.stats()``.
 STAGES = ("read", "decode", "transform", "collate", "other", "handoff")
@@ -80,12 +80,29 @@ def children_cpu_since(before: tuple[dict[int, float], float]) -> float:
     return since + max(0.0, reaped - reaped_before - exited_before)
 
 
-class StageTimes:
-    """Microseconds spent per stage in one worker (plain ints, summed by the loader)."""
+class StageTimes(StageHooks):
+    """Microseconds spent per stage in one worker's epoch (plain ints, summed by the loader).
+
+    With ``threads > 1`` the decode and transform times are summed over the threads
+    (thread-seconds, not wall time).
+    """
 
     def __init__(self) -> None:
         self.us = dict.fromkeys(STAGES, 0)
 
+    # -- the hook ------------------------------------------------------------------------
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return self.timed(stage, fn) if stage in self.us else fn
+
+    def wrap_iter(self, stage: str, items: Iterator[Any]) -> Iterator[Any]:
+        if stage == "items":
+            return self._worker_items(items)
+        return self.timed_iter(stage, items) if stage in self.us else items
+
+    def counters(self) -> dict[str, int]:
+        return {f"{stage}_us": value for stage, value in self.us.items()}
+
+    # -- timing ----------------------------------------------------------------------------
     def timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` with its wall time added to ``stage`` (exceptions still counted)."""
         us = self.us
@@ -113,71 +130,27 @@ class StageTimes:
             us[stage] += int((time.perf_counter() - start) * 1e6)
             yield item
 
-
-class _TimedReader:
-    """A ShardReader whose sample streams count as the "read" stage."""
-
-    def __init__(self, reader: ShardReader, times: StageTimes) -> None:
-        self._reader = reader
-        self._times = times
-
-    def read_piece(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        return self._times.timed_iter("read", self._reader.read_piece(*args, **kwargs))
-
-    def read_shard(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        return self._times.timed_iter("read", self._reader.read_shard(*args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-
-class ProfiledShardDataset(ShardDataset):
-    """A ShardDataset that times its worker stages (same arguments, same items).
-
-    With ``threads > 1`` the decode and transform times are summed over the threads
-    (thread-seconds, not wall time).
-    """
-
-    def _times(self) -> StageTimes:
-        times = self.__dict__.get("_stage_times")
-        if times is None:
-            times = self.__dict__["_stage_times"] = StageTimes()
-        return times
-
-    def iter_items(self, batching: Batching, **kwargs: Any) -> Iterator[Any]:
-        times = self.__dict__["_stage_times"] = StageTimes()  # one per worker and epoch
-        timed = dataclasses.replace(batching, collate_fn=times.timed("collate", batching.collate_fn))
-        inner = super().iter_items(timed, **kwargs)
-        us = times.us
+    def _worker_items(self, inner: Iterator[Any]) -> Iterator[Any]:
+        """The worker's items: the time producing each one that no stage counted is
+        "other"; the time between handing it out and being asked for the next, "handoff"."""
+        us = self.us
+        timed = [s for s in STAGES if s not in ("other", "handoff")]
         while True:
             start = time.perf_counter()
-            staged = sum(us[s] for s in STAGES if s not in ("other", "handoff"))
+            staged = sum(us[s] for s in timed)
             try:
                 item = next(inner)
             except StopIteration:
                 return
             # The worker's own time for this item, less what the stages already counted.
             spent = int((time.perf_counter() - start) * 1e6)
-            us["other"] += max(0, spent - (sum(us[s] for s in STAGES if s not in ("other", "handoff")) - staged))
+            us["other"] += max(0, spent - (sum(us[s] for s in timed) - staged))
             handed = time.perf_counter()
             yield item
             us["handoff"] += int((time.perf_counter() - handed) * 1e6)
 
-    def reader(self, handler: Callable[[Exception], None], stats: ReadStats) -> ShardReader:
-        return _TimedReader(super().reader(handler, stats), self._times())  # type: ignore[return-value]
 
-    def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
-        pipeline = super().pipeline(handler)
-        times = self._times()
-        if pipeline.decoder is not None:
-            pipeline.decoder = times.timed("decode", pipeline.decoder)
-        if isinstance(pipeline.transform, Mapping):
-            pipeline.transform = {k: times.timed("transform", fn) for k, fn in pipeline.transform.items()}
-        elif pipeline.transform is not None:
-            pipeline.transform = times.timed("transform", pipeline.transform)
-        return pipeline
-
-    def _counters(self, stats: ReadStats, cache_before: dict[str, int]) -> dict[str, int]:
-        counters = super()._counters(stats, cache_before)
-        counters.update({f"{stage}_us": value for stage, value in self._times().us.items()})
-        return counters
+def profiled(dataset: P) -> P:
+    """A view of ``dataset`` (a ShardDataset or Mix) whose workers time their stages
+    (:class:`StageTimes`); same items, same order, the dataset itself unchanged."""
+    return dataset.with_stages(hooks=StageTimes)

@@ -1,46 +1,12 @@
 """Encoded image bytes to RGB pixels: size guards, backend choice, mode conversion.
 
-The image core shared by :func:`shardkit.decode.decode_image` (the sample decoder) and
-:class:`shardkit.decode.crop.RandomResizedCropDecode` (the fused crop), and the guards
-:mod:`shardkit.gpu.cuda` reuses.
-
-Every image comes out as 3-channel RGB uint8, whatever the backend. The pixel policy
-(:func:`pil_to_rgb`, shared with the writer's re-encode in ``shardkit write --resize``,
-so an image reads the same whether or not it was re-encoded):
-
-- grayscale and 1-bit are replicated to three channels (1-bit as 0/255);
-- alpha (RGBA, LA, PA, palette transparency) is dropped, not composited onto a
-  background: the colour values are kept as stored;
-- palette images are expanded;
-- 16-bit (and 32-bit integer) images are scaled to 8 bits by ``>> 8`` (PIL's own
-  ``convert`` would clip them at 255); 16-bit RGB(A) PNGs keep the high byte, which is
-  the same thing; float images are clipped to 0..255;
-- CMYK (and YCCK JPEGs) are converted by PIL (Adobe inversion handled), for every output
-  mode, so all modes agree; LAB goes through LittleCMS (LAB D50 -> sRGB); other modes
-  (YCbCr, HSV) through PIL's ``convert``;
-- multi-frame files (animated GIF, WebP and PNG, multi-page TIFF) give their first frame;
-- EXIF orientation is applied when asked for (``exif=True``; see :func:`decode_rgb`):
-  JPEGs read it from the APP1 segment the header parser walks anyway, other formats
-  from PIL's EXIF reader, and the pixels are flipped/rotated upright.
-
-Backends, chosen by measurement (``tools/bench_decoders.py``, one core, CPU time; the
-figures are in BENCHMARKS.md): JPEG goes to simplejpeg (libjpeg-turbo) when it is
-installed, the fastest of simplejpeg, PIL and ``torchvision.io.decode_jpeg``. PIL
-decodes everything else and is the JPEG fallback (CMYK/YCCK, files strict libjpeg-turbo
-rejects, simplejpeg not installed). torchvision.io is not used on the CPU path: it was
-about as fast as PIL for PNG and WebP, its decoders are deprecated since torchvision 0.29
-(and warn), and it cannot do reduced-size JPEG decoding, which PIL (``draft``) can.
-
-Output modes: ``"pil"`` gives a ``PIL.Image`` in mode RGB, ``"numpy"`` an HWC uint8
-array (C-contiguous, writable), ``"torch"`` a CHW uint8 tensor that is a *view* of the
-HWC array (``permute(2, 0, 1)``, channels-last strides). No ``.contiguous()`` copy is
-made: torchvision's uint8 resize is faster on this layout than on contiguous CHW (see
-BENCHMARKS.md), and ``default_collate`` copies into a contiguous batch anyway. Call
-``.contiguous()`` yourself if a consumer needs it.
-
-Safety: every image path reads the dimensions from the header first (tiny parsers for
-JPEG SOFn, PNG IHDR and WebP VP8/VP8L/VP8X; PIL's lazy open for other formats) and
-refuses images over ``max_pixels`` before any pixel memory is allocated.
+The image core of :func:`shardkit.decode.decode_image` and
+:class:`shardkit.decode.crop.RandomResizedCropDecode`, with the guards :mod:`shardkit.gpu.cuda`
+reuses. Every image comes out as 3-channel RGB uint8 by one pixel policy
+(:func:`pil_to_rgb`, shared with ``shardkit write --resize``; the README's table lists
+it), sized from its header and refused over ``max_pixels`` before any pixel memory is
+allocated. JPEG goes to simplejpeg when installed, everything else (and the JPEGs it
+rejects) to PIL; "torch" output is a CHW view of the HWC array (channels-last strides).
 """
 
 from __future__ import annotations

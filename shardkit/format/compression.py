@@ -36,13 +36,14 @@ _SNIFF = 6  # longest magic
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.zst", ".tar.zstd", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SHARD_SUFFIXES = (".tar",) + COMPRESSED_SUFFIXES
 
-_CHUNK = 1 << 20
+#: The one read size of the format layer (it may not import storage's).
+CHUNK = 1 << 20
 
 
 def _read_to_end(read: Callable[[int], bytes]) -> bytes:
     """Everything ``read`` still gives, chunk by chunk."""
     parts = []
-    while chunk := read(_CHUNK):
+    while chunk := read(CHUNK):
         parts.append(chunk)
     return b"".join(parts)
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 from ..errors import ShardFormatError
-from .compression import Decompressed, open_decompressed
+from .compression import CHUNK, Decompressed, open_decompressed
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -42,7 +42,6 @@ _REGULAR = (b"0", b"\0", b"7")
 # are skipped over their payload, like tarfile does.
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _EXTENDED = (b"x", b"g", b"L", b"K")
-_CHUNK = 1 << 20
 _MAX_STEP = 1 << 26  # largest single allocation while reading a big payload from a stream
 # A pax or GNU long-name record larger than this is not a name but an attack or garbage.
 MAX_EXTENDED_HEADER = 1 << 20
@@ -207,7 +206,7 @@ class _Window:
             self.base, self.lo, self.hi = 0, start, len(self._map)
             self.eof = True
         else:
-            self._raw = bytearray(_CHUNK)
+            self._raw = bytearray(CHUNK)
             self.buf = memoryview(self._raw)
             self.base, self.lo, self.hi = start, 0, 0
             self.eof = False
@@ -264,7 +263,7 @@ class _Window:
         left = n - (self.hi - self.lo)
         self.base += self.hi
         self.lo = self.hi = 0
-        step = _CHUNK
+        step = CHUNK
         while left:
             part = bytearray(min(left, step))
             view = memoryview(part)
@@ -318,7 +317,7 @@ def iter_member_tuples(
             yield from _parse(window, url, stop)
             # Read to the end of the compressed stream: its checksum (gzip CRC, xz check)
             # is verified there, and a shard that is cut short or damaged must not pass.
-            while stream.read(_CHUNK):
+            while stream.read(CHUNK):
                 pass
             if stream.truncated:
                 raise ShardFormatError(

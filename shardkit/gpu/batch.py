@@ -32,9 +32,9 @@ import torch
 
 from ..decode.pixels import default_max_pixels
 from ..errors import SampleError, ShardkitError
-from ..read.dataset import Batching
+from ..read.base import Batching
 from ..read.pipeline import collate, make_handler
-from .cuda import CudaPrefetcher, _cuda_device
+from .cuda import CudaPrefetcher, cuda_device
 from .decoders import make_backend
 from .recipe import Recipe
 from .ship import EncodedImage, shipping_dataset
@@ -215,7 +215,7 @@ def _resolve(device: str | torch.device | int | None, what: str) -> torch.device
     if resolved.type != "cuda":
         raise ShardkitError(f"{what} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     try:
-        return _cuda_device(resolved)
+        return cuda_device(resolved)
     except RuntimeError as exc:
         raise ShardkitError(f"ShardLoader({what}={str(device)!r}): {exc}") from exc
 

@@ -25,7 +25,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _cuda_device(device: str | torch.device | int | None) -> torch.device:
+def cuda_device(device: str | torch.device | int | None) -> torch.device:
     """Resolve ``device`` to a CUDA device, or raise a clear error."""
     if isinstance(device, int):
         resolved = torch.device("cuda", device)
@@ -65,7 +65,7 @@ def decode_images_cuda(
             raise SampleError(f"image {index} of the batch: {exc.reason}") from exc
         if header is not None and header.format == "JPEG" and header.components in (1, 3):
             jpeg_indices.append(index)
-    target = _cuda_device(device)
+    target = cuda_device(device)
 
     decoded: list[torch.Tensor | None] = [None] * len(images)
     # nvjpeg wants 1-D uint8 CPU tensors; bytearray keeps torch.frombuffer from warning.
@@ -151,7 +151,7 @@ class CudaPrefetcher:
             logger.info("CudaPrefetcher: CUDA is not available, batches stay on the CPU")
             self.device: torch.device | None = None
         else:
-            self.device = _cuda_device(device)
+            self.device = cuda_device(device)
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]

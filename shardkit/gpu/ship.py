@@ -3,8 +3,8 @@
 :class:`ShipTransform` replaces a dataset's transform in the workers: small fields are
 decoded as usual, each image field stays encoded as an :class:`EncodedImage` carrying
 its header size and the random parameters drawn with torchvision's RNG calls, so order
-and resume stay exact. :func:`shipping_dataset` builds the shipping copy of a
-``ShardDataset`` or ``Mix``.
+and resume stay exact. :func:`shipping_dataset` builds the shipping view of a
+``ShardDataset`` or ``Mix`` through their public ``with_stages``/``with_parts``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from ..decode.pixels import check_pixels, default_max_pixels, exif_orientation_o
 from ..errors import SampleError, ShardkitError
 from ..read.dataset import ShardDataset
 from ..read.mix import Mix
-from ..read.pipeline import SamplePipeline
 from .recipe import Recipe, parse_recipe
 
 # --------------------------------------------------------------- the worker side
@@ -161,23 +160,6 @@ class ShipTransform:
         return sample
 
 
-class _ShippingDataset(ShardDataset):
-    """The user's dataset with the worker pipeline swapped for the shipping one.
-
-    Built by :func:`shipping_dataset` from the user's dataset's attributes (never
-    modifying it); it shares the epoch counter, so ``set_epoch`` reaches both.
-    """
-
-    _ship_decoder: Callable[[dict], dict]
-    _ship_transform: ShipTransform
-
-    def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
-        pipe = super().pipeline(handler)  # keeps the dataset's select, fields and handler
-        pipe.decoder = self._ship_decoder
-        pipe.transform = self._ship_transform
-        return pipe
-
-
 def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callable[[dict], dict], list[Recipe]]:
     """The worker-side decoder and transform for ``dataset``, or ShardkitError."""
     if dataset.decode != "torch":
@@ -187,6 +169,12 @@ def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callab
         )
     if dataset.decode_size is not None:
         raise ShardkitError("decode_device decodes at full size (or only the crop region); drop decode_size")
+    if dataset.replaced_stages:
+        raise ShardkitError(
+            f"decode_device takes over the dataset's decoder and transform, but its "
+            f"{' and '.join(dataset.replaced_stages)} was replaced with with_stages(); give it the dataset "
+            "as configured"
+        )
     transform = dataset.transform
     recipes: list[Recipe] = []
     steps: list[tuple[str | None, int | Callable[[Any], Any]]] = []
@@ -215,11 +203,8 @@ def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callab
 
 def _shipping_part(dataset: ShardDataset, offset: int) -> tuple[ShardDataset, list[Recipe]]:
     transform, decoder, recipes = _takeover(dataset, offset)
-    clone = object.__new__(_ShippingDataset)
-    clone.__dict__.update(dataset.__dict__)  # shares the epoch Value: set_epoch reaches the workers
-    clone._ship_decoder = decoder
-    clone._ship_transform = transform
-    return clone, recipes
+    # A view: it shares the dataset's epoch, so set_epoch reaches the workers.
+    return dataset.with_stages(decoder=decoder, transform=transform), recipes
 
 
 def shipping_dataset(dataset: ShardDataset | Mix) -> tuple[Any, list[Recipe], list[Any]]:
@@ -236,7 +221,4 @@ def shipping_dataset(dataset: ShardDataset | Mix) -> tuple[Any, list[Recipe], li
         parts.append(shipping)
         recipes += own
         handlers += [part.handler] * len(own)
-    mix = object.__new__(type(dataset))
-    mix.__dict__.update(dataset.__dict__)  # the Mix's own epoch Value is shared likewise
-    mix.datasets = parts
-    return mix, recipes, handlers
+    return dataset.with_parts(parts), recipes, handlers

@@ -3,7 +3,7 @@
 With sample counts known (index or manifest):
 
 1. The epoch's shard order is a permutation seeded by (seed, epoch), identical on every
-   rank. Concatenated, the shards form the epoch sequence of global sample ids.
+   rank. Concatenated, the shards form the epoch sequence of sample positions.
 2. Samples already consumed in this epoch (a resumed run) are removed from it.
 3. The sequence is cut into ``world_size`` contiguous rank ranges: ``even=None`` splits
    as evenly as possible (sizes differ by at most one); ``"drop"`` gives every rank
@@ -15,9 +15,15 @@ With sample counts known (index or manifest):
    mid-shard) and emits through a shuffle buffer whose choices depend only on a seeded
    RNG and the count, so the emitted order is computable here, without data.
 
+Nothing here is of the size of the dataset: the epoch is a shard permutation with
+cumulative counts (:mod:`~shardkit.plan.source`), ranks and workers are arithmetic cuts
+of it (:mod:`~shardkit.plan.layout`), and a process resolves only the stream it asks for.
+
 A resume state is a chain of *stages*: each stage is one topology's plan over what was
 left, plus how many samples each of its workers emitted. Resuming with the same topology
-continues the last stage exactly; a different topology re-plans what is left.
+continues the last stage exactly; a different topology re-plans what is left, which is
+each stream's unread suffix plus the few samples its shuffle buffer still held
+(:mod:`~shardkit.plan.ranges`).
 
 Without counts, shards (not samples) are dealt round-robin to rank x worker cells,
 as webdataset does.
@@ -26,24 +32,38 @@ as webdataset does.
 from __future__ import annotations
 
 import itertools
-import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from functools import cached_property
+from typing import Any, Protocol
 
 import numpy as np
 
+from .layout import Layout, padded_dropped
+from .ranges import After, Level, Ranges, StreamMap, Whole, merge_touching, resolve
+from .seeds import rng_seed
+from .shuffle import ShuffleState, resume_shuffle, shuffle_order, shuffled
+from .source import EpochSource, Piece, RunArrays, empty_runs, shard_order, shard_starts, to_piece_list
+
 EVEN_MODES = (None, "pad", "drop")
-T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples ``[start, stop)`` of shard number ``shard`` (an index into the shard list)."""
-
-    shard: int
-    start: int
-    stop: int
+__all__ = [
+    "EVEN_MODES",
+    "EpochInfo",
+    "EpochPlanner",
+    "Piece",
+    "Stage",
+    "Topology",
+    "WorkerPlan",
+    "check_stage",
+    "continues",
+    "deal_shards",
+    "shard_order",
+    "shuffle_order",
+    "shuffled",
+    "simulate_consumption",
+    "to_pieces",
+]
 
 
 @dataclass(frozen=True)
@@ -77,43 +97,23 @@ class Stage:
     emitted: tuple[tuple[int, ...], ...]
 
 
-@dataclass
-class WorkerPlan:
-    """What one DataLoader worker of one rank does in one epoch (or stage).
-
-    The worker executes exactly this: it reads ``pieces`` in order (the samples at stream
-    positions ``positions``) and emits them in ``emission_order()``. After a
-    same-topology resume (``skip`` > 0) the positions already emitted are neither read
-    nor emitted again.
-    """
-
-    pieces: list[Piece]  # read in this order
-    ids: np.ndarray  # global sample ids of all stream positions, in read order
-    buffer: int
-    rng_seed: str
-    skip: int = 0  # emissions already consumed (same-topology resume)
-    positions: np.ndarray | None = None  # stream positions that ``pieces`` read; None: all
-
-    @property
-    def size(self) -> int:
-        return len(self.ids)
-
-    def emission_order(self) -> Iterator[int]:
-        """Stream positions in the order they are emitted, after the first ``skip``."""
-        order = shuffle_order(len(self.ids), self.buffer, random.Random(self.rng_seed))
-        for _ in range(self.skip):
-            next(order)
-        return order
-
-    def read_positions(self) -> np.ndarray:
-        """The stream position of each sample ``pieces`` yields, in read order."""
-        return np.arange(len(self.ids)) if self.positions is None else self.positions
-
-
 def continues(stages: Sequence[Stage], topology: Topology) -> bool:
     """Whether a resume with ``topology`` continues the last stage (same topology: every
     worker picks up its own plan where it stopped) rather than re-planning what is left."""
     return bool(stages) and stages[-1].topology == topology
+
+
+def check_stage(stage: Stage) -> None:
+    topo = stage.topology
+    if len(stage.emitted) != topo.world_size or any(len(e) != topo.streams for e in stage.emitted):
+        raise ValueError("resume state does not match its own topology")
+
+
+def check_cell(topology: Topology, rank: int, worker: int) -> None:
+    if not 0 <= rank < topology.world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {topology.world_size}")
+    if not 0 <= worker < topology.streams:
+        raise ValueError(f"worker {worker} out of range for {topology.num_workers} workers")
 
 
 @dataclass
@@ -129,183 +129,190 @@ class EpochInfo:
     worker_samples: list[int] = field(default_factory=list)
 
 
-def shuffle_order(n: int, buffer: int, rng: random.Random) -> Iterator[int]:
-    """Emission order of positions 0..n-1 through a shuffle buffer of ``buffer`` items.
+class Source(Protocol):
+    """Where epoch positions lie in the shards (see :mod:`~shardkit.plan.source`)."""
 
-    Each position enters the buffer; once it holds ``buffer`` items one leaves, chosen
-    uniformly; at the end the rest leave in random order. An item is emitted at most
-    ``buffer - 1`` steps after it is read, which bounds memory.
+    def runs(self, ranges: Ranges) -> RunArrays: ...
+
+    def ids(self, positions: np.ndarray) -> np.ndarray: ...
+
+
+class WorkerPlan:
+    """What one DataLoader worker of one rank does in one epoch (or stage).
+
+    The worker executes exactly this: it reads ``pieces`` in order (the samples at stream
+    positions ``read_positions()``) and emits them in ``emission_order()``. After a
+    same-topology resume (``skip`` > 0) the positions already emitted are neither read
+    nor emitted again. Everything is computed on first use and holds O(pieces), never
+    O(samples): positions come as iterators.
     """
-    return shuffled(range(n), buffer, rng)
 
+    def __init__(
+        self,
+        *,
+        size: int,
+        buffer: int,
+        rng_seed: str,
+        skip: int,
+        locate: Callable[[], Ranges],
+        source: Source,
+    ) -> None:
+        if skip > size:
+            raise ValueError(f"resume state says {skip} samples were emitted but the plan has only {size}")
+        self.size = size
+        self.buffer = buffer
+        self.rng_seed = rng_seed
+        self.skip = skip
+        self._locate = locate  # the stream's epoch-position ranges, resolved when first needed
+        self.source = source
 
-def shuffled(items: Iterable[T], buffer: int, rng: random.Random) -> Iterator[T]:
-    """The shuffle buffer itself, over any iterable (used on data when counts are unknown)."""
-    if buffer <= 1:
-        yield from items
-        return
-    held: list[T] = []
-    for item in items:
-        held.append(item)
-        if len(held) >= buffer:
-            j = rng.randrange(len(held))
-            held[j], held[-1] = held[-1], held[j]
-            yield held.pop()
-    rng.shuffle(held)
-    yield from held
+    @cached_property
+    def stream(self) -> StreamMap:
+        """The stream's positions as ranges of epoch positions."""
+        stream = StreamMap(self._locate())
+        if stream.size != self.size:
+            raise AssertionError(f"internal: stream resolved to {stream.size} positions, planned {self.size}")
+        return stream
 
+    @cached_property
+    def shuffle(self) -> ShuffleState:
+        """The shuffle buffer after the ``skip`` emissions already consumed."""
+        return resume_shuffle(self.size, self.buffer, self.rng_seed, self.skip)
 
-def shard_order(n_shards: int, *, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
-    """This epoch's shard permutation (the same on every rank)."""
-    if not shuffle:
-        return np.arange(n_shards)
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, 7]).permutation(n_shards)
+    def _read_ranges(self) -> Ranges:
+        """Epoch-position ranges this worker reads, in read order."""
+        if not self.skip:
+            return self.stream.starts, self.stream.stops
+        held = self.stream.positions(self.shuffle.holes())
+        tail0, tail1 = self.stream.sub(self.shuffle.read, self.size)
+        return merge_touching(np.concatenate([held, tail0]), np.concatenate([held + 1, tail1]))
 
+    @cached_property
+    def pieces(self) -> list[Piece]:
+        """Pieces of shards to read, in order."""
+        if not self.size:
+            return to_piece_list(empty_runs())
+        return to_piece_list(self.source.runs(self._read_ranges()))
 
-def epoch_sequence(counts: Sequence[int] | np.ndarray, *, epoch: int, seed: int, shuffle_shards: bool) -> np.ndarray:
-    """Global sample ids in epoch order (shards permuted, samples in shard order)."""
-    counts_arr = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts_arr)[:-1]]) if len(counts_arr) else counts_arr
-    order = shard_order(len(counts_arr), epoch=epoch, seed=seed, shuffle=shuffle_shards)
-    parts = [np.arange(starts[s], starts[s] + counts_arr[s], dtype=np.int64) for s in order]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    def emission_order(self) -> Iterator[int]:
+        """Stream positions in the order they are emitted, after the first ``skip``."""
+        return self.shuffle.order()
 
+    def read_positions(self) -> Iterator[int]:
+        """The stream position of each sample ``pieces`` yields, in read order."""
+        if not self.skip:
+            return iter(range(self.size))
+        return itertools.chain(self.shuffle.holes().tolist(), range(self.shuffle.read, self.size))
 
-def rank_slices(m: int, world_size: int, even: str | None) -> tuple[list[np.ndarray], int, int]:
-    """Positions (into a sequence of ``m``) for each rank; also (padded, dropped)."""
-    if even == "drop":
-        q = m // world_size
-        return [np.arange(r * q, (r + 1) * q) for r in range(world_size)], 0, m - q * world_size
-    if even == "pad":
-        q = -(-m // world_size)
-        if m == 0:
-            return [np.zeros(0, dtype=np.int64) for _ in range(world_size)], 0, 0
-        return [np.arange(r * q, (r + 1) * q) % m for r in range(world_size)], q * world_size - m, 0
-    return [np.arange(r * m // world_size, (r + 1) * m // world_size) for r in range(world_size)], 0, 0
+    def ids_at(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Global sample ids at the given stream positions."""
+        return self.source.ids(self.stream.positions(np.asarray(positions, dtype=np.int64)))
 
-
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    return [(w * n // parts, (w + 1) * n // parts) for w in range(parts)]
+    def emitted_ids(self) -> Iterator[int]:
+        """Global sample ids in emission order (after ``skip``), computed without data."""
+        order = self.emission_order()
+        while True:
+            block = np.fromiter(itertools.islice(order, 1 << 16), dtype=np.int64)
+            if not len(block):
+                return
+            yield from self.ids_at(block).tolist()
 
 
 def to_pieces(ids: np.ndarray, shard_starts: np.ndarray) -> list[Piece]:
     """Group a read sequence of global ids into runs of consecutive samples of one shard."""
+    ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         return []
     shards = np.searchsorted(shard_starts, ids, side="right") - 1
     local = ids - shard_starts[shards]
-    breaks = np.flatnonzero((np.diff(shards) != 0) | (np.diff(local) != 1)) + 1
-    bounds = np.concatenate([[0], breaks, [len(ids)]])
-    return [Piece(int(shards[a]), int(local[a]), int(local[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    return to_piece_list((shards.astype(np.int64), local, local + 1))
 
 
-def split_streams(remaining: np.ndarray, topology: Topology) -> tuple[list[list[np.ndarray]], int, int]:
-    """Cut ``remaining`` (in epoch order) into [rank][worker] contiguous streams; also
-    (padded, dropped) under the topology's even mode."""
-    slices, padded, dropped = rank_slices(len(remaining), topology.world_size, topology.even)
-    streams = []
-    for positions in slices:
-        rank_items = remaining[positions]
-        streams.append([rank_items[a:b] for a, b in _split(len(rank_items), topology.streams)])
-    return streams, padded, dropped
+def stream_seed(seed: int, epoch: int, stage_no: int, rank: int, worker: int) -> str:
+    """The shuffle-buffer seed of one stream of one stage."""
+    return rng_seed(seed, epoch, stage_no, rank, worker)
 
 
-def emitted_first(size: int, buffer: int, rng_seed: str, k: int) -> np.ndarray:
-    """Stream positions of the first ``k`` emissions of a stream of ``size`` positions."""
-    if k > size:
-        raise ValueError(f"resume state says {k} samples were emitted but the plan has only {size}")
-    order = shuffle_order(size, buffer, random.Random(rng_seed))
-    return np.fromiter(itertools.islice(order, k), dtype=np.int64, count=k)
-
-
-def check_stage(stage: Stage) -> None:
+def stage_level(parent: Level, stage: Stage, *, buffer: int, seeds: Callable[[int, int], str]) -> After:
+    """What ``stage`` (its streams seeded ``seeds(rank, worker)``) left of ``parent``."""
+    check_stage(stage)
     topo = stage.topology
-    if len(stage.emitted) != topo.world_size or any(len(e) != topo.streams for e in stage.emitted):
-        raise ValueError("resume state does not match its own topology")
+    layout = Layout.of(parent.size, topo.world_size, topo.streams, topo.even)
+    emitted = np.asarray(stage.emitted, dtype=np.int64).reshape(-1)
+    return After(parent, layout, emitted, buffer=buffer, seeds=lambda s: seeds(s // topo.streams, s % topo.streams))
 
 
-def worker_plan(ids: np.ndarray, shard_starts: np.ndarray, *, buffer: int, rng_seed: str, skip: int = 0) -> WorkerPlan:
-    """The plan of one stream of global ``ids`` whose first ``skip`` emissions were consumed:
-    read only what is still to be emitted (pieces rebuilt around the holes)."""
-    if not skip:
-        return WorkerPlan(to_pieces(ids, shard_starts), ids, buffer, rng_seed)
-    needed = np.ones(len(ids), dtype=bool)
-    needed[emitted_first(len(ids), buffer, rng_seed, skip)] = False
-    return WorkerPlan(
-        to_pieces(ids[needed], shard_starts), ids, buffer, rng_seed, skip=skip, positions=np.flatnonzero(needed)
-    )
+def stream_plan(level: Level, layout: Layout, *, rank: int, worker: int, **kwargs: Any) -> WorkerPlan:
+    """The :class:`WorkerPlan` of one stream of ``layout`` over ``level``."""
+    start, size = layout.stream(rank, worker)
+    return WorkerPlan(size=size, locate=lambda: resolve(level, layout.index_ranges(start, size)), **kwargs)
 
 
 class EpochPlanner:
-    """Plans for one epoch of a dataset with known per-shard sample counts."""
+    """Plans for one epoch of a dataset with known per-shard sample counts.
+
+    Construction is O(shards) at most (the shard permutation is made only when a plan
+    needs positions); counts (``stream_sizes``, ``EpochInfo``) are arithmetic.
+    """
 
     def __init__(self, counts: Sequence[int], *, epoch: int, seed: int = 0, shuffle_shards: bool = True) -> None:
-        self.counts = np.asarray(counts, dtype=np.int64)
+        self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if np.any(self.counts < 0):
             raise ValueError("sample counts must be >= 0")
         self.epoch = epoch
         self.seed = seed
-        self.shard_starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self.sequence = epoch_sequence(self.counts, epoch=epoch, seed=seed, shuffle_shards=shuffle_shards)
+        self.shuffle_shards = shuffle_shards
+        self.total = int(self.counts.sum())
+        self.source = EpochSource(self.counts, epoch=epoch, seed=seed, shuffle=shuffle_shards)
 
-    @property
-    def total(self) -> int:
-        return len(self.sequence)
+    @cached_property
+    def shard_starts(self) -> np.ndarray:
+        return shard_starts(self.counts)
 
     def _rng_seed(self, stage_no: int, rank: int, worker: int) -> str:
-        return f"shardkit:{self.seed}:{self.epoch}:{stage_no}:{rank}:{worker}"
+        return stream_seed(self.seed, self.epoch, stage_no, rank, worker)
 
-    def _current(self, topology: Topology, stages: Sequence[Stage]):
-        """Plan the current stage: (streams, padded, dropped, remaining, stage_no, continuing)."""
-        remaining = self.sequence
+    def _current(self, topology: Topology, stages: Sequence[Stage]) -> tuple[Level, int, bool]:
+        """(what is left for the current stage, its stage number, whether it continues the last)."""
         continuing = continues(stages, topology)
         history = stages[:-1] if continuing else stages
+        level: Level = Whole(self.total)
         for stage_no, stage in enumerate(history):
-            remaining = self._without_consumed(remaining, stage, stage_no)
-        streams, padded, dropped = split_streams(remaining, topology)
-        return streams, padded, dropped, remaining, len(history), continuing
+            level = stage_level(
+                level,
+                stage,
+                buffer=stage.topology.buffer,
+                seeds=lambda r, w, no=stage_no: self._rng_seed(no, r, w),  # type: ignore[misc]
+            )
+        return level, len(history), continuing
 
     def stream_sizes(self, topology: Topology, stages: Sequence[Stage] = ()) -> list[list[int]]:
         """Samples in each [rank][worker] stream of the current stage (before any skip)."""
-        streams = self._current(topology, stages)[0]
-        return [[len(ids) for ids in per_worker] for per_worker in streams]
+        level, _, _ = self._current(topology, stages)
+        layout = Layout.of(level.size, topology.world_size, topology.streams, topology.even)
+        return layout.sizes.reshape(topology.world_size, topology.streams).tolist()
 
     def plan(
         self, topology: Topology, *, rank: int, worker: int, stages: Sequence[Stage] = ()
     ) -> tuple[WorkerPlan, EpochInfo]:
         """The plan of one worker of one rank, after the resume ``stages`` (if any)."""
-        if not 0 <= rank < topology.world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {topology.world_size}")
-        if not 0 <= worker < topology.streams:
-            raise ValueError(f"worker {worker} out of range for {topology.num_workers} workers")
-        streams, padded, dropped, remaining, stage_no, continuing = self._current(topology, stages)
-        ids = streams[rank][worker]
-        skip = stages[-1].emitted[rank][worker] if continuing else 0
-        plan = worker_plan(
-            ids, self.shard_starts, buffer=topology.buffer, rng_seed=self._rng_seed(stage_no, rank, worker), skip=skip
+        check_cell(topology, rank, worker)
+        level, stage_no, continuing = self._current(topology, stages)
+        layout = Layout.of(level.size, topology.world_size, topology.streams, topology.even)
+        plan = stream_plan(
+            level,
+            layout,
+            rank=rank,
+            worker=worker,
+            buffer=topology.buffer,
+            rng_seed=self._rng_seed(stage_no, rank, worker),
+            skip=stages[-1].emitted[rank][worker] if continuing else 0,
+            source=self.source,
         )
-        info = EpochInfo(
-            self.epoch,
-            self.total,
-            len(remaining),
-            sum(len(s) for s in streams[rank]),
-            padded,
-            dropped,
-            [len(s) for s in streams[rank]],
-        )
+        sizes = layout.sizes[rank * topology.streams : (rank + 1) * topology.streams].tolist()
+        padded, dropped = padded_dropped(level.size, topology.world_size, topology.even)
+        info = EpochInfo(self.epoch, self.total, level.size, sum(sizes), padded, dropped, sizes)
         return plan, info
-
-    def _without_consumed(self, remaining: np.ndarray, stage: Stage, stage_no: int) -> np.ndarray:
-        check_stage(stage)
-        topo = stage.topology
-        streams, _, _ = split_streams(remaining, topo)
-        consumed = []
-        for rank, per_worker in enumerate(streams):
-            for worker, ids in enumerate(per_worker):
-                k = stage.emitted[rank][worker]
-                consumed.append(ids[emitted_first(len(ids), topo.buffer, self._rng_seed(stage_no, rank, worker), k)])
-        done = np.concatenate(consumed) if consumed else np.zeros(0, dtype=np.int64)
-        return remaining[~np.isin(remaining, done)]
 
 
 def deal_shards(
@@ -329,13 +336,26 @@ def simulate_consumption(worker_batches: Sequence[int], batches_taken: int) -> l
     """Batches each worker delivered after ``batches_taken`` batches of a DataLoader.
 
     DataLoader takes batches from its workers round-robin, skipping exhausted workers;
-    this replays that to know other ranks' progress from this rank's batch count.
+    this replays that to know other ranks' progress from this rank's batch count. After
+    ``R`` full rounds worker ``w`` gave ``min(b_w, R)``; the largest ``R`` that fits is
+    found by bisection and the rest go to the first workers not yet exhausted.
     """
-    taken = [0] * len(worker_batches)
-    left = batches_taken
-    while left > 0 and any(t < b for t, b in zip(taken, worker_batches)):
-        for w, b in enumerate(worker_batches):
-            if left and taken[w] < b:
-                taken[w] += 1
-                left -= 1
+    batches = [int(b) for b in worker_batches]
+    if batches_taken <= 0:
+        return [0] * len(batches)
+    if batches_taken >= sum(batches):
+        return batches
+    lo, hi = 0, max(batches)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(b, mid) for b in batches) <= batches_taken:
+            lo = mid
+        else:
+            hi = mid - 1
+    taken = [min(b, lo) for b in batches]
+    left = batches_taken - sum(taken)
+    for w, b in enumerate(batches):
+        if left and b > lo:
+            taken[w] += 1
+            left -= 1
     return taken

@@ -10,38 +10,34 @@ For epoch ``e`` of a mix of parts with sizes ``N_i``:
    ``e`` takes draws ``[e * n_i, (e + 1) * n_i)``, so no sample repeats before every
    sample of the part was drawn, and the next epoch continues the pass.
 2. Each part's draws are split across ranks and workers exactly like a single dataset
-   (:func:`shardkit.plan.split_streams`; pad/drop per part, so every rank gets the same
-   count of every part).
+   (:mod:`shardkit.plan.layout`; pad/drop per part, so every rank gets the same count of
+   every part).
 3. A worker reads each of its part streams sequentially (pieces of shards), emits each
    through that part's shuffle buffer, and interleaves the parts by a seeded sequence of
-   part labels holding exactly as many labels of a part as it has samples of it.
+   part labels holding exactly as many labels of a part as it has samples of it
+   (:class:`~shardkit.plan.interleave.Interleave`: every block of 64 emissions holds the
+   parts in proportion, in random order).
 
-Progress is one count per worker (emissions of the interleaved stream): the first ``k``
-labels say how many of each part were emitted, each part's buffer order says which.
+Progress is one count per worker (emissions of the interleaved stream): the labels before
+``k`` say how many of each part were emitted, each part's buffer order says which.
 Resume with the same topology continues; with another one the rest is re-planned per
-part, exactly as :class:`~shardkit.plan.EpochPlanner` does.
+part, exactly as :class:`~shardkit.plan.EpochPlanner` does. As there, nothing is of the
+size of the parts: draws are ranges of passes, streams are arithmetic cuts.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .epoch import (
-    EpochInfo,
-    Stage,
-    Topology,
-    WorkerPlan,
-    check_stage,
-    continues,
-    emitted_first,
-    epoch_sequence,
-    split_streams,
-    worker_plan,
-)
+from .epoch import EpochInfo, Stage, Topology, WorkerPlan, check_cell, check_stage, continues, stream_plan
+from .interleave import Interleave, counts_before_many
+from .layout import Layout, padded_dropped
+from .ranges import After, Level, Whole
+from .seeds import int_seed, rng_seed
+from .source import PassChain
 
 
 @dataclass(frozen=True)
@@ -62,26 +58,27 @@ class MixPart:
 class MixWorkerPlan:
     """One worker's plan: a :class:`WorkerPlan` per part and the interleaving labels.
 
-    ``labels[skip:]`` is the part of each emission still to come; the part plans
-    already skip what was emitted.
+    ``labels`` from position ``skip`` on is the part of each emission still to come; the
+    part plans already skip what was emitted.
     """
 
     parts: list[WorkerPlan]
-    labels: np.ndarray
+    labels: Interleave
     skip: int = 0
 
     @property
     def size(self) -> int:
-        return len(self.labels)
+        return self.labels.total
 
-    def emission_labels(self) -> np.ndarray:
-        return self.labels[self.skip :]
+    def emission_labels(self) -> Iterator[int]:
+        """The part of each emission still to come, in order."""
+        return self.labels.labels(self.skip)
 
     def emitted_ids(self) -> list[tuple[int, int]]:
         """(part, id within the part) of each emission still to come, in order -- what
-        the worker will yield, computed without data."""
-        orders = [iter([int(p.ids[i]) for i in p.emission_order()]) for p in self.parts]
-        return [(label, next(orders[label])) for label in self.emission_labels().tolist()]
+        the worker will yield, computed without data (for small plans: it is a list)."""
+        orders = [p.emitted_ids() for p in self.parts]
+        return [(label, next(orders[label])) for label in self.emission_labels()]
 
 
 def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
@@ -97,32 +94,10 @@ def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     return out
 
 
-def _int_seed(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def interleave(sizes: Sequence[int], rng_seed: str) -> np.ndarray:
-    """A random sequence of part labels holding exactly ``sizes[i]`` labels ``i``."""
-    labels = np.repeat(np.arange(len(sizes), dtype=np.int64), np.asarray(sizes, dtype=np.int64))
-    np.random.default_rng(_int_seed(rng_seed)).shuffle(labels)
-    return labels
-
-
-def part_draws(part: MixPart, *, epoch: int, draws: int, seed: int) -> np.ndarray:
-    """Global ids (within the part) of the part's ``draws`` draws in ``epoch``."""
-    size = part.size
-    if draws == 0:
-        return np.zeros(0, dtype=np.int64)
-    if size == 0:
-        raise ValueError("a part with no samples cannot be drawn from")
-    start = epoch * draws
-    first, last = start // size, (start + draws - 1) // size
-    passes = [
-        epoch_sequence(part.counts, epoch=p, seed=seed, shuffle_shards=part.shuffle_shards)
-        for p in range(first, last + 1)
-    ]
-    offset = start - first * size
-    return np.concatenate(passes)[offset : offset + draws]
+    """A random sequence of part labels holding exactly ``sizes[i]`` labels ``i`` (all of
+    it; workers use :class:`~shardkit.plan.interleave.Interleave` lazily)."""
+    return Interleave(sizes, rng_seed).array()
 
 
 class MixPlanner:
@@ -153,100 +128,122 @@ class MixPlanner:
         for i, (n, size) in enumerate(zip(self.draws, sizes)):
             if n and not size:
                 raise ValueError(f"part {i} has no samples but its weight asks for {n} per epoch")
-        self.shard_starts = [np.concatenate([[0], np.cumsum(p.counts)]).astype(np.int64) for p in self.parts]
-        self.sequences = [
-            part_draws(p, epoch=epoch, draws=n, seed=self._part_seed(i))
+        self.sources = [
+            PassChain(
+                np.asarray(p.counts, dtype=np.int64),
+                seed=self._part_seed(i),
+                shuffle=p.shuffle_shards,
+                offset=epoch * n,
+                length=n,
+            )
             for i, (p, n) in enumerate(zip(self.parts, self.draws))
         ]
 
     def _part_seed(self, i: int) -> int:
-        return _int_seed(f"mix:{self.seed}:{i}:{self.parts[i].seed}") & 0xFFFFFFFF
+        return int_seed(rng_seed(self.seed, i, self.parts[i].seed, domain="mix")) & 0xFFFFFFFF
 
     @property
     def total(self) -> int:
         return sum(self.draws)
 
+    def part_ids(self, i: int) -> np.ndarray:
+        """Ids (within part ``i``) of the part's draws this epoch, in draw order (small parts)."""
+        return self.sources[i].ids(np.arange(self.draws[i], dtype=np.int64))
+
     def _rng(self, what: str, stage_no: int, rank: int, worker: int) -> str:
-        return f"shardkit-mix:{self.seed}:{self.epoch}:{stage_no}:{rank}:{worker}:{what}"
+        return rng_seed(self.seed, self.epoch, stage_no, rank, worker, what, domain="shardkit-mix")
 
-    def _cell(
-        self, streams: list[list[list[np.ndarray]]], rank: int, worker: int, stage_no: int
-    ) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-        """(slots per part, labels, part rng seeds) of one [rank][worker] cell."""
-        slots = [per_part[rank][worker] for per_part in streams]
-        labels = interleave([len(s) for s in slots], self._rng("labels", stage_no, rank, worker))
-        seeds = [self._rng(f"part{i}", stage_no, rank, worker) for i in range(len(self.parts))]
-        return slots, labels, seeds
+    def _layouts(self, levels: Sequence[Level], topology: Topology) -> list[Layout]:
+        return [Layout.of(level.size, topology.world_size, topology.streams, topology.even) for level in levels]
 
-    def _emitted_per_part(self, labels: np.ndarray, k: int) -> list[int]:
-        if k > len(labels):
-            raise ValueError(f"resume state says {k} samples were emitted but the plan has only {len(labels)}")
-        return np.bincount(labels[:k], minlength=len(self.parts)).tolist()
+    def _emitted_per_part(self, layouts: Sequence[Layout], stage: Stage, stage_no: int) -> np.ndarray:
+        """(parts, streams): how many of each part every stream of ``stage`` emitted."""
+        sizes = np.stack([layout.sizes for layout in layouts])
+        emitted = np.asarray(stage.emitted, dtype=np.int64).reshape(-1)
+        out = np.zeros_like(sizes)
+        whole = emitted == sizes.sum(axis=0)
+        out[:, whole] = sizes[:, whole]
+        streams = stage.topology.streams
+        cells = np.flatnonzero(~whole & (emitted > 0)).tolist()
+        labels = [
+            Interleave(sizes[:, s].tolist(), self._rng("labels", stage_no, s // streams, s % streams)) for s in cells
+        ]
+        if cells:
+            out[:, cells] = counts_before_many(labels, emitted[cells].tolist()).T
+        return out
 
-    def _current(self, topology: Topology, stages: Sequence[Stage]):
-        remaining = [np.arange(len(seq), dtype=np.int64) for seq in self.sequences]  # slots per part
+    def _current(self, topology: Topology, stages: Sequence[Stage]) -> tuple[list[Level], int, bool]:
+        """(what is left of each part for the current stage, its stage number, whether it
+        continues the last)."""
         continuing = continues(stages, topology)
         history = stages[:-1] if continuing else stages
+        levels: list[Level] = [Whole(n) for n in self.draws]
         for stage_no, stage in enumerate(history):
-            remaining = self._without_consumed(remaining, stage, stage_no)
-        split = [split_streams(r, topology) for r in remaining]
-        streams = [s for s, _, _ in split]
-        padded = sum(p for _, p, _ in split)
-        dropped = sum(d for _, _, d in split)
-        return streams, padded, dropped, remaining, len(history), continuing
-
-    def _without_consumed(self, remaining: list[np.ndarray], stage: Stage, stage_no: int) -> list[np.ndarray]:
-        check_stage(stage)
-        topo = stage.topology
-        streams = [split_streams(r, topo)[0] for r in remaining]
-        consumed: list[list[np.ndarray]] = [[] for _ in self.parts]
-        for rank in range(topo.world_size):
-            for worker in range(topo.streams):
-                slots, labels, seeds = self._cell(streams, rank, worker, stage_no)
-                per_part = self._emitted_per_part(labels, stage.emitted[rank][worker])
-                for i, k in enumerate(per_part):
-                    consumed[i].append(slots[i][emitted_first(len(slots[i]), self.parts[i].buffer, seeds[i], k)])
-        return [r[~np.isin(r, np.concatenate(c))] if c else r for r, c in zip(remaining, consumed)]
+            check_stage(stage)
+            topo = stage.topology
+            layouts = self._layouts(levels, topo)
+            per_part = self._emitted_per_part(layouts, stage, stage_no)
+            levels = [
+                After(
+                    level,
+                    layout,
+                    per_part[i],
+                    buffer=self.parts[i].buffer,
+                    seeds=lambda s, i=i, no=stage_no, p=topo.streams: self._rng(f"part{i}", no, s // p, s % p),  # type: ignore[misc]
+                )
+                for i, (level, layout) in enumerate(zip(levels, layouts))
+            ]
+        return levels, len(history), continuing
 
     def stream_sizes(self, topology: Topology, stages: Sequence[Stage] = ()) -> list[list[int]]:
         """Samples in each [rank][worker] stream of the current stage (before any skip)."""
-        streams = self._current(topology, stages)[0]
-        return [
-            [sum(len(per_part[r][w]) for per_part in streams) for w in range(topology.streams)]
-            for r in range(topology.world_size)
-        ]
+        levels, _, _ = self._current(topology, stages)
+        total = sum(layout.sizes for layout in self._layouts(levels, topology))
+        return np.asarray(total).reshape(topology.world_size, topology.streams).tolist()
 
     def plan(
         self, topology: Topology, *, rank: int, worker: int, stages: Sequence[Stage] = ()
     ) -> tuple[MixWorkerPlan, EpochInfo]:
         """The plan of one worker of one rank, after the resume ``stages`` (if any)."""
-        if not 0 <= rank < topology.world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {topology.world_size}")
-        if not 0 <= worker < topology.streams:
-            raise ValueError(f"worker {worker} out of range for {topology.num_workers} workers")
-        streams, padded, dropped, remaining, stage_no, continuing = self._current(topology, stages)
-        slots, labels, seeds = self._cell(streams, rank, worker, stage_no)
+        check_cell(topology, rank, worker)
+        levels, stage_no, continuing = self._current(topology, stages)
+        layouts = self._layouts(levels, topology)
+        cell = rank * topology.streams + worker
+        labels = Interleave(
+            [int(layout.sizes[cell]) for layout in layouts], self._rng("labels", stage_no, rank, worker)
+        )
         skip = stages[-1].emitted[rank][worker] if continuing else 0
-        per_part = self._emitted_per_part(labels, skip)
+        per_part = labels.counts_before(skip)
         plans = [
-            worker_plan(
-                self.sequences[i][slots[i]],
-                self.shard_starts[i],
+            stream_plan(
+                level,
+                layout,
+                rank=rank,
+                worker=worker,
                 buffer=self.parts[i].buffer,
-                rng_seed=seeds[i],
+                rng_seed=self._rng(f"part{i}", stage_no, rank, worker),
                 skip=per_part[i],
+                source=self.sources[i],
             )
-            for i in range(len(self.parts))
+            for i, (level, layout) in enumerate(zip(levels, layouts))
         ]
-        worker_sizes = [
-            sum(len(per_part_streams[rank][w]) for per_part_streams in streams) for w in range(topology.streams)
-        ]
+        row = slice(rank * topology.streams, (rank + 1) * topology.streams)
+        worker_sizes = np.sum([layout.sizes[row] for layout in layouts], axis=0).tolist()
+        padded = sum(padded_dropped(level.size, topology.world_size, topology.even)[0] for level in levels)
+        dropped = sum(padded_dropped(level.size, topology.world_size, topology.even)[1] for level in levels)
         info = EpochInfo(
-            self.epoch, self.total, sum(len(r) for r in remaining), sum(worker_sizes), padded, dropped, worker_sizes
+            self.epoch,
+            self.total,
+            sum(level.size for level in levels),
+            sum(worker_sizes),
+            padded,
+            dropped,
+            worker_sizes,
         )
         return MixWorkerPlan(plans, labels, skip), info
 
     def rank_part_counts(self, topology: Topology, rank: int, stages: Sequence[Stage] = ()) -> list[int]:
         """Samples of each part this rank yields in the current stage."""
-        streams = self._current(topology, stages)[0]
-        return [sum(len(s) for s in per_part[rank]) for per_part in streams]
+        levels, _, _ = self._current(topology, stages)
+        row = slice(rank * topology.streams, (rank + 1) * topology.streams)
+        return [int(layout.sizes[row].sum()) for layout in self._layouts(levels, topology)]

@@ -1,23 +1,27 @@
 """What ShardDataset and Mix share: a shared epoch, rank discovery, worker-level resume
-state, and the tail of the worker loop (batching and progress records)."""
+state, stage views (:meth:`PlannedDataset.with_stages`) and the tail of the worker loop
+(batching and progress records)."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import multiprocessing.context
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ShardkitError
-from ..plan.epoch import EpochInfo, Topology
-from ..plan.state import ResumeState
+from ..plan.epoch import EVEN_MODES, EpochInfo, Topology
+from ..plan.state import PlanIdentity, ResumeState
 from .pipeline import batched, collate
+from .stages import KEEP, HooksFactory, Keep, StageHooks, check_hooks
 
-EVEN_MODES = (None, "pad", "drop")
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,32 @@ class Progress:
         self.worker, self.emitted, self.samples, self.epoch, self.stats = worker, emitted, samples, epoch, stats
 
 
+class SharedEpoch:
+    """A dataset's epoch, in shared memory so that ``set_epoch`` reaches persistent workers.
+
+    Workers started by spawn or forkserver share it (it travels while a process is being
+    spawned); any other pickle or deep copy carries the value only. One per dataset: the
+    views :meth:`PlannedDataset.with_stages` makes share their original's.
+    """
+
+    def __init__(self, epoch: int = 0, shared: Any = None) -> None:
+        # ``shared``: the value a spawned process received (see __reduce__)
+        self._value = multiprocessing.get_context().Value("q", int(epoch), lock=False) if shared is None else shared
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._value.value = int(epoch)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return SharedEpoch, (0, self._value)
+        return SharedEpoch, (self.value,)
+
+
 class PlannedDataset(IterableDataset):
     """Base of the planned datasets: subclasses set ``seed``, ``even`` and ``batching`` and
     implement ``iter_items`` with :meth:`_worker_context` and :meth:`_emit`."""
@@ -67,30 +97,48 @@ class PlannedDataset(IterableDataset):
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.even = even
         self._rank, self._world_size = rank, world_size
-        self._epoch = multiprocessing.get_context().Value("q", 0, lock=False)
+        self._epoch = SharedEpoch()  # written by set_epoch only
         self._resume: ResumeState | None = None  # owned here when no ShardLoader drives us
         self._worker_state: dict[str, Any] = {}  # this worker's progress, for state_dict()
-
-    # -- pickling: the shared epoch travels to spawned workers; plain copies get a value
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if multiprocessing.context.get_spawning_popen() is None:
-            state["_epoch"] = int(self._epoch.value)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_epoch"], int):
-            state["_epoch"] = multiprocessing.get_context().Value("q", state["_epoch"], lock=False)
-        self.__dict__.update(state)
+        self._hooks: HooksFactory | None = None
 
     # -- epochs and topology ------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        return int(self._epoch.value)
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (orders and seeds); reaches persistent workers."""
-        self._epoch.value = int(epoch)
+        """Select the epoch (orders and seeds); reaches persistent workers and every view
+        of this dataset (:meth:`with_stages`): the epoch has this one owner."""
+        self._epoch.value = epoch
+
+    # -- views with other stages ----------------------------------------------------------
+    def with_stages(self, *, hooks: HooksFactory | None | Keep = KEEP) -> Self:
+        """This dataset with its worker stages observed by ``hooks``.
+
+        ``hooks`` (see :class:`~shardkit.read.stages.StageHooks`) is called in each worker
+        at the start of each epoch; None removes the hooks. The view shares this dataset's
+        epoch (``set_epoch`` on either reaches both) and plan, so it yields the same items
+        in the same order; this dataset is not modified.
+        """
+        view = copy.copy(self)  # shallow: the SharedEpoch object is shared, not copied
+        if not isinstance(hooks, Keep):
+            view._hooks = check_hooks(hooks)
+        return view
+
+    @property
+    def hooks(self) -> HooksFactory | None:
+        """The stage hooks factory given to :meth:`with_stages` (None: no hooks)."""
+        return self._hooks
+
+    def _start_hooks(self) -> StageHooks:
+        """This worker's hooks for the epoch starting (a no-op one without hooks)."""
+        if self._hooks is None:
+            return StageHooks()
+        hooks = self._hooks()
+        if not isinstance(hooks, StageHooks):
+            raise TypeError(f"hooks must return a StageHooks, {self._hooks!r} returned {hooks!r}")
+        return hooks
 
     @property
     def explicit_rank_and_world(self) -> tuple[int | None, int | None]:
@@ -127,6 +175,10 @@ class PlannedDataset(IterableDataset):
         """Counts for this rank's epoch: samples, padded, dropped, per worker."""
         raise NotImplementedError
 
+    def plan_identity(self) -> PlanIdentity:
+        """The plan saved states count in; loading one saved under another is refused."""
+        raise NotImplementedError
+
     def stream_sizes(self, *, num_workers: int, resume: ResumeState | None = None) -> list[list[int]] | None:
         """Samples in each [rank][worker] stream of the current epoch, or None when unplanned."""
         raise NotImplementedError
@@ -139,7 +191,7 @@ class PlannedDataset(IterableDataset):
         """Items this rank yields per epoch: samples, or batches when batch_size is set."""
         return self.num_items(self.batching)
 
-    def _stages(self, epoch: int, resume: ResumeState | None) -> list:
+    def _resume_stages(self, epoch: int, resume: ResumeState | None) -> list:
         resume = self._resume if resume is None else resume
         return resume.stages if resume is not None and resume.epoch == epoch else []
 
@@ -186,25 +238,32 @@ class PlannedDataset(IterableDataset):
         *,
         progress: bool,
         counters: Callable[[], dict[str, int]],
+        hooks: StageHooks,
     ) -> Iterator[Any]:
-        """Batch ``(position count, item)`` pairs and record the progress of each item."""
+        """Batch ``(position count, item)`` pairs and record the progress of each item;
+        ``hooks`` observe the collate and the stream of items handed out."""
         ws = self._worker_state
         items: Iterator[tuple[int, tuple[int, Any]]]
         if batching.batch_size is None:
             items = ((n, (1, item)) for n, item in mapped)
         else:
+            collate_fn = hooks.wrap("collate", batching.collate_fn)
             items = batched(
                 mapped,
                 batching.batch_size,
                 drop_last=batching.drop_last,
-                collate_fn=lambda chunk: (len(chunk), batching.collate_fn(chunk)),
+                collate_fn=lambda chunk: (len(chunk), collate_fn(chunk)),
             )
-        for emitted, (size, item) in items:
-            ws["emitted"] = emitted
-            if progress:
-                yield item, Progress(ws["worker"], emitted, size, ws["epoch"], counters())
-            else:
-                yield item
+
+        def emit() -> Iterator[Any]:
+            for emitted, (size, item) in items:
+                ws["emitted"] = emitted
+                if progress:
+                    yield item, Progress(ws["worker"], emitted, size, ws["epoch"], {**counters(), **hooks.counters()})
+                else:
+                    yield item
+
+        return hooks.wrap_iter("items", emit())
 
     # -- resume (when no ShardLoader drives the dataset) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -214,13 +273,15 @@ class PlannedDataset(IterableDataset):
         """
         ws = self._worker_state
         if not ws:
-            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed)
+            return ResumeState(self.epoch).to_dict(kind="worker", seed=self.seed, plan=self.plan_identity())
         topo: Topology = ws["topology"]
         emitted = [[0] * topo.streams for _ in range(topo.world_size)]
         emitted[ws["rank"]][ws["worker"]] = ws["emitted"]
-        return ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed)
+        return (
+            ws["resume"].with_progress(topo, emitted).to_dict(kind="worker", seed=self.seed, plan=self.plan_identity())
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume mid-epoch from :meth:`state_dict` (sets the epoch too)."""
-        self._resume = ResumeState.from_dict(state, seed=self.seed)
+        self._resume = ResumeState.from_dict(state, seed=self.seed, plan=self.plan_identity())
         self.set_epoch(self._resume.epoch)

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..decode.crop import fuse_crop
-from ..decode.fields import make_decoder
-from ..decode.size import resolve_decode_size
 from ..errors import ShardkitError
 from ..plan.epoch import EpochInfo, EpochPlanner, Topology
-from ..plan.state import ResumeState
+from ..plan.state import PlanIdentity, ResumeState
 from ..storage.backend import SourceOptions, merge_source_options
-from ..storage.cache import cache_for
 from .base import Batching, PlannedDataset
 from .pipeline import SamplePipeline, collate, make_handler
-from .reader import ReadStats, ShardReader
+from .reader import CacheCounters, ReadStats, ShardReader
+from .stages import KEEP, Decoding, HooksFactory, Keep, StageHooks
 from .urls import ShardList, resolve_shards
 from .worker import EpochSpec, WorkerEpoch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ class ShardDataset(PlannedDataset):
         decode_size: decode JPEGs at the smallest DCT scale that keeps this short side;
             "auto" derives it from a Resize/RandomResizedCrop in ``transform`` (see
             :func:`shardkit.decode.size.decode_size_for`: exact, never blurrier) and fuses a
-            leading RandomResizedCrop into decoding (:func:`shardkit.decode.crop.fuse_crop`:
+            leading RandomResizedCrop into decoding (:func:`shardkit.decode.fuse.fuse_crop`:
             crop drawn from the header with the same random draws, each crop decoded at the
-            smallest DCT scale that keeps it >= the output size).
+            smallest DCT scale that keeps it >= the output size). Only with a built-in
+            ``decode`` mode: refused with ``decode=None`` or a callable.
         transform: a callable on the sample dict (torchvision v2 pipelines accept dicts),
             or ``{"jpg": fn, ...}`` per-field callables.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
@@ -123,16 +124,15 @@ class ShardDataset(PlannedDataset):
                 "no index or manifest for these shards: splitting by whole shards "
                 "(run `shardkit index` for sample-level splitting, len() and fast resume)"
             )
-        self.decode = decode
-        # "auto" also fuses a leading RandomResizedCrop into decoding (crop_decode.fuse_crop).
-        self.fuse_crop = decode_size == "auto"
-        decode_size = resolve_decode_size(decode_size, transform)
-        self.decode_size = decode_size
-        self.allow_pickle = allow_pickle
-        if not isinstance(exif_orientation, bool):
-            raise TypeError(f"exif_orientation must be True or False, got {exif_orientation!r}")
-        self.exif_orientation = exif_orientation
+        self.decoding = Decoding.resolve(
+            decode, decode_size, transform, allow_pickle=allow_pickle, exif_orientation=exif_orientation
+        )
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
         self.threads = threads
+        # Stages replaced by with_stages (KEEP: as configured).
+        self._stage_decoder: Callable[[dict], dict] | None | Keep = KEEP
+        self._stage_transform: Any = KEEP
         self.transform = transform
         self.fields = fields
         if select is not None and not callable(select):
@@ -147,6 +147,28 @@ class ShardDataset(PlannedDataset):
             log.info("resampled=True without epoch_length: every epoch is infinite")
         self.epoch_length = epoch_length
         self.resampled = resampled
+
+    @property
+    def decode(self) -> str | Callable[[dict], dict] | None:
+        return self.decoding.decode
+
+    @property
+    def decode_size(self) -> int | None:
+        """The DCT decode size in force ("auto" resolved)."""
+        return self.decoding.decode_size
+
+    @property
+    def fuse_crop(self) -> bool:
+        """True with ``decode_size="auto"``: a leading RandomResizedCrop is fused into decoding."""
+        return self.decoding.fuse
+
+    @property
+    def allow_pickle(self) -> bool:
+        return self.decoding.allow_pickle
+
+    @property
+    def exif_orientation(self) -> bool:
+        return self.decoding.exif_orientation
 
     @property
     def batch_size(self) -> int | None:
@@ -172,6 +194,16 @@ class ShardDataset(PlannedDataset):
         epoch_length); then every count below is exact."""
         return self.counts is not None and not self.resampled and self.epoch_length is None
 
+    def plan_identity(self) -> PlanIdentity:
+        """By sample (counts known) or by whole shard, and the counts: what a saved state needs."""
+        return PlanIdentity.of(
+            self.counts,
+            shards=len(self.urls),
+            shuffle_shards=self.shuffle_shards,
+            epoch_length=self.epoch_length,
+            resampled=self.resampled,
+        )
+
     def _planner(self, epoch: int) -> EpochPlanner:
         assert self.counts is not None
         return EpochPlanner(self.counts, epoch=epoch, seed=self.seed, shuffle_shards=self.shuffle_shards)
@@ -188,7 +220,7 @@ class ShardDataset(PlannedDataset):
         epoch = self.epoch if epoch is None else epoch
         rank, _ = self.rank_and_world()
         _, info = self._planner(epoch).plan(
-            self.topology(num_workers), rank=rank, worker=0, stages=self._stages(epoch, resume)
+            self.topology(num_workers), rank=rank, worker=0, stages=self._resume_stages(epoch, resume)
         )
         return info
 
@@ -198,7 +230,7 @@ class ShardDataset(PlannedDataset):
         if not self.planned:
             return None
         epoch = self.epoch
-        return self._planner(epoch).stream_sizes(self.topology(num_workers), self._stages(epoch, resume))
+        return self._planner(epoch).stream_sizes(self.topology(num_workers), self._resume_stages(epoch, resume))
 
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (raises TypeError when unknown)."""
@@ -236,11 +268,12 @@ class ShardDataset(PlannedDataset):
         self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
     ) -> Iterator[Any]:
         rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
+        hooks = self._start_hooks()
         handler = make_handler(self.handler)
         stats = ReadStats()
         run = WorkerEpoch(
             self.epoch_spec(),
-            self.reader(handler, stats),
+            self.reader(handler, stats, hooks=hooks),
             topology=topo,
             rank=rank,
             worker=worker,
@@ -250,48 +283,76 @@ class ShardDataset(PlannedDataset):
         # Each sample is tagged with its position count in the emission order; the count
         # of the last sample handed out is the progress a resume continues from.
         tagged = ((n, s) for n, s in enumerate(run.samples(), run.skip + 1) if s is not None)
-        mapped = self.pipeline(handler).map(
+        mapped = self.pipeline(handler, hooks=hooks).map(
             tagged, stats.count_skipped, threads=self.threads, on_filter=stats.count_filtered
         )
-        cache_before = self._cache_stats()
-        yield from self._emit(mapped, batching, progress=progress, counters=lambda: self._counters(stats, cache_before))
-
-    def _cache_stats(self) -> dict[str, int]:
-        if not self.options.cache_dir:
-            return {}
-        # Per-batch: counters() only, not stats(), which lists the cache folder.
-        return {f"cache_{k}": v for k, v in cache_for(self.options).counters().items()}
-
-    def _counters(self, stats: ReadStats, cache_before: dict[str, int]) -> dict[str, int]:
-        counters = stats.as_dict()
-        if cache_before:  # this epoch's share of the (per-process, cumulative) cache counters
-            counters.update({k: v - cache_before.get(k, 0) for k, v in self._cache_stats().items()})
-        return counters
-
-    def _decoder(self) -> Callable[[dict], dict] | None:
-        if self.decode is None or callable(self.decode):
-            return self.decode  # type: ignore[return-value]
-        return make_decoder(
-            self.decode,  # type: ignore[arg-type]  # checked by make_decoder
-            decode_size=self.decode_size,
-            allow_pickle=self.allow_pickle,
-            exif_orientation=self.exif_orientation,
+        cache = CacheCounters([self.options])
+        yield from self._emit(
+            mapped, batching, progress=progress, counters=lambda: {**stats.as_dict(), **cache.since()}, hooks=hooks
         )
+
+    # -- the worker's stages -------------------------------------------------------------
+    def with_stages(
+        self,
+        *,
+        decoder: Callable[[dict], dict] | None | Keep = KEEP,
+        transform: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None | Keep = KEEP,
+        hooks: HooksFactory | None | Keep = KEEP,
+    ) -> Self:
+        """This dataset with other worker stages: same epoch, plan, order and resume state.
+
+        ``decoder`` and ``transform`` replace the decode and transform stages (None: no
+        such stage; :data:`~shardkit.read.stages.KEEP`: as configured); select, fields,
+        handler and batching stay. Replacing either one also drops a crop that
+        ``decode_size="auto"`` fused into decoding, since it spans both. ``hooks``: see
+        :meth:`PlannedDataset.with_stages`. The view shares this dataset's epoch; this
+        dataset is not modified.
+        """
+        for name, fn in (("decoder", decoder), ("transform", transform)):
+            if not (fn is None or isinstance(fn, (Keep, Mapping)) or callable(fn)):
+                raise TypeError(f"{name} must be a callable, None or KEEP, got {fn!r}")
+        view = super().with_stages(hooks=hooks)
+        if not isinstance(decoder, Keep):
+            view._stage_decoder = decoder
+        if not isinstance(transform, Keep):
+            view._stage_transform = transform
+        return view
+
+    @property
+    def replaced_stages(self) -> tuple[str, ...]:
+        """The stages :meth:`with_stages` replaced: "decoder" and/or "transform"."""
+        return tuple(
+            name
+            for name, stage in (("decoder", self._stage_decoder), ("transform", self._stage_transform))
+            if not isinstance(stage, Keep)
+        )
+
+    def stages(self) -> tuple[Callable[[dict], dict] | None, Any]:
+        """(decoder, transform) the workers run: as configured (a fused crop included), or
+        as given to :meth:`with_stages`."""
+        if not self.replaced_stages:
+            return self.decoding.stages(self.transform)
+        decoder = self.decoding.decoder() if isinstance(self._stage_decoder, Keep) else self._stage_decoder
+        transform = self.transform if isinstance(self._stage_transform, Keep) else self._stage_transform
+        return decoder, transform
 
     # -- the parts a driver (this dataset's own iteration, or a Mix) runs in a worker ------
     def epoch_spec(self) -> EpochSpec:
         """What decides which samples an epoch holds and their order."""
         return EpochSpec(len(self.urls), self.counts, self.seed, self.shuffle_shards, self.epoch_length, self.resampled)
 
-    def reader(self, handler: Callable[[Exception], None], stats: ReadStats) -> ShardReader:
-        """A reader of this dataset's shards (one per worker)."""
-        return ShardReader(self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256)
+    def reader(
+        self, handler: Callable[[Exception], None], stats: ReadStats, *, hooks: StageHooks | None = None
+    ) -> ShardReader:
+        """A reader of this dataset's shards (one per worker), observed by ``hooks``."""
+        return ShardReader(
+            self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256, hooks=hooks
+        )
 
-    def pipeline(self, handler: Callable[[Exception], None]) -> SamplePipeline:
-        """select -> decode -> transform -> fields as configured (one per worker)."""
-        decoder, transform = self._decoder(), self.transform
-        if self.fuse_crop:
-            decoder, transform = fuse_crop(decoder, transform)
+    def pipeline(self, handler: Callable[[Exception], None], *, hooks: StageHooks | None = None) -> SamplePipeline:
+        """select -> decode -> transform -> fields as :meth:`stages` says (one per worker),
+        observed by ``hooks``."""
+        decoder, transform = self.stages()
         return SamplePipeline(
-            decoder=decoder, transform=transform, fields=self.fields, handler=handler, select=self.select
+            decoder=decoder, transform=transform, fields=self.fields, handler=handler, select=self.select, hooks=hooks
         )

@@ -9,19 +9,23 @@ DataLoader and torchdata's StatefulDataLoader drive it the same way.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ShardkitError
 from ..plan.epoch import EpochInfo, Topology
 from ..plan.mix import MixPart, MixPlanner
-from ..plan.state import ResumeState
+from ..plan.state import PlanIdentity, ResumeState
 from .base import Batching, PlannedDataset
 from .dataset import ShardDataset
 from .pipeline import make_handler, map_parts
-from .reader import ReadStats
+from .reader import CacheCounters, ReadStats
 from .worker import execute
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,8 @@ class Mix(PlannedDataset):
         datasets: the parts; each keeps its own decode, decode_size, transform, fields,
             select, handler, shuffle buffer and shard shuffling. Each needs sample
             counts (an index or manifest) and must not batch, resample or set
-            epoch_length (the Mix decides the epoch).
+            epoch_length (the Mix decides the epoch), nor carry stage hooks (set them on
+            the Mix: ``mix.with_stages(hooks=...)``).
         weights: None: every sample of every part exactly once per epoch (with
             ``even=None``), parts interleaved in proportion to their sizes. A list: the
             epoch holds exactly ``round(epoch_length * w_i / sum(w))`` samples of part i
@@ -46,6 +51,10 @@ class Mix(PlannedDataset):
         even: "pad" / "drop" / None as for ShardDataset, applied per part so every rank
             gets the same number of samples of each part. The Mix splits all parts: a
             part set to another even mode than "pad" (the default) or the Mix's is refused.
+        threads: decode/transform threads per worker, one pool for all parts (their
+            samples are interleaved). None: the parts' own setting, which must then be
+            the same for every part that sets one; a part set to another value than 0
+            (the default) or the Mix's is refused.
     """
 
     def __init__(
@@ -58,6 +67,7 @@ class Mix(PlannedDataset):
         rank: int | None = None,
         world_size: int | None = None,
         even: str | None = "pad",
+        threads: int | None = None,
     ) -> None:
         super().__init__(rank=rank, world_size=world_size, even=even)
         self.datasets = list(datasets)
@@ -70,14 +80,26 @@ class Mix(PlannedDataset):
         self.weights = None if weights is None else [float(w) for w in weights]
         self.epoch_length = epoch_length
         self.seed = seed
+        if threads is None:
+            set_by_parts = sorted({part.threads for part in self.datasets if isinstance(part, ShardDataset)} - {0})
+            if len(set_by_parts) > 1:
+                raise ShardkitError(
+                    f"Mix parts set different threads ({', '.join(map(str, set_by_parts))}); the Mix runs one "
+                    "pool for the interleaved samples of all parts: set threads= on the Mix"
+                )
+            threads = set_by_parts[0] if set_by_parts else 0
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.threads = threads
         for i, part in enumerate(self.datasets):
             self._check_part(i, part)
-        self.parts = [
-            MixPart(tuple(part.counts or ()), part.buffer, part.shuffle_shards, part.seed) for part in self.datasets
-        ]
+        self.parts = [self._mix_part(part) for part in self.datasets]
         MixPlanner(self.parts, epoch=0, seed=seed, weights=self.weights, epoch_length=epoch_length)  # validate
         self.batching = Batching()
-        self.threads = max(part.threads for part in self.datasets)
+
+    @staticmethod
+    def _mix_part(part: ShardDataset) -> MixPart:
+        return MixPart(tuple(part.counts or ()), part.buffer, part.shuffle_shards, part.seed)
 
     def _check_part(self, i: int, part: ShardDataset) -> None:
         what = f"Mix part {i} ({part.urls[0] if part.urls else '?'}...)"
@@ -102,6 +124,34 @@ class Mix(PlannedDataset):
             )
         if part.explicit_rank_and_world != (None, None):
             raise ShardkitError(f"{what} sets rank/world_size; the Mix splits all parts, set them on the Mix")
+        if part.threads not in (0, self.threads):  # 0 is ShardDataset's default
+            raise ShardkitError(
+                f"{what} has threads={part.threads} but the Mix runs threads={self.threads} for all "
+                "parts (one pool decodes their interleaved samples); set threads= on the Mix"
+            )
+        if part.hooks is not None:
+            raise ShardkitError(f"{what} has stage hooks; set them on the Mix: mix.with_stages(hooks=...)")
+
+    def with_parts(self, datasets: Sequence[ShardDataset]) -> Self:
+        """This Mix over other versions of its parts (e.g. ``part.with_stages(...)``), with
+        the same epoch (shared), seed, weights and plan; this Mix is not modified.
+
+        Each new part must plan as the one it replaces (same sample counts, shuffle buffer,
+        shard shuffling and seed) and pass the checks every part passes.
+        """
+        datasets = list(datasets)
+        if len(datasets) != len(self.datasets):
+            raise ValueError(f"{len(datasets)} parts for a Mix of {len(self.datasets)}")
+        for i, part in enumerate(datasets):
+            self._check_part(i, part)
+            if self._mix_part(part) != self.parts[i]:
+                raise ShardkitError(
+                    f"Mix part {i}: the new part would change the plan (its sample counts, shuffle "
+                    "buffer, shard shuffling or seed differ from the part it replaces)"
+                )
+        view = copy.copy(self)  # shallow: the SharedEpoch object is shared, not copied
+        view.datasets = datasets
+        return view
 
     # -- epochs and topology ------------------------------------------------------------
     def topology(self, num_workers: int = 0) -> Topology:
@@ -113,6 +163,14 @@ class Mix(PlannedDataset):
     def planned(self) -> bool:
         return True  # exact counts always: every part has them
 
+    def plan_identity(self) -> PlanIdentity:
+        return PlanIdentity.of_parts(
+            [part.plan_identity() for part in self.datasets],
+            weights=self.weights,
+            epoch_length=self.epoch_length,
+            buffers=[part.buffer for part in self.datasets],
+        )
+
     def _planner(self, epoch: int) -> MixPlanner:
         return MixPlanner(self.parts, epoch=epoch, seed=self.seed, weights=self.weights, epoch_length=self.epoch_length)
 
@@ -123,7 +181,7 @@ class Mix(PlannedDataset):
         epoch = self.epoch if epoch is None else epoch
         rank, _ = self.rank_and_world()
         _, info = self._planner(epoch).plan(
-            self.topology(num_workers), rank=rank, worker=0, stages=self._stages(epoch, resume)
+            self.topology(num_workers), rank=rank, worker=0, stages=self._resume_stages(epoch, resume)
         )
         return info
 
@@ -131,12 +189,12 @@ class Mix(PlannedDataset):
         """Samples of each part this rank yields in the epoch (before any select)."""
         epoch = self.epoch if epoch is None else epoch
         rank, _ = self.rank_and_world()
-        return self._planner(epoch).rank_part_counts(self.topology(), rank, self._stages(epoch, None))
+        return self._planner(epoch).rank_part_counts(self.topology(), rank, self._resume_stages(epoch, None))
 
     def stream_sizes(self, *, num_workers: int, resume: ResumeState | None = None) -> list[list[int]]:
         """Samples in each [rank][worker] stream of the current epoch (before any skip)."""
         epoch = self.epoch
-        return self._planner(epoch).stream_sizes(self.topology(num_workers), self._stages(epoch, resume))
+        return self._planner(epoch).stream_sizes(self.topology(num_workers), self._resume_stages(epoch, resume))
 
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (raises TypeError when a part filters)."""
@@ -160,16 +218,17 @@ class Mix(PlannedDataset):
     ) -> Iterator[Any]:
         rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
         plan, _ = self._planner(epoch).plan(topo, rank=rank, worker=worker, stages=resume.stages)
+        hooks = self._start_hooks()
         stats = ReadStats()
         handlers = [make_handler(part.handler) for part in self.datasets]
         streams = [
-            execute(part_plan, part.reader(handler, stats))
+            execute(part_plan, part.reader(handler, stats, hooks=hooks))
             for part_plan, part, handler in zip(plan.parts, self.datasets, handlers)
         ]
-        pipelines = [part.pipeline(handler) for part, handler in zip(self.datasets, handlers)]
+        pipelines = [part.pipeline(handler, hooks=hooks) for part, handler in zip(self.datasets, handlers)]
 
         def interleaved() -> Iterator[tuple[int, tuple[int, Any]]]:
-            for n, label in enumerate(plan.emission_labels().tolist(), plan.skip + 1):
+            for n, label in enumerate(plan.emission_labels(), plan.skip + 1):
                 sample = next(streams[label])
                 if sample is not None:  # lost to a read error; its handler already saw it
                     yield n, (label, sample)
@@ -177,4 +236,7 @@ class Mix(PlannedDataset):
         mapped = map_parts(
             pipelines, interleaved(), stats.count_skipped, threads=self.threads, on_filter=stats.count_filtered
         )
-        yield from self._emit(mapped, batching, progress=progress, counters=stats.as_dict)
+        cache = CacheCounters([part.options for part in self.datasets])
+        yield from self._emit(
+            mapped, batching, progress=progress, counters=lambda: {**stats.as_dict(), **cache.since()}, hooks=hooks
+        )

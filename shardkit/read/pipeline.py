@@ -15,6 +15,7 @@ from typing import Any
 from ..decode.fields import SampleDecoder
 from ..errors import SampleError, ShardkitError, SkippedSampleWarning
 from ..threadmap import ordered_map
+from .stages import StageHooks
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class SamplePipeline:
     """select -> decode -> transform -> fields, with errors routed through the handler.
 
     ``select(raw_sample) -> bool`` sees the undecoded sample, so a rejected sample costs
-    no decode."""
+    no decode. ``hooks`` observe the "decode" and "transform" stages.
+    """
 
     def __init__(
         self,
@@ -76,12 +78,16 @@ class SamplePipeline:
         fields: str | Sequence[str] | None = None,
         handler: Callable[[Exception], None],
         select: Callable[[dict], bool] | None = None,
+        hooks: StageHooks | None = None,
     ) -> None:
         self.select = select
         self.decoder = decoder
         self.transform = transform
         self.fields = parse_fields(fields) if fields is not None else None
         self.handler = handler
+        hooks = hooks or StageHooks()
+        self._decode_stage = hooks.wrap("decode", self.decode)
+        self._transform_stage = hooks.wrap("transform", self.apply_transform)
 
     def _select(self, sample: dict) -> tuple:
         out = []
@@ -110,34 +116,45 @@ class SamplePipeline:
                     break
         return wanted
 
-    def __call__(self, sample: dict) -> Any:
-        if self.select is not None and not self.select(sample):
-            return FILTERED
-        if self.decoder is not None:
-            if self.fields is not None and isinstance(self.decoder, SampleDecoder):
-                # Decode only what the tuple will hold: a broken member of another field
-                # costs nothing and cannot fail the sample (other fields stay raw bytes).
-                sample = self.decoder(sample, only=self._wanted(sample))
-            else:
-                sample = self.decoder(sample)
+    def decode(self, sample: dict) -> dict:
+        """The decode stage alone (the sample as it is without a decoder)."""
+        if self.decoder is None:
+            return sample
+        if self.fields is not None and isinstance(self.decoder, SampleDecoder):
+            # Decode only what the tuple will hold: a broken member of another field
+            # costs nothing and cannot fail the sample (other fields stay raw bytes).
+            return self.decoder(sample, only=self._wanted(sample))
+        return self.decoder(sample)
+
+    def apply_transform(self, sample: Any) -> Any:
+        """The transform stage alone (a per-field mapping runs each field's callable)."""
         if isinstance(self.transform, Mapping):
             for ext, fn in self.transform.items():
                 if ext in sample:
                     sample[ext] = fn(sample[ext])
-        elif self.transform is not None:
-            sample = self.transform(sample)
+            return sample
+        return sample if self.transform is None else self.transform(sample)
+
+    def __call__(self, sample: dict) -> Any:
+        if self.select is not None and not self.select(sample):
+            return FILTERED
+        if self.decoder is not None:
+            sample = self._decode_stage(sample)
+        if self.transform is not None:
+            sample = self._transform_stage(sample)
         if self.fields is not None:
             return self._select(sample)
         return sample
 
-    def _safe(self, tagged: tuple[Any, dict]) -> tuple[Any, Any]:
-        tag, sample = tagged
+    def attempt(self, sample: dict) -> Any:
+        """``self(sample)``, or a :class:`Failed` holding the error (located as a
+        SampleError) instead of raising; the handler is not called."""
         try:
-            return tag, self(sample)
+            return self(sample)
         except Exception as e:  # noqa: BLE001 - per-sample errors go to the handler
             if not isinstance(e, ShardkitError):
                 e = SampleError(f"{type(e).__name__}: {e}", url=sample.get("__url__"), key=sample.get("__key__"))
-            return tag, _Failed(e)
+            return Failed(e)
 
     def map(
         self,
@@ -169,14 +186,14 @@ def map_parts(
 
     def run(item: tuple[Any, tuple[int, dict]]) -> tuple[Any, int, Any]:
         tag, (part, sample) = item
-        return (tag, part) + (pipelines[part]._safe((tag, sample))[1],)
+        return tag, part, pipelines[part].attempt(sample)
 
     for tag, part, result in ordered_map(run, tagged, threads):
         if result is FILTERED:
             if on_filter is not None:
                 on_filter()
             continue
-        if isinstance(result, _Failed):
+        if isinstance(result, Failed):
             pipelines[part].handler(result.error)
             on_skip()
             continue
@@ -186,7 +203,9 @@ def map_parts(
 FILTERED: Any = object()  # what a sample ``select`` rejected becomes
 
 
-class _Failed:
+class Failed:
+    """What :meth:`SamplePipeline.attempt` returns for a sample that failed."""
+
     __slots__ = ("error",)
 
     def __init__(self, error: Exception) -> None:

@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..errors import ShardkitError, SourceError
+from ..errors import ShardkitError
 from ..format.index import decode_index, index_url
 from ..format.samples import Sample, group_members
 from ..format.tar import iter_member_tuples
 from ..plan.epoch import Piece
-from ..storage.dispatch import SourceOptions, local_path, open_stream, prefetch, read_bytes
+from ..storage.cache import cache_for
+from ..storage.dispatch import SourceOptions, local_path, open_stream, prefetch, read_optional
+from .stages import StageHooks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,31 @@ class ReadStats:
         return dict(vars(self))
 
 
+class CacheCounters:
+    """What the caches of some sources counted since this object was made, as
+    ``cache_<counter>`` keys: one epoch's share of the per-process, cumulative counters.
+    Sources sharing a cache count it once; sources without a cache count nothing."""
+
+    def __init__(self, options: list[SourceOptions]) -> None:
+        caches = {id(c): c for c in (cache_for(o) for o in options if o.cache_dir)}
+        self.caches = list(caches.values())
+        self.before = self._now()
+
+    def _now(self) -> dict[str, int]:
+        # counters() only, not stats(): this runs per batch and stats() lists the cache folder.
+        out: dict[str, int] = {}
+        for cache in self.caches:
+            for k, v in cache.counters().items():
+                out[f"cache_{k}"] = out.get(f"cache_{k}", 0) + v
+        return out
+
+    def since(self) -> dict[str, int]:
+        """The counters now, less what they were when this object was made."""
+        if not self.caches:
+            return {}
+        return {k: v - self.before.get(k, 0) for k, v in self._now().items()}
+
+
 class ShardReader:
     """Opens shards and yields their samples; caches a few shard indexes."""
 
@@ -59,12 +86,14 @@ class ShardReader:
         handler: ErrorHandler,
         stats: ReadStats | None = None,
         sha256: list[str | None] | None = None,
+        hooks: StageHooks | None = None,
     ) -> None:
         self.urls = urls
         self.sha256 = sha256
         self.options = options
         self.handler = handler
         self.stats = stats or ReadStats()
+        self.hooks = hooks or StageHooks()  # observe the "read" stage
         self._offsets: OrderedDict[int, np.ndarray | None] = OrderedDict()
 
     def prefetch(self, urls: list[str]) -> None:
@@ -79,11 +108,7 @@ class ShardReader:
             self._offsets.move_to_end(shard)
             return self._offsets[shard]
         url = index_url(self.urls[shard])
-        try:
-            data = read_bytes(url, options=self.options)
-        except SourceError as e:
-            log.debug("no index for %s: %s", self.urls[shard], e)
-            data = None
+        data = read_optional(url, options=self.options)  # None: not found; unreadable raises, naming it
         offsets = decode_index(data, url=url) if data is not None else None
         self._offsets[shard] = offsets
         while len(self._offsets) > 16:
@@ -108,6 +133,9 @@ class ShardReader:
 
     def read_piece(self, piece: Piece) -> Iterator[Sample | None]:
         """Samples ``piece.start..piece.stop`` of a shard; ``None`` for each one lost."""
+        return self.hooks.wrap_iter("read", self._read_piece(piece))
+
+    def _read_piece(self, piece: Piece) -> Iterator[Sample | None]:
         url = self.urls[piece.shard]
         sha256 = self.sha256[piece.shard] if self.sha256 else None
         wanted = piece.stop - piece.start
@@ -149,6 +177,9 @@ class ShardReader:
 
     def read_shard(self, shard: int) -> Iterator[Sample]:
         """All samples of a shard (no counts needed); errors end the shard via the handler."""
+        return self.hooks.wrap_iter("read", self._read_shard(shard))
+
+    def _read_shard(self, shard: int) -> Iterator[Sample]:
         url = self.urls[shard]
         try:
             yield from self._samples(url, sha256=self.sha256[shard] if self.sha256 else None)

@@ -32,8 +32,6 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..decode.fields import make_decoder
-from ..decode.size import resolve_decode_size
 from ..errors import SampleError, ShardFormatError, ShardkitError, SourceError
 from ..format.index import decode_index, decode_index_keys, index_url
 from ..format.samples import Sample, group_members, split_name
@@ -41,6 +39,7 @@ from ..format.tar import iter_member_tuples
 from ..storage.backend import SourceOptions, merge_source_options
 from ..storage.dispatch import local_path, open_stream, read_bytes, scheme_of
 from .pipeline import SamplePipeline, make_handler
+from .stages import Decoding
 from .urls import resolve_shards
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,9 @@ class ShardMap(Dataset):
             ``NAME.manifest.json`` or a folder (local, http(s)://, s3://). Every shard needs
             its ``.idx`` (``ShardWriter`` writes them; ``shardkit index`` adds them).
         decode: None (raw bytes), "pil", "numpy" or "torch"; or a callable on the sample.
-        decode_size: DCT-scaled JPEG decoding (an int, or "auto" from ``transform``).
+        decode_size: DCT-scaled JPEG decoding (an int, or "auto" from ``transform``, which
+            also fuses a leading RandomResizedCrop into decoding), as for ``ShardDataset``;
+            refused with ``decode=None`` or a callable.
         transform: a callable on the sample dict, or ``{"jpg": fn, ...}`` per field.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
         handler: only "raise": ``m[i]`` must return sample i or fail, it cannot skip.
@@ -65,6 +66,8 @@ class ShardMap(Dataset):
             ``ShardDataset``. With a cache the first read of a shard downloads it whole;
             without one each sample is one ranged request. ``pipe:`` URLs need a cache.
         allow_pickle: decode .pickle/.pyd members (only for data you trust).
+        exif_orientation: with ``decode``, turn images upright by their EXIF orientation
+            (default True, as for ``ShardDataset``).
         max_open_files: local shard files kept open per process (LRU).
         max_indexes: decoded shard indexes kept in memory per process (LRU).
 
@@ -88,6 +91,7 @@ class ShardMap(Dataset):
         source_options: SourceOptions | None = None,
         max_open_files: int = DEFAULT_MAX_OPEN_FILES,
         max_indexes: int = DEFAULT_MAX_INDEXES,
+        exif_orientation: bool = True,
     ) -> None:
         super().__init__()
         if handler != "raise":
@@ -97,6 +101,9 @@ class ShardMap(Dataset):
             )
         if max_open_files < 1 or max_indexes < 1:
             raise ValueError("max_open_files and max_indexes must be >= 1")
+        self.decoding = Decoding.resolve(
+            decode, decode_size, transform, allow_pickle=allow_pickle, exif_orientation=exif_orientation
+        )
         self.max_open_files = max_open_files
         self.max_indexes = max_indexes
         self.options = merge_source_options(
@@ -124,17 +131,7 @@ class ShardMap(Dataset):
             counts = [len(self._offsets(s)) - 1 for s in range(len(self.urls))]
         self.counts = counts
         self._starts = np.cumsum([0, *counts], dtype=np.int64)
-        decode_size = resolve_decode_size(decode_size, transform)
-        if decode is None or callable(decode):
-            if decode_size is not None:
-                raise ValueError(f"decode_size applies to decode='pil'/'numpy'/'torch', not to decode={decode!r}")
-            decoder = decode
-        else:
-            decoder = make_decoder(
-                decode,  # type: ignore[arg-type]  # make_decoder checks the mode
-                decode_size=decode_size,
-                allow_pickle=allow_pickle,
-            )
+        decoder, transform = self.decoding.stages(transform)
         self._pipeline = SamplePipeline(
             decoder=decoder, transform=transform, fields=fields, handler=make_handler("raise")
         )

@@ -5,6 +5,8 @@ or given as a list), the same range written ``train-<000..099>.tar``, a list of 
 a manifest (``NAME.manifest.json``), or a folder/prefix holding shards. Zero padding is
 kept as written. Sample counts come from a manifest (given, or found beside the shards)
 or from per-shard ``.idx`` files; without them splitting falls back to whole shards.
+Only a sidecar that is not found counts as absent: one that exists but cannot be read
+is an error naming its URL, never a quiet change of plan.
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ from dataclasses import dataclass
 
 import braceexpand
 
-from ..errors import ShardFormatError, ShardkitError, SourceError
+from ..errors import ShardkitError, SourceError
 from ..format.compression import is_shard_name
 from ..format.index import MANIFEST_SUFFIX, Manifest, dataset_name_for, decode_index, index_url, manifest_name
-from ..storage.dispatch import DEFAULT_OPTIONS, SourceOptions, join_url, list_prefix, local_path, read_bytes, scheme_of
+from ..storage.dispatch import (
+    DEFAULT_OPTIONS,
+    SourceOptions,
+    join_url,
+    list_prefix,
+    local_path,
+    read_bytes,
+    read_optional,
+    scheme_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,27 +117,18 @@ def _check_local_exist(urls: list[str]) -> None:
 def _counts_beside(urls: list[str], options: SourceOptions) -> ShardList:
     """Counts for a plain URL list: a manifest beside the shards, else .idx files."""
     candidate = join_url(urls[0], manifest_name(dataset_name_for(urls)))
-    try:
-        data = read_bytes(candidate, options=options)
-    except SourceError:
-        data = None
+    data = read_optional(candidate, options=options)
     if data is not None:
-        try:
-            manifest = Manifest.from_json(data, url=candidate)
-            by_url = {join_url(candidate, s.name): s for s in manifest.shards}
-            if all(u in by_url for u in urls):
-                infos = [by_url[u] for u in urls]
-                return ShardList(urls, [s.samples for s in infos], [s.sha256 for s in infos], manifest, candidate)
-        except ShardFormatError as e:
-            log.warning("ignoring unreadable manifest beside the shards: %s", e)
+        manifest = Manifest.from_json(data, url=candidate)  # unreadable: an error naming it
+        by_url = {join_url(candidate, s.name): s for s in manifest.shards}
+        if all(u in by_url for u in urls):
+            infos = [by_url[u] for u in urls]
+            return ShardList(urls, [s.samples for s in infos], [s.sha256 for s in infos], manifest, candidate)
     counts: list[int] = []
     for u in urls:
         if scheme_of(u) not in ("", "file"):
             return ShardList(urls)  # one request per shard is too costly just for counts
-        try:
-            data = read_bytes(index_url(u), options=options)
-        except SourceError:
-            data = None
+        data = read_optional(index_url(u), options=options)
         if data is None:
             return ShardList(urls)
         counts.append(len(decode_index(data, url=index_url(u))) - 1)

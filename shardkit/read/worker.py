@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import ShardkitError
 from ..format.samples import Sample
 from ..plan.epoch import EpochPlanner, Topology, WorkerPlan, deal_shards, shuffled
+from ..plan.seeds import rng_seed
 from ..plan.state import ResumeState
 from .reader import ShardReader
 
@@ -162,13 +163,13 @@ class WorkerEpoch:
                     topo.streams,
                 )
             return iter(())
-        rng = random.Random(f"shardkit:{spec.seed}:{self.epoch}:{pass_no}:{self.rank}:{self.worker}")
+        rng = random.Random(rng_seed(spec.seed, self.epoch, pass_no, self.rank, self.worker))
         samples = self._read_shards(shards)
         out: Iterator[Sample | None] = shuffled(samples, topo.buffer, rng)
         return itertools.islice(out, self.skip if pass_no == 0 else 0, None)
 
     def _resampled(self) -> Iterator[Sample | None]:
-        rng = random.Random(f"shardkit:resampled:{self.spec.seed}:{self.epoch}:{self.rank}:{self.worker}")
+        rng = random.Random(rng_seed("resampled", self.spec.seed, self.epoch, self.rank, self.worker))
 
         def forever() -> Iterator[Sample]:
             while True:
@@ -188,7 +189,7 @@ def execute(plan: WorkerPlan, reader: ShardReader) -> Iterator[Sample | None]:
             read_ahead(reader, (p.shard for p in itertools.islice(pieces, i + 1, None)), piece.shard)
             yield from reader.read_piece(piece)
 
-    stream = zip(plan.read_positions().tolist(), read())
+    stream = zip(plan.read_positions(), read())
     held: dict[int, Sample | None] = {}
     for target in plan.emission_order():
         while target not in held:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
+#: The one read size of the storage layer (copies, hashing, draining a body).
 CHUNK = 1 << 20
 
 
@@ -29,8 +30,11 @@ class SourceOptions:
     """How remote sources behave; local files ignore everything here.
 
     headers: extra HTTP headers per URL prefix, e.g. ``{"https://host/": {"Authorization": ...}}``.
-    retries / timeout / backoff: transient-failure policy for HTTP and S3 (``retries``
-        counts consecutive failures without progress).
+    retries / timeout / backoff / max_backoff: transient-failure policy for HTTP and S3.
+        ``retries`` counts consecutive failures without progress; the wait before retry
+        ``n`` is ``backoff * 2**(n-1)`` seconds (with jitter) up to ``max_backoff``; a
+        server's ``Retry-After`` (seconds or an HTTP date) is waited for, up to
+        ``max_backoff`` too. ``timeout`` bounds each connect and each wait for bytes.
     cache_dir / cache_size: keep downloaded shards on local disk (bounded, LRU); every
         non-local scheme (http, s3, pipe, fsspec) goes through it when set.
     read_ahead: with a cache, download this many of a worker's upcoming shards in the
@@ -42,12 +46,19 @@ class SourceOptions:
     retries: int = 8
     timeout: float = 60.0
     backoff: float = 0.5
+    max_backoff: float = 30.0
     cache_dir: str | None = None
     cache_size: int | str | None = None
     read_ahead: int = 0
     allow_pipe: bool = False
 
     def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"backoff and max_backoff must be >= 0, got {self.backoff} and {self.max_backoff}")
         if self.read_ahead < 0:
             raise ValueError(f"read_ahead must be >= 0, got {self.read_ahead}")
         if self.read_ahead and not self.cache_dir:

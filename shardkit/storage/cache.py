@@ -48,11 +48,10 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import SourceError
 from ..sizes import parse_size
-from .backend import SourceOptions
+from .backend import CHUNK, SourceOptions
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 FetchFn = Callable[[str], None]

@@ -10,6 +10,7 @@ once with the backend's plain stream; the backends never know the cache exists.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -19,6 +20,8 @@ from ..errors import SourceError
 from . import localfile
 from .backend import DEFAULT_OPTIONS, Backend, SourceOptions, copy_to_file, local_path, positioned, scheme_of
 from .cache import cache_for
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SourceOptions",
@@ -30,6 +33,7 @@ __all__ = [
     "prefetch",
     "put_file",
     "read_bytes",
+    "read_optional",
     "scheme_of",
 ]
 
@@ -119,6 +123,27 @@ def read_bytes(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> bytes |
     """Read a whole (small) object; ``None`` when it does not exist. Never cached: these
     are indexes and manifests, which may change when a dataset is rewritten."""
     return backend_for(url, options).read_bytes(url, options=options)
+
+
+def read_optional(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> bytes | None:
+    """A small object that may be missing (an index or manifest looked for beside the
+    shards): ``None`` when it is not found.
+
+    Only "not found" means absent: one that exists but cannot be read (the retries spent
+    on 5xx answers or cut connections) raises, naming it. A 401/403 also counts as
+    absent, with a warning, because object stores answer 403 for a missing key to
+    readers without list permission. ``pipe:`` sidecars are never looked for: a command
+    cannot say "not found", and one made up from the user's command is not theirs to run.
+    """
+    if scheme_of(url) == "pipe":
+        return None
+    try:
+        return read_bytes(url, options=options)
+    except SourceError as e:
+        if e.status in (401, 403):
+            log.warning("%s: %s; going on without it", url, e.reason)
+            return None
+        raise
 
 
 def list_prefix(url: str, *, options: SourceOptions = DEFAULT_OPTIONS) -> list[str]:

@@ -23,6 +23,12 @@ Behaviour:
 - A body dropped mid-way resumes with ``Range: bytes=N-`` at the exact next byte; the
   ``206 Content-Range`` start must equal N (and size/ETag must not change), so no byte
   is lost or duplicated.
+- An answer is used only when its header block is complete and consistent
+  (:mod:`~shardkit.storage.remote.reply`): a 206 without a usable ``Content-Range``, a
+  200 without ``Content-Length`` or chunked framing, a body shorter than its headers
+  say, are all retried from the current byte.
+- ``Retry-After`` on 429/503 (seconds or a date) is waited for, up to
+  ``options.max_backoff``.
 - Servers that ignore ``Range`` (answer 200, e.g. Python's ``http.server``) still work:
   the body is read from byte 0 and the bytes before the wanted position are discarded
   (logged once per server, since every seek/resume then re-downloads the prefix).
@@ -54,7 +60,8 @@ from requests.adapters import HTTPAdapter
 
 from ...errors import SourceError
 from ..backend import CHUNK, DEFAULT_OPTIONS, Backend, SourceOptions
-from .stream import AtEnd, ResumableStream, Retry, describe, with_retries
+from .reply import parse_length, partial_reply, unsatisfied_total, whole_reply
+from .stream import AtEnd, Reply, ResumableStream, Retry, describe, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +127,6 @@ def _status_error(url: str, resp: requests.Response) -> SourceError:
     return SourceError(f"HTTP {resp.status_code}{reason}", url=url, status=resp.status_code)
 
 
-def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
-    """``bytes a-b/total`` -> (a, b, total); ``bytes */total`` -> (None, None, total)."""
-    if not value or not value.strip().lower().startswith("bytes"):
-        return None, None, None
-    spec = value.strip()[5:].strip()
-    span, _, total_s = spec.partition("/")
-    total = int(total_s) if total_s.strip().isdigit() else None
-    if span.strip() == "*":
-        return None, None, total
-    first, _, last = span.partition("-")
-    try:
-        return int(first), int(last), total
-    except ValueError:
-        return None, None, total
-
-
 class HTTPStream(ResumableStream):
     """A GET body as a read-only stream that reconnects and resumes transparently.
 
@@ -150,22 +141,9 @@ class HTTPStream(ResumableStream):
     ) -> None:
         self._resp: requests.Response | None = None
         self._skip = 0  # body bytes to discard first (server ignored Range)
-        self._size: int | None = None
-        self._etag: str | None = None
         super().__init__(url, offset, length, options)
 
-    def _check_same_object(self, size: int | None, etag: str | None) -> None:
-        # A resume must continue the same object, not a replaced one.
-        if size is not None:
-            if self._size is not None and size != self._size:
-                raise SourceError(f"object size changed while reading ({self._size} -> {size})", url=self.url)
-            self._size = size
-        if etag:
-            if self._etag and etag != self._etag:
-                raise SourceError(f"object changed while reading (ETag {self._etag} -> {etag})", url=self.url)
-            self._etag = etag
-
-    def _open_body(self, pos: int, end: int | None) -> int | None:
+    def _open_body(self, pos: int, end: int | None) -> Reply:
         headers = headers_for(self.url, self._options)
         if pos > 0 or end is not None:
             headers["Range"] = f"bytes={pos}-{'' if end is None else end - 1}"
@@ -178,31 +156,22 @@ class HTTPStream(ResumableStream):
         except requests.RequestException as e:
             raise SourceError(describe(e), url=self.url) from None
         status = resp.status_code
-        if status == 206:
-            first, last_byte, total = _parse_content_range(resp.headers.get("Content-Range"))
-            if first != pos or last_byte is None:
+        if status in (200, 206):
+            try:
+                reply = _reply_of(resp, pos, end)
+            except Retry:
                 resp.close()
-                raise SourceError(
-                    f"asked for bytes from {pos}, server answered Content-Range {resp.headers.get('Content-Range')!r}",
-                    url=self.url,
-                    status=206,
-                )
-            self._check_same_object(total, resp.headers.get("ETag"))
-            self._resp, self._skip = resp, 0
-            return last_byte + 1
-        if status == 200:
-            size = _content_length(resp)
-            self._check_same_object(size, resp.headers.get("ETag"))
-            if pos > 0:
+                raise
+            if status == 200 and pos > 0:
                 self._warn_no_range()
-            self._resp, self._skip = resp, pos
-            return size
+            self._resp, self._skip = resp, (pos if status == 200 else 0)
+            return reply
         resp.close()
         if status == 416:
-            _, _, total = _parse_content_range(resp.headers.get("Content-Range"))
+            total = unsatisfied_total(resp.headers.get("Content-Range"))
             if total is not None and pos >= total:
                 raise AtEnd()  # asked to start at/after the end: an empty read
-            raise _status_error(self.url, resp)
+            raise Retry(f"HTTP 416 with Content-Range {resp.headers.get('Content-Range')!r}", 416)
         if is_transient_status(status):
             reason = f" {resp.reason}" if resp.reason else ""
             raise Retry(f"HTTP {status}{reason}", status, resp.headers.get("Retry-After"))
@@ -225,6 +194,7 @@ class HTTPStream(ResumableStream):
             dropped = raw.read1(min(self._skip, CHUNK), decode_content=False)
             if not dropped:
                 raise Retry("body ended early")
+            self._body_started()
             self._skip -= len(dropped)
         # read1: what one recv delivers, so bytes that arrived before a reset count as
         # progress (read(n) blocks for n bytes and loses them).
@@ -243,14 +213,21 @@ class HTTPStream(ResumableStream):
             resp.close()
 
 
-def _content_length(resp: requests.Response) -> int | None:
-    value = resp.headers.get("Content-Length")
-    if value is None or "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+def _reply_of(resp: requests.Response, pos: int, end: int | None) -> Reply:
+    """What a 200/206 answer's headers say (see :mod:`~shardkit.storage.remote.reply`)."""
+    h = resp.headers
+    length = parse_length(h.get("Content-Length"))
+    if resp.status_code == 206:
+        return partial_reply(h.get("Content-Range"), length, h.get("ETag"), pos, end)
+    chunked = "chunked" in h.get("Transfer-Encoding", "").lower()
+    return whole_reply(None if chunked else length, chunked, h.get("ETag"))
+
+
+def _check_framing(resp: requests.Response) -> None:
+    """A whole answer read by requests must have said how long it is (else a header
+    block cut short reads as an empty body)."""
+    if resp.status_code == 200:
+        _reply_of(resp, 0, None)
 
 
 def _request(method: str, url: str, options: SourceOptions, *, body_path: str | None = None) -> requests.Response:
@@ -272,6 +249,8 @@ def _request(method: str, url: str, options: SourceOptions, *, body_path: str | 
         if is_transient_status(resp.status_code):
             resp.close()
             raise Retry(f"HTTP {resp.status_code}", resp.status_code, resp.headers.get("Retry-After"))
+        if method == "GET":
+            _check_framing(resp)
         return resp
 
     return with_retries(url, options, attempt)

@@ -15,7 +15,11 @@ Retries are :class:`~shardkit.storage.remote.stream.ResumableStream`'s: botocore
 body cut mid-stream is resumed by a new ``GetObject`` with ``Range: bytes=N-`` and
 ``IfMatch: <ETag>`` from the exact next byte (the object must not change underneath).
 Transient: connection errors, timeouts, 429, 5xx, ``SlowDown``/``RequestTimeout``-style
-codes; ``options.retries`` bounds consecutive failures without progress. ``NoSuchKey``/
+codes (a ``Retry-After`` is waited for, up to ``options.max_backoff``), and answers whose
+headers are incomplete or inconsistent with the request (no ``Content-Length``, a
+``Content-Range`` that does not start at the byte asked for...: the checks of
+:mod:`~shardkit.storage.remote.reply`, shared with HTTP); ``options.retries`` bounds
+consecutive failures without progress. ``NoSuchKey``/
 404, 403 and other client errors fail at once.
 """
 
@@ -34,7 +38,8 @@ from botocore.config import Config
 
 from ...errors import SourceError
 from ..backend import DEFAULT_OPTIONS, Backend, SourceOptions
-from .stream import AtEnd, ResumableStream, Retry, with_retries
+from .reply import parse_length, partial_reply, whole_reply
+from .stream import AtEnd, Reply, ResumableStream, Retry, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,11 @@ def _is_transient(code: str, status: int | None) -> bool:
     return code in _TRANSIENT_CODES or (status is not None and (status == 429 or status >= 500))
 
 
+def _retry_after(e: botocore.exceptions.ClientError) -> str | None:
+    headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    return headers.get("retry-after")
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, botocore.exceptions.ClientError):
         code, status = _error_info(e)
@@ -155,7 +165,7 @@ def _call(url: str, options: SourceOptions, fn: Any, **kwargs: Any) -> Any:
             code, status = _error_info(e)
             if not _is_transient(code, status):
                 raise
-            raise Retry(_describe(e), status) from None
+            raise Retry(_describe(e), status, _retry_after(e)) from None
         except _TRANSIENT_ERRORS as e:
             raise Retry(_describe(e)) from None
 
@@ -173,15 +183,15 @@ class S3Stream(ResumableStream):
     ) -> None:
         self._bucket, self._key = split_url(url)
         self._body: Any = None
-        self._etag: str | None = None
         super().__init__(url, offset, length, options)
 
-    def _open_body(self, pos: int, end: int | None) -> int | None:
+    def _open_body(self, pos: int, end: int | None) -> Reply:
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
-        if pos > 0 or end is not None:
+        ranged = pos > 0 or end is not None
+        if ranged:
             kwargs["Range"] = f"bytes={pos}-{'' if end is None else end - 1}"
-        if self._etag:
-            kwargs["IfMatch"] = self._etag
+        if self.etag:
+            kwargs["IfMatch"] = self.etag
         try:
             resp = client(self._options).get_object(**kwargs)
         except botocore.exceptions.ClientError as e:
@@ -190,30 +200,29 @@ class S3Stream(ResumableStream):
                 raise AtEnd() from None  # starts at/after the end of the object
             if code == "PreconditionFailed" or status == 412:
                 raise SourceError(
-                    f"object changed while reading (ETag was {self._etag})", url=self.url, status=status
+                    f"object changed while reading (ETag was {self.etag})", url=self.url, status=status
                 ) from None
             if _is_transient(code, status):
-                raise Retry(_describe(e), status) from None
+                raise Retry(_describe(e), status, _retry_after(e)) from None
             raise _permanent(self.url, e) from None
         except _TRANSIENT_ERRORS as e:
             raise Retry(_describe(e)) from None
         except botocore.exceptions.BotoCoreError as e:
             raise _permanent(self.url, e) from None
-        content_range = resp.get("ContentRange")
-        if content_range:
-            first = content_range.split()[-1].split("-", 1)[0]
-            if not first.isdigit() or int(first) != pos:
-                resp["Body"].close()
-                raise SourceError(
-                    f"asked for bytes from {pos}, got Content-Range {content_range!r}", url=self.url, status=206
-                )
-        elif pos > 0:
-            resp["Body"].close()
-            raise SourceError("S3 server ignored the Range header", url=self.url)
-        self._etag = self._etag or resp.get("ETag")
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        try:
+            length = parse_length(resp.get("ContentLength"))
+            if status == 206 or (ranged and status != 200):
+                reply = partial_reply(resp.get("ContentRange"), length, resp.get("ETag"), pos, end)
+            elif pos > 0:
+                raise SourceError("S3 server ignored the Range header", url=self.url)
+            else:
+                reply = whole_reply(length, False, resp.get("ETag"))
+        except (Retry, SourceError):
+            _close_quietly(resp["Body"])
+            raise
         self._body = resp["Body"]
-        length = resp.get("ContentLength")
-        return None if length is None else pos + int(length)
+        return reply
 
     def _read_body(self, size: int) -> bytes:
         # Bounded pieces: StreamingBody.read(n) blocks until n bytes arrive and loses them
@@ -224,10 +233,14 @@ class S3Stream(ResumableStream):
     def _close_body(self, complete: bool) -> None:
         body, self._body = self._body, None
         if body is not None:
-            try:
-                body.close()
-            except Exception:  # closing a broken stream must not mask the read error
-                pass
+            _close_quietly(body)
+
+
+def _close_quietly(body: Any) -> None:
+    try:
+        body.close()
+    except Exception:  # closing a broken stream must not mask the read error
+        pass
 
 
 # -- backend API ------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""Fusing a torchvision pipeline's leading RandomResizedCrop into decoding.
+
+:func:`fuse_crop` is what ``decode_size="auto"`` runs: it splits the transform
+(:func:`split_crop`), puts a :class:`~shardkit.decode.crop.RandomResizedCropDecode` in
+the decoder (:class:`FusedFieldDecoder` for a per-field transform,
+:class:`FusedSamplePipeline` for a sample-level one) and returns the rest of the
+pipeline. The same torch RNG calls are made per sample as without fusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import SampleError
+from .crop import RandomResizedCropDecode
+from .jpeg_region import log_region_support
+from .pixels import DecodeMode
+from .size import flatten_transforms, transform_classes
+
+# Steps that may stand before the crop: no RNG, no pixel arithmetic, so running them after
+# the fused crop gives the same result.
+_MOVABLE_NAMES = ("ToImage", "ToPureTensor")
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecode, Any] | None:
+    """Split ``transform`` into (a fused crop decoder, the rest of the pipeline), or None.
+
+    Fusable: a torchvision (v1 or v2) ``RandomResizedCrop`` as the first leaf of a
+    (nested) ``Compose``, or alone, optionally after ``ToImage``/``ToPureTensor`` (moved
+    after the crop). The rest is a ``Compose`` of the same family (None when empty).
+    Anything else before the crop (flips, colour jitter, ...) draws random numbers or
+    changes pixels, so the pipeline is left alone.
+    """
+    leaves = flatten_transforms(transform)
+    movable = transform_classes(*_MOVABLE_NAMES)
+    rrc_classes = transform_classes("RandomResizedCrop")
+    for index, step in enumerate(leaves):
+        if isinstance(step, movable):
+            continue
+        if not isinstance(step, rrc_classes):
+            return None
+        antialias = getattr(step, "antialias", True)
+        crop = RandomResizedCropDecode(
+            tuple(step.size),
+            tuple(step.scale),
+            tuple(step.ratio),
+            mode=mode,
+            interpolation=step.interpolation,
+            antialias=True if antialias is None else bool(antialias),
+        )
+        rest = leaves[:index] + leaves[index + 1 :]
+        if not rest:
+            return crop, None
+        import torchvision.transforms as v1
+        import torchvision.transforms.v2 as v2
+
+        compose = (
+            v2.Compose
+            if type(transform).__module__.startswith("torchvision.transforms.v2")
+            or type(step).__module__.startswith("torchvision.transforms.v2")
+            else v1.Compose
+        )
+        return crop, compose(rest)
+    return None
+
+
+class FusedFieldDecoder:
+    """A sample decoder whose named fields go through fused crop decoders.
+
+    The fields are matched by exact name (a ``{"jpg": ...}`` transform does not touch
+    ``"seg.jpg"``); every other field goes to ``base``. Picklable when ``base`` is.
+    """
+
+    def __init__(self, base: Any, crops: dict[str, RandomResizedCropDecode]) -> None:
+        self.base = base
+        self.crops = crops
+
+    def __repr__(self) -> str:
+        return f"FusedFieldDecoder({self.base!r}, {self.crops!r})"
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        fused = {f: sample[f] for f in self.crops if isinstance(sample.get(f), _BYTES)}
+        if not fused:
+            return self.base(sample)
+        out = self.base({k: v for k, v in sample.items() if k not in fused})
+        for field, data in fused.items():
+            out[field] = _located_call(sample, field, self.crops[field], data)
+        return {k: out[k] for k in sample if k in out} | {k: v for k, v in out.items() if k not in sample}
+
+
+class FusedSamplePipeline:
+    """Decode + a sample-level transform whose first step is a fusable crop.
+
+    v2 transforms crop every image of a dict with one set of parameters; the crop is fused
+    only when the sample has exactly one image field (the usual ``jpg``/``cls`` sample).
+    Otherwise the sample is decoded and transformed as without fusion. Runs in place of
+    the decoder, with no transform after it.
+    """
+
+    def __init__(self, base: Any, crop: RandomResizedCropDecode, rest: Any, transform: Any) -> None:
+        self.base = base
+        self.crop = crop
+        self.rest = rest
+        self.transform = transform
+
+    def __repr__(self) -> str:
+        return f"FusedSamplePipeline({self.base!r}, {self.crop!r}, rest={self.rest!r})"
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        from .fields import IMAGE_EXTENSIONS
+
+        images = [
+            k
+            for k, v in sample.items()
+            if not k.startswith("__") and isinstance(v, _BYTES) and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+        ]
+        if len(images) != 1:
+            return self.transform(self.base(sample))
+        field = images[0]
+        out = self.base({k: v for k, v in sample.items() if k != field})
+        out[field] = _located_call(sample, field, self.crop, sample[field])
+        out = {k: out[k] for k in sample if k in out}
+        return out if self.rest is None else self.rest(out)
+
+
+def _located_call(sample: dict[str, Any], field: str, fn: Any, data: Any) -> Any:
+    """``fn(data)`` with failures raised as SampleError naming the sample and member,
+    as the sample decoder names them."""
+    try:
+        return fn(data)
+    except SampleError as exc:
+        raise _located(sample, field, exc.reason) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # library surprises
+        raise _located(sample, field, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _located(sample: dict[str, Any], field: str, message: str) -> SampleError:
+    key = sample.get("__key__")
+    return SampleError(
+        message, url=sample.get("__url__"), key=key, member=f"{key}.{field}" if key is not None else field
+    )
+
+
+def fuse_crop(decoder: Any, transform: Any, *, region: bool = True) -> tuple[Any, Any]:
+    """(decoder, transform) with a leading RandomResizedCrop fused into decoding when possible.
+
+    ``decoder`` must be a :class:`shardkit.decode.SampleDecoder` (anything else is
+    returned unchanged). A per-field mapping is fused for its *first* entry only, so the
+    random draws happen in the same order as without fusion (the mapping's transforms run
+    in order after decoding, and decoding draws nothing). The same torch RNG calls are
+    made per sample, so seeds, worker seeding and resume behave as without fusion; the
+    pixels differ only by the reduced-size decode (see BENCHMARKS.md for the PSNR bound).
+    ``region=False`` decodes whole JPEGs at the reduced scale even where libjpeg-turbo 3
+    could decode only the crop (what a machine without it does).
+    """
+    from .fields import IMAGE_EXTENSIONS, SampleDecoder
+
+    # torchvision passes numpy arrays through untouched, so a crop fused there would change results.
+    if not isinstance(decoder, SampleDecoder) or transform is None or decoder.mode == "numpy":
+        return decoder, transform
+    if isinstance(transform, Mapping):
+        if not transform:
+            return decoder, transform
+        field, first = next(iter(transform.items()))
+        if field.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS or field in decoder.handlers:
+            return decoder, transform
+        split = split_crop(first, decoder.mode)
+    else:
+        split = split_crop(transform, decoder.mode)
+    if split is None:
+        return decoder, transform
+    crop, rest = split
+    crop.max_pixels, crop.exif, crop.region = decoder.max_pixels, decoder.exif_orientation, region
+    if region:
+        log_region_support()
+    if isinstance(transform, Mapping):
+        rest_map = {k: (rest if k == field else fn) for k, fn in transform.items() if k != field or rest is not None}
+        return FusedFieldDecoder(decoder, {field: crop}), rest_map
+    return FusedSamplePipeline(decoder, crop, rest, transform), None
