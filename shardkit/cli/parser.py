@@ -141,15 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-count", type=at_least(1), help="max samples per shard")
     w.add_argument("--name", default="data", help="shard name prefix (default: data)")
     w.add_argument("--from", dest="from_format", choices=tuple(FORMATS), help="source format (default: detected)")
-    w.add_argument("--shuffle", action="store_true", help="write samples in shuffled order (image files)")
+    w.add_argument(
+        "--shuffle", action="store_true", help="write samples in shuffled order (image files, CSV/TSV/JSONL tables)"
+    )
     w.add_argument("--seed", type=int, help="seed for --shuffle (default 0)")
     w.add_argument(
-        "--resize", type=at_least(1), metavar="MAX_SIDE", help="re-encode images to at most this side (image files)"
+        "--resize",
+        type=at_least(1),
+        metavar="MAX_SIDE",
+        help="re-encode images to at most this side (image files, tables)",
     )
     w.add_argument(
         "--quality",
         type=quality,
-        help="JPEG quality (1-100) when re-encoding image files, or of dense arrays stored with --format jpg",
+        help="JPEG quality (1-100) when re-encoding images of image files or tables (all become JPEG), "
+        "or of dense arrays stored with --format jpg",
     )
     w.add_argument(
         "--workers",

@@ -10,7 +10,8 @@
   one with a pattern such as ``'DIR/data/train-*.parquet'``), or such a pattern. Needs
   ``pyarrow`` (``pip install 'shardkit[parquet]'``); see :mod:`shardkit.ingest.parquet`.
 
-Where each column goes is :mod:`shardkit.ingest.columns`. Rows stream: the table is read
+Where each column goes is :mod:`shardkit.ingest.columns`; the files are read by
+:mod:`shardkit.ingest.text_table` and :mod:`shardkit.ingest.parquet`. Rows stream: the table is read
 once up front to count rows and, when there is a label or key column, that column (a
 Parquet table only reads its metadata and those columns), then once more as it is
 written. Only ``shuffle`` holds the rows of a text table in memory; a Parquet table is
@@ -20,9 +21,7 @@ never shuffled here (readers shuffle). Images load in the writer's worker proces
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import os
 import random
@@ -36,9 +35,11 @@ import numpy as np
 from ..errors import ShardkitError
 from ..threadmap import ordered_map
 from . import IngestOptions
-from .columns import IMAGE_NAMES, ColumnPlan, ValueNotes, check_key, image_refs, label_classes, plan_columns, row_fields
+from .columns import ColumnPlan, image_refs, plan_columns, row_fields
 from .common import Warned
 from .files import prepare_image
+from .text_table import TextTable, names_an_image_column
+from .values import ValueNotes, check_key, label_classes
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +70,6 @@ class Table(Protocol):
 # -- detection --------------------------------------------------------------------------
 
 
-def has_glob(src: str) -> bool:
-    return any(c in src for c in "*?[")
-
-
-def _tsv_header(path: str) -> bool:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            first = f.readline()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return any(name.strip().lower() in IMAGE_NAMES for name in first.rstrip("\r\n").split("\t"))
-
-
 def detect(src: str, fmt: str) -> bool:
     lower = src.lower()
     if fmt == "parquet":
@@ -90,108 +78,7 @@ def detect(src: str, fmt: str) -> bool:
         return is_parquet_input(src)
     if not os.path.isfile(src) or not lower.endswith(SUFFIXES[fmt]):
         return False
-    return fmt != "tsv" or _tsv_header(src)
-
-
-# -- text tables (CSV, TSV, JSONL) -------------------------------------------------------
-
-
-class TextTable:
-    """A CSV, TSV or JSONL file, read as a stream (module docstring)."""
-
-    def __init__(self, path: str, fmt: str) -> None:
-        self.path = path
-        self.fmt = fmt
-        self.typed = fmt == "jsonl"
-        self.kinds: dict[str, str | None] = {}
-        if fmt == "jsonl":
-            seen: dict[str, set[str]] = {}  # column -> the kinds of its values
-            count = 0
-            for _, record in self._records():
-                for column, value in record.items():
-                    seen.setdefault(column, set()).add(value_kind(value))
-                count += 1
-            self.columns = list(seen)
-        else:
-            with self._open() as f:
-                header = next(self._reader(f), None)
-            if not header:
-                raise ShardkitError(f"{path}: no header row (a {fmt.upper()} table names its columns first)")
-            self.columns = header
-            count = sum(1 for _ in self._records())
-        self._count = count
-        self.kinds = dict.fromkeys(self.columns)
-        if fmt == "jsonl":  # what the values say, when they all agree (a list of paths: images)
-            for column, kinds in seen.items():
-                kinds.discard("null")
-                if kinds == {"int", "float"}:
-                    kinds = {"float"}
-                self.kinds[column] = kinds.pop() if len(kinds) == 1 else None
-
-    def _open(self):
-        return open(self.path, encoding="utf-8-sig", newline="")
-
-    def _reader(self, f):
-        return csv.reader(f, delimiter="\t" if self.fmt == "tsv" else ",")
-
-    def _records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        try:
-            with self._open() as f:
-                if self.fmt == "jsonl":
-                    for number, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        where = f"{self.path}: line {number}"
-                        try:
-                            record = json.loads(line)
-                        except ValueError as e:
-                            raise ShardkitError(f"{where}: not JSON ({e})") from None
-                        if not isinstance(record, dict):
-                            raise ShardkitError(f"{where}: a JSON {type(record).__name__}, not an object")
-                        yield where, record
-                    return
-                reader = self._reader(f)
-                header = next(reader, None) or []
-                for cells in reader:
-                    if not cells:
-                        continue  # a blank line
-                    where = f"{self.path}: line {reader.line_num}"
-                    if len(cells) != len(header):
-                        raise ShardkitError(f"{where}: {len(cells)} fields, the header has {len(header)}")
-                    yield where, dict(zip(header, cells))
-        except UnicodeDecodeError as e:
-            raise ShardkitError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except csv.Error as e:
-            raise ShardkitError(f"{self.path}: {e}") from None
-
-    def __len__(self) -> int:
-        return self._count
-
-    def rows(
-        self, start: int = 0, stop: int | None = None, columns: Sequence[str] | None = None
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
-        for index, (where, record) in enumerate(self._records()):
-            if stop is not None and index >= stop:
-                return
-            if index >= start:
-                yield where, {c: record.get(c) for c in (columns or self.columns)}
-
-    def class_names(self, column: str) -> list[str] | None:
-        return None
-
-
-def value_kind(value: Any) -> str:
-    """The kind (see :mod:`shardkit.ingest.columns`) of one JSON value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float, str)):
-        return {int: "int", float: "float", str: "text"}[type(value)]
-    if isinstance(value, list):
-        inner = {value_kind(v) for v in value} - {"null"}
-        return "list:" + inner.pop() if len(inner) == 1 else "list"
-    return "struct"
+    return fmt != "tsv" or names_an_image_column(src)
 
 
 def open_table(src: str, fmt: str) -> Table:

@@ -93,10 +93,15 @@ def write(
 ) -> WriteResult:
     """Write ``inputs`` into tar shards in ``dest`` (what ``shardkit write`` runs).
 
-    ``inputs``: a path ``shardkit write`` accepts (an image folder, a list/CSV/TSV/JSONL
-    file, or a dataset format: HDF5, numpy, LMDB, SQLite, TFRecord, binary + index; ``fmt``
-    names it when detection cannot, ``options`` carries its layout, see
-    :class:`shardkit.ingest.IngestOptions`), or a sequence (any iterable) of items.
+    ``inputs``: a path ``shardkit write`` accepts (an image folder, a list file, a table:
+    CSV, TSV, JSONL or Parquet (a file, a folder or a pattern of files), or a dataset
+    format: HDF5, numpy, LMDB, SQLite, TFRecord, binary + index; ``fmt`` names it when
+    detection cannot, ``options`` carries its layout, see
+    :class:`shardkit.ingest.IngestOptions`), or a sequence (any iterable) of items. A
+    table keeps every column (image -> ``KEY.jpg``, a list of images -> ``KEY.0.jpg``...,
+    caption -> ``KEY.txt``, label -> ``KEY.cls``, the rest -> ``KEY.json``, see
+    :mod:`shardkit.ingest.columns`); ``result.columns`` says which went where and
+    ``result.notes`` what changed on the way (NaN stored as null...).
 
     ``fn(item)``: optional; returns a sample dict (``{"jpg": bytes, "txt": "a caption",
     "json": {...}}``), a list of them, or None to drop the item. For a path input the item
@@ -117,8 +122,8 @@ def write(
     ``part=(I, N)`` or ``"I/N"``: write input slice I of N (merge with
     :func:`shardkit.writing.merge.merge_parts`); ``resume``: carry on a killed write of the
     same input and options; ``overwrite``: replace a dataset of the same ``name``.
-    ``shuffle``/``seed``/``resize``/``quality``: image-file inputs (``quality`` also for
-    dense arrays stored as JPEG). ``classes``: label names for the manifest of an item
+    ``shuffle``/``seed``/``resize``/``quality``: image-file and table inputs (a Parquet
+    table is not shuffled; ``quality`` also for dense arrays stored as JPEG). ``classes``: label names for the manifest of an item
     sequence. ``progress``: a progress bar (default: when stderr is a terminal).
     """
     _refuse_contradictions(
