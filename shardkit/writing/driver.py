@@ -123,8 +123,8 @@ def write(
     :func:`shardkit.writing.merge.merge_parts`); ``resume``: carry on a killed write of the
     same input and options; ``overwrite``: replace a dataset of the same ``name``.
     ``shuffle``/``seed``/``resize``/``quality``: image-file and table inputs (a Parquet
-    table is not shuffled; ``quality`` also for dense arrays stored as JPEG). ``classes``: label names for the manifest of an item
-    sequence. ``progress``: a progress bar (default: when stderr is a terminal).
+    table is not shuffled; ``quality`` also for dense arrays stored as JPEG). ``classes``:
+    label names for the manifest of an item sequence. ``progress``: a progress bar (default: when stderr is a terminal).
     """
     _refuse_contradictions(
         workers=workers, resume=resume, overwrite=overwrite, validate=validate, max_pixels=max_pixels
