@@ -42,8 +42,9 @@ def test_ambiguity_is_an_error_for_images_and_a_note_for_captions():
         plan_columns(["path", "image", "caption"], where="t.csv")
     with pytest.raises(ShardkitError, match=r"several columns hold images \(a, b\)"):
         plan_columns(["a", "b"], kinds={"a": "binary", "b": "binary"})
-    with pytest.raises(ShardkitError, match=r"t.csv: no image column.*the columns are url, caption"):
-        plan_columns(["url", "caption"], where="t.csv")
+    with pytest.raises(ShardkitError, match=r"t.csv: no image column.*the columns are link, caption"):
+        plan_columns(["link", "caption"], where="t.csv")
+    assert plan_columns(["URL", "TEXT"]).image == "URL"  # LAION's names (URLs are refused when read)
     plan = plan_columns(["path", "caption", "text"])
     assert plan.caption is None and plan.json == ("path", "caption", "text")
     assert plan.notes == (

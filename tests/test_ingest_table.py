@@ -278,6 +278,18 @@ def test_list_files_are_unchanged(tmp_path):
     assert int(got["000002.cls"]) == 0 and json.loads(got["000002.json"])["path"] == "2.jpg"
 
 
+def test_file_urls_are_paths_and_other_urls_are_refused(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(tiny_jpeg(0))
+    (tmp_path / "local.csv").write_text(f"url,caption\nfile://{tmp_path / 'a.jpg'},here\n")
+    result = shardkit.write(
+        str(tmp_path / "local.csv"), str(tmp_path / "o1"), options=IngestOptions(image_column="url")
+    )
+    assert result.samples == 1 and members(tmp_path / "o1")["000000.jpg"] == tiny_jpeg(0)
+    (tmp_path / "web.csv").write_text("url,caption\nhttps://example.com/a.jpg,there\n")
+    with pytest.raises(ShardkitError, match=r"web.csv: line 2: column 'url' holds the URL 'https://example.com/a.jpg'"):
+        shardkit.write(str(tmp_path / "web.csv"), str(tmp_path / "o2"))
+
+
 def test_table_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "short.csv").write_text("path,caption\na.jpg,x\nb.jpg\n")
     with pytest.raises(ShardkitError, match=r"short.csv: line 3: 1 fields, the header has 2"):

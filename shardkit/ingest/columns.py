@@ -19,7 +19,8 @@ A table (CSV, TSV, JSONL, Parquet) keeps every column:
 Columns are found by type, then by name, when not named: the image column is the one
 Hugging Face ``Image`` struct (or list of them), else the one binary column, else the one
 text column named ``path``, ``file``, ``filename``, ``file_name``, ``image``, ``img``,
-``image_path`` or ``filepath``; several candidates are an error asking for
+``image_path``, ``filepath`` or ``url`` (local paths or ``file://`` URLs: images are not
+downloaded); several candidates are an error asking for
 ``--image-column``. The caption is the text column named ``caption``, ``text`` or ``txt``,
 the label the one named ``label``, ``class``, ``cls`` or ``target`` (any case); when
 several match none is chosen, all stay in ``KEY.json`` and the plan's notes say so.
@@ -42,7 +43,7 @@ from typing import Any
 from ..errors import ShardkitError
 from .values import ValueNotes, json_value, label_index, text_value
 
-IMAGE_NAMES = ("path", "file", "filename", "file_name", "image", "img", "image_path", "filepath")
+IMAGE_NAMES = ("path", "file", "filename", "file_name", "image", "img", "image_path", "filepath", "url")
 CAPTION_NAMES = ("caption", "text", "txt")
 LABEL_NAMES = ("label", "class", "cls", "target")
 

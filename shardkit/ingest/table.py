@@ -258,11 +258,22 @@ class TableSource:
             return check_key(row[self.plan.key], self.plan.key, where)
         return f"{index:0{max(6, len(str(self.count - 1)))}d}"
 
+    def _path(self, ref: Any, where: str) -> Any:
+        """A path as the worker opens it: relative to the table's folder; ``file://`` URLs
+        are paths; other URLs are refused (shardkit writes what it can read locally)."""
+        if not isinstance(ref, str):
+            return ref
+        if ref.startswith("file://"):
+            ref = ref[len("file://") :]
+        elif "://" in ref[:16]:
+            raise ShardkitError(
+                f"{where}: column {self.plan.image!r} holds the URL {ref[:80]!r}; shardkit write reads images "
+                "from local paths or from the table itself: download them first (e.g. with img2dataset)"
+            )
+        return ref if os.path.isabs(ref) else os.path.join(self.base, ref)
+
     def _row(self, where: str, row: dict[str, Any]) -> Row:
-        refs = [
-            os.path.join(self.base, r) if isinstance(r, str) and not os.path.isabs(r) else r
-            for r in image_refs(row.get(self.plan.image), self.plan, where)
-        ]
+        refs = [self._path(r, where) for r in image_refs(row.get(self.plan.image), self.plan, where)]
         if not self.plan.multi and isinstance(refs[0], str):
             where = f"{where} ({refs[0]})"
         fields = row_fields(
