@@ -278,6 +278,20 @@ def test_list_files_are_unchanged(tmp_path):
     assert int(got["000002.cls"]) == 0 and json.loads(got["000002.json"])["path"] == "2.jpg"
 
 
+def test_the_summary_counts_images_kept_with_a_warning(table):
+    data = tiny_jpeg(3)
+    at = data.find(b"\xff\xda")
+    (table / "img" / "3.jpg").write_bytes(data[:at] + b"\x12\x34" + data[at:])  # extraneous bytes before SOS
+    proc = cli("write", str(table / "meta.csv"), str(table / "out"))
+    assert "kept 1 image(s) that decode with a warning" in proc.stdout
+    assert "meta.csv: line 5 (" in proc.stdout and "jpg: Corrupt JPEG data" in proc.stdout
+    summary = json.loads(cli("write", str(table / "meta.csv"), str(table / "again"), "--json").stdout)
+    assert summary["samples"] == N and summary["skipped"] == 0 and summary["warned"] == 1
+    assert summary["warned_files"][0]["warning"].startswith("jpg: Corrupt JPEG data: 2 extraneous bytes")
+    strict = cli("write", str(table / "meta.csv"), str(table / "strict"), "--strict", check=False)
+    assert strict.returncode == 1 and "decodes only with a warning" in strict.stderr
+
+
 def test_file_urls_are_paths_and_other_urls_are_refused(tmp_path):
     (tmp_path / "a.jpg").write_bytes(tiny_jpeg(0))
     (tmp_path / "local.csv").write_text(f"url,caption\nfile://{tmp_path / 'a.jpg'},here\n")

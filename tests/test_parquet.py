@@ -216,6 +216,9 @@ def test_workers_parts_and_resume_give_the_same_bytes(embedded, tmp_path):
     two = shardkit.write(embedded, str(tmp_path / "two"), shard_size="12kB", workers=2)
     assert one.shards > 3 and one.samples == two.samples == N and one.workers == 1 and two.workers == 2
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
+    # Unchecked embedded images leave the workers nothing to do: one process unless asked.
+    trusted = shardkit.write(embedded, str(tmp_path / "trusted"), shard_size="12kB", validate=False)
+    assert trusted.workers == 1 and members(tmp_path / "trusted") == members(tmp_path / "one")
     from shardkit.writing.merge import merge_parts
 
     for i in (3, 0, 2, 1):

@@ -39,31 +39,40 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SIZES = {"imagenet": ((500, 375), 1000), "large": ((1500, 1125), 250)}
+# name -> (size, distinct photos, rows: each photo listed rows/photos times, so the table is
+# long enough for throughput to show through each tool's fixed cost without generating more)
+SIZES = {"imagenet": ((500, 375), 1000, 8000), "large": ((1500, 1125), 250, 1000)}
 PER_SHARD = 500  # samples per shard, both tools
 
 
-def make_tables(folder: str, size: tuple[int, int], count: int) -> dict[str, str]:
-    """Photos (shardkit.cli.synthetic) and three Parquet tables describing them: local paths
-    (shardkit), file:// URLs (img2dataset), and the same rows with the bytes embedded."""
+def make_tables(folder: str, size: tuple[int, int], count: int, rows: int) -> dict[str, str]:
+    """Photos (shardkit.cli.synthetic) and three Parquet tables of ``rows`` rows describing
+    them: local paths (shardkit), file:// URLs (img2dataset), and the same rows with the
+    bytes embedded; plus 10-row tables (the fixed cost)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tables = {name: os.path.join(folder, f"{name}.parquet") for name in ("paths", "urls", "bytes", "paths10", "urls10")}
-    marker = os.path.join(folder, f".complete-{count}")
+    marker = os.path.join(folder, f".complete-{count}-{rows}")
     if os.path.exists(marker):
         return tables
     from shardkit.cli.synthetic import make_image_folder
 
-    shutil.rmtree(folder, ignore_errors=True)
-    print(f"generating {count} JPEGs ~{size[0]}x{size[1]} in {folder} ...", file=sys.stderr)
-    files = make_image_folder(os.path.join(folder, "images"), count=count, classes=1, size=size, quality=90)
+    images = os.path.join(folder, "images")
+    done = os.path.join(folder, f".images-{count}")
+    if not os.path.exists(done):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {count} JPEGs ~{size[0]}x{size[1]} in {folder} ...", file=sys.stderr)
+        make_image_folder(images, count=count, classes=1, size=size, quality=90)
+        open(done, "w").close()
+    photos = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(images) for f in fs if f.endswith(".jpg"))
+    files = [photos[i % len(photos)] for i in range(rows)]
     rng = np.random.default_rng(0)
     columns = {
-        "caption": [f"a synthetic photo number {i}, with a caption like LAION's" for i in range(count)],
-        "aesthetic": [round(float(x), 3) for x in rng.uniform(3, 8, count)],
-        "source": [f"site-{i % 17}.example" for i in range(count)],
+        "caption": [f"a synthetic photo number {i}, with a caption like LAION's" for i in range(rows)],
+        "aesthetic": [round(float(x), 3) for x in rng.uniform(3, 8, rows)],
+        "source": [f"site-{i % 17}.example" for i in range(rows)],
     }
     paths = [os.path.relpath(f, folder) for f in files]
     pq.write_table(pa.table({"path": paths, **columns}), tables["paths"])
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="imagenet,large", help="comma-separated: " + ", ".join(SIZES))
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the image counts")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the photo and row counts")
     parser.add_argument("--img2dataset-python", help="a python with img2dataset installed (default: skip it)")
     parser.add_argument("--threads", type=int, default=8, help="img2dataset --thread_count per process")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "shardkit-bench-table"))
@@ -106,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.join(args.dir, "out")
     cases: dict[str, tuple[list[str], dict[str, str], int]] = {}  # name -> (command, env, expected images)
     for size_name in args.sizes.split(","):
-        size, count = SIZES[size_name]
-        count = max(10, int(count * args.scale))
-        tables = make_tables(os.path.join(args.dir, size_name), size, count)
+        size, photos, count = SIZES[size_name]
+        photos, count = max(10, int(photos * args.scale)), max(10, int(count * args.scale))
+        tables = make_tables(os.path.join(args.dir, size_name), size, photos, count)
         for workers in (1, 2):
             fixed = [py, "-m", "shardkit.cli", "write", tables["paths10"], out, "--workers", str(workers), "--json"]
             cases[f"{size_name} fixed shardkit 10 rows --workers {workers}"] = (fixed, env, 10)

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=at_least(1),
         help="writer processes that read, check and encode the inputs (default: CPU cores, or 1 "
-        "when they would have nothing to do: a dataset format with --no-validate); "
+        "when they would have nothing to do: a dataset format, or a table holding its images, with --no-validate); "
         "the output is byte-identical for any number",
     )
     w.add_argument(

@@ -112,8 +112,8 @@ def write(
     ``000042_0``, ``000042_1``... for a list).
 
     Output bytes are identical for any ``workers`` (default: the CPU cores, or 1 when the
-    workers would have nothing to do: a dataset format with ``validate=False`` and no
-    ``fn``). ``validate``: every image of every sample is fully decoded first; an input
+    workers would have nothing to do: a dataset format, or a table holding its images, with
+    ``validate=False`` and no ``fn``). ``validate``: every image of every sample is fully decoded first; an input
     whose image does not decode is skipped and listed in ``result.skipped`` (``strict``:
     the first one raises); an image that decodes only with a decoder warning the reader
     tolerates (extraneous bytes before a marker, a bad ICC segment) is kept and listed in

@@ -129,6 +129,8 @@ def plan_source(
             len(source),
             own or classes,
             fingerprint,
+            # images in the table, not checked nor re-encoded: the workers would only pass bytes along
+            idle=heavy and fn is None and not validate and not (resize or quality),
             batch_size=4 if heavy else 8,
             prefetch=1 if heavy else 2,
             source=source,
