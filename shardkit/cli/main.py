@@ -86,7 +86,8 @@ def cmd_write(args: argparse.Namespace) -> int:
     if summary.resumed_shards:
         text += f"\nresumed after {summary.resumed_shards} complete shard(s) already in {args.dest}"
     if summary.skipped:
-        text += f"\nskipped {len(summary.skipped)} input(s) that do not read or decode:"
+        what = "row(s)" if summary.columns else "file(s)"  # a table's inputs are its rows
+        text += f"\nskipped {len(summary.skipped)} {what} that do not read or decode:"
         text += "".join(f"\n  {where}: {reason}" for where, reason in summary.skipped[:10])
         if len(summary.skipped) > 10:
             text += f"\n  ... and {len(summary.skipped) - 10} more (--json lists them all)"
