@@ -113,18 +113,19 @@ def write(
 
     Output bytes are identical for any ``workers`` (default: the CPU cores, or 1 when the
     workers would have nothing to do: a dataset format, or a table holding its images, with
-    ``validate=False`` and no ``fn``). ``validate``: every image of every sample is fully decoded first; an input
-    whose image does not decode is skipped and listed in ``result.skipped`` (``strict``:
-    the first one raises); an image that decodes only with a decoder warning the reader
-    tolerates (extraneous bytes before a marker, a bad ICC segment) is kept and listed in
-    ``result.warned`` (``strict``: it is a problem too, so it raises); ``max_pixels`` is
-    that check's decompression-bomb limit.
+    ``validate=False`` and no ``fn``). ``validate``: every image of every sample is fully
+    decoded first; an input whose image does not decode is skipped and listed in
+    ``result.skipped`` (``strict``: the first one raises); an image that decodes only with a
+    decoder warning the reader tolerates (extraneous bytes before a marker, a bad ICC
+    segment) is kept and listed in ``result.warned`` (``strict``: it is a problem too, so it
+    raises); ``max_pixels`` is that check's decompression-bomb limit.
     ``part=(I, N)`` or ``"I/N"``: write input slice I of N (merge with
     :func:`shardkit.writing.merge.merge_parts`); ``resume``: carry on a killed write of the
     same input and options; ``overwrite``: replace a dataset of the same ``name``.
     ``shuffle``/``seed``/``resize``/``quality``: image-file and table inputs (a Parquet
     table is not shuffled; ``quality`` also for dense arrays stored as JPEG). ``classes``:
-    label names for the manifest of an item sequence. ``progress``: a progress bar (default: when stderr is a terminal).
+    label names for the manifest of an item sequence. ``progress``: a progress bar
+    (default: when stderr is a terminal).
     """
     _refuse_contradictions(
         workers=workers, resume=resume, overwrite=overwrite, validate=validate, max_pixels=max_pixels
