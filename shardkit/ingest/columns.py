@@ -17,13 +17,13 @@ A table (CSV, TSV, JSONL, Parquet) keeps every column:
   and null stay null, lists and structs stay lists and objects.
 
 Columns are found by type, then by name, when not named: the image column is the one
-Hugging Face ``Image`` struct (or list of them), else the one binary column, else the one
-text column named ``path``, ``file``, ``filename``, ``file_name``, ``image``, ``img``,
-``image_path``, ``filepath`` or ``url`` (local paths or ``file://`` URLs: images are not
-downloaded); several candidates are an error asking for
-``--image-column``. The caption is the text column named ``caption``, ``text`` or ``txt``,
-the label the one named ``label``, ``class``, ``cls`` or ``target`` (any case); when
-several match none is chosen, all stay in ``KEY.json`` and the plan's notes say so.
+column of Hugging Face ``Image`` structs (or lists of them), else the one binary column,
+else the one text column named ``path``, ``file``, ``filename``, ``file_name``, ``image``,
+``img``, ``image_path``, ``filepath`` or ``url`` (local paths or ``file://`` URLs: images
+are not downloaded); several candidates are an error asking for ``--image-column``. The
+caption is the text column named ``caption``, ``text`` or ``txt``, the label the one named
+``label``, ``class``, ``cls`` or ``target`` (any case); when several match none is
+chosen, all stay in ``KEY.json`` and the plan's notes say so.
 
 Values are stored as they are or not at all: a binary column that is not the image is
 refused (leave it out with ``--columns``); time stamps and decimals are stored as text
@@ -162,7 +162,8 @@ def plan_columns(
 ) -> ColumnPlan:
     """Decide where each of ``columns`` goes (module docstring).
 
-    ``kinds``: each column's kind when the table has a schema (see :func:`arrow_kind`);
+    ``kinds``: each column's kind when the table has a schema
+    (:func:`shardkit.ingest.parquet.arrow_kind`, :func:`shardkit.ingest.text_table.value_kind`);
     ``image``/``caption``/``label``/``key``: the columns named by the user; ``keep``: the
     columns to store in ``KEY.json`` (default: every column without another role, the
     label's and the image paths' included). ``where`` names the table in errors.
