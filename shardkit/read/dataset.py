@@ -346,7 +346,13 @@ class ShardDataset(PlannedDataset):
     ) -> ShardReader:
         """A reader of this dataset's shards (one per worker), observed by ``hooks``."""
         return ShardReader(
-            self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256, hooks=hooks
+            self.urls,
+            options=self.options,
+            handler=handler,
+            stats=stats,
+            sha256=self.shards.sha256,
+            hooks=hooks,
+            fields=self.fields,
         )
 
     def pipeline(self, handler: Callable[[Exception], None], *, hooks: StageHooks | None = None) -> SamplePipeline:
