@@ -193,6 +193,24 @@ def test_recaption_with_companions():
     assert steps["verify"]["ok"] and steps["verify"]["problems"] == 0
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_image_text_from_a_table(fmt):
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        pytest.skip("pyarrow (shardkit[parquet]) is not installed")
+    script = os.path.join(EXAMPLES, "image_text.py")
+    out = run([sys.executable, script, "--from", fmt, "--count", "160", "--epochs", "2", "--workers", "1"])
+    wrote = next(line for line in out.splitlines() if line.startswith("wrote "))
+    image = "'path': 'image, json'" if fmt == "csv" else "'jpg': 'image'"
+    assert wrote.startswith("wrote 160 samples") and image in wrote and "'caption': 'txt'" in wrote
+    epochs = results(out)
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for r in epochs:
+        # select= keeps the rows whose JSON says aesthetic >= 5 (about 3/5 of them); full batches of 32
+        assert 32 <= r["samples"] < 160 and r["samples"] == 32 * r["batches"] and r["bytes_read"] > 0
+    assert epochs[1]["last_loss"] < epochs[0]["first_loss"]  # the contrastive loss goes down
+
+
 def test_examples_are_documented():
     for name in sorted(os.listdir(EXAMPLES)):
         if not name.endswith((".py", ".sh")):

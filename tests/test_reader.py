@@ -264,6 +264,25 @@ def test_truncated_shard_keeps_the_complete_samples_before_the_cut(shard, oracle
     assert_same(got, complete, shard)
 
 
+@pytest.mark.parametrize("fields, kept", [("jpg cls", True), ("jpg;png json", True), ("jpg txt", False)])
+def test_a_cut_sample_with_every_requested_field_is_kept(shard, oracle, fields, kept):
+    """Cut where sample 7 starts: nothing proves sample 6 ended, but when it holds every
+    field the dataset asks for, nothing it is read for is missing."""
+    with open(shard, "r+b") as f:
+        f.truncate(_cut_at(oracle, "at_sample_start", 7))
+    handler = Collect()
+    reader = reader_for([shard], handler, fields=fields)
+    got = list(reader.read_shard(0))
+    assert len(handler.errors) == 1 and "truncated" in str(handler.errors[0])
+    assert_same(got, oracle[:7] if kept else oracle[:6], shard)
+    if kept:  # through a dataset: its fields= reach the reader
+        from shardkit.read.dataset import ShardDataset
+
+        ds = ShardDataset(shard, fields=fields, handler="skip", decode=None, shuffle=False)
+        first = [slot.split(";")[0] for slot in fields.split()]
+        assert [tuple(map(bytes, s)) for s in ds] == [tuple(t.fields[f] for f in first) for t in oracle[:7]]
+
+
 def test_truncated_shard_with_raise_handler_raises_after_the_samples_before(shard, oracle):
     with open(shard, "r+b") as f:
         f.truncate(_cut_at(oracle, "in_last_member", 4))

@@ -232,3 +232,42 @@ def shardkit_ingest_options(**kwargs):
     from shardkit.ingest import IngestOptions
 
     return IngestOptions(**kwargs)
+
+
+def junk_before_sos(i: int) -> bytes:
+    """A real JPEG with two stray bytes before its scan: libjpeg-turbo warns
+    ("extraneous bytes before marker") and the reader still decodes it."""
+    data = tiny_jpeg(i)
+    at = data.find(b"\xff\xda")
+    return data[:at] + b"\x12\x34" + data[at:]
+
+
+def warn_on_3(i: int):
+    return {"jpg": junk_before_sos(i) if i == 3 else tiny_jpeg(i), "txt": str(i)}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_images_that_decode_with_a_warning_are_kept_and_counted(tmp_path, workers):
+    result = shardkit.write(range(6), str(tmp_path / "out"), fn=warn_on_3, workers=workers)
+    assert result.samples == 6 and result.skipped == []
+    assert len(result.warned) == 1
+    where, warning = result.warned[0]
+    assert where.startswith("input 000003") and warning.startswith("jpg: Corrupt JPEG data")
+    assert members(tmp_path / "out")["000003.jpg"] == junk_before_sos(3)
+    summary = result.as_dict()
+    assert summary["warned"] == 1 and summary["warned_files"][0]["path"] == where
+    # strict keeps its meaning: every problem is fatal, and a warning is one then.
+    with pytest.raises(ShardkitError, match="input 000003.*jpg: decodes only with a warning"):
+        shardkit.write(range(6), str(tmp_path / "strict"), fn=warn_on_3, workers=workers, strict=True)
+
+
+def test_image_files_with_warnings_are_kept_and_counted(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(junk_before_sos(i) if i == 2 else tiny_jpeg(i))
+    result = shardkit.write(str(folder), str(tmp_path / "out"), workers=2)
+    assert result.samples == 4 and result.skipped == []
+    assert [(os.path.basename(w), m.split(":")[0]) for w, m in result.warned] == [("2.jpg", "jpg")]
+    with pytest.raises(ShardkitError, match=r"2\.jpg: decodes only with a warning"):
+        shardkit.write(str(folder), str(tmp_path / "strict"), workers=2, strict=True)

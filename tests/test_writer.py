@@ -153,3 +153,17 @@ def test_stale_temp_files_are_removed_and_overwrite_replaces(tmp_path):
     names = sorted(os.listdir(tmp_path))
     assert before > 1
     assert names == ["data-000000.tar", "data-000000.tar.idx", "data.manifest.json"]
+
+
+def test_extensions_are_written_lower_case(tmp_path):
+    """Hugging Face, DALI and Ray match ``jpg``, not ``JPG``: the writer lower-cases fields."""
+    from shardkit.format import samples
+
+    assert validate_key is samples.validate_key  # encoding lives beside the grouping
+    w = write(tmp_path, [{"__key__": "a", "JPG": b"\xff\xd8x", "Txt": "hi", "0.PNG": b"p"}])
+    path = str(tmp_path / w.shards[0].name)
+    with tarfile.open(path) as tf:
+        assert tf.getnames() == ["a.0.png", "a.jpg", "a.txt"]
+    assert w.shards[0].fields == ["0.png", "jpg", "txt"]
+    with pytest.raises(ShardkitError, match="differ only in case"):
+        write(tmp_path / "b", [{"__key__": "a", "jpg": b"1", "JPG": b"2"}])

@@ -39,8 +39,10 @@ _INGEST_FLAGS = (
     "dtype",
     "table",
     "image_column",
+    "caption_column",
     "label_column",
     "key_column",
+    "columns",
     "image_feature",
     "label_feature",
     "index",
@@ -84,10 +86,24 @@ def cmd_write(args: argparse.Namespace) -> int:
     if summary.resumed_shards:
         text += f"\nresumed after {summary.resumed_shards} complete shard(s) already in {args.dest}"
     if summary.skipped:
-        text += f"\nskipped {len(summary.skipped)} file(s) that do not read or decode:"
+        what = "row(s)" if summary.columns else "file(s)"  # a table's inputs are its rows
+        text += f"\nskipped {len(summary.skipped)} {what} that do not read or decode:"
         text += "".join(f"\n  {where}: {reason}" for where, reason in summary.skipped[:10])
         if len(summary.skipped) > 10:
             text += f"\n  ... and {len(summary.skipped) - 10} more (--json lists them all)"
+    if summary.warned:
+        text += (
+            f"\nkept {len(summary.warned)} image(s) that decode with a warning (readers decode them too; "
+            "--strict refuses them):"
+        )
+        text += "".join(f"\n  {where}: {warning}" for where, warning in summary.warned[:10])
+        if len(summary.warned) > 10:
+            text += f"\n  ... and {len(summary.warned) - 10} more (--json lists them all)"
+    if summary.columns:
+        groups: dict[str, list[str]] = {}
+        for column, where in summary.columns.items():
+            groups.setdefault(where, []).append(column)
+        text += "\ncolumns: " + "; ".join(f"{', '.join(names)} -> {where}" for where, names in groups.items())
     if args.part:
         text += f"\npart {args.part[0]}/{args.part[1]} done; after every part: shardkit merge {args.dest}" + (
             f" --name {args.name}" if args.name != "data" else ""

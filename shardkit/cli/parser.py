@@ -83,6 +83,14 @@ def decode_size(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"must be auto, none or a positive integer, got {text!r}") from None
 
 
+def column_list(text: str) -> tuple[str, ...]:
+    """Comma-separated column names ('' for none)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if text.strip() and not names:
+        raise argparse.ArgumentTypeError(f"no column names in {text!r}")
+    return names
+
+
 SHARDS_HELP = "shards: one or more files, brace patterns, globs, folders, manifests, http(s):// or s3:// URLs"
 JOIN_HELP = "a companion set of SHARDS (its manifest or folder) whose fields to add; repeat for several"
 
@@ -142,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "src",
-        help="image folder (class subfolders), list file (path<TAB>label), .csv, .jsonl, "
-        ".h5, .npy/.npz, LMDB, SQLite, .tfrecord, or binary file + index",
+        help="image folder (class subfolders), list file (path<TAB>label), table (.csv, .tsv, .jsonl, "
+        ".parquet or a folder/pattern of them), .h5, .npy/.npz, LMDB, SQLite, .tfrecord, or binary file + index",
     )
     w.add_argument("dest", help="output folder")
     w.add_argument(
@@ -155,24 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-count", type=at_least(1), help="max samples per shard")
     w.add_argument("--name", default="data", help="shard name prefix (default: data)")
     w.add_argument("--from", dest="from_format", choices=tuple(FORMATS), help="source format (default: detected)")
-    w.add_argument("--shuffle", action="store_true", help="write samples in shuffled order (image files)")
+    w.add_argument(
+        "--shuffle", action="store_true", help="write samples in shuffled order (image files, CSV/TSV/JSONL tables)"
+    )
     w.add_argument("--seed", type=int, help="seed for --shuffle (default 0)")
     w.add_argument(
-        "--resize", type=at_least(1), metavar="MAX_SIDE", help="re-encode images to at most this side (image files)"
+        "--resize",
+        type=at_least(1),
+        metavar="MAX_SIDE",
+        help="re-encode images to at most this side (image files, tables)",
     )
     w.add_argument(
         "--quality",
         type=quality,
-        help="JPEG quality (1-100) when re-encoding image files, or of dense arrays stored with --format jpg",
+        help="JPEG quality (1-100) when re-encoding images of image files or tables (all become JPEG), "
+        "or of dense arrays stored with --format jpg",
     )
     w.add_argument(
         "--workers",
         type=at_least(1),
         help="writer processes that read, check and encode the inputs (default: CPU cores, or 1 "
-        "when they would have nothing to do: a dataset format with --no-validate); "
+        "when they would have nothing to do: a dataset format, or a table holding its images, with --no-validate); "
         "the output is byte-identical for any number",
     )
-    w.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
+    w.add_argument(
+        "--strict",
+        action="store_true",
+        help="an unreadable image is an error, not a skip; so is one that decodes only with a "
+        "decoder warning (kept and counted otherwise)",
+    )
     w.add_argument(
         "--no-validate",
         dest="validate",
@@ -195,6 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I/N",
         help="write only part I of N (0-based) for many machines; then run shardkit merge DEST once",
     )
+    t = w.add_argument_group(
+        "tables (CSV, TSV, JSONL, Parquet; every column is kept: image -> KEY.jpg, caption -> KEY.txt, "
+        "label -> KEY.cls, the rest -> KEY.json)"
+    )
+    t.add_argument(
+        "--image-column",
+        help="column of the images: paths, bytes or Hugging Face images, or a list of them (KEY.0.jpg, "
+        "KEY.1.jpg...) (default: the one image column, else path/file/filename/image...); "
+        "SQLite: column of the image bytes (default: image)",
+    )
+    t.add_argument("--caption-column", help="column of the captions, stored as KEY.txt (default: caption/text/txt)")
+    t.add_argument(
+        "--label-column",
+        help="column of the class labels, stored as KEY.cls (default: label/class/cls/target; SQLite: label)",
+    )
+    t.add_argument(
+        "--key-column",
+        help="column of the sample keys: unique, no '/' or '.' (default: row numbers; SQLite: key, else the rowid)",
+    )
+    t.add_argument(
+        "--columns",
+        type=column_list,
+        metavar="A,B,...",
+        help="the columns to keep in KEY.json (default: every column without another role; '' keeps none)",
+    )
     g = w.add_argument_group("dataset formats (HDF5, numpy, LMDB, SQLite, TFRecord, binary)")
     g.add_argument("--images-key", help="HDF5 dataset or .npz array of the images (default: images, else data)")
     g.add_argument("--labels-key", help="HDF5 dataset or .npz array of the labels (default: labels, if present)")
@@ -208,9 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape", type=shape, help="raw memmap shape, e.g. 1000,64,64,3")
     g.add_argument("--dtype", help="raw memmap dtype, e.g. uint8")
     g.add_argument("--table", help="SQLite table (default: the only table, or the only one with the image column)")
-    g.add_argument("--image-column", help="SQLite column of the image bytes (default: image)")
-    g.add_argument("--label-column", help="SQLite column of the labels (default: label, if present)")
-    g.add_argument("--key-column", help="SQLite column of sample ids (default: key, if present, else the rowid)")
     g.add_argument("--image-feature", help="TFRecord feature of the image (default: image/encoded, else image)")
     g.add_argument("--label-feature", help="TFRecord feature of the label (default: image/class/label, else label)")
     g.add_argument("--index", help="index file of a binary source")

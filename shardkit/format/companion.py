@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .compression import COMPRESSED_SUFFIXES
+from .index import Manifest
+from .samples import EMPTY, MARKERS, MISSING  # the encoder writes them; defined beside it
 
-if TYPE_CHECKING:  # the sample encoder imports the markers: no import of the index at run time
-    from .index import Manifest
-
-#: The member (empty) a companion holds for a key it has no value for: a joined read drops the sample.
-MISSING = "__missing__"
-#: The member (empty) a companion holds for a key it adds no field to: the sample stays as it is.
-EMPTY = "__empty__"
-MARKERS = (MISSING, EMPTY)
+__all__ = [
+    "EMPTY",
+    "MARKERS",
+    "MISSING",
+    "alignment_problems",
+    "base_ref",
+    "companion_shard_name",
+    "first_key_mismatch",
+    "manifest_sha256",
+]
 
 
 def manifest_sha256(data: bytes) -> str:

@@ -7,15 +7,17 @@ Every source yields samples shaped like the shards they become::
 and exposes ``len()`` when it knows its size (for the progress bar) and ``classes``
 (label names, or None). Sources stream: memory stays bounded whatever the source size.
 
-Formats: ``folder`` (ImageFolder layout), ``list`` (``path<TAB>label`` lines), ``csv``,
-``jsonl``, and the migration formats ``hdf5``, ``numpy``, ``lmdb``, ``sqlite``,
-``tfrecord``, ``binary`` (a big file plus an offset/length/label index). Each migration
-format lives in its own module exposing ``detect(path) -> bool`` and
-``open_source(path, options) -> SampleSource``.
+Formats: ``folder`` (ImageFolder layout), ``list`` (``path<TAB>label`` lines), the tables
+``csv``, ``tsv``, ``jsonl`` and ``parquet`` (every column kept: images, caption, label,
+the rest as JSON; :mod:`shardkit.ingest.table`, :mod:`shardkit.ingest.columns`), and the
+migration formats ``hdf5``, ``numpy``, ``lmdb``, ``sqlite``, ``tfrecord``, ``binary`` (a
+big file plus an offset/length/label index). Each migration format lives in its own
+module exposing ``detect(path) -> bool`` and ``open_source(path, options) -> SampleSource``.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 from collections.abc import Iterator
@@ -44,12 +46,16 @@ class IngestOptions:
         (lossy, only when asked), "npy" (raw array).
     quality: JPEG quality when encoding dense arrays as jpg.
     shape / dtype: layout of a raw memmap file.
-    table / image_column / label_column / key_column: SQLite layout.
+    table: SQLite table.
+    image_column / label_column / key_column: the columns of the images, class labels and
+        sample keys (tables and SQLite; default: found by type and name, no key column).
+    caption_column: the column of the captions (tables; default: found by name).
+    columns: the columns to keep in ``KEY.json`` (tables; default: every other column).
     image_feature / label_feature: TFRecord tf.train.Example feature names.
     index: the index file of a binary+index source (default: SRC + ".idx" or ".index").
     labels: optional labels file for numpy sources.
     allow_pickle: unpickle LMDB values (only for sources you trust).
-    workers: threads for reading/probing image files (folder, list, csv, jsonl).
+    workers: threads for reading/probing image files when a source is iterated by hand.
     strict: a corrupt/unreadable input is an error instead of a reported skip.
     validate: fully decode every image before storing it (skip, or with strict fail, on
         files that do not decode); off only for trusted data.
@@ -67,6 +73,8 @@ class IngestOptions:
     image_column: str | None = None
     label_column: str | None = None
     key_column: str | None = None
+    caption_column: str | None = None
+    columns: tuple[str, ...] | None = None
     image_feature: str | None = None
     label_feature: str | None = None
     index: str | None = None
@@ -80,9 +88,11 @@ class IngestOptions:
 
 # Format name -> module below shardkit.ingest; detection tries them in this order.
 FORMATS: dict[str, str] = {
+    "tsv": "table",  # before list: a .tsv whose header names an image column is a table
     "list": "files",
-    "csv": "files",
-    "jsonl": "files",
+    "csv": "table",
+    "jsonl": "table",
+    "parquet": "table",
     "hdf5": "hdf5",
     "numpy": "numpy_source",
     "lmdb": "lmdb_source",
@@ -92,7 +102,8 @@ FORMATS: dict[str, str] = {
     "folder": "files",  # last: any directory matches, LMDB and TFRecord folders included
 }
 
-FILE_FORMATS = ("folder", "list", "csv", "jsonl")
+TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+FILE_FORMATS = ("folder", "list", *TABLE_FORMATS)  # detect(src, fmt); shuffle, resize and quality apply
 
 # The IngestOptions fields each format reads, besides the check's (strict, validate,
 # max_pixels) that every source honours. Any other field set away from its default is
@@ -100,6 +111,10 @@ FILE_FORMATS = ("folder", "list", "csv", "jsonl")
 _DENSE = {"image_format", "quality"}
 FORMAT_OPTIONS: dict[str, frozenset[str]] = {
     **{fmt: frozenset({"workers"}) for fmt in FILE_FORMATS},
+    **{
+        fmt: frozenset({"workers", "image_column", "caption_column", "label_column", "key_column", "columns"})
+        for fmt in TABLE_FORMATS
+    },
     "hdf5": frozenset({"images_key", "labels_key", "keys_key", *_DENSE}),
     "numpy": frozenset({"images_key", "labels_key", "keys_key", "shape", "dtype", "labels", "allow_pickle", *_DENSE}),
     "lmdb": frozenset({"allow_pickle", *_DENSE}),
@@ -109,7 +124,7 @@ FORMAT_OPTIONS: dict[str, frozenset[str]] = {
 }
 
 # Optional libraries and the extra that installs them.
-EXTRAS = {"h5py": "hdf5", "lmdb": "lmdb"}
+EXTRAS = {"h5py": "hdf5", "lmdb": "lmdb", "pyarrow": "parquet"}
 
 
 def missing_library(library: str, fmt: str) -> ShardkitError:
@@ -122,9 +137,14 @@ def _module(fmt: str):
     return importlib.import_module(f"{__name__}.{FORMATS[fmt]}")
 
 
+def _exists(src: str) -> bool:
+    """A file or folder, or a pattern matching files (a Parquet table's files)."""
+    return os.path.exists(src) or (any(c in src for c in "*?[") and bool(glob.glob(src, recursive=True)))
+
+
 def detect_format(src: str) -> str:
     """Guess the source format of ``src`` from its type, suffix and magic bytes."""
-    if not os.path.exists(src):
+    if not _exists(src):
         raise ShardkitError(f"{src}: no such file or folder")
     for fmt in FORMATS:
         try:
@@ -149,7 +169,7 @@ def open_source(
     fmt = fmt or detect_format(src)
     if fmt not in FORMATS:
         raise ShardkitError(f"unknown source format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not os.path.exists(src):
+    if not _exists(src):
         raise ShardkitError(f"{src}: no such file or folder")
     check_options(options, fmt)
     module = _module(fmt)
@@ -178,7 +198,7 @@ def check_options(options: IngestOptions, fmt: str) -> None:
     for option in sorted(set().union(*FORMAT_OPTIONS.values())):
         if option in reads or getattr(options, option) == getattr(default, option):
             continue
-        users = [f for f, names in FORMAT_OPTIONS.items() if option in names and f not in FILE_FORMATS]
+        users = [f for f, names in FORMAT_OPTIONS.items() if option in names and f not in ("folder", "list")]
         raise ShardkitError(
             f"{_named(option)} does not apply to {fmt} sources"
             + (f"; it is read by {', '.join(users)}" if users else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,17 @@ from . import IngestOptions
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20  # rows read at once: bounded memory, few calls
+
+
+@dataclass(frozen=True)
+class Warned:
+    """A sample (or list of samples) kept although an image decoded only with a decoder
+    warning the reader tolerates (:mod:`shardkit.decode.check`), with ``(where, warning)``
+    for each such image: what loaders and the writer's workers return so that the write
+    can count and list them apart from the skipped inputs."""
+
+    sample: Any
+    warnings: tuple[tuple[str, str], ...]
 
 
 def sniff_ext(data: bytes | memoryview) -> str | None:

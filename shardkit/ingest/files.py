@@ -1,11 +1,11 @@
-"""Image files as a sample source: an ImageFolder tree, a list file, a CSV or a JSONL.
+"""Image files as a sample source: an ImageFolder tree or a list file; and the loading of
+one image (read, real format, decode check, re-encode) that tables share.
 
 - folder: ``SRC/<class>/**/<image>`` (labels = index of the class in sorted class names),
   or a flat folder of images (no labels).
 - list: one ``path<TAB>label`` per line (label optional; ``#`` comments).
-- csv / jsonl: a path column (``path``/``file``/``filename``/``image``) and an optional
-  label column (``label``/``class``/``cls``).
-Relative paths resolve against the list file's folder. Integer labels are used as
+Tables of image paths with more columns (CSV, TSV, JSONL, Parquet) are
+:mod:`shardkit.ingest.table`. Relative paths resolve against the list file's folder. Integer labels are used as
 they are; label names become indices into their sorted set (recorded as classes).
 
 Images are stored byte-for-byte as on disk, under the extension of their real format
@@ -18,22 +18,21 @@ with ``strict``).
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
 import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..decode.check import decode_problem
+from ..decode.check import check_image
 from ..decode.imageinfo import probe_image
 from ..decode.pixels import upright_rgb
 from ..errors import ShardkitError
 from ..threadmap import ordered_map
 from . import IngestOptions
+from .common import Warned, sniff_ext
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +52,8 @@ class Entry:
 def detect(src: str, fmt: str) -> bool:
     if fmt == "folder":
         return os.path.isdir(src)
-    lower = src.lower()
-    if fmt == "csv":
-        return os.path.isfile(src) and lower.endswith(".csv")
-    if fmt == "jsonl":
-        return os.path.isfile(src) and lower.endswith((".jsonl", ".ndjson"))
-    if fmt == "list":
-        return os.path.isfile(src) and lower.endswith((".txt", ".lst", ".list", ".tsv"))
+    if fmt == "list":  # a .tsv with a header naming its columns is a table (tried first)
+        return os.path.isfile(src) and src.lower().endswith((".txt", ".lst", ".list", ".tsv"))
     return False
 
 
@@ -137,41 +131,6 @@ def _list_entries(src: str) -> tuple[list[Entry], list[str] | None]:
     return _labelled(rows, os.path.dirname(os.path.abspath(src)), src)
 
 
-def _pick_column(columns: list[str], wanted: tuple[str, ...], src: str, what: str, required: bool) -> str | None:
-    lower = {c.lower(): c for c in columns}
-    for name in wanted:
-        if name in lower:
-            return lower[name]
-    if required:
-        raise ShardkitError(f"{src}: no {what} column (looked for {', '.join(wanted)}; found {', '.join(columns)})")
-    return None
-
-
-def _table_entries(src: str, fmt: str) -> tuple[list[Entry], list[str] | None]:
-    records: list[dict[str, Any]] = []
-    with open(src, encoding="utf-8", newline="") as f:
-        if fmt == "csv":
-            records = list(csv.DictReader(f))
-        else:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError as e:
-                        raise ShardkitError(f"{src}: line {lineno}: not JSON ({e})") from None
-    if not records:
-        raise ShardkitError(f"{src}: has no rows")
-    columns = list(records[0].keys())
-    path_col = _pick_column(columns, _PATH_COLUMNS, src, "path", True)
-    assert path_col is not None  # required=True raises instead of returning None
-    label_col = _pick_column(columns, _LABEL_COLUMNS, src, "label", False)
-    rows = [
-        (str(r[path_col]), None if label_col is None or r.get(label_col) is None else str(r[label_col]))
-        for r in records
-    ]
-    return _labelled(rows, os.path.dirname(os.path.abspath(src)), src)
-
-
 def looks_truncated(ext: str, data: bytes) -> bool:
     """Cheap end-marker check: a JPEG without EOI or a PNG without IEND was cut short."""
     if ext == "jpg":
@@ -198,51 +157,99 @@ def _reencode(data: bytes, max_side: int | None, quality: int | None) -> tuple[b
         return out.getvalue(), img.width, img.height
 
 
+class Prepared(NamedTuple):
+    """An image ready to store: its extension (real format), bytes, size (None when the
+    header does not say) and the decoder warning it decoded with, if any."""
+
+    ext: str
+    data: bytes
+    width: int | None
+    height: int | None
+    warning: str | None
+
+
+def prepare_image(
+    data: bytes,
+    *,
+    validate: bool = True,
+    max_pixels: int | None = None,
+    strict: bool = False,
+    resize: int | None = None,
+    quality: int | None = None,
+) -> Prepared | str:
+    """Check and (when asked) re-encode one image; the reason it cannot be stored otherwise.
+
+    The extension comes from the bytes, never from a file name. ``validate``: fully decoded
+    (:func:`shardkit.decode.check.check_image`); a decoder warning the reader tolerates is
+    returned with the image (``strict``: it is a reason to skip). ``resize``/``quality``:
+    re-encoded as JPEG after the check.
+    """
+    info = probe_image(data)
+    ext = info.ext if info is not None else sniff_ext(data)
+    if ext is None:
+        return "not a recognised image format"
+    if looks_truncated(ext, data):
+        return f"truncated {ext} (no end marker)"
+    width, height = (info.width, info.height) if info is not None else (None, None)
+    warning = None
+    if validate:
+        check = check_image(data, max_pixels=max_pixels)
+        if check.problem:
+            return check.problem
+        if check.warning and strict:
+            return f"decodes only with a warning: {check.warning}"
+        warning = check.warning
+    if resize or quality:
+        try:
+            data, width, height = _reencode(data, resize, quality)
+        except Exception as e:  # PIL raises many types for corrupt data
+            return f"cannot decode to re-encode: {e}"
+        ext = "jpg"
+    return Prepared(ext, data, width, height, warning)
+
+
 @dataclass(frozen=True)
 class EntryLoader:
     """Read one image file and build its sample, or say why it is skipped: ``(path, reason)``.
 
-    With ``validate`` every image is fully decoded (:func:`shardkit.decode.check.decode_problem`),
+    With ``validate`` every image is fully decoded (:func:`shardkit.decode.check.check_image`),
     so a file truncated in the middle, corrupt, in a codec PIL cannot read or over the pixel
-    limit is skipped with its reason instead of being stored. Picklable: it runs in the
-    writer's worker processes.
+    limit is skipped with its reason instead of being stored; one that decodes only with a
+    warning the reader tolerates comes back as :class:`~shardkit.ingest.common.Warned`
+    (``strict``: skipped instead). Picklable: it runs in the writer's worker processes.
     """
 
     resize: int | None = None
     quality: int | None = None
     validate: bool = True
     max_pixels: int | None = None
+    strict: bool = False
 
-    def __call__(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
+    def __call__(self, item: tuple[str, Entry]) -> dict[str, Any] | Warned | tuple[str, str]:
         key, entry = item
         try:
             with open(entry.path, "rb") as f:
                 data = f.read()
         except OSError as e:
             return entry.path, f"cannot read: {e.strerror}"
-        info = probe_image(data)
-        if info is None:
-            return entry.path, "not a recognised image format"
-        if looks_truncated(info.ext, data):
-            return entry.path, f"truncated {info.ext} (no end marker)"
-        ext, width, height = info
-        if self.validate:
-            problem = decode_problem(data, max_pixels=self.max_pixels)
-            if problem:
-                return entry.path, problem
-        if self.resize or self.quality:
-            try:
-                data, width, height = _reencode(data, self.resize, self.quality)
-            except Exception as e:  # PIL raises many types for corrupt data
-                return entry.path, f"cannot decode to re-encode: {e}"
-            ext = "jpg"
+        image = prepare_image(
+            data,
+            validate=self.validate,
+            max_pixels=self.max_pixels,
+            strict=self.strict,
+            resize=self.resize,
+            quality=self.quality,
+        )
+        if isinstance(image, str):
+            return entry.path, image
+        ext, data, width, height, warning = image
         meta: dict[str, Any] = {"path": entry.rel, "width": width, "height": height}
         sample: dict[str, Any] = {"__key__": key, ext: data}
         if entry.label is not None:
             sample["cls"] = entry.label
             meta["label"] = entry.label_name if entry.label_name is not None else entry.label
         sample["json"] = meta
-        return sample
+        return Warned(sample, ((entry.path, f"{ext}: {warning}"),)) if warning else sample
 
 
 class FileSource:
@@ -262,10 +269,8 @@ class FileSource:
         self.src = src
         if fmt == "folder":
             entries, self.classes = _folder_entries(src)
-        elif fmt == "list":
-            entries, self.classes = _list_entries(src)
         else:
-            entries, self.classes = _table_entries(src, fmt)
+            entries, self.classes = _list_entries(src)
         if not entries:
             raise ShardkitError(f"{src}: found no image files")
         # Keys come from the source order, so shuffled output keeps stable keys.
@@ -277,6 +282,7 @@ class FileSource:
         self.resize = resize
         self.quality = quality
         self.skipped: list[tuple[str, str]] = []  # (path, reason)
+        self.warned: list[tuple[str, str]] = []  # (path, decoder warning): kept
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -284,10 +290,14 @@ class FileSource:
     def loader(self) -> EntryLoader:
         """The picklable per-file work (read, check, build the sample) for worker processes."""
         return EntryLoader(
-            resize=self.resize, quality=self.quality, validate=self.options.validate, max_pixels=self.options.max_pixels
+            resize=self.resize,
+            quality=self.quality,
+            validate=self.options.validate,
+            max_pixels=self.options.max_pixels,
+            strict=self.options.strict,
         )
 
-    def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | tuple[str, str]:
+    def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | Warned | tuple[str, str]:
         return self.loader()(item)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -305,6 +315,10 @@ class FileSource:
                 log.warning("skipping %s: %s", path, reason)
                 self.skipped.append(result)
                 continue
+            if isinstance(result, Warned):
+                log.info("%s: decoded with a warning: %s", *result.warnings[0])
+                self.warned.extend(result.warnings)
+                result = result.sample
             yield result
 
 

@@ -362,10 +362,18 @@ class ShardDataset(PlannedDataset):
         self, handler: Callable[[Exception], None], stats: ReadStats, *, hooks: StageHooks | None = None
     ) -> ShardReader:
         """A reader of this dataset's shards (one per worker), observed by ``hooks``; with
-        ``join``, a JoinedReader of all parts in lockstep."""
+        ``join``, a JoinedReader of all parts in lockstep (``fields`` goes to the base's
+        reader: a field a companion holds is missing from the base sample, so at a break
+        a cut sample is kept only when the base alone proves it whole)."""
         if self.join is None:
             return ShardReader(
-                self.urls, options=self.options, handler=handler, stats=stats, sha256=self.shards.sha256, hooks=hooks
+                self.urls,
+                options=self.options,
+                handler=handler,
+                stats=stats,
+                sha256=self.shards.sha256,
+                hooks=hooks,
+                fields=self.fields,
             )
         parts = [
             ShardReader(part.urls, options=self.options, handler=handler, stats=ReadStats(), sha256=part.sha256)
@@ -380,6 +388,7 @@ class ShardDataset(PlannedDataset):
             stats=stats,
             sha256=self.shards.sha256,
             hooks=hooks,
+            fields=self.fields,
         )
 
     def pipeline(self, handler: Callable[[Exception], None], *, hooks: StageHooks | None = None) -> SamplePipeline:

@@ -244,10 +244,12 @@ class JoinedReader(ShardReader):
         stats: ReadStats | None = None,
         sha256: list[str | None] | None = None,
         hooks: StageHooks | None = None,
+        fields: str | Sequence[str] | None = None,
     ) -> None:
         if len(parts) != len(join.parts):
             raise ValueError(f"{len(parts)} readers for {len(join.parts)} companions")
-        super().__init__(urls, options=options, handler=handler, stats=stats, sha256=sha256)  # no hooks: see read_hooks
+        # No hooks for the base's own stream: read_hooks observe the joined one.
+        super().__init__(urls, options=options, handler=handler, stats=stats, sha256=sha256, fields=fields)
         self.parts = list(parts)
         self.join = join
         self.read_hooks = hooks or StageHooks()

@@ -4,14 +4,16 @@ With an index, a piece that starts mid-shard seeks straight to its first sample 
 seek, or an HTTP/S3 Range request) and stops at its last; without one, the shard is
 read from the start and the samples before the piece are parsed but not kept.
 Format errors go through the error handler: "raise" re-raises, "warn"/"skip" drop the
-rest of the broken piece (reported as lost positions) and go on.
+rest of the broken piece (reported as lost positions) and go on. When the dataset names
+its ``fields``, a sample cut short by the damage is still kept if it has every field
+asked for (one alternative of each slot): nothing it would be used for is missing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from ..format.tar import iter_member_tuples
 from ..plan.epoch import Piece
 from ..storage.cache import cache_for
 from ..storage.dispatch import SourceOptions, local_path, open_stream, prefetch, read_optional
+from .pipeline import parse_fields
 from .stages import StageHooks
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,23 @@ class CacheCounters:
         return {k: v - self.before.get(k, 0) for k, v in self._now().items()}
 
 
+class HasFields:
+    """Whether a sample has every field a ``fields`` spec asks for (an alternative of each
+    slot): what makes a sample at a cut whole enough to keep. Picklable."""
+
+    def __init__(self, fields: str | Sequence[str]) -> None:
+        self.slots = parse_fields(fields)
+
+    def __call__(self, sample: Sample) -> bool:
+        return all(any(ext in sample for ext in slot) for slot in self.slots)
+
+
 class ShardReader:
-    """Opens shards and yields their samples; caches a few shard indexes."""
+    """Opens shards and yields their samples; caches a few shard indexes.
+
+    ``fields``: the dataset's ``fields=``; a sample in progress where a shard breaks is
+    kept when it has them all (see :func:`shardkit.format.samples.group_members`).
+    """
 
     def __init__(
         self,
@@ -87,8 +105,10 @@ class ShardReader:
         stats: ReadStats | None = None,
         sha256: list[str | None] | None = None,
         hooks: StageHooks | None = None,
+        fields: str | Sequence[str] | None = None,
     ) -> None:
         self.urls = urls
+        self.complete = HasFields(fields) if fields is not None else None
         self.sha256 = sha256
         self.options = options
         self.handler = handler
@@ -123,7 +143,8 @@ class ShardReader:
         stream = open_stream(url, offset=start, length=length, options=self.options, expected_sha256=sha256)
         self.stats.shards_opened += 1
         try:
-            for _, end, sample in group_members(iter_member_tuples(stream, url=url, start=start, stop=stop), url=url):
+            members = iter_member_tuples(stream, url=url, start=start, stop=stop)
+            for _, end, sample in group_members(members, url=url, complete=self.complete):
                 self.stats.bytes_read += end - start
                 start = end
                 self.stats.samples_read += 1

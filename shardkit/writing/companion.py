@@ -39,13 +39,13 @@ from typing import Any
 from ..errors import ShardkitError
 from ..format.companion import EMPTY, MISSING
 from ..format.index import Manifest, manifest_name
-from ..format.samples import Sample
+from ..format.samples import Sample, encode_field
 from ..storage.backend import DEFAULT_OPTIONS, SourceOptions, local_path
 from . import resume as record
 from .companion_base import BaseSet, open_base
 from .pool import default_workers, ordered_results, require_picklable, start_method_for
 from .result import WriteResult, build_result
-from .writer import ShardWriter, encode_field
+from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
 from ..errors import ShardkitError
 from ..format.index import Manifest, manifest_name
 from ..ingest import IngestOptions
+from ..ingest.common import Warned
 from ..ingest.files import Entry, EntryLoader
 from ..sizes import parse_size
 from ..storage.backend import SourceOptions, local_path
@@ -92,10 +93,15 @@ def write(
 ) -> WriteResult:
     """Write ``inputs`` into tar shards in ``dest`` (what ``shardkit write`` runs).
 
-    ``inputs``: a path ``shardkit write`` accepts (an image folder, a list/CSV/TSV/JSONL
-    file, or a dataset format: HDF5, numpy, LMDB, SQLite, TFRecord, binary + index; ``fmt``
-    names it when detection cannot, ``options`` carries its layout, see
-    :class:`shardkit.ingest.IngestOptions`), or a sequence (any iterable) of items.
+    ``inputs``: a path ``shardkit write`` accepts (an image folder, a list file, a table:
+    CSV, TSV, JSONL or Parquet (a file, a folder or a pattern of files), or a dataset
+    format: HDF5, numpy, LMDB, SQLite, TFRecord, binary + index; ``fmt`` names it when
+    detection cannot, ``options`` carries its layout, see
+    :class:`shardkit.ingest.IngestOptions`), or a sequence (any iterable) of items. A
+    table keeps every column (image -> ``KEY.jpg``, a list of images -> ``KEY.0.jpg``...,
+    caption -> ``KEY.txt``, label -> ``KEY.cls``, the rest -> ``KEY.json``, see
+    :mod:`shardkit.ingest.columns`); ``result.columns`` says which went where and
+    ``result.notes`` what changed on the way (NaN stored as null...).
 
     ``fn(item)``: optional; returns a sample dict (``{"jpg": bytes, "txt": "a caption",
     "json": {...}}``), a list of them, or None to drop the item. For a path input the item
@@ -106,16 +112,20 @@ def write(
     ``000042_0``, ``000042_1``... for a list).
 
     Output bytes are identical for any ``workers`` (default: the CPU cores, or 1 when the
-    workers would have nothing to do: a dataset format with ``validate=False`` and no
-    ``fn``). ``validate``: every image of every sample is fully decoded first; an input
-    whose image does not decode is skipped and listed in ``result.skipped`` (``strict``:
-    the first one raises); ``max_pixels`` is that check's decompression-bomb limit.
+    workers would have nothing to do: a dataset format, or a table holding its images, with
+    ``validate=False`` and no ``fn``). ``validate``: every image of every sample is fully
+    decoded first; an input whose image does not decode is skipped and listed in
+    ``result.skipped`` (``strict``: the first one raises); an image that decodes only with a
+    decoder warning the reader tolerates (extraneous bytes before a marker, a bad ICC
+    segment) is kept and listed in ``result.warned`` (``strict``: it is a problem too, so it
+    raises); ``max_pixels`` is that check's decompression-bomb limit.
     ``part=(I, N)`` or ``"I/N"``: write input slice I of N (merge with
     :func:`shardkit.writing.merge.merge_parts`); ``resume``: carry on a killed write of the
     same input and options; ``overwrite``: replace a dataset of the same ``name``.
-    ``shuffle``/``seed``/``resize``/``quality``: image-file inputs (``quality`` also for
-    dense arrays stored as JPEG). ``classes``: label names for the manifest of an item
-    sequence. ``progress``: a progress bar (default: when stderr is a terminal).
+    ``shuffle``/``seed``/``resize``/``quality``: image-file and table inputs (a Parquet
+    table is not shuffled; ``quality`` also for dense arrays stored as JPEG). ``classes``:
+    label names for the manifest of an item sequence. ``progress``: a progress bar
+    (default: when stderr is a terminal).
     """
     _refuse_contradictions(
         workers=workers, resume=resume, overwrite=overwrite, validate=validate, max_pixels=max_pixels
@@ -144,7 +154,7 @@ def write(
         given = [k for k, v in path_only.items() if v not in (None, False)]
         if given:
             raise ValueError(f"{', '.join(given)} apply to a path input (a folder, list file or dataset), not to items")
-        plan = plan_items(inputs, fn=fn, validate=validate, max_pixels=max_pixels, classes=classes)
+        plan = plan_items(inputs, fn=fn, validate=validate, strict=strict, max_pixels=max_pixels, classes=classes)
     if fn is not None:
         plan.fingerprint["fn"] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
     result = write_parallel(
@@ -172,6 +182,8 @@ def write(
         what="fn" if fn is not None else "the work function",
     )
     result.skipped = list(getattr(plan.source, "skipped", [])) + result.skipped
+    result.columns = plan.columns
+    result.notes = plan.notes
     return result
 
 
@@ -220,13 +232,13 @@ def write_parallel(
     fingerprint = dict(fingerprint or {})
     fingerprint.update(shard_size=parse_size(shard_size), max_count=max_count, name=name, total=total)
     writer_name = name
+    start, stop = 0, None  # the slice of the inputs this write covers
     if part is not None:
         require_local(dest, "--part")
         if total is None:
             raise ShardkitError("--part needs an input whose size is known")
         index, count = part
         start, stop = part_slice(total, index, count)
-        items = islice(items, start, stop)
         writer_name = part_name(name, index, count)
         fingerprint["part"] = [index, count]
         total = stop - start
@@ -274,10 +286,11 @@ def write_parallel(
         record.save(writer.dest, writer_name, fingerprint, starts)
     first_input, first_sample = point.next
     skipped: list[Skip] = []
+    warned: list[Skip] = []
     filtered = 0
     bar = None
     try:
-        indexed = enumerate(islice(items, first_input, None), first_input)
+        indexed = enumerate(window(items, start + first_input, stop), first_input)
         for index, result in ordered_results(
             work,
             indexed,
@@ -289,6 +302,11 @@ def write_parallel(
             preload=PRELOAD,
             on_start=on_start,
         ):
+            if isinstance(result, Warned):
+                for where, warning in result.warnings:
+                    log.info("%s: decoded with a warning (kept): %s", where, warning)
+                warned.extend(result.warnings)
+                result = result.sample
             if isinstance(result, tuple):
                 where, reason = result
                 if strict:
@@ -324,7 +342,14 @@ def write_parallel(
     manifest = writer.close()
     if local is not None:
         record.remove(dest, writer_name)
-    return build_result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered)
+    return build_result(manifest, dest, writer_name, started, skipped, len(point.adopt), workers, filtered, warned)
+
+
+def window(items: Iterable[Any], start: int, stop: int | None) -> Iterator[Any]:
+    """Items ``start`` to ``stop``: through the items' own ``window(start, stop)`` when they
+    have one (a table seeks to the row instead of reading the rows before it)."""
+    own = getattr(items, "window", None)
+    return own(start, stop) if callable(own) else islice(items, start, stop)
 
 
 def _refuse_contradictions(
@@ -393,7 +418,10 @@ def write_files(
     fingerprint = {"paths": len(paths), "validate": validate, "max_pixels": max_pixels}
     return write_parallel(
         entries,
-        SampleWork(load=EntryLoader(validate=validate, max_pixels=max_pixels), validate=False),
+        SampleWork(
+            load=EntryLoader(validate=validate, max_pixels=max_pixels, strict=bool(kwargs.get("strict"))),
+            validate=False,
+        ),
         dest,
         total=len(entries),
         workers=workers,

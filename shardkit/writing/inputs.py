@@ -2,8 +2,10 @@
 they run on each, and the fingerprint a resumed write must match.
 
 A path input is opened with :func:`shardkit.ingest.open_source`: image files travel as
-``(key, Entry)`` and are read in the workers; samples of a dataset format are read here
-and travel whole. A sequence of items travels as ``(position, item)``.
+``(key, Entry)`` and are read in the workers; the rows of a table as ``(key, Row)`` (its
+caption, label and JSON columns converted here, its images read or checked in the
+workers), streamed; samples of a dataset format are read here and travel whole. A
+sequence of items travels as ``(position, item)``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from ..ingest import FILE_FORMATS, IngestOptions, detect_format, open_source
 from ..ingest.files import FileSource
+from ..ingest.table import TableSource
 from .work import SampleWork
 
 
@@ -32,9 +35,25 @@ class Plan:
     prefetch: int = 2
     source: Any = None
 
+    @property
+    def columns(self) -> dict[str, str]:
+        """Where each column of a table input went (empty for other inputs)."""
+        return self.source.plan.destinations() if isinstance(self.source, TableSource) else {}
+
+    @property
+    def notes(self) -> list[str]:
+        """What the input said about its columns and values while it was read."""
+        return list(getattr(self.source, "notes", []))
+
 
 def plan_items(
-    inputs: Iterable[Any], *, fn: Any, validate: bool, max_pixels: int | None, classes: list[str] | None
+    inputs: Iterable[Any],
+    *,
+    fn: Any,
+    validate: bool,
+    strict: bool,
+    max_pixels: int | None,
+    classes: list[str] | None,
 ) -> Plan:
     try:
         total: int | None = len(inputs)  # type: ignore[arg-type]
@@ -44,7 +63,7 @@ def plan_items(
     items = ((f"{i:0{width}d}", item) for i, item in enumerate(inputs))
     return Plan(
         items,
-        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels),
+        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels, strict=strict),
         total,
         classes,
         {"inputs": total, "validate": validate, "max_pixels": max_pixels},
@@ -88,7 +107,7 @@ def plan_source(
     own = getattr(source, "classes", None)
     if classes is not None and own is not None and list(classes) != list(own):
         raise ValueError(f"{src} names its classes ({', '.join(own[:5])}...); classes= would contradict them")
-    fingerprint = {
+    fingerprint: dict[str, Any] = {
         "src": os.path.abspath(src),
         "format": fmt,
         "shuffle": shuffle,
@@ -98,10 +117,28 @@ def plan_source(
         "validate": validate,
         "max_pixels": max_pixels,
     }
+    if isinstance(source, TableSource):
+        fingerprint["columns"] = source.plan.destinations()
+        # With fn, the check runs on what fn returns, not on the row it was given.
+        rows = replace(source.loader(), validate=validate and fn is None)
+        work = SampleWork(fn=fn, load=rows, validate=validate and fn is not None, max_pixels=max_pixels, strict=strict)
+        heavy = source.embedded  # rows carry their image bytes through the pipes
+        return Plan(
+            source.items(),
+            work,
+            len(source),
+            own or classes,
+            fingerprint,
+            # images in the table, not checked nor re-encoded: the workers would only pass bytes along
+            idle=heavy and fn is None and not validate and not (resize or quality),
+            batch_size=4 if heavy else 8,
+            prefetch=1 if heavy else 2,
+            source=source,
+        )
     if isinstance(source, FileSource):
         # With fn, the check runs on what fn returns, not on the file it was given.
         load = replace(source.loader(), validate=validate and fn is None)
-        work = SampleWork(fn=fn, load=load, validate=validate and fn is not None, max_pixels=max_pixels)
+        work = SampleWork(fn=fn, load=load, validate=validate and fn is not None, max_pixels=max_pixels, strict=strict)
         return Plan(source.entries, work, len(source.entries), own or classes, fingerprint, source=source)
     try:
         total: int | None = len(source)
@@ -109,7 +146,7 @@ def plan_source(
         total = None
     return Plan(
         ((sample["__key__"], sample) for sample in source),
-        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels),
+        SampleWork(fn=fn, validate=validate, max_pixels=max_pixels, strict=strict),
         total,
         own or classes,
         fingerprint,

@@ -13,7 +13,9 @@ from .work import Skip
 
 @dataclass
 class WriteResult:
-    """What a write did: shards and samples in the dataset, the inputs skipped in this run."""
+    """What a write did: shards and samples in the dataset, the inputs skipped in this run,
+    and the images kept although they decoded only with a warning (``warned``: ``(where,
+    warning)``; the reader decodes them too; ``strict=True`` refuses them instead)."""
 
     shards: int
     samples: int
@@ -26,6 +28,9 @@ class WriteResult:
     workers: int = 1
     written: int | None = None  # samples written by this run (resumed shards excluded)
     filtered: int = 0  # inputs ``fn`` returned None (or no samples) for, in this run
+    warned: list[Skip] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)  # a table's columns -> where they went
+    notes: list[str] = field(default_factory=list)  # what the input said about its columns and values
 
     @property
     def rate(self) -> float:
@@ -42,7 +47,11 @@ class WriteResult:
             "samples_per_s": round(self.rate, 1),
             "skipped": len(self.skipped),
             "skipped_files": [{"path": where, "reason": reason} for where, reason in self.skipped],
+            "warned": len(self.warned),
+            "warned_files": [{"path": where, "warning": warning} for where, warning in self.warned],
             "filtered": self.filtered,
+            "columns": self.columns,
+            "notes": self.notes,
             "resumed_shards": self.resumed_shards,
             "workers": self.workers,
             "pattern": self.pattern,
@@ -66,6 +75,7 @@ def build_result(
     resumed: int,
     workers: int,
     filtered: int,
+    warned: list[Skip] | None = None,
 ) -> WriteResult:
     """The one builder of a WriteResult, from the manifest the write left."""
     return WriteResult(
@@ -80,4 +90,5 @@ def build_result(
         workers=workers,
         written=sum(s.samples for s in manifest.shards[resumed:]),
         filtered=filtered,
+        warned=list(warned or []),
     )

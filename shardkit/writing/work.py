@@ -15,11 +15,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..decode.check import sample_problem
+from ..decode.check import check_sample
+from ..ingest.common import Warned
 from ..ingest.files import Entry
+from ..ingest.table import Row
 
 Skip = tuple[str, str]  # (where, reason)
-Result = dict[str, Any] | list[dict[str, Any]] | Skip | None
+Result = dict[str, Any] | list[dict[str, Any]] | Warned | Skip | None
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
@@ -39,6 +41,8 @@ def describe_input(item: tuple[str, Any]) -> str:
     key, payload = item
     if isinstance(payload, Entry):
         return payload.path
+    if isinstance(payload, Row):
+        return payload.where
     if isinstance(payload, Mapping) and "__key__" in payload:
         return describe_sample(payload)
     if isinstance(payload, (str, os.PathLike)):
@@ -62,21 +66,28 @@ class SampleWork:
     the user's function; returns a sample dict, a list of sample dicts, or None to drop the
     input; without it the payload must be a sample dict. A sample without ``__key__`` gets
     the input's key (``KEY_0``, ``KEY_1``... for a list). ``validate``: every image field of
-    every sample is fully decoded (:func:`shardkit.decode.check.sample_problem`); the input
-    is skipped, with the reason, when one does not decode.
+    every sample is fully decoded (:func:`shardkit.decode.check.check_sample`); the input
+    is skipped, with the reason, when one does not decode, and kept with its warnings
+    (:class:`~shardkit.ingest.common.Warned`) when one decodes only with a warning the
+    reader tolerates (``strict``: skipped too).
     """
 
     fn: Callable[[Any], Any] | None = None
     load: Callable[[tuple[str, Any]], Any] | None = None
     validate: bool = True
     max_pixels: int | None = None
+    strict: bool = False
 
     def __call__(self, item: tuple[str, Any]) -> Result:
         key, payload = item
+        warned: list[tuple[str, str]] = []
         if self.load is not None:
             payload = self.load(item)
             if isinstance(payload, tuple):  # the loader's (where, reason)
                 return payload
+            if isinstance(payload, Warned):  # the loader checked the image: keep its warnings
+                warned.extend(payload.warnings)
+                payload = payload.sample
         if self.fn is None:
             if not isinstance(payload, Mapping):
                 raise TypeError(f"without fn every input must be a sample dict, got a {type(payload).__name__}")
@@ -95,8 +106,10 @@ class SampleWork:
             ]
         if self.validate:
             for sample in samples:
-                problem = sample_problem(sample, max_pixels=self.max_pixels)
-                if problem:
-                    where = describe_input(item)
-                    return where, problem if single else f"sample {sample['__key__']}: {problem}"
-        return samples[0] if single else samples
+                check = check_sample(sample, max_pixels=self.max_pixels, strict=self.strict)
+                named = "" if single else f"sample {sample['__key__']}: "
+                if check.problem:
+                    return describe_input(item), named + check.problem
+                warned.extend((describe_input(item), named + warning) for warning in check.warnings)
+        result = samples[0] if single else samples
+        return Warned(result, tuple(warned)) if warned else result

@@ -13,8 +13,6 @@ Rules, each for a reason:
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
 import queue
@@ -23,86 +21,19 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import InvalidKeyError, ShardkitError
-from ..format.companion import MARKERS
+from ..errors import ShardkitError
 from ..format.index import Manifest, ShardInfo, encode_index, manifest_name
-from ..format.tar import BLOCK, END_BLOCKS, member_header, padding
+from ..format.samples import encode_field, encode_sample, field_names, validate_key
+from ..format.tar import BLOCK, END_BLOCKS, padding
 from ..sizes import parse_size
 from ..storage.localfile import atomic_write
 
 log = logging.getLogger(__name__)
 
+# Encoding lives in format/samples.py beside the grouping; re-exported for existing imports.
+__all__ = ["ShardWriter", "encode_field", "encode_sample", "shard_path", "validate_key"]
+
 TMP_SUFFIX = ".tmp"
-
-
-def validate_key(key: Any) -> str:
-    """Return ``key`` if it can name tar members that read back as this key."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKeyError(f"sample key must be a non-empty string, got {key!r}")
-    if "\0" in key or "\\" in key:
-        raise InvalidKeyError(f"sample key {key!r} contains a NUL or backslash")
-    if key.startswith("/"):
-        raise InvalidKeyError(f"sample key {key!r} is an absolute path")
-    parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise InvalidKeyError(f"sample key {key!r} has an empty, '.' or '..' path component")
-    if "." in parts[-1]:
-        raise InvalidKeyError(
-            f"sample key {key!r} has a dot in its last component; readers split "
-            "the extension at the first dot, so it would not read back as this key"
-        )
-    return key
-
-
-def encode_field(ext: str, value: Any) -> bytes:
-    """Bytes for one field: bytes as is, str as UTF-8, int/float as text, dict/list as JSON,
-    numpy arrays as .npy."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, bool):
-        raise TypeError(f"field {ext!r}: booleans are ambiguous; encode them yourself")
-    if isinstance(value, (int, float)):
-        return str(value).encode("ascii")
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    if type(value).__module__ == "numpy" and ext.endswith("npy"):
-        import numpy as np
-
-        buf = io.BytesIO()
-        np.save(buf, value, allow_pickle=False)
-        return buf.getvalue()
-    raise TypeError(
-        f"field {ext!r}: cannot store a {type(value).__name__}; pass bytes, str, int, "
-        "float, dict/list (JSON) or a numpy array for .npy"
-    )
-
-
-def encode_sample(sample: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
-    """(header, payload) pairs for a sample, members sorted by extension.
-
-    Fields whose names start with ``_`` are not written, except a companion's empty
-    markers (:data:`shardkit.format.companion.MARKERS`), each standing alone."""
-    key = validate_key(sample.get("__key__"))
-    seen: set[str] = set()
-    members = []
-    for marker in MARKERS:
-        if marker in sample:
-            if sample[marker] != b"" or sum(not k.startswith("_") or k in MARKERS for k in sample) != 1:
-                raise InvalidKeyError(f"sample {key!r}: the {marker} marker stands alone and is empty")
-            return [(member_header(f"{key}.{marker}", 0), b"")]
-    for ext in sorted(k for k in sample if not k.startswith("_")):
-        if not ext or "/" in ext or "\0" in ext:
-            raise InvalidKeyError(f"sample {key!r}: bad field name {ext!r}")
-        if ext.lower() in seen:
-            raise InvalidKeyError(f"sample {key!r}: fields {ext!r} differ only in case; readers lower-case them")
-        seen.add(ext.lower())
-        payload = encode_field(ext, sample[ext])
-        members.append((member_header(f"{key}.{ext}", len(payload)), payload))
-    if not members:
-        raise InvalidKeyError(f"sample {key!r} has no fields to write")
-    return members
 
 
 class _ShardFile:
@@ -316,7 +247,7 @@ class ShardWriter:
             self._abandon_shard()
             raise
         self._size += size
-        self._fields.update(k for k in sample if not k.startswith("_"))
+        self._fields.update(f.lower() for f in field_names(sample))
         self.samples_written += 1
 
     def next_shard(self, *, allow_empty: bool = False) -> None:
