@@ -14,7 +14,8 @@ What it shows:
 - A better caption model later: another companion, joined with ``join_wins={"txt": 2}``
   (part 2 wins). Without a winner a field two parts hold is refused, never overridden.
 - Label fixes from a CSV of only the rows that change, ``missing="empty"`` (every other
-  key keeps its place and its base label), joined with ``join_wins={"cls": 3}``.
+  key keeps its place and its base label) and ``columns=[]`` (the label only in ``cls``,
+  not in ``json`` too), joined with ``join_wins={"cls": 3}``.
 - ``shardkit verify BASE --join COMPANION`` checks a companion against its base: the
   manifest sha256 it recorded, the shards, and every key in order.
 
@@ -24,7 +25,7 @@ Run (CPU, < 1 minute)::
     python examples/recaption.py --count 2000 --workers 4 --keep /tmp/recaption
 
 The command line does the same: ``shardkit companion base/ fixes/ --from fixes.csv
---key-column key --missing empty``. The script prints ``RESULT {...}`` JSON lines (used
+--key-column key --missing empty --columns ''``. The script prints ``RESULT {...}`` JSON lines (used
 by tests/test_examples.py).
 """
 
@@ -161,7 +162,9 @@ def run(root: str, count: int, workers: int) -> None:
         for key in wrong:
             writer.writerow([key, (old[key] + 1) % 4])
     fixed_dir = os.path.join(root, "fixes")
-    fixed = shardkit.write_companion(base, fixed_dir, table=fixes, key_column="key", missing="empty", overwrite=True)
+    fixed = shardkit.write_companion(
+        base, fixed_dir, table=fixes, key_column="key", columns=[], missing="empty", overwrite=True
+    )
     labels = {
         s["__key__"]: int(s["cls"])
         for s in ShardDataset(base, join=[v1, v2, fixed_dir], join_wins={"txt": 2, "cls": 3})

@@ -74,7 +74,8 @@ def test_a_shuffled_table_becomes_an_aligned_companion(base, tmp_path, kind):
     for sample, (i, key) in pairs(joined, enumerate(KEYS)):
         assert sample["__key__"] == key and sample["txt"] == f"a caption for {key}".encode()
         assert sample["cls"] == str(i % 4).encode()
-        assert json.loads(sample["json"]) == {"aesthetic": round(5 + i / 10, 2), "note": None}
+        # the label stays in json too, as shardkit write keeps it
+        assert json.loads(sample["json"]) == {"label": i % 4, "aesthetic": round(5 + i / 10, 2), "note": None}
 
 
 def test_table_keys_stay_text_and_cells_keep_their_type(base, tmp_path):
@@ -103,13 +104,17 @@ def test_missing_keys_follow_the_policy(base, tmp_path):
     empty = write_companion(base, str(tmp_path / "m"), table=table, missing="empty")
     assert len(empty.missing) == 8
     got = list(ShardDataset(str(tmp_path / "m")))
-    assert got[1]["txt"] == b"" and json.loads(got[1]["json"]) == {"aesthetic": None, "note": None}
+    assert got[1]["txt"] == b"" and json.loads(got[1]["json"]) == {"label": None, "aesthetic": None, "note": None}
     assert "cls" not in got[1] and MISSING not in got[1] and got[0]["txt"] == b"a caption for s000000"
 
 
 def test_a_table_of_label_fixes_replaces_only_those_labels(base, tmp_path):
     fixes = write_table(tmp_path / "fixes.csv", [{"key": "s000003", "label": 9}, {"key": "s000011", "label": 8}])
-    result = write_companion(base, str(tmp_path / "fix"), table=fixes, missing="empty")
+    with_json = write_companion(base, str(tmp_path / "j"), table=fixes, missing="empty")  # label in json too
+    with pytest.raises(ShardkitError, match="field 'json' is in the base and companion 1"):
+        ShardDataset(base, join=[str(tmp_path / "j")], join_wins={"cls": 1})
+    assert with_json.samples == 16
+    result = write_companion(base, str(tmp_path / "fix"), table=fixes, missing="empty", columns=[])
     assert len(result.missing) == 14 and result.unmatched == []
     plain = list(ShardDataset(base))
     fixed = list(ShardDataset(base, join=[str(tmp_path / "fix")], join_wins={"cls": 1}))
@@ -120,16 +125,16 @@ def test_a_table_of_label_fixes_replaces_only_those_labels(base, tmp_path):
 
 def test_bad_tables_are_refused_naming_the_row(base, tmp_path):
     dup = write_table(tmp_path / "dup.jsonl", rows(KEYS + KEYS[:1]))
-    with pytest.raises(ShardkitError, match=r"dup\.jsonl: row \d+: key 's000000' appears twice"):
+    with pytest.raises(ShardkitError, match=r"dup\.jsonl.*: key 's000000' \(column 'key'\) is also the key of"):
         write_companion(base, str(tmp_path / "a"), table=dup)
     nokey = write_table(tmp_path / "nokey.csv", [{"name": k, "caption": "x"} for k in KEYS])
     with pytest.raises(ShardkitError, match="no key column 'key'.*columns: name, caption"):
         write_companion(base, str(tmp_path / "a"), table=nokey)
     words = write_table(tmp_path / "words.jsonl", [{"key": k, "label": "cat"} for k in KEYS])
-    with pytest.raises(ShardkitError, match="row 1: class column 'label' holds 'cat', not an integer"):
+    with pytest.raises(ShardkitError, match="holds class names, and the base names no classes to map them to"):
         write_companion(base, str(tmp_path / "a"), table=words)
     (tmp_path / "t.txt").write_text("key\n")
-    with pytest.raises(ShardkitError, match="is .csv, .tsv, .jsonl or .parquet"):
+    with pytest.raises(ShardkitError, match="not a table shardkit reads"):
         write_companion(base, str(tmp_path / "a"), table=str(tmp_path / "t.txt"))
     only_keys = write_table(tmp_path / "keys.jsonl", [{"key": k} for k in KEYS])
     with pytest.raises(ShardkitError, match="nothing to write"):
@@ -153,9 +158,15 @@ def test_cli_companion_ls_cat_and_verify_with_a_join(base, tmp_path):
     cat = shardkit("cat", base, "s000007", "--field", "txt", "--join", str(tmp_path / "c"), *wins)
     assert cat.stdout == b"a caption for s000007"
     cat = shardkit("cat", base, "s000007", "--field", "json", "--join", str(tmp_path / "c"), *wins)
-    assert json.loads(cat.stdout) == {"aesthetic": 5.7, "note": None}
+    assert json.loads(cat.stdout) == {"label": 3, "aesthetic": 5.7, "note": None}
     assert shardkit("ls", base, "--join-wins", "cls=1", check=False).returncode == 1
     assert shardkit("ls", base, "--join", "x", "--join-wins", "cls", check=False).returncode == 2
+    fixes = write_table(tmp_path / "fixes.csv", [{"key": "s000005", "label": 7}])
+    shardkit("companion", base, str(tmp_path / "f"), "--from", fixes, "--missing", "empty", "--columns", "", "-q")
+    fixed = json.loads(shardkit("ls", base, "--join", str(tmp_path / "f"), "--join-wins", "cls=1", "--json").stdout)
+    assert [r["cls"] for r in fixed] == [str(i % 3) if i != 5 else "7" for i in range(16)]
+    flag = shardkit("companion", base, str(tmp_path / "g"), "--fn", "x:y", "--columns", "", check=False)
+    assert flag.returncode == 1 and b"--columns name columns of --from TABLE" in flag.stderr
     report = json.loads(shardkit("verify", base, "--join", str(tmp_path / "c"), "--json").stdout)
     assert report["ok"] and report["shards"] == 8 and report["samples"] == 32
     assert json.loads(shardkit("verify", str(tmp_path / "c"), "--json").stdout)["ok"]  # against its recorded base

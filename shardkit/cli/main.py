@@ -209,14 +209,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_companion(args: argparse.Namespace) -> int:
     from ..writing.companion import write_companion
 
-    if args.key_column is not None and args.table is None:
-        raise ShardkitError("--key-column names the key column of --from TABLE")
+    flags = {"--key-column": args.key_column, "--caption-column": args.caption_column}
+    flags.update({"--label-column": args.label_column, "--columns": args.columns})
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and args.table is None:
+        raise ShardkitError(f"{', '.join(given)} name columns of --from TABLE; --fn has none")
     summary = write_companion(
         args.base,
         args.dest,
         _import_fn(args.fn) if args.fn else None,
         table=args.table,
         key_column=args.key_column,
+        caption_column=args.caption_column,
+        label_column=args.label_column,
+        columns=args.columns,
         missing=args.missing,
         name=args.name,
         workers=args.workers,

@@ -325,7 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="a function of the raw base sample returning a dict of new fields (imported from MODULE)",
     )
-    co.add_argument("--key-column", help="the table's key column (default: key)")
+    co.add_argument("--key-column", help="the table's column of base keys (default: key)")
+    co.add_argument("--caption-column", help="the table's captions, stored as KEY.txt (default: caption/text/txt)")
+    co.add_argument(
+        "--label-column",
+        help="the table's class labels, stored as KEY.cls: indices, or names of the base's classes "
+        "(default: label/class/cls/target)",
+    )
+    co.add_argument(
+        "--columns",
+        type=column_list,
+        metavar="A,B,...",
+        help="the table's columns to keep in KEY.json (default: every column without another role; '' keeps "
+        "none, e.g. for label fixes)",
+    )
     co.add_argument(
         "--missing",
         choices=("error", "skip", "empty"),

@@ -61,14 +61,15 @@ class ColumnPlan:
     """Where each column of a table goes (see the module docstring).
 
     ``image`` / ``caption`` / ``label`` / ``key``: the columns with those roles (None: no
-    such column); ``multi``: the image column holds lists of images; ``image_kind``: what
+    such column; no image column only in a table of new fields, ``images=False``);
+    ``multi``: the image column holds lists of images; ``image_kind``: what
     it holds ("text" paths, "binary" bytes, "image" structs, None unknown); ``json``: the
     columns stored in ``KEY.json``, in table order; ``left_out``: the columns ``keep``
     left out; ``notes``: what the plan decided that a user should hear.
     """
 
     columns: tuple[str, ...]
-    image: str
+    image: str | None
     caption: str | None = None
     label: str | None = None
     key: str | None = None
@@ -82,7 +83,8 @@ class ColumnPlan:
     def destinations(self) -> dict[str, str]:
         """Each column and where it went: ``{"path": "image, json", "caption": "txt", ...}``."""
         out: dict[str, list[str]] = {c: [] for c in self.columns}
-        out[self.image].append("images (0.EXT, 1.EXT...)" if self.multi else "image")
+        if self.image is not None:
+            out[self.image].append("images (0.EXT, 1.EXT...)" if self.multi else "image")
         if self.caption:
             out[self.caption].append("txt")
         if self.label:
@@ -159,6 +161,7 @@ def plan_columns(
     key: str | None = None,
     keep: Sequence[str] | None = None,
     where: str = "table",
+    images: bool = True,
 ) -> ColumnPlan:
     """Decide where each of ``columns`` goes (module docstring).
 
@@ -167,6 +170,8 @@ def plan_columns(
     ``image``/``caption``/``label``/``key``: the columns named by the user; ``keep``: the
     columns to store in ``KEY.json`` (default: every column without another role, the
     label's and the image paths' included). ``where`` names the table in errors.
+    ``images=False``: a table of new fields for samples that have their images (a
+    companion set's, :mod:`shardkit.writing.companion_table`): no column is the image.
     """
     columns = list(columns)
     if len(set(columns)) != len(columns):
@@ -174,13 +179,18 @@ def plan_columns(
         raise ShardkitError(f"{where}: column names repeat ({', '.join(repeated)})")
     kinds = dict(kinds or {})
     notes: list[str] = []
-    image = _named(image, columns, "the images", "--image-column", where) or _find_image(columns, kinds, where)
-    image_kind = kinds.get(image)
-    if _base_kind(image_kind) not in (*IMAGE_KINDS, None):
-        raise ShardkitError(
-            f"{where}: column {image!r} holds {image_kind} values, not image paths, bytes or Hugging Face images"
-        )
-    taken = {image}
+    if not images:
+        if image is not None:
+            raise ShardkitError(f"{where}: a table of new fields has no image column; {image!r} cannot be one")
+        image_kind = None
+    else:
+        image = _named(image, columns, "the images", "--image-column", where) or _find_image(columns, kinds, where)
+        image_kind = kinds.get(image)
+        if _base_kind(image_kind) not in (*IMAGE_KINDS, None):
+            raise ShardkitError(
+                f"{where}: column {image!r} holds {image_kind} values, not image paths, bytes or Hugging Face images"
+            )
+    taken = {image} - {None}
     caption = _named(caption, columns, "captions", "--caption-column", where)
     if caption is None:
         text_columns = [c for c in columns if c not in taken and kinds.get(c) in ("text", None)]

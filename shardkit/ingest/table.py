@@ -204,7 +204,7 @@ class TableSource:
         self.count = len(self.table)
         if self.count == 0:
             raise ShardkitError(f"{src}: has no rows")
-        self.plan: ColumnPlan = plan_columns(
+        plan: ColumnPlan = plan_columns(
             self.table.columns,
             kinds=self.table.kinds,
             image=options.image_column,
@@ -214,6 +214,9 @@ class TableSource:
             keep=options.columns,
             where=src,
         )
+        assert plan.image is not None  # plan_columns always finds one (images=True)
+        self.plan = plan
+        self.image: str = plan.image
         self.classes: list[str] | None = None
         self._lookup: dict[str, int] | None = None  # label name -> cls, when labels are names
         label = self.plan.label
@@ -273,7 +276,7 @@ class TableSource:
         return ref if os.path.isabs(ref) else os.path.join(self.base, ref)
 
     def _row(self, where: str, row: dict[str, Any]) -> Row:
-        refs = [self._path(r, where) for r in image_refs(row.get(self.plan.image), self.plan, where)]
+        refs = [self._path(r, where) for r in image_refs(row.get(self.image), self.plan, where)]
         if not self.plan.multi and isinstance(refs[0], str):
             where = f"{where} ({refs[0]})"
         fields = row_fields(
@@ -300,7 +303,7 @@ class TableSource:
     def loader(self) -> RowLoader:
         """The picklable per-row work (read, check, build the sample) for worker processes."""
         return RowLoader(
-            self.plan.image,
+            self.image,
             validate=self.options.validate,
             max_pixels=self.options.max_pixels,
             strict=self.options.strict,

@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,9 @@ def write_companion(
     *,
     table: str | os.PathLike[str] | None = None,
     key_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+    columns: Sequence[str] | None = None,
     workers: int | None = None,
     name: str | None = None,
     resume: bool = False,
@@ -167,9 +170,12 @@ def write_companion(
     runs on every raw base sample (bytes, as stored) in ``workers`` processes (default:
     the CPU cores), and must pickle for the start method (a module-level function); or
     ``table`` (CSV, TSV, JSONL or Parquet) gives the fields, one row per key in
-    ``key_column`` (see :mod:`shardkit.writing.companion_table`; the table form runs in
-    this process unless ``workers`` is given). Values are stored as ``ShardWriter`` stores
-    them (str as UTF-8, dict/list as JSON, numpy arrays as ``.npy``).
+    ``key_column`` (default ``key``), columns to fields as ``shardkit write`` makes them:
+    ``caption_column`` to ``txt``, ``label_column`` to ``cls`` (names mapped to the base's
+    classes), ``columns`` (default: every other; ``[]`` none) to ``json`` (see
+    :mod:`shardkit.writing.companion_table`; the table form runs in this process unless
+    ``workers`` is given). Values are stored as ``ShardWriter`` stores them (str as UTF-8,
+    dict/list as JSON, numpy arrays as ``.npy``).
 
     The companion's shards are named as the base's and hold the same keys in the same
     order; its manifest is ``dest/NAME.manifest.json`` (``name``: default the base's).
@@ -184,8 +190,15 @@ def write_companion(
         raise ValueError("give the new fields either as fn (a function of the base sample) or as table=, not both")
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-    if key_column is not None and table is None:
-        raise ValueError("key_column names the key column of table=; it means nothing to fn")
+    table_options: dict[str, Any] = {
+        "key_column": key_column,
+        "caption_column": caption_column,
+        "label_column": label_column,
+        "columns": columns,
+    }
+    given = [k for k, v in table_options.items() if v is not None]
+    if given and table is None:
+        raise ValueError(f"{', '.join(given)} name columns of table=; they mean nothing to fn")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if resume and overwrite:
@@ -195,6 +208,7 @@ def write_companion(
     name = name or base_set.manifest.name
     fingerprint: dict[str, Any] = {"companion_of": base_set.sha256, "missing": missing}
     lookup: Any = None
+    classes = None
     if fn is not None:
         work = FieldsWork(CallFn(fn), missing)
         fingerprint["fn"] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
@@ -205,9 +219,18 @@ def write_companion(
         from .companion_table import TableLookup
 
         assert table is not None
-        lookup = TableLookup.open(os.fspath(table), key_column=key_column)
-        empty = lookup.plan.empty() if missing == "empty" else None
-        work = FieldsWork(lookup.plan, missing, empty, f"{os.fspath(table)} has no row for it")
+        lookup = TableLookup.open(
+            os.fspath(table),
+            key_column=key_column,
+            caption_column=caption_column,
+            label_column=label_column,
+            columns=columns,
+            base_classes=base_set.manifest.classes,
+        )
+        empty = lookup.fields.empty() if missing == "empty" else None
+        work = FieldsWork(lookup.fields, missing, empty, f"{os.fspath(table)} has no row for it")
+        if lookup.fields.plan.label is not None:
+            classes = base_set.manifest.classes  # a companion's cls means what the base's means
         fingerprint.update(lookup.fingerprint)
         batch_size = 64
         workers = workers or 1
@@ -233,6 +256,7 @@ def write_companion(
         shard_size=_NO_SIZE_LIMIT,
         shard_names=names,
         base=base_set.ref,
+        classes=classes,
         overwrite=overwrite or resume,
         source_options=source_options,
     )

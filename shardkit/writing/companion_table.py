@@ -1,83 +1,71 @@
 """The table form of a companion write: a CSV, TSV, JSONL or Parquet table, one row per key.
 
-The table is read once into memory as key -> row (a caption table is small next to its
-images); each base key then takes its row. Columns become fields as ``shardkit write``
-makes them: the caption column (``caption``, ``text`` or ``txt``, when exactly one is
-there) becomes ``txt``, a class column (``cls``, ``label`` or ``class``: integers)
-becomes ``cls``, every other column goes into ``json`` with its type (numbers stay
-numbers, an empty CSV cell is null). Parquet needs ``pyarrow`` (``pip install pyarrow``).
+The table is read with the writer's table readers (:mod:`shardkit.ingest.table`) and its
+columns become fields by the same plan as ``shardkit write`` (:mod:`shardkit.ingest.columns`,
+with no image column: the base holds the images): the caption column becomes ``txt``, a
+class column ``cls``, the other columns ``json`` (``columns=`` chooses them; ``[]``
+keeps none, e.g. for a table of label fixes). The key column (``key`` unless named)
+matches rows to base keys. Class names map to the base's class indices (its manifest's
+``classes``): a companion's ``cls`` means what the base's means.
+
+The rows are held in memory as key -> row (a caption table is small beside its images),
+then each base key takes its row in base order.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
+import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ShardkitError
+from ..ingest.columns import ColumnPlan, plan_columns, row_fields
+from ..ingest.table import SUFFIXES, detect, open_table
+from ..ingest.values import check_key, label_classes
 
-CAPTION_COLUMNS = ("caption", "text", "txt")
-CLASS_COLUMNS = ("cls", "label", "class")
-TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+log = logging.getLogger(__name__)
+
+
+def table_format(path: str) -> str:
+    """The table format of ``path`` (by its name; a folder or pattern of Parquet files too).
+    A ``.tsv`` is a table here whatever its header names (no image list to tell it from)."""
+    if detect(path, "parquet"):
+        return "parquet"
+    for fmt, suffixes in SUFFIXES.items():
+        if fmt != "parquet" and os.path.isfile(path) and path.lower().endswith(suffixes):
+            return fmt
+    raise ShardkitError(
+        f"{path}: not a table shardkit reads (.csv, .tsv, .jsonl, .ndjson, .parquet, or a folder of .parquet)"
+    )
 
 
 @dataclass(frozen=True)
-class ColumnPlan:
-    """Which column becomes which field (picklable: it runs in the writer's workers)."""
+class RowFields:
+    """A row (``(where, row)``, None when the table has none) to its new fields, in a
+    worker process (picklable)."""
 
-    text: str | None = None
-    label: str | None = None
-    extra: tuple[str, ...] = ()
+    plan: ColumnPlan
+    typed: bool
+    classes: Mapping[str, int] | None = None
 
-    @classmethod
-    def for_columns(cls, columns: Sequence[str], key_column: str, where: str) -> ColumnPlan:
-        rest = [c for c in columns if c != key_column]
-
-        def one_of(names: tuple[str, ...], what: str) -> str | None:
-            found = [c for c in rest if c.lower() in names]
-            if len(found) > 1:
-                raise ShardkitError(f"{where}: several {what} columns ({', '.join(found)}); keep one")
-            return found[0] if found else None
-
-        text = one_of(CAPTION_COLUMNS, "caption")
-        label = one_of(CLASS_COLUMNS, "class")
-        extra = tuple(c for c in rest if c not in (text, label))
-        if not (text or label or extra):
-            raise ShardkitError(f"{where}: no columns besides the key column {key_column!r}: nothing to write")
-        return cls(text, label, extra)
-
-    def __call__(self, row: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        if row is None:
+    def __call__(self, item: tuple[str, Mapping[str, Any]] | None) -> dict[str, Any] | None:
+        if item is None:
             return None
-        out: dict[str, Any] = {}
-        if self.text is not None:
-            value = row.get(self.text)
-            out["txt"] = "" if value is None else str(value)
-        if self.label is not None and row.get(self.label) is not None:
-            out["cls"] = row[self.label]
-        if self.extra:
-            out["json"] = {c: row.get(c) for c in self.extra}
-        return out
+        where, row = item
+        return row_fields(row, self.plan, where=where, classes=self.classes, typed=self.typed)
 
     def empty(self) -> dict[str, Any]:
-        """The fields a key without a row gets with ``missing="empty"`` (no ``cls``: no class
-        is not a class; with nothing else the key gets the ``__empty__`` marker)."""
+        """The fields a key without a row gets with ``missing="empty"``: an empty ``txt`` and
+        null ``json`` values (so batches keep their shape), no ``cls`` (no class is not a
+        class); none at all for a table of labels only (then the ``__empty__`` marker)."""
         out: dict[str, Any] = {}
-        if self.text is not None:
+        if self.plan.caption is not None:
             out["txt"] = ""
-        if self.extra:
-            out["json"] = dict.fromkeys(self.extra)
+        if self.plan.json:
+            out["json"] = dict.fromkeys(self.plan.json)
         return out
-
-    def describe(self) -> str:
-        parts = [f"{self.text} -> txt"] if self.text else []
-        parts += [f"{self.label} -> cls"] if self.label else []
-        parts += [f"{', '.join(self.extra)} -> json"] if self.extra else []
-        return "; ".join(parts)
 
 
 @dataclass
@@ -85,54 +73,67 @@ class TableLookup:
     """A table as key -> row, remembering which keys were asked for."""
 
     path: str
-    plan: ColumnPlan
-    rows: dict[str, dict[str, Any]]
+    fields: RowFields
+    rows: dict[str, tuple[str, dict[str, Any]]]
     fingerprint: dict[str, Any]
     used: set[str] = field(default_factory=set)
 
     @classmethod
-    def open(cls, path: str, *, key_column: str | None = None) -> TableLookup:
-        kind = TABLE_SUFFIXES.get(os.path.splitext(path)[1].lower())
-        if kind is None:
-            raise ShardkitError(f"{path}: a companion table is .csv, .tsv, .jsonl or .parquet")
-        if not os.path.isfile(path):
-            raise ShardkitError(f"{path}: no such file")
-        columns, records = _read(path, kind)
-        key_column = key_column or ("key" if "key" in columns else None)
-        if key_column is None or key_column not in columns:
+    def open(
+        cls,
+        path: str,
+        *,
+        key_column: str | None = None,
+        caption_column: str | None = None,
+        label_column: str | None = None,
+        columns: Sequence[str] | None = None,
+        base_classes: Sequence[str] | None = None,
+    ) -> TableLookup:
+        fmt = table_format(path)
+        table = open_table(path, fmt)
+        key_column = key_column or ("key" if "key" in table.columns else None)
+        if key_column is None or key_column not in table.columns:
             raise ShardkitError(
-                f"{path}: no key column {key_column or 'key'!r} (columns: {', '.join(columns)}); "
+                f"{path}: no key column {key_column or 'key'!r} (columns: {', '.join(table.columns)}); "
                 "name it with key_column (--key-column)"
             )
-        plan = ColumnPlan.for_columns(columns, key_column, path)
-        rows: dict[str, dict[str, Any]] = {}
-        text = kind in ("csv", "tsv")  # cells are strings: type the ones that go to cls and json
-        for number, row in enumerate(records, 1):
-            if text:
-                row = {c: v if c in (key_column, plan.text) else _cell(v) for c, v in row.items()}
-            key = row.get(key_column)
-            if key is None or key == "":
-                raise ShardkitError(f"{path}: row {number} has no key in {key_column!r}")
-            key = str(key)
+        plan = plan_columns(
+            table.columns,
+            kinds=table.kinds,
+            caption=caption_column,
+            label=label_column,
+            key=key_column,
+            keep=columns,
+            where=path,
+            images=False,
+        )
+        if plan.caption is None and plan.label is None and not plan.json:
+            raise ShardkitError(f"{path}: no column but the key column {key_column!r} is kept: nothing to write")
+        log.info("%s: %s", path, plan.describe())
+        for note in plan.notes:
+            log.warning("%s: %s", path, note)
+        rows: dict[str, tuple[str, dict[str, Any]]] = {}
+        for where, row in table.rows():
+            key = check_key(row.get(key_column), key_column, where)
             if key in rows:
-                raise ShardkitError(f"{path}: row {number}: key {key!r} appears twice")
-            if plan.label is not None:
-                _check_label(row.get(plan.label), path, number, plan.label)
-            rows[key] = row
-        stat = os.stat(path)
+                raise ShardkitError(f"{where}: key {key!r} (column {key_column!r}) is also the key of {rows[key][0]}")
+            rows[key] = (where, row)
+        classes = _class_indices(plan, table, rows, base_classes, path)
+        stat = os.stat(path) if os.path.isfile(path) else None
         fingerprint = {
             "table": os.path.abspath(path),
-            "table_size": stat.st_size,
-            "table_mtime_ns": stat.st_mtime_ns,
+            "table_size": stat.st_size if stat else None,
+            "table_mtime_ns": stat.st_mtime_ns if stat else None,
             "key_column": key_column,
+            "columns": plan.describe(),
         }
-        return cls(path, plan, rows, fingerprint)
+        return cls(path, RowFields(plan, table.typed, classes), rows, fingerprint)
 
-    def row(self, key: str) -> dict[str, Any] | None:
-        row = self.rows.get(key)
-        if row is not None:
+    def row(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        found = self.rows.get(key)
+        if found is not None:
             self.used.add(key)
-        return row
+        return found
 
     def mark_used(self, keys: Sequence[str]) -> None:
         self.used.update(k for k in keys if k in self.rows)
@@ -142,79 +143,37 @@ class TableLookup:
         return [k for k in self.rows if k not in self.used]
 
 
-def _check_label(value: Any, path: str, number: int, column: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ShardkitError(f"{path}: row {number}: class column {column!r} holds {value!r}, not an integer")
-
-
-def _read(path: str, kind: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    if kind in ("csv", "tsv"):
-        return _read_csv(path, "\t" if kind == "tsv" else ",")
-    if kind == "jsonl":
-        return _read_jsonl(path)
-    return _read_parquet(path)
-
-
-def _cell(text: str) -> Any:
-    """A CSV cell for ``cls`` or ``json``, typed: integers and floats stay numbers, empty is null."""
-    if text == "":
+def _class_indices(
+    plan: ColumnPlan,
+    table: Any,
+    rows: Mapping[str, tuple[str, Mapping[str, Any]]],
+    base_classes: Sequence[str] | None,
+    path: str,
+) -> dict[str, int] | None:
+    """Label name -> the base's class index, when the labels are names (None: indices)."""
+    if plan.label is None:
         return None
-    for kind in (int, float):
-        try:
-            value = kind(text)
-        except ValueError:
-            continue
-        return value if math.isfinite(value) else text  # JSON has no NaN or infinity
-    return text
-
-
-def _read_csv(path: str, delimiter: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    f = open(path, newline="", encoding="utf-8")  # closed when the rows run out
-    reader = csv.reader(f, delimiter=delimiter)
-    header = next(reader, None)
-    if not header:
-        f.close()
-        raise ShardkitError(f"{path}: empty table (no header row)")
-
-    def rows() -> Iterator[dict[str, Any]]:
-        with f:
-            for number, cells in enumerate(reader, 2):
-                if len(cells) != len(header):
-                    raise ShardkitError(f"{path}: line {number} has {len(cells)} cells, the header {len(header)}")
-                yield dict(zip(header, cells))
-
-    return header, rows()
-
-
-def _read_jsonl(path: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    records = []
-    columns: dict[str, None] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ShardkitError(f"{path}: line {number} is not JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise ShardkitError(f"{path}: line {number} is not a JSON object")
-            columns.update(dict.fromkeys(record))
-            records.append(record)
-    return list(columns), iter(records)
-
-
-def _read_parquet(path: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ShardkitError(f"{path}: Parquet tables need pyarrow: pip install pyarrow") from None
-    table = pq.ParquetFile(path)
-
-    def rows() -> Iterator[dict[str, Any]]:
-        for batch in table.iter_batches(batch_size=65536):
-            yield from batch.to_pylist()
-
-    return list(table.schema_arrow.names), rows()
+    declared = table.class_names(plan.label)  # Hugging Face ClassLabel: the values are indices already
+    if declared is not None:
+        if base_classes is not None and list(declared) != list(base_classes):
+            raise ShardkitError(
+                f"{path}: column {plan.label!r} declares classes {list(declared)[:5]}..., the base "
+                f"{list(base_classes)[:5]}...: its indices would mean other classes"
+            )
+        return None
+    names = label_classes(row.get(plan.label) for _, row in rows.values())
+    if names is None:
+        return None
+    if base_classes is None:
+        raise ShardkitError(
+            f"{path}: column {plan.label!r} holds class names, and the base names no classes to map them to; "
+            "give class indices"
+        )
+    lookup = {name: i for i, name in enumerate(base_classes)}
+    unknown = sorted(set(names) - set(lookup))
+    if unknown:
+        raise ShardkitError(
+            f"{path}: column {plan.label!r} holds {', '.join(map(repr, unknown[:5]))}, not among the base's "
+            f"classes ({', '.join(list(base_classes)[:8])}...)"
+        )
+    return lookup
