@@ -123,6 +123,22 @@ def test_a_table_of_label_fixes_replaces_only_those_labels(base, tmp_path):
         assert f == {**b, "cls": want}
 
 
+def test_class_names_map_to_the_bases_classes(tmp_path):
+    from shardkit.writing.writer import ShardWriter
+
+    with ShardWriter(str(tmp_path / "b"), classes=["cat", "dog", "fox"]) as writer:
+        for i in range(6):
+            writer.write({"__key__": f"k{i}", "cls": i % 3, "bin": b"x"})
+    table = write_table(tmp_path / "t.jsonl", [{"key": f"k{i}", "label": ["fox", "cat"][i % 2]} for i in range(6)])
+    write_companion(str(tmp_path / "b"), str(tmp_path / "c"), table=table, columns=[])
+    manifest = json.loads((tmp_path / "c" / "data.manifest.json").read_text())
+    assert manifest["classes"] == ["cat", "dog", "fox"]
+    assert [s["cls"] for s in ShardDataset(str(tmp_path / "c"))] == [b"2", b"0"] * 3
+    wrong = write_table(tmp_path / "w.jsonl", [{"key": f"k{i}", "label": "wolf"} for i in range(6)])
+    with pytest.raises(ShardkitError, match="holds 'wolf', not among the base's classes"):
+        write_companion(str(tmp_path / "b"), str(tmp_path / "d"), table=wrong)
+
+
 def test_bad_tables_are_refused_naming_the_row(base, tmp_path):
     dup = write_table(tmp_path / "dup.jsonl", rows(KEYS + KEYS[:1]))
     with pytest.raises(ShardkitError, match=r"dup\.jsonl.*: key 's000000' \(column 'key'\) is also the key of"):
