@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -80,12 +80,12 @@ class ShardReader:
 
     def __init__(
         self,
-        urls: list[str],
+        urls: Sequence[str],
         *,
         options: SourceOptions,
         handler: ErrorHandler,
         stats: ReadStats | None = None,
-        sha256: list[str | None] | None = None,
+        sha256: Sequence[str | None] | None = None,
         hooks: StageHooks | None = None,
     ) -> None:
         self.urls = urls
