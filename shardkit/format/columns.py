@@ -22,11 +22,9 @@ import binascii
 import re
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 import numpy as np
-
-T = TypeVar("T")
 
 _ITER_CHUNK = 1 << 16  # items turned into Python objects at a time when iterating
 _SHOWN = 8  # items a repr shows
