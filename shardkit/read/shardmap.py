@@ -110,7 +110,7 @@ class ShardMap(Dataset):
             source_options, cache_dir=cache_dir, cache_size=cache_size, headers=headers, allow_pipe=allow_pipe
         )
         shards = resolve_shards(urls, options=self.options)
-        self.urls: list[str] = shards.urls
+        self.urls: Sequence[str] = shards.urls
         self.sha256 = shards.sha256
         pipes = [u for u in self.urls if scheme_of(u) == "pipe"]
         if pipes and not self.options.cache_dir:
