@@ -222,3 +222,20 @@ def test_cli_companion_from_a_function(base, tmp_path):
         assert proc.returncode == 1 and "--fn" in proc.stderr, proc.stderr
     proc = shardkit("companion", base, str(tmp_path / "d"), check=False)
     assert proc.returncode == 2 and "--from" in proc.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_base_entry_round_trips_in_both_manifest_layouts(version):
+    from shardkit.errors import ShardFormatError
+    from shardkit.format.index import ShardInfo
+
+    ref = {"name": "train", "manifest": "s3://b/train.manifest.json", "sha256": "ab" * 32}
+    shards = [ShardInfo("train-000000.tar", 3, 4096, None, ["txt"])]
+    manifest = Manifest(shards, name="train", version=version, base=ref)
+    back = Manifest.from_json(manifest.to_json())
+    assert back.base == ref and back.version == version and list(back.shards) == list(manifest.shards)
+    plain = Manifest(list(manifest.shards), name="train", version=version)
+    assert '"base"' not in plain.to_json() and Manifest.from_json(plain.to_json()).base is None
+    broken = manifest.to_json().replace('"sha256": "' + "ab" * 32 + '"', '"sha256": 5')
+    with pytest.raises(ShardFormatError, match="base"):
+        Manifest.from_json(broken)

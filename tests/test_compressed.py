@@ -19,7 +19,7 @@ import pytest
 from shardkit import cli
 from shardkit.errors import ShardFormatError, SkippedSampleWarning
 from shardkit.format.compression import compression_of, is_shard_name
-from shardkit.format.index import dataset_name_for
+from shardkit.format.index import Manifest, dataset_name_for
 from shardkit.format.samples import iter_samples
 from shardkit.loader import ShardLoader
 from shardkit.read.dataset import ShardDataset
@@ -94,11 +94,11 @@ def test_index_counts_in_manifest_no_idx(twins, name):
     folder = twins[name]
     assert not [f for f in os.listdir(folder) if f.endswith(".idx")]
     with open(os.path.join(folder, "data.manifest.json")) as f:
-        manifest = json.load(f)
-    assert [s["samples"] for s in manifest["shards"]] == COUNTS
+        manifest = Manifest.from_json(f.read())
+    assert [s.samples for s in manifest.shards] == COUNTS
     # sha256 and bytes are the compressed file's, so a download can be checked
-    first = manifest["shards"][0]
-    assert first["bytes"] == os.path.getsize(os.path.join(folder, first["name"]))
+    first = manifest.shards[0]
+    assert first.bytes == os.path.getsize(os.path.join(folder, first.name))
 
 
 @pytest.mark.parametrize("name", COMPRESSED)

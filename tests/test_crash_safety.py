@@ -13,7 +13,6 @@ exactly once, in the uninterrupted order.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -25,7 +24,7 @@ import time
 
 import pytest
 
-from shardkit.format.index import decode_index, scan_shard
+from shardkit.format.index import Manifest, decode_index, scan_shard
 from shardkit.format.tar import iter_member_tuples
 from shardkit.loader import ShardLoader
 from shardkit.read.dataset import ShardDataset
@@ -101,15 +100,15 @@ def check_kill_leftovers(dest: str, reference: dict[str, str]) -> set[str]:
     if "data.manifest.json" in names:
         # Rewritten after every finished shard: complete only when the run finished, and
         # otherwise listing exactly the complete shards that are there.
-        manifest = json.loads(open(os.path.join(dest, "data.manifest.json"), encoding="utf-8").read())
-        if manifest["complete"]:
+        manifest = Manifest.from_json(open(os.path.join(dest, "data.manifest.json"), encoding="utf-8").read())
+        if manifest.complete:
             assert sha256(os.path.join(dest, "data.manifest.json")) == reference["data.manifest.json"]
-        listed = {s["name"] for s in manifest["shards"]}
+        listed = {s.name for s in manifest.shards}
         tars = {n for n in finals if n.endswith(".tar")}
         # a prefix of the shards there: a kill between a rename and the manifest update,
         # or an earlier killed run's (identical) shards, may leave more than it lists
         assert listed <= tars and listed == {f"data-{i:06d}.tar" for i in range(len(listed))}
-        assert all(s["sha256"] == reference[s["name"]] for s in manifest["shards"])
+        assert all(s.sha256 == reference[s.name] for s in manifest.shards)
     for name in sorted(finals):
         path = os.path.join(dest, name)
         assert sha256(path) == reference[name], f"{name} differs from the uninterrupted run's"

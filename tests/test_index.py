@@ -1,4 +1,4 @@
-"""format/index: the .idx sidecar, the manifest and the one-pass shard scan.
+"""format/index: the .idx sidecar and the one-pass shard scan (the manifest: test_manifest.py).
 
 Oracles: Python's ``tarfile`` for member offsets, GNU tar for shards shardkit did not write.
 """
@@ -18,9 +18,6 @@ from hypothesis import strategies as st
 
 from shardkit.errors import ShardFormatError
 from shardkit.format.index import (
-    Manifest,
-    ShardInfo,
-    dataset_name_for,
     decode_index,
     decode_index_keys,
     encode_index,
@@ -52,35 +49,6 @@ def test_offsets_that_do_not_increase_are_a_format_error():
 def test_bad_index_names_its_url():
     with pytest.raises(ShardFormatError, match=r"http://h/a\.tar\.idx"):
         decode_index(b"NOTANIDX" + bytes(16), url="http://h/a.tar.idx")
-
-
-def test_manifest_round_trips_and_refuses_foreign_json():
-    m = Manifest(
-        shards=[ShardInfo("d-0.tar", 3, 4096, "ab" * 32, ["cls", "jpg"]), ShardInfo("d-1.tar", 0, 1024)],
-        name="d",
-        classes=["cat", "dog"],
-    )
-    again = Manifest.from_json(m.to_json())
-    assert again == m and again.total_samples == 3 and again.fields == ["cls", "jpg"]
-    with pytest.raises(ShardFormatError, match="not a shardkit manifest"):
-        Manifest.from_json('{"shards": []}', url="m.json")
-    with pytest.raises(ShardFormatError, match="m.json.*version 99"):
-        Manifest.from_json(m.to_json().replace('"version": 1', '"version": 99'), url="m.json")
-    with pytest.raises(ShardFormatError, match="not valid JSON"):
-        Manifest.from_json("{", url="m.json")
-
-
-@pytest.mark.parametrize(
-    "names, want",
-    [
-        (["train-000000.tar", "train-000001.tar"], "train"),
-        (["a/val_12.tar.gz"], "val"),
-        (["x-0.tar", "y-1.tar"], "data"),
-        ([], "data"),
-    ],
-)
-def test_dataset_name_from_shard_names(names, want):
-    assert dataset_name_for(names) == want
 
 
 def test_scan_matches_tarfile_and_the_file(tmp_path):

@@ -12,11 +12,14 @@ import logging
 import os
 import shutil
 import tarfile
+from dataclasses import replace
 
 import pytest
 
 from shardkit.errors import ShardkitError
-from shardkit.read.urls import expand_pattern, load_manifest, resolve_shards
+from shardkit.format.index import Manifest, ShardInfo
+from shardkit.read.dataset import ShardDataset
+from shardkit.read.urls import ShardUrls, expand_pattern, load_manifest, resolve_shards
 from shardkit.writing.writer import ShardWriter
 from tests.helpers import make_shards, pairs, sample
 
@@ -122,8 +125,39 @@ def test_manifest_path_gives_counts_and_sha256_joined_to_its_folder(ds, tmp_path
     assert shards.sha256 == [sha256_of(u) for u in shards.urls]
     assert shards.manifest_url == "ds/data.manifest.json"
     assert shards.manifest is not None and shards.manifest.complete
-    with open(os.path.join(ds, "data.manifest.json")) as f:
-        assert [s["name"] for s in json.load(f)["shards"]] == NAMES
+    with open(os.path.join(ds, "data.manifest.json")) as f:  # the file holds names, relative to it
+        assert [s.name for s in Manifest.from_json(f.read()).shards] == NAMES
+
+
+def test_manifest_urls_are_made_on_access_relative_to_the_manifest(tmp_path):
+    names = ["sub/a-0.tar", "b-7.tar", "http://other/x.tar"]
+    manifest = Manifest([ShardInfo(n, i, 10 * i, f"{i:064x}") for i, n in enumerate(names)], name="d")
+    (tmp_path / "d.manifest.json").write_text(manifest.to_json())
+    shards = resolve_shards(str(tmp_path / "d.manifest.json"))
+    want = [str(tmp_path / "sub" / "a-0.tar"), str(tmp_path / "b-7.tar"), "http://other/x.tar"]
+    assert isinstance(shards.urls, ShardUrls) and shards.urls == want and want == list(shards.urls)
+    assert shards.urls[-1] == want[-1] and shards.urls[1:] == want[1:] and len(shards.urls) == 3
+    assert shards.counts == [0, 1, 2] and shards.total == 3
+    assert shards.sha256 == [f"{i:064x}" for i in range(3)]
+    remote = ShardUrls("http://h/ds/d.manifest.json", names)
+    assert remote == ["http://h/ds/sub/a-0.tar", "http://h/ds/b-7.tar", "http://other/x.tar"]
+    assert remote != want and remote != "http://h/ds/sub/a-0.tar"
+
+
+def test_a_version_1_manifest_resolves_as_its_version_2_twin(ds):
+    path = os.path.join(ds, "data.manifest.json")
+    v2 = resolve_shards(path)
+    with open(path) as f:
+        manifest = Manifest.from_json(f.read())
+    assert manifest.version == 2
+    with open(path, "w") as f:  # as shardkit wrote it before version 2
+        f.write(replace(manifest, version=1).to_json())
+    v1 = resolve_shards(path)
+    assert v1.manifest is not None and v1.manifest.version == 1
+    assert v1.urls == v2.urls == [os.path.join(ds, n) for n in NAMES]
+    assert v1.counts == v2.counts == COUNTS and v1.sha256 == v2.sha256 == [sha256_of(u) for u in v2.urls]
+    keys = [s["__key__"] for s in ShardDataset(path)]
+    assert len(keys) == sum(COUNTS) and keys == [f"s{i:06d}" for i in range(sum(COUNTS))]
 
 
 def test_folder_with_a_manifest_uses_it(ds):

@@ -7,7 +7,14 @@ its time, the process's peak memory above the import (``ru_maxrss`` after the op
 minus ``ru_maxrss`` after the imports: includes the manifest) and the operation's own
 peak (``VmHWM`` reset after the setup, Linux).
 
-- ``len(ds)`` of ``ShardDataset(manifest, shuffle=1000, world_size=W, rank=W-1)``;
+- constructing ``ShardDataset(manifest, shuffle=1000, world_size=W, rank=W-1)`` (all of
+  it is loading the manifest), for the manifest loader of ``--old-ref`` (run from a
+  ``git archive`` of that commit) and this one, on the same version-1 manifests, and for
+  this one on version-2 manifests (what shardkit writes now). Manifests are "bare"
+  (name, samples, bytes: the synthetic ones of issue 27) or "full" (also sha256 and
+  fields, as ``ShardWriter`` writes them); "kept" is the RSS the dataset holds after
+  construction;
+- ``len(ds)`` of that dataset;
 - one worker's plan (rank ``W-1``, worker 7 of 8): what a DataLoader worker does before
   its first sample (plan, pieces, first emission);
 - a resume after ``1024 -> 768`` ranks mid-epoch (every stream of the 1024-rank stage
@@ -17,13 +24,15 @@ peak (``VmHWM`` reset after the setup, Linux).
 The old planner (``tests/old_planner``, the planner of 0fc6f58) runs on the 100 M case in
 the same run: the planner calls ``len(ds)`` and a worker make, on the same counts.
 
-    python tools/bench_plan.py                  # everything (about 10 minutes)
+    python tools/bench_plan.py                  # everything (about 15 minutes)
     python tools/bench_plan.py --sizes 1e8 --worlds 64 --no-mix
+    python tools/bench_plan.py --cases construct --old-ref f6c472a
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -33,6 +42,8 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -40,21 +51,51 @@ PER_SHARD = 10_000
 WORKERS = 8
 BUFFER = 1000
 RESUME_FROM, RESUME_TO = 1024, 768
+FIELDS = ["jpg", "json", "txt"]
+OLD_REF = "f6c472a"  # the last commit with the per-shard-object manifest loader
 
 
 # -- manifests ------------------------------------------------------------------------
-def write_manifest(folder: str, samples: int, name: str) -> str:
-    """A shardkit manifest of ``samples // PER_SHARD`` shards (the shards do not exist)."""
-    path = os.path.join(folder, f"{name}.manifest.json")
+def write_manifest(folder: str, samples: int, name: str, *, version: int = 2, full: bool = True) -> str:
+    """A shardkit manifest of ``samples // PER_SHARD`` shards (the shards do not exist):
+    names ``NAME-000000.tar``..., byte sizes that differ per shard and, when ``full``, a
+    sha256 and the fields of each shard, as ``ShardWriter`` writes them."""
     shards = samples // PER_SHARD
+    path = os.path.join(folder, f"{name}-v{version}{'' if full else '-bare'}.manifest.json")
+    sizes = (1 << 30) + np.arange(shards, dtype=np.int64) * 512
+    digests = [hashlib.sha256(i.to_bytes(8, "little")).hexdigest() for i in range(shards)] if full else None
+    if version == 2:
+        from shardkit.format.columns import Digests, FieldSets, IntColumn, PatternNames
+        from shardkit.format.manifest import Manifest, ShardTable
+
+        table = ShardTable(
+            PatternNames(f"{name}-", ".tar", digits=6, count=shards),
+            IntColumn(np.full(shards, PER_SHARD)),
+            IntColumn(sizes),
+            Digests.from_hex(digests) if digests else Digests.unknown(shards),
+            FieldSets([FIELDS if full else []], np.zeros(shards, dtype=np.int64)),
+        )
+        with open(path, "w") as f:
+            f.write(Manifest(table, name=name).to_json())
+        return path
     head = {"format": "shardkit", "version": 1, "name": name, "complete": True}
-    with open(path, "w") as f:
+    with open(path, "w") as f:  # version 1: one object per shard, as shardkit wrote them before
         f.write(json.dumps(head)[:-1] + ', "shards": [\n')
         for i in range(shards):
-            entry = {"name": f"{name}-{i:07d}.tar", "samples": PER_SHARD, "bytes": 1 << 30}
+            entry: dict[str, Any] = {"name": f"{name}-{i:06d}.tar", "samples": PER_SHARD, "bytes": int(sizes[i])}
+            if digests:
+                entry.update(sha256=digests[i], fields=FIELDS)
             f.write(json.dumps(entry) + (",\n" if i < shards - 1 else "\n"))
         f.write("]}\n")
     return path
+
+
+def old_tree(ref: str, folder: str) -> str:
+    """The ``shardkit`` package of commit ``ref``, unpacked under ``folder``."""
+    os.makedirs(folder)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "shardkit"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder
 
 
 # -- one measurement, in its own process ------------------------------------------------
@@ -89,8 +130,8 @@ def resume_state(stream_sizes: list[list[int]], topology: Any) -> dict[str, Any]
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np  # noqa: F401  (imported before the baseline, as the library does)
-
+    if spec.get("root"):  # another commit's shardkit (the old manifest loader)
+        sys.path.insert(0, spec["root"])
     from shardkit import Mix, ShardDataset
     from shardkit.plan import epoch as new
     from shardkit.plan.epoch import EpochPlanner, Topology
@@ -100,6 +141,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from tests.old_planner import epoch as old
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_import = status_kb("VmRSS")
     case, world, impl = spec["case"], spec["world"], spec.get("impl", "new")
     rank = world - 1
     t0 = time.perf_counter()
@@ -176,25 +218,28 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     result = op()
     seconds = time.perf_counter() - t0
     hwm = status_kb("VmHWM")
+    rss_after = status_kb("VmRSS")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        **{k: v for k, v in spec.items() if k != "manifests"},
+        **{k: v for k, v in spec.items() if k not in ("manifests", "root")},
         "setup_s": setup_s,
         "seconds": seconds,
         "peak_above_import_mb": (peak - base) / 1024,
         "op_peak_mb": (hwm - rss_setup) / 1024 if can_reset and hwm and rss_setup else None,
+        "kept_mb": (rss_after - rss_import) / 1024 if rss_after and rss_import else None,
         "result": repr(result)[:80],
     }
 
 
 def run_child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    shown = {k: v for k, v in spec.items() if k not in ("manifests", "root")}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
     except subprocess.TimeoutExpired:
-        return {**{k: v for k, v in spec.items() if k != "manifests"}, "error": f"timeout after {timeout} s"}
+        return {**shown, "error": f"timeout after {timeout} s"}
     if out.returncode != 0:
-        return {**{k: v for k, v in spec.items() if k != "manifests"}, "error": out.stderr.strip()[-300:]}
+        return {**shown, "error": out.stderr.strip()[-300:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -203,12 +248,20 @@ def label(samples: float) -> str:
     return f"{samples / 1e9:g} B" if samples >= 1e9 else f"{samples / 1e6:g} M"
 
 
+MANIFEST_KINDS = {"v1-bare": (1, False), "v1": (1, True), "v2-bare": (2, False), "v2": (2, True)}
+
+
 def plan_cases(sizes: list[float], worlds: list[int], old_sizes: list[float], mix: bool) -> list[dict[str, Any]]:
     cases = []
     for size in sizes:
         for world in worlds:
+            for full in ("-bare", ""):  # the old loader and the new on version 1, the new on version 2
+                cases += [
+                    {"size": size, "world": world, "case": "construct", "impl": "old", "manifest": f"v1{full}"},
+                    {"size": size, "world": world, "case": "construct", "manifest": f"v1{full}"},
+                    {"size": size, "world": world, "case": "construct", "manifest": f"v2{full}"},
+                ]
             cases += [
-                {"size": size, "world": world, "case": "construct"},
                 {"size": size, "world": world, "case": "ds-len"},
                 {"size": size, "world": world, "case": "plan-len"},
                 {"size": size, "world": world, "case": "plan-worker"},
@@ -252,12 +305,14 @@ def row(r: dict[str, Any]) -> str:
     }[r["case"]]
     size = "3 x 1 B" if r["case"].startswith("mix") else label(r["size"])
     impl = r.get("impl", "new")
+    manifest = r.get("manifest", "v2")
     if "error" in r:
-        return f"| {what} | {impl} | {size} | {r['world']} | error: {r['error'][:60]} | | |"
-    op_peak = "" if r["op_peak_mb"] is None else f"{r['op_peak_mb']:.0f}"
+        return f"| {what} | {impl} | {manifest} | {size} | {r['world']} | error: {r['error'][:60]} | | | |"
+    op_peak = "" if r["op_peak_mb"] is None else f"{r['op_peak_mb']:.0f} MB"
+    kept = f"{r['kept_mb']:.0f} MB" if r["case"] == "construct" and r.get("kept_mb") is not None else ""
     return (
-        f"| {what} | {impl} | {size} | {r['world']} | {r['seconds'] * 1000:.1f} ms | "
-        f"{r['peak_above_import_mb']:.0f} MB | {op_peak} MB |"
+        f"| {what} | {impl} | {manifest} | {size} | {r['world']} | {r['seconds'] * 1000:.1f} ms | "
+        f"{r['peak_above_import_mb']:.0f} MB | {op_peak} | {kept} |"
     )
 
 
@@ -267,6 +322,8 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,64,1024", help="world sizes")
     parser.add_argument("--old", default="1e8", help="sizes to run the old planner on too ('' for none)")
     parser.add_argument("--no-mix", action="store_true", help="skip the Mix of three 1 B parts")
+    parser.add_argument("--cases", default="", help="only these cases (comma-separated, e.g. construct,ds-len)")
+    parser.add_argument("--old-ref", default=OLD_REF, help="commit whose manifest loader is 'old' for construct")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per measurement")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -277,15 +334,30 @@ def main() -> None:
     sizes = [float(s) for s in args.sizes.split(",") if s]
     old_sizes = [float(s) for s in args.old.split(",") if s]
     worlds = [int(w) for w in args.worlds.split(",") if w]
+    only = {c for c in args.cases.split(",") if c}
+    cases = [c for c in plan_cases(sizes, worlds, old_sizes, not args.no_mix) if not only or c["case"] in only]
     with tempfile.TemporaryDirectory(prefix="bench_plan_") as tmp:
-        manifests = {s: write_manifest(tmp, int(s), f"d{int(s)}") for s in sorted(set(sizes) | set(old_sizes))}
-        if not args.no_mix:
+        wanted = {(c["size"], c.get("manifest", "v2")) for c in cases if not c["case"].startswith("mix")}
+        manifests = {
+            (size, kind): write_manifest(tmp, int(size), f"d{int(size)}", version=v, full=full)
+            for size, kind in sorted(wanted)
+            for v, full in [MANIFEST_KINDS[kind]]
+        }
+        if any(c["case"].startswith("mix") for c in cases):
             mix_parts = [write_manifest(tmp, int(1e9), f"part{i}") for i in range(3)]
-        print("| operation | planner | samples | world | time | peak above import | op's own peak |")
-        print("|---|---|---|---|---|---|---|")
+        old_root = None
+        if any(c["case"] == "construct" and c.get("impl") == "old" for c in cases):
+            old_root = old_tree(args.old_ref, os.path.join(tmp, "old"))
+        print("| operation | code | manifest | samples | world | time | peak above import | op's own peak | kept |")
+        print("|---|---|---|---|---|---|---|---|---|")
         results = []
-        for spec in plan_cases(sizes, worlds, old_sizes, not args.no_mix):
-            spec["manifests"] = mix_parts if spec["case"].startswith("mix") else [manifests[spec["size"]]]
+        for spec in cases:
+            if spec["case"].startswith("mix"):
+                spec["manifests"] = mix_parts
+            else:
+                spec["manifests"] = [manifests[(spec["size"], spec.get("manifest", "v2"))]]
+            if spec["case"] == "construct" and spec.get("impl") == "old":
+                spec["root"] = old_root
             result = run_child(spec, args.timeout)
             results.append(result)
             print(row(result), flush=True)
@@ -296,18 +368,30 @@ def main() -> None:
 
 
 def ratios(results: list[dict[str, Any]]) -> str:
-    """Old / new for the cases both ran."""
+    """Old / new for the cases both ran (construction: the old loader on version 1 against
+    the new one on the same file and on the same dataset written as version 2)."""
     lines = ["", "old / new (same run):"]
-    new = {(r["case"], r["size"], r["world"]): r for r in results if r.get("impl", "new") == "new" and "error" not in r}
+    new = {
+        (r["case"], r["size"], r["world"], r.get("manifest")): r
+        for r in results
+        if r.get("impl", "new") == "new" and "error" not in r
+    }
     for r in results:
-        key = (r["case"], r["size"], r["world"])
-        if r.get("impl") != "old" or "error" in r or key not in new:
+        if r.get("impl") != "old" or "error" in r:
             continue
-        n = new[key]
-        lines.append(
-            f"  {r['case']} {label(r['size'])} world {r['world']}: time x{r['seconds'] / max(n['seconds'], 1e-9):.0f}, "
-            f"peak above import {r['peak_above_import_mb']:.0f} MB vs {n['peak_above_import_mb']:.0f} MB"
-        )
+        peers = [r.get("manifest")]
+        if r["case"] == "construct":
+            peers.append(str(r["manifest"]).replace("v1", "v2"))
+        for peer in peers:
+            n = new.get((r["case"], r["size"], r["world"], peer))
+            if n is None:
+                continue
+            on = f" (new on {peer})" if peer else ""
+            lines.append(
+                f"  {r['case']} {label(r['size'])} world {r['world']}{on}: "
+                f"time x{r['seconds'] / max(n['seconds'], 1e-9):.1f}, "
+                f"peak above import {r['peak_above_import_mb']:.0f} MB vs {n['peak_above_import_mb']:.0f} MB"
+            )
     return "\n".join(lines)
 
 

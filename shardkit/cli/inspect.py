@@ -119,7 +119,7 @@ def verify(
     return report
 
 
-def _bar(urls: list[str], progress: bool) -> Any:
+def _bar(urls: Sequence[str], progress: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(urls, unit="shard", disable=not progress)

@@ -21,34 +21,57 @@ Compressed shards (``.tar.gz``, ``.tar.zst``, ...) get no index: a compressed st
 cannot be entered at a byte offset. Their sample counts live in the manifest only, and
 readers skip samples inside the decompressed stream.
 
-Manifest (``NAME.manifest.json``): format version, shard file names (relative to the
-manifest), sample counts, byte sizes, sha256 of each shard, the field extensions, class
-names; a companion set's also ``base``, the name, URL and sha256 of the manifest of the
-set it adds fields to (:mod:`shardkit.format.companion`). Readers never require either;
-with them they gain len(), balanced splitting, seeking, resume and verification.
+The manifest (``NAME.manifest.json``) is :mod:`shardkit.format.manifest`; its names are
+also importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import ShardFormatError
-from .compression import compression_of
+from .compression import CHUNK, compression_of
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_SUFFIX,
+    Manifest,
+    ShardInfo,
+    ShardTable,
+    dataset_name_for,
+    manifest_name,
+    manifest_text,
+)
 from .samples import group_members
 from .tar import iter_member_tuples
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INDEX_MAGIC",
+    "INDEX_MAGIC_V2",
+    "INDEX_SUFFIX",
+    "MANIFEST_SUFFIX",
+    "Manifest",
+    "ShardInfo",
+    "ShardScan",
+    "ShardTable",
+    "dataset_name_for",
+    "decode_index",
+    "decode_index_keys",
+    "encode_index",
+    "index_url",
+    "manifest_name",
+    "manifest_text",
+    "scan_shard",
+]
 
 INDEX_MAGIC = b"SKIDX001"  # version 1: offsets only
 INDEX_MAGIC_V2 = b"SKIDX002"  # version 2: offsets, then the sample keys
 INDEX_SUFFIX = ".idx"
-MANIFEST_SUFFIX = ".manifest.json"
-FORMAT_VERSION = 1
 
 
 def encode_index(offsets: Sequence[int], keys: Sequence[str] | None = None) -> bytes:
@@ -124,114 +147,6 @@ def index_url(shard_url: str) -> str:
     return shard_url + INDEX_SUFFIX
 
 
-@dataclass
-class ShardInfo:
-    """One shard as the manifest describes it."""
-
-    name: str
-    samples: int
-    bytes: int
-    sha256: str | None = None
-    fields: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Manifest:
-    """A dataset: its shards in order, and what their samples hold."""
-
-    shards: list[ShardInfo]
-    name: str = "data"
-    classes: list[str] | None = None
-    complete: bool = True
-    version: int = FORMAT_VERSION
-    # A companion set (new fields for another set, see format/companion.py): which base
-    # it aligns with, {"name", "manifest", "sha256"}; None for an ordinary dataset.
-    base: dict[str, str] | None = None
-
-    @property
-    def total_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.bytes for s in self.shards)
-
-    @property
-    def fields(self) -> list[str]:
-        return sorted({f for s in self.shards for f in s.fields})
-
-    def to_json(self) -> str:
-        doc = {
-            "format": "shardkit",
-            "version": self.version,
-            "name": self.name,
-            "complete": self.complete,
-            "total_samples": self.total_samples,
-            "total_bytes": self.total_bytes,
-            "fields": self.fields,
-            "classes": self.classes,
-            "shards": [asdict(s) for s in self.shards],
-        }
-        if self.base is not None:  # only companions carry it: other manifests keep their bytes
-            doc["base"] = dict(self.base)
-        return json.dumps(doc, indent=1, sort_keys=False) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str | bytes, *, url: str | None = None) -> Manifest:
-        where = url or "manifest"
-        try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ShardFormatError(f"manifest is not valid JSON: {e}", url=url) from None
-        if not isinstance(doc, dict) or doc.get("format") != "shardkit":
-            raise ShardFormatError('not a shardkit manifest (missing "format": "shardkit")', url=url)
-        if doc.get("version") != FORMAT_VERSION:
-            raise ShardFormatError(
-                f"manifest version {doc.get('version')!r} is not supported "
-                f"(this shardkit reads version {FORMAT_VERSION})",
-                url=url,
-            )
-        try:
-            shards = [
-                ShardInfo(
-                    name=str(s["name"]),
-                    samples=int(s["samples"]),
-                    bytes=int(s["bytes"]),
-                    sha256=s.get("sha256"),
-                    fields=list(s.get("fields", [])),
-                )
-                for s in doc["shards"]
-            ]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ShardFormatError(f"{where}: bad shard entry ({e!r})", url=url) from None
-        base = doc.get("base")
-        if base is not None and not (
-            isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("name", "manifest", "sha256"))
-        ):
-            raise ShardFormatError(f'{where}: "base" must hold the base\'s name, manifest and sha256', url=url)
-        return cls(
-            shards=shards,
-            name=str(doc.get("name", "data")),
-            classes=doc.get("classes"),
-            complete=bool(doc.get("complete", True)),
-            base=None if base is None else {k: base[k] for k in ("name", "manifest", "sha256")},
-        )
-
-
-def manifest_name(name: str) -> str:
-    return name + MANIFEST_SUFFIX
-
-
-_SHARD_NUMBER = re.compile(r"[-_.]?\d+\.(?:tar|tgz|tbz2|txz|tar\.(?:gz|zst|zstd|bz2|xz))$", re.IGNORECASE)
-
-
-def dataset_name_for(shard_names: Iterable[str]) -> str:
-    """A dataset name from shard file names: ``train-000012.tar`` (or ``.tar.gz`` ...) -> ``train``."""
-    names = [_SHARD_NUMBER.sub("", n.rsplit("/", 1)[-1]) for n in shard_names]
-    names = [n for n in names if n]
-    return names[0] if names and all(n == names[0] for n in names) else "data"
-
-
 class _HashingReader:
     """A stream wrapper that hashes and counts everything read through it."""
 
@@ -253,7 +168,7 @@ class _HashingReader:
 
     def drain(self) -> None:
         """Hash the rest (zero blocks and record padding after the archive end)."""
-        chunk = bytearray(1 << 20)
+        chunk = bytearray(CHUNK)
         while self.readinto(chunk):
             pass
 

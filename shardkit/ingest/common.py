@@ -182,7 +182,7 @@ def to_labels(values: np.ndarray, count: int, where: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def _json_id(value: Any) -> Any:
+def json_id(value: Any) -> Any:
     """A JSON-able source id from an array element (bytes decoded, numpy scalars unwrapped)."""
     if isinstance(value, np.generic):
         value = value.item()

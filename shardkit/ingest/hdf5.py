@@ -37,12 +37,12 @@ from ..errors import ShardkitError
 from . import IngestOptions, missing_library
 from .common import (
     RecordSkipper,
-    _json_id,
     check_dense,
     check_image_format,
     chunk_rows,
     encode_array,
     image_payload,
+    json_id,
     make_sample,
     to_labels,
 )
@@ -216,7 +216,7 @@ class HDF5Source:
                     i = start + j
                     where = f"{self.path}: dataset {self.images_key!r} record {i}"
                     label = int(chunk_labels[j]) if chunk_labels is not None else None
-                    source_id: Any = _json_id(chunk_keys[j]) if chunk_keys is not None else i
+                    source_id: Any = json_id(chunk_keys[j]) if chunk_keys is not None else i
                     if members is not None:  # group: item is a member name
                         where = f"{self.path}: dataset {self.images_key}/{item}"
                         member = images[item]

@@ -31,12 +31,12 @@ from ..errors import ShardkitError
 from . import IngestOptions
 from .common import (
     RecordSkipper,
-    _json_id,
     check_dense,
     check_image_format,
     chunk_rows,
     encode_array,
     image_payload,
+    json_id,
     make_sample,
     to_labels,
 )
@@ -199,7 +199,7 @@ class NumpySource:
             else:
                 if len(values) != self.shape[0]:
                     raise ShardkitError(f"{where}: {len(values)} keys for {self.shape[0]} images")
-                self._keys = [_json_id(v) for v in values]
+                self._keys = [json_id(v) for v in values]
         if arrays is not None:
             arrays.close()
         if self._fortran:

@@ -197,7 +197,7 @@ def _check_wins(wins: Mapping[str, int], base_fields: tuple[str, ...], parts: li
     return out
 
 
-def _check_key_tables(base_urls: list[str], urls: list[str], label: str, options: SourceOptions) -> None:
+def _check_key_tables(base_urls: Sequence[str], urls: Sequence[str], label: str, options: SourceOptions) -> None:
     """Compare the ``.idx`` key tables of local parts shard by shard (remote ones are
     checked key by key while reading: a request per shard at open would cost more)."""
     for base_url, url in zip(base_urls, urls):
@@ -235,14 +235,14 @@ class JoinedReader(ShardReader):
 
     def __init__(
         self,
-        urls: list[str],
+        urls: Sequence[str],
         *,
         parts: Sequence[ShardReader],
         join: Join,
         options: SourceOptions,
         handler: ErrorHandler,
         stats: ReadStats | None = None,
-        sha256: list[str | None] | None = None,
+        sha256: Sequence[str | None] | None = None,
         hooks: StageHooks | None = None,
         fields: str | Sequence[str] | None = None,
     ) -> None:

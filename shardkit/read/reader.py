@@ -98,12 +98,12 @@ class ShardReader:
 
     def __init__(
         self,
-        urls: list[str],
+        urls: Sequence[str],
         *,
         options: SourceOptions,
         handler: ErrorHandler,
         stats: ReadStats | None = None,
-        sha256: list[str | None] | None = None,
+        sha256: Sequence[str | None] | None = None,
         hooks: StageHooks | None = None,
         fields: str | Sequence[str] | None = None,
     ) -> None:

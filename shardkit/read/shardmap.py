@@ -118,7 +118,7 @@ class ShardMap(Dataset):
             source_options, cache_dir=cache_dir, cache_size=cache_size, headers=headers, allow_pipe=allow_pipe
         )
         shards = resolve_shards(urls, options=self.options)
-        self.urls: list[str] = shards.urls
+        self.urls: Sequence[str] = shards.urls
         self.sha256 = shards.sha256
         if join_wins is not None and not join:
             raise ValueError("join_wins decides between the parts of a join; there is no join=")

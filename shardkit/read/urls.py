@@ -7,6 +7,11 @@ kept as written. Sample counts come from a manifest (given, or found beside the 
 or from per-shard ``.idx`` files; without them splitting falls back to whole shards.
 Only a sidecar that is not found counts as absent: one that exists but cannot be read
 is an error naming its URL, never a quiet change of plan.
+
+A manifest's shards stay as compact as the manifest holds them: counts in one array
+(:class:`~shardkit.format.columns.IntColumn`), sha256 in one block, URLs made on access
+from the manifest's URL and the shard names (:class:`ShardUrls`), so resolving a manifest
+of 580k shards builds no per-shard Python objects.
 """
 
 from __future__ import annotations
@@ -14,14 +19,25 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import braceexpand
+import numpy as np
 
 from ..errors import ShardkitError, SourceError
+from ..format.columns import Digests, IntColumn
 from ..format.compression import is_shard_name
-from ..format.index import MANIFEST_SUFFIX, Manifest, dataset_name_for, decode_index, index_url, manifest_name
+from ..format.index import (
+    MANIFEST_SUFFIX,
+    Manifest,
+    dataset_name_for,
+    decode_index,
+    index_url,
+    manifest_name,
+    manifest_text,
+)
 from ..storage.dispatch import (
     DEFAULT_OPTIONS,
     SourceOptions,
@@ -38,19 +54,58 @@ log = logging.getLogger(__name__)
 _ANGLE_RANGE = re.compile(r"<(\d+)\.\.(\d+)>")
 
 
+class ShardUrls(Sequence[str]):
+    """The URLs of a manifest's shards, each made on access from the manifest's URL and
+    the shard's name (``join_url``); compares equal to the list of the same URLs."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, manifest_url: str, names: Sequence[str]) -> None:
+        self.manifest_url = manifest_url
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return join_url(self.manifest_url, self.names[index])
+
+    def __iter__(self) -> Iterator[str]:
+        return (join_url(self.manifest_url, name) for name in self.names)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return False
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        first = f"{self[0]!r}, ..." if len(self) else ""
+        return f"ShardUrls([{first}] {len(self)} shards of {self.manifest_url})"
+
+
 @dataclass
 class ShardList:
-    """Shard URLs in order; ``counts``/``sha256`` aligned with them when known."""
+    """Shard URLs in order; ``counts``/``sha256`` aligned with them when known.
 
-    urls: list[str]
-    counts: list[int] | None = None
-    sha256: list[str | None] | None = None
+    ``urls`` is a list, or :class:`ShardUrls` for a manifest's shards; ``counts`` an
+    :class:`~shardkit.format.columns.IntColumn` and ``sha256`` a
+    :class:`~shardkit.format.columns.Digests` (both compare equal to lists)."""
+
+    urls: Sequence[str]
+    counts: IntColumn | None = None
+    sha256: Digests | None = None
     manifest: Manifest | None = None
     manifest_url: str | None = None
 
     @property
     def total(self) -> int | None:
-        return sum(self.counts) if self.counts is not None else None
+        return self.counts.total if self.counts is not None else None
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -73,7 +128,9 @@ def load_manifest(url: str, options: SourceOptions = DEFAULT_OPTIONS) -> Manifes
     data = read_bytes(url, options=options)
     if data is None:
         raise SourceError("manifest not found", url=url)
-    return Manifest.from_json(data, url=url)
+    text = manifest_text(data, url=url)
+    del data  # parse with one copy of the text in memory (tens of MB at 580k shards)
+    return Manifest.from_json(text, url=url)
 
 
 def _from_manifest(url: str, options: SourceOptions) -> ShardList:
@@ -84,8 +141,8 @@ def _from_manifest(url: str, options: SourceOptions) -> ShardList:
             url,
             len(manifest.shards),
         )
-    urls = [join_url(url, s.name) for s in manifest.shards]
-    return ShardList(urls, [s.samples for s in manifest.shards], [s.sha256 for s in manifest.shards], manifest, url)
+    table = manifest.table
+    return ShardList(ShardUrls(url, table.names), table.samples, table.sha256, manifest, url)
 
 
 def _from_folder(url: str, options: SourceOptions) -> ShardList:
@@ -120,10 +177,11 @@ def _counts_beside(urls: list[str], options: SourceOptions) -> ShardList:
     data = read_optional(candidate, options=options)
     if data is not None:
         manifest = Manifest.from_json(data, url=candidate)  # unreadable: an error naming it
-        by_url = {join_url(candidate, s.name): s for s in manifest.shards}
+        table = manifest.table
+        by_url = {u: i for i, u in enumerate(ShardUrls(candidate, table.names))}
         if all(u in by_url for u in urls):
-            infos = [by_url[u] for u in urls]
-            return ShardList(urls, [s.samples for s in infos], [s.sha256 for s in infos], manifest, candidate)
+            rows = np.array([by_url[u] for u in urls], dtype=np.int64)
+            return ShardList(urls, IntColumn(table.samples.array[rows]), table.sha256.take(rows), manifest, candidate)
     counts: list[int] = []
     for u in urls:
         if scheme_of(u) not in ("", "file"):
@@ -132,7 +190,7 @@ def _counts_beside(urls: list[str], options: SourceOptions) -> ShardList:
         if data is None:
             return ShardList(urls)
         counts.append(len(decode_index(data, url=index_url(u))) - 1)
-    return ShardList(urls, counts)
+    return ShardList(urls, IntColumn(counts))
 
 
 def resolve_shards(urls: str | Sequence[str], *, options: SourceOptions = DEFAULT_OPTIONS) -> ShardList:
