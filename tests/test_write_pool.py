@@ -103,3 +103,24 @@ def test_work_from_an_interactive_main_is_refused_not_a_dying_worker(tmp_path):
     assert proc.returncode == 1 and "interactive session" in proc.stderr and "forkserver" in proc.stderr
     assert "Traceback" in proc.stderr and proc.stderr.count("Traceback") == 1  # ours, not one per worker
     assert not (tmp_path / "out").exists()
+
+
+def echo(item: bytes) -> bytes:
+    return item
+
+
+@pytest.mark.timeout(60)
+def test_large_batches_and_large_results_do_not_deadlock(tmp_path):
+    # Batches and results both larger than a pipe's buffer: the parent sending the next
+    # batch and a worker sending its results once waited for each other forever.
+    import shardkit
+
+    items = [{"__key__": f"k{i:04d}", "bin": os.urandom(50_000)} for i in range(200)]
+    result = shardkit.write(items, str(tmp_path), fn=copy_sample, validate=False, workers=2)
+    assert result.samples == 200
+    out = list(ordered_results(echo, ((i, os.urandom(200_000)) for i in range(40)), workers=2, batch_size=4))
+    assert [i for i, _ in out] == list(range(40)) and all(len(b) == 200_000 for _, b in out)
+
+
+def copy_sample(sample: dict) -> dict:
+    return {"bin": sample["bin"], "txt": "x"}

@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -85,11 +86,24 @@ def _worker_main(conn: Any, work: Callable[[Any], Any], slots: Any, slot: int, i
             os.close(fd)
         except OSError:
             pass
+    # Batches are received by a thread of their own: the parent may block sending the next
+    # batch (over the pipe's buffer) while this process blocks sending a large result, and
+    # each would wait for the other forever if one thread did both.
+    inbox: queue.Queue[Any] = queue.Queue()
+
+    def receive() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                message = None
+            inbox.put(message)
+            if message is None:
+                return
+
+    threading.Thread(target=receive, name="shardkit-write-inbox", daemon=True).start()
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
+        message = inbox.get()
         if message is None:
             return
         seq, first, items = message
