@@ -103,14 +103,19 @@ def test_csv_keeps_every_column_and_says_where_each_went(table):
     assert summary["samples"] == N and summary["skipped"] == 0 and summary["notes"] == []
 
 
-def test_webdataset_reads_what_a_table_wrote(table):
+def test_webdataset_and_gnu_tar_read_what_a_table_wrote(table):
     import webdataset as wds
 
     shardkit.write(str(table / "meta.csv"), str(table / "out"), workers=1)
-    got = list(wds.WebDataset(str(table / "out" / "data-000000.tar"), shardshuffle=False).decode())
+    shard = str(table / "out" / "data-000000.tar")
+    got = list(wds.WebDataset(shard, shardshuffle=False).decode())
     assert [s["__key__"] for s in got] == [f"{i:06d}" for i in range(N)]
     for i, s in pairs(range(N), got):
         assert s["txt"] == caption(i) and s["json"]["path"] == f"img/{i}.jpg"
+    listed = subprocess.run(["tar", "tf", shard], capture_output=True, text=True, check=True).stdout.split()
+    assert listed == [f"{i:06d}.{ext}" for i in range(N) for ext in ("cls", "jpg", "json", "txt")]
+    text = subprocess.run(["tar", "xOf", shard, "000003.txt"], capture_output=True, check=True).stdout
+    assert text.decode("utf-8") == caption(3)
 
 
 def test_tsv_with_a_header_and_jsonl_with_image_lists(tmp_path):

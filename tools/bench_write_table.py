@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -159,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         cases["shardkit start-up (shardkit write --help)"] = ([py, "-m", "shardkit.cli", "write", "--help"], env, 0)
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpus: dict[str, list[float]] = {name: [] for name in cases}  # CPU s of the command and its children
     for round_ in range(args.rounds):
         for name, (cmd, case_env, expected) in cases.items():
             shutil.rmtree(out, ignore_errors=True)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             proc = subprocess.run(cmd, env=case_env, capture_output=True, text=True, cwd=ROOT)
             elapsed = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr[-3000:]}")
             if expected:
@@ -175,16 +180,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_}: {name}: {elapsed:.2f} s", file=sys.stderr, flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
-    print(f"| case | median wall s | images/s | rounds: {args.rounds} |")
-    print("|---|---:|---:|---|")
+    print(f"| case | median wall s | images/s | CPU s (median) | wall s, rounds: {args.rounds} |")
+    print("|---|---:|---:|---:|---|")
     for name, values in times.items():
         expected = cases[name][2]
         median = statistics.median(values)
         rate = f"{expected / median:,.0f}" if expected else ""
-        print(f"| {name} | {median:.2f} | {rate} | {' '.join(f'{v:.2f}' for v in values)} |")
+        cpu = statistics.median(cpus[name])
+        print(f"| {name} | {median:.2f} | {rate} | {cpu:.2f} | {' '.join(f'{v:.2f}' for v in values)} |")
     print()
-    print("| size | pair | workers | shardkit / img2dataset time, median of per-round ratios |")
-    print("|---|---|---:|---:|")
+    print("| size | pair | workers | shardkit / img2dataset wall time | CPU time (medians of per-round ratios) |")
+    print("|---|---|---:|---:|---:|")
     for size_name in args.sizes.split(","):
         for check in ("checked", "trusted"):
             for workers in (1, 2):
@@ -194,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 for table in ("paths", "bytes"):
                     ours = f"{size_name} {check} shardkit {table} --workers {workers}"
                     ratios = [a / b for a, b in zip(times[ours], times[peer])]
-                    print(f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} |")
+                    cpu = [a / b for a, b in zip(cpus[ours], cpus[peer])]
+                    print(
+                        f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} "
+                        f"| {statistics.median(cpu):.2f} |"
+                    )
     print()
     print("| size | pair | workers | the same, beyond each tool's fixed cost (10-row table) |")
     print("|---|---|---:|---:|")
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "times": times}, f, indent=1)
+            json.dump({"rounds": args.rounds, "times": times, "cpu": cpus}, f, indent=1)
     return 0
 
 
