@@ -251,12 +251,18 @@ class PlannedDataset(IterableDataset):
         ``hooks`` observe the collate and the stream of items handed out. The default
         collate copies each sample into its batch as it comes (:mod:`~shardkit.read.batcher`)."""
         ws = self._worker_state
+        memory_counts: dict[str, int] = {}  # batches in reused / new batch memory
         items: Iterator[tuple[int, tuple[int, Ticket | None, Any]]]
         if batching.batch_size is None:
             items = ((n, (1, None, item)) for n, item in mapped)
         elif batching.collate_fn is collate:
             items = stream_batches(
-                mapped, batching.batch_size, drop_last=batching.drop_last, memory=batching.memory, hooks=hooks
+                mapped,
+                batching.batch_size,
+                drop_last=batching.drop_last,
+                memory=batching.memory,
+                hooks=hooks,
+                counts=memory_counts,
             )
         else:
             collate_fn = hooks.wrap("collate", batching.collate_fn)
@@ -272,7 +278,8 @@ class PlannedDataset(IterableDataset):
             for emitted, (size, ticket, item) in items:
                 ws["emitted"] = emitted
                 if progress:
-                    yield item, Progress(worker, emitted, size, epoch, {**counters(), **hooks.counters()}, ticket)
+                    stats = {**counters(), **memory_counts, **hooks.counters()}
+                    yield item, Progress(worker, emitted, size, epoch, stats, ticket)
                 else:
                     yield item
 

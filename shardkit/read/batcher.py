@@ -198,6 +198,7 @@ class StreamingBatch:
         self.failed = False
         self.slot: Slot | None = None
         self.ticket: Ticket | None = None
+        self.reused = False  # collated into ring memory that held an earlier batch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -209,6 +210,7 @@ class StreamingBatch:
             taken = self.memory.acquire()
             if taken is not None:
                 self.slot, self.ticket = taken
+        allocations = self.slot.allocations if self.slot is not None else 0
         for index, leaf in buffered:
             assert isinstance(leaf, (_Rows, _Numbers))
             shape = (self.capacity, *leaf.shape)
@@ -216,6 +218,7 @@ class StreamingBatch:
                 leaf.bind(self.slot.buffer(index, shape, leaf.torch_dtype))
             else:
                 leaf.bind(empty_batch_tensor(shape, leaf.torch_dtype, shared=self.shared))
+        self.reused = self.slot is not None and self.slot.allocations == allocations
 
     def add(self, sample: Any) -> None:
         """Copy ``sample`` into its row (a sample that does not fit: fall back)."""
@@ -315,26 +318,36 @@ def stream_batches(
     drop_last: bool,
     memory: BatchMemory | None = None,
     hooks: StageHooks | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[tuple[Any, tuple[int, Ticket | None, Any]]]:
     """Group ``(tag, sample)`` pairs into ``(tag of the last sample, (size, ticket, batch))``
     with ``batch == collate(samples)``; ``hooks`` observe the copy of each sample as the
-    "batch" stage and the completion of each batch as "collate"."""
+    "batch" stage and the completion of each batch as "collate". With ``memory``,
+    ``counts`` gets ``memory_reused`` (batches collated into memory an earlier batch
+    used) and ``memory_fresh`` (batches that needed new memory)."""
     if batch_size < 1:
         raise ShardkitError(f"batch_size must be >= 1, got {batch_size}")
     hooks = hooks or StageHooks()
     add: Callable[[StreamingBatch, Any], None] = hooks.wrap("batch", StreamingBatch.add)
     finish: Callable[[StreamingBatch], tuple[Any, Ticket | None]] = hooks.wrap("collate", StreamingBatch.finish)
+    if memory is not None and counts is not None:
+        counts.update(memory_reused=0, memory_fresh=0)
+
+    def done(batch: StreamingBatch) -> tuple[int, Ticket | None, Any]:
+        out, ticket = finish(batch)
+        if memory is not None and counts is not None:
+            counts["memory_reused" if ticket is not None and batch.reused else "memory_fresh"] += 1
+        return len(batch.samples), ticket, out
+
     batch = StreamingBatch(batch_size, memory=memory)
     tag = None
     for tag, sample in tagged:
         add(batch, sample)
         if len(batch.samples) == batch_size:
-            out, ticket = finish(batch)
-            yield tag, (batch_size, ticket, out)
+            yield tag, done(batch)
             batch = StreamingBatch(batch_size, memory=memory)
     if batch.samples:
         if drop_last:
             batch.discard()
         else:
-            out, ticket = finish(batch)
-            yield tag, (len(batch.samples), ticket, out)
+            yield tag, done(batch)

@@ -57,17 +57,19 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 class Slot:
     """One batch's buffers in a worker's ring: a contiguous tensor per batched leaf."""
 
-    __slots__ = ("index", "buffers")
+    __slots__ = ("index", "buffers", "allocations")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.buffers: dict[int, torch.Tensor] = {}
+        self.allocations = 0  # buffers made so far
 
     def buffer(self, leaf: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The slot's tensor for ``leaf``, made (again) when its shape or dtype changed."""
         tensor = self.buffers.get(leaf)
         if tensor is None or tensor.shape != shape or tensor.dtype != dtype:
             tensor = self.buffers[leaf] = empty_batch_tensor(shape, dtype, shared=True)
+            self.allocations += 1
         return tensor
 
 
@@ -199,4 +201,3 @@ def slot_count(prefetch_factor: int) -> int:
     """Slots per worker: the batches it may have in flight, plus the one the consumer
     holds and the one it has just dropped (seen at the next step)."""
     return prefetch_factor + 2
-
