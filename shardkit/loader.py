@@ -350,7 +350,9 @@ class ShardLoader(DataLoader):
     def stats(self) -> dict[str, Any]:
         """This rank's numbers for the current/last epoch: batches and samples delivered,
         padded/dropped (even mode), samples and bytes read, skipped samples, shards opened,
-        cache hits/misses/downloads (with a cache), and ``wait_s``, the seconds the
+        cache hits/misses/downloads (with a cache), ``memory_reused``/``memory_fresh``
+        (with reused batch memory: batches collated into memory an earlier batch had
+        used, or into new memory), and ``wait_s``, the seconds the
         training loop waited for data (with ``device``/``decode_device`` this includes
         the main-process stage, which ``stage_s`` also reports alone)."""
         out: dict[str, Any] = {"epoch": self.epoch, **self._stats}

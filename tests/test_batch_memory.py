@@ -22,6 +22,7 @@ from shardkit.read.batcher import StreamingBatch, stream_batches
 from shardkit.read.batchmem import FREE, HELD, BatchMemory
 from shardkit.read.dataset import ShardDataset
 from shardkit.read.pipeline import collate
+from shardkit.read.stages import StageHooks
 from tests.helpers import make_shards, pairs
 
 pytestmark = pytest.mark.timeout(120)
@@ -187,6 +188,26 @@ def test_stream_batches_keeps_tags_sizes_and_drop_last():
     assert [tag for tag, _ in stream_batches(tagged, 3, drop_last=True)] == ["t2", "t5"]
     with pytest.raises(ShardkitError):
         list(stream_batches(tagged, 0, drop_last=False))
+
+
+class _Counting(StageHooks):
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, stage, fn):
+        def call(*args, **kwargs):
+            self.calls[stage] = self.calls.get(stage, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def test_hooks_see_each_sample_copied_and_each_batch_completed():
+    hooks = _Counting()
+    tagged = [(i, (torch.full((2,), i), i)) for i in range(10)]
+    out = list(stream_batches(tagged, 4, drop_last=False, hooks=hooks))
+    assert [size for _, (size, _, _) in out] == [4, 4, 2]
+    assert hooks.calls == {"batch": 10, "collate": 3}
 
 
 # --------------------------------------------------------- reused memory in the workers
