@@ -15,6 +15,7 @@ method only: it advances it by one on each new pass unless ``set_epoch`` was cal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ from .gpu.batch_decoder import BatchDecoder
 from .plan.epoch import simulate_consumption
 from .plan.state import ResumeState
 from .read.base import Batching, PlannedDataset, Progress
+from .read.batchmem import BatchMemory, ReleaseTracker, slot_count
 from .read.pipeline import collate
 
 log = logging.getLogger(__name__)
@@ -45,15 +47,21 @@ class LoaderView(IterableDataset):
     ``loader.shard_dataset``.
     """
 
-    def __init__(self, dataset: PlannedDataset, batching: Batching, num_workers: int) -> None:
+    def __init__(
+        self, dataset: PlannedDataset, batching: Batching, num_workers: int, memory: BatchMemory | None = None
+    ) -> None:
         self.shard_dataset = dataset
         self.batching = batching
         self.num_workers = num_workers
         self.resume: ResumeState | None = None
         self.rotation = 0
+        # The workers collate into this (reused) memory; the loader frees its slots.
+        self._worker_batching = batching if memory is None else dataclasses.replace(batching, memory=memory)
 
     def __iter__(self) -> Iterator[Any]:
-        return self.shard_dataset.iter_items(self.batching, resume=self.resume, progress=True, rotation=self.rotation)
+        return self.shard_dataset.iter_items(
+            self._worker_batching, resume=self.resume, progress=True, rotation=self.rotation
+        )
 
     def __len__(self) -> int:
         return self.shard_dataset.num_items(self.batching, num_workers=self.num_workers)
@@ -96,6 +104,28 @@ def _batching(
     return own
 
 
+def _batch_memory(
+    reuse: bool | None, batching: Batching, num_workers: int, prefetch_factor: int | None
+) -> BatchMemory | None:
+    """The workers' reusable batch memory, as ``reuse_memory`` says (None: where it applies)."""
+    if reuse is not None and not isinstance(reuse, bool):
+        raise TypeError(f"reuse_memory must be None, True or False, got {reuse!r}")
+    why = (
+        "it needs worker processes (num_workers > 0)"
+        if num_workers == 0
+        else "it needs batch_size (batches collated in the workers)"
+        if batching.batch_size is None
+        else "it applies to the default collate_fn only"
+        if batching.collate_fn is not collate
+        else ""
+    )
+    if reuse is False or (reuse is None and why):
+        return None
+    if why:
+        raise ShardkitError(f"reuse_memory=True cannot apply: {why}; leave it unset or pass False")
+    return BatchMemory(num_workers, slot_count(prefetch_factor or 2))
+
+
 class ShardLoader(DataLoader):
     """Iterate batches of a :class:`ShardDataset` (or a :class:`~shardkit.read.mix.Mix`) with worker processes.
 
@@ -122,6 +152,14 @@ class ShardLoader(DataLoader):
             nvJPEG; "nvjpeg" is the same), "nvimgcodec", "cpu", or a
             :class:`~shardkit.gpu.batch_decoder.BatchDecoder` instance (see
             :func:`shardkit.gpu.decoders.make_backend`).
+        reuse_memory: the workers collate batches into a few shared-memory buffers each,
+            reused once the training loop has dropped every tensor (and view) of a batch
+            (a loop that keeps batches gets fresh memory meanwhile: values never change).
+            None (default): with worker processes and the default collate; True: the
+            same, refused where it cannot apply; False: fresh memory for every batch, as
+            a DataLoader gives it. Use False when batch tensors are sent on to other
+            processes: this process dropping them would free their memory for reuse
+            while another process still reads it.
         Other keyword arguments go to DataLoader.
     """
 
@@ -139,6 +177,7 @@ class ShardLoader(DataLoader):
         device: str | torch.device | None = None,
         decode_device: str | torch.device | None = None,
         decode_backend: str | BatchDecoder = "auto",
+        reuse_memory: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(dataset, PlannedDataset):
@@ -148,13 +187,14 @@ class ShardLoader(DataLoader):
         stage = DeviceStage.build(
             dataset, batching, device=device, decode_device=decode_device, decode_backend=decode_backend
         )
-        view = LoaderView(dataset if stage is None else stage.worker_dataset, batching, num_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 4
+        memory = _batch_memory(reuse_memory, batching, num_workers, prefetch_factor)
+        view = LoaderView(dataset if stage is None else stage.worker_dataset, batching, num_workers, memory)
         super().__init__(
             view,
             batch_size=None,
@@ -173,6 +213,7 @@ class ShardLoader(DataLoader):
         self._stats: dict[str, float] = {}
         self._worker_stats: dict[int, dict[str, int]] = {}
         self._device_stage = stage
+        self._release = memory.tracker() if memory is not None else None
         self._workers_kept = False  # persistent workers started (they hold the plan they began with)
 
     @property
@@ -211,7 +252,11 @@ class ShardLoader(DataLoader):
             info = dataset.epoch_info(num_workers=self.num_workers, resume=resume)
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
+        if self._release is not None:
+            self._release.start_run()
         it: Iterator[Any] = super().__iter__()
+        if self._release is not None:
+            it = self._released(it, self._release)
         if self._device_stage is not None:  # pairs stay paired: progress is recorded when handed out
             it = self._device_stage.wrap(it)
         while True:
@@ -231,6 +276,15 @@ class ShardLoader(DataLoader):
         self._stats["epoch_s"] = time.perf_counter() - started
         # A finished epoch leaves nothing to resume.
         self._view.resume, self._view.rotation = None, 0
+
+    @staticmethod
+    def _released(pairs: Iterator[Any], release: ReleaseTracker) -> Iterator[Any]:
+        """``pairs`` with each batch watched from where it leaves the DataLoader, and
+        the slots of the batches dropped since freed each time the next is asked for."""
+        for pair in pairs:
+            release.received(pair[0], pair[1].ticket)
+            yield pair
+            release.collect()
 
     # -- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -300,7 +354,9 @@ class ShardLoader(DataLoader):
     def stats(self) -> dict[str, Any]:
         """This rank's numbers for the current/last epoch: batches and samples delivered,
         padded/dropped (even mode), samples and bytes read, skipped samples, shards opened,
-        cache hits/misses/downloads (with a cache), and ``wait_s``, the seconds the
+        cache hits/misses/downloads (with a cache), ``memory_reused``/``memory_fresh``
+        (with reused batch memory: batches collated into memory an earlier batch had
+        used, or into new memory), and ``wait_s``, the seconds the
         training loop waited for data (with ``device``/``decode_device`` this includes
         the main-process stage, which ``stage_s`` also reports alone)."""
         out: dict[str, Any] = {"epoch": self.epoch, **self._stats}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from shardkit import ShardDataset, ShardLoader, ShardWriter
-from shardkit.cli.doctor import diagnose
+from shardkit.cli.doctor import diagnose, format_report
 from shardkit.cli.main import main
 from shardkit.cli.profiling import STAGES, profiled
 from shardkit.cli.synthetic import photo_like
@@ -96,6 +96,20 @@ def test_worker_cpu_is_counted_when_the_data_runs_out(big_shards):
     # Each image costs a full 2400x1800 decode in a worker: far more than the main process.
     assert d.worker_cpu_ms > 0.5 * d.reference_ms
     assert d.worker_cpu_ms > 5 * d.main_cpu_ms
+    # The same loop in 2 processes at once costs about what it costs alone (not a tenth, not 10x).
+    assert 0.5 * d.reference_ms < d.parallel_reference_ms < 3 * d.reference_ms
+
+
+def test_doctor_reports_the_parallel_reference_and_batch_memory(uneven_shards):
+    d = diagnose(uneven_shards, transform=_corner, workers=2, batch_size=2, decode_size=None, seconds=30.0)
+    assert d.parallel_reference_ms > 0 and d.reference_ms > 0
+    # 2 workers x 16 batches of 2, the first of each not counted; the rings fill, then are reused.
+    assert d.memory_reused + d.memory_fresh == d.images // 2 and d.memory_reused > d.memory_fresh
+    report = format_report(d)
+    assert "2 processes at once" in report and f"{d.memory_reused} batches in reused memory" in report
+    alone = diagnose(uneven_shards, transform=_corner, workers=0, batch_size=2, decode_size=None, seconds=0.2)
+    assert alone.parallel_reference_ms == 0 and alone.memory_reused == alone.memory_fresh == 0
+    assert "at once" not in format_report(alone)
 
 
 def test_profiled_counters_reach_loader_stats(uneven_shards):

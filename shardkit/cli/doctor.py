@@ -4,13 +4,19 @@ Runs the user's dataset with :class:`~shardkit.cli.profiling.StageTimes` hooks u
 ShardLoader for a few seconds, then reports per stage (read, decode, transform, collate, other worker time,
 hand-off to the DataLoader queue, the main process), CPU-ms per image for the workers and
 the main process, the single-core decode+transform cost of the same samples as a
-reference, which stage bounds the run, and what to change.
+reference, which stage bounds the run, and what to change. With several workers it
+also runs that reference loop in as many processes at once: what the same work costs
+per image when that many processes share the cores, with no loader at all, so the
+loader's own share of the CPU can be told from the machine's.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import resource
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +64,10 @@ class Diagnosis:
     region_decode: bool = False  # fused crops decode only the crop (libjpeg-turbo 3, shardkit.decode.jpeg_region)
     bound: str = ""
     advice: list[str] = field(default_factory=list)
+    # The reference loop run in ``workers`` processes at once (0: not measured)
+    parallel_reference_ms: float = 0.0
+    memory_reused: int = 0  # batches collated into reused batch memory (ShardLoader's rings)
+    memory_fresh: int = 0  # batches that needed new memory
 
     @property
     def rate(self) -> float:
@@ -70,30 +80,77 @@ class Diagnosis:
         return data
 
 
-def _reference_ms(urls: Any, ds_kwargs: dict[str, Any], count: int = 64) -> float:
-    """CPU-ms per image of decode + transform alone on one core, on the first samples."""
+def _reference_samples(urls: Any, count: int) -> list[dict]:
+    from ..read.dataset import ShardDataset
+
+    samples = []
+    for sample in ShardDataset(urls, handler="skip"):
+        samples.append(sample)
+        if len(samples) == count:
+            break
+    return samples
+
+
+def _reference_pass(pipeline: Any, samples: list[dict]) -> float:
+    """CPU-ms per image of one pass of decode + transform over ``samples``."""
+    start = time.process_time()
+    for sample in samples:
+        pipeline.attempt(dict(sample))
+    return (time.process_time() - start) * 1e3 / max(1, len(samples))
+
+
+def _reference_ms(
+    urls: Any, ds_kwargs: dict[str, Any], count: int = 128, *, budget_s: float = 2.0, processes: int = 1
+) -> tuple[float, float]:
+    """CPU-ms per image of decode + transform alone on one core, on the first samples
+    (the median of up to three passes within ``budget_s``), and, with ``processes`` > 1,
+    the same loop run in that many processes at once (0.0 when not measured)."""
     import torch
 
     from ..read.dataset import ShardDataset
 
-    raw = ShardDataset(urls, handler="skip")
-    samples = []
-    for sample in raw:
-        samples.append(sample)
-        if len(samples) == count:
-            break
+    samples = _reference_samples(urls, count)
     pipeline = ShardDataset(urls, **{k: v for k, v in ds_kwargs.items() if k != "threads"}).pipeline(lambda e: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for sample in samples[:4]:  # warm-up (first-call imports and allocations)
             pipeline.attempt(dict(sample))
-        start = time.process_time()
-        for sample in samples:
-            pipeline.attempt(dict(sample))
-        return (time.process_time() - start) * 1e3 / max(1, len(samples))
+        passes: list[float] = []
+        started = time.perf_counter()
+        while len(passes) < 3 and (not passes or time.perf_counter() - started < budget_s):
+            passes.append(_reference_pass(pipeline, samples))
+        parallel = _parallel_reference_ms(pipeline, samples, processes) if processes > 1 else 0.0
+        return statistics.median(passes), parallel
     finally:
         torch.set_num_threads(threads)
+
+
+def _parallel_pass(pipeline: Any, samples: list[dict], barrier: Any, results: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    barrier.wait()
+    results.put(_reference_pass(pipeline, samples))
+
+
+def _parallel_reference_ms(pipeline: Any, samples: list[dict], processes: int) -> float:
+    """The mean CPU-ms per image of ``processes`` forked copies of the reference pass run
+    at once (0.0 where processes cannot be forked)."""
+    if not sys.platform.startswith("linux"):
+        return 0.0  # fork is the only start method that shares the samples cheaply, and safe only here
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(processes), context.SimpleQueue()
+    procs = [
+        context.Process(target=_parallel_pass, args=(pipeline, samples, barrier, results), daemon=True)
+        for _ in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    values = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(values) / len(values)
 
 
 def diagnose(
@@ -178,6 +235,7 @@ def diagnose(
     if workers == 0:
         worker_cpu, main_cpu = main_cpu, 0.0
     wait = (stats.get("wait_s", 0.0) - first["stats"].get("wait_s", 0.0)) / elapsed if elapsed else 0.0
+    reference, parallel = _reference_ms(urls, ds_kwargs, processes=workers)
     diagnosis = Diagnosis(
         images=images,
         seconds=elapsed,
@@ -188,10 +246,13 @@ def diagnose(
         worker_cpu_ms=worker_cpu * per,
         main_cpu_ms=main_cpu * per,
         wait_fraction=wait,
-        reference_ms=_reference_ms(urls, ds_kwargs),
+        reference_ms=reference,
         decode_size=ds.decode_size,
         fused=fused,
         region_decode=fused and region_support()[0],
+        parallel_reference_ms=parallel,
+        memory_reused=int(stats.get("memory_reused", 0)) - int(first["stats"].get("memory_reused", 0)),
+        memory_fresh=int(stats.get("memory_fresh", 0)) - int(first["stats"].get("memory_fresh", 0)),
     )
     diagnosis.bound, diagnosis.advice = conclude(
         diagnosis, remote="://" in str(urls), cached=bool(ds.options.cache_dir)
@@ -255,10 +316,17 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
     if bound == "collate":
         advice.append("collating dominates: return fixed-size uint8 tensors so batches stack without lists")
     overhead = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
-    if overhead > 1.3:
+    shared = (d.worker_cpu_ms + d.main_cpu_ms) / d.parallel_reference_ms if d.parallel_reference_ms else overhead
+    if overhead > 1.3 and shared > 1.15:
         advice.append(
             f"the loader spends {overhead:.2f}x the CPU of decode+transform alone: per-image overhead "
             "(IPC, main process, dispatch); fewer workers with threads= may help"
+        )
+    elif overhead > 1.3:
+        advice.append(
+            f"{d.workers} processes doing decode+transform at once already cost {d.parallel_reference_ms:.2f} ms "
+            f"per image against {d.reference_ms:.2f} on one core: the machine's cores are contended (other "
+            "processes, shared caches); fewer workers with threads= may help"
         )
     if not advice:
         advice.append("nothing obvious to change")
@@ -280,12 +348,20 @@ def format_report(d: Diagnosis) -> str:
         lines.append(f"{names.get(stage, stage):12s} {d.stage_ms[stage]:8.2f} {share}")
     lines.append(f"{'main process':12s} {d.main_cpu_ms:8.2f}        (CPU: receiving batches, the loop)")
     lines.append(f"waiting: the consumer waited {d.wait_fraction:.0%} of the run for data")
-    ratio = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
+    total = d.worker_cpu_ms + d.main_cpu_ms
+    ratio = total / d.reference_ms if d.reference_ms else 0.0
     lines.append(
         f"CPU ms/img: workers {d.worker_cpu_ms:.2f} + main {d.main_cpu_ms:.2f} = "
-        f"{d.worker_cpu_ms + d.main_cpu_ms:.2f}; decode+transform alone on one core {d.reference_ms:.2f} "
+        f"{total:.2f}; decode+transform alone on one core {d.reference_ms:.2f} "
         f"({ratio:.2f}x)"
     )
+    if d.parallel_reference_ms:
+        lines.append(
+            f"            the same loop in {d.workers} processes at once {d.parallel_reference_ms:.2f} "
+            f"({total / d.parallel_reference_ms:.2f}x: the loader's own share; the rest is the cores' contention)"
+        )
+    if d.memory_reused or d.memory_fresh:
+        lines.append(f"batch memory: {d.memory_reused} batches in reused memory, {d.memory_fresh} in new memory")
     lines.append(f"bound: {d.bound}")
     lines.extend(f"advice: {a}" for a in d.advice)
     return "\n".join(lines)

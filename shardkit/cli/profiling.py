@@ -3,7 +3,8 @@
 :class:`StageTimes` is a stage hook (:class:`~shardkit.read.stages.StageHooks`):
 ``profiled(dataset)`` is ``dataset.with_stages(hooks=StageTimes)``, whose workers time
 with ``time.perf_counter``: read (tar parsing and I/O), decode (with a fused crop, the
-crop and resize too), transform, collate, the rest of the worker's time ("other":
+crop and resize too), transform, collate (with the default collate, the copy of each
+sample into its batch too: the "batch" stage), the rest of the worker's time ("other":
 planning, shuffle buffer, per-sample dispatch) and the time spent outside the worker's
 generator ("handoff": handing the batch to the DataLoader queue, or blocking when its
 prefetch queue is full). The counters (integer microseconds, cumulative per worker and
@@ -92,6 +93,7 @@ class StageTimes(StageHooks):
 
     # -- the hook ------------------------------------------------------------------------
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        stage = "collate" if stage == "batch" else stage  # copying samples into batches is collating
         return self.timed(stage, fn) if stage in self.us else fn
 
     def wrap_iter(self, stage: str, items: Iterator[Any]) -> Iterator[Any]:

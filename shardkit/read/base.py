@@ -17,6 +17,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import ShardkitError
 from ..plan.epoch import EVEN_MODES, EpochInfo, Topology
 from ..plan.state import PlanIdentity, ResumeState
+from .batcher import stream_batches
+from .batchmem import BatchMemory, Ticket
 from .pipeline import batched, collate
 from .stages import KEEP, HooksFactory, Keep, StageHooks, check_hooks
 
@@ -26,11 +28,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Batching:
-    """How items are grouped inside the workers: ``batch_size=None`` yields samples."""
+    """How items are grouped inside the workers: ``batch_size=None`` yields samples.
+
+    ``memory``: where the default ``collate`` puts batches (a ShardLoader's reusable
+    :class:`~shardkit.read.batchmem.BatchMemory`); None gives every batch fresh memory.
+    """
 
     batch_size: int | None = None
     drop_last: bool = False
     collate_fn: Callable[[list[Any]], Any] = collate
+    memory: BatchMemory | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -46,13 +53,17 @@ class Batching:
 class Progress:
     """Attached to each item when a ShardLoader drives the dataset (never seen by users).
 
-    ``samples`` is how many samples the item holds; ``stats`` the worker's counters.
+    ``samples`` is how many samples the item holds; ``stats`` the worker's counters;
+    ``ticket`` the batch-memory slot the batch was collated into (None: fresh memory).
     """
 
-    __slots__ = ("worker", "emitted", "samples", "epoch", "stats")
+    __slots__ = ("worker", "emitted", "samples", "epoch", "stats", "ticket")
 
-    def __init__(self, worker: int, emitted: int, samples: int, epoch: int, stats: dict[str, int]) -> None:
+    def __init__(
+        self, worker: int, emitted: int, samples: int, epoch: int, stats: dict[str, int], ticket: Ticket | None = None
+    ) -> None:
         self.worker, self.emitted, self.samples, self.epoch, self.stats = worker, emitted, samples, epoch, stats
+        self.ticket = ticket
 
 
 class SharedEpoch:
@@ -241,25 +252,38 @@ class PlannedDataset(IterableDataset):
         hooks: StageHooks,
     ) -> Iterator[Any]:
         """Batch ``(position count, item)`` pairs and record the progress of each item;
-        ``hooks`` observe the collate and the stream of items handed out."""
+        ``hooks`` observe the collate and the stream of items handed out. The default
+        collate copies each sample into its batch as it comes (:mod:`~shardkit.read.batcher`)."""
         ws = self._worker_state
-        items: Iterator[tuple[int, tuple[int, Any]]]
+        memory_counts: dict[str, int] = {}  # batches in reused / new batch memory
+        items: Iterator[tuple[int, tuple[int, Ticket | None, Any]]]
         if batching.batch_size is None:
-            items = ((n, (1, item)) for n, item in mapped)
+            items = ((n, (1, None, item)) for n, item in mapped)
+        elif batching.collate_fn is collate:
+            items = stream_batches(
+                mapped,
+                batching.batch_size,
+                drop_last=batching.drop_last,
+                memory=batching.memory,
+                hooks=hooks,
+                counts=memory_counts,
+            )
         else:
             collate_fn = hooks.wrap("collate", batching.collate_fn)
             items = batched(
                 mapped,
                 batching.batch_size,
                 drop_last=batching.drop_last,
-                collate_fn=lambda chunk: (len(chunk), collate_fn(chunk)),
+                collate_fn=lambda chunk: (len(chunk), None, collate_fn(chunk)),
             )
 
         def emit() -> Iterator[Any]:
-            for emitted, (size, item) in items:
+            worker, epoch = ws["worker"], ws["epoch"]
+            for emitted, (size, ticket, item) in items:
                 ws["emitted"] = emitted
                 if progress:
-                    yield item, Progress(ws["worker"], emitted, size, ws["epoch"], {**counters(), **hooks.counters()})
+                    stats = {**counters(), **memory_counts, **hooks.counters()}
+                    yield item, Progress(worker, emitted, size, epoch, stats, ticket)
                 else:
                     yield item
 

@@ -27,7 +27,9 @@ T = TypeVar("T")
 
 #: The stages a worker runs: "read" (the reader's samples) and "items" (what the worker
 #: hands to the DataLoader, batches or samples) are streams; the others are callables.
-STAGE_NAMES = ("read", "decode", "transform", "collate", "items")
+#: With the default collate a batch is built as its samples come: "batch" runs once per
+#: sample (copying it into its batch), "collate" once per batch (completing it).
+STAGE_NAMES = ("read", "decode", "transform", "batch", "collate", "items")
 
 
 class Keep:
@@ -53,7 +55,7 @@ class StageHooks:
     """
 
     def wrap(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:
-        """The callable to run for ``stage`` ("decode", "transform", "collate") in place of ``fn``."""
+        """The callable to run for ``stage`` ("decode", "transform", "batch", "collate") in place of ``fn``."""
         return fn
 
     def wrap_iter(self, stage: str, items: Iterator[T]) -> Iterator[T]:
