@@ -101,8 +101,8 @@ def freeze_inherited_objects() -> None:
     """Once per DataLoader worker process: exempt every object it has so far (what it
     inherited from the main process, torch's modules among them) from garbage-collector
     scans (``gc.freeze()``). A full collection walks every tracked object; in a forked
-    worker that writes to each page of the parent's heap, copying all of them, and took
-    ~0.5 s of a worker's first epoch (~0.2 ms per image); the objects themselves stay alive anyway."""
+    worker that writes to each page of the parent's heap, so the first one copies the
+    whole heap (see BENCHMARKS.md); these objects live as long as the process anyway."""
     global _frozen_in
     if _frozen_in != os.getpid():
         gc.freeze()
