@@ -374,3 +374,30 @@ def test_batch_memory_checks_its_sizes():
     with pytest.raises(ValueError):
         BatchMemory(2, 0)
     assert BatchMemory(2, 3).acquire() is None  # not in a DataLoader worker
+
+
+# ------------------------------------------------- garbage collection in the workers
+
+
+class _FreezeProbe(StageHooks):
+    """Reports, from inside the worker, how many objects the collector never scans."""
+
+    def counters(self) -> dict[str, int]:
+        import gc
+
+        return {"frozen": gc.get_freeze_count()}
+
+
+def test_workers_exempt_what_they_inherited_from_collector_scans(many):
+    import gc
+
+    ds = ShardDataset(many, decode=decode_by_key).with_stages(hooks=_FreezeProbe)
+    before = gc.get_freeze_count()
+    loader = ShardLoader(ds, batch_size=8, num_workers=2)
+    assert sorted(label for x, y in loader for label in check_batch(x, y)) == list(range(640))
+    # Each worker froze the objects it inherited (torch's modules: many thousands), so a
+    # full collection there never walks, and copies, the parent's heap.
+    assert loader.stats()["frozen"] > 2 * 10_000
+    # The main process is not a DataLoader worker: it is left as it was.
+    in_process = ShardLoader(ds, batch_size=8, num_workers=0)
+    assert len(list(in_process)) == 80 and gc.get_freeze_count() == before

@@ -97,10 +97,16 @@ def run_doctor(shards: str, decode_size: str | None) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def memory_run(shards: str, epochs: int) -> list[dict[str, float]]:
+def memory_run(shards: str, epochs: int, *, pythonpath: str | None = None) -> list[dict[str, float]]:
     """RSS and PSS (MB) of the main process and its workers after each of ``epochs`` epochs."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     proc = subprocess.run(
-        [sys.executable, __file__, "--memory-child", shards, "--epochs", str(epochs)], capture_output=True, text=True
+        [sys.executable, __file__, "--memory-child", shards, "--epochs", str(epochs)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1])
@@ -241,12 +247,14 @@ def main() -> None:
             rounds.append(result)
             print(f"[{spec}] round {n + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
         print(report(spec, kb, args.count, rounds, loads), flush=True)
-        if args.epochs:
+        for label, path in (("", None), ("base ", args.baseline)) if args.epochs else ():
+            if label and not path:
+                continue
             started = time.perf_counter()
-            epochs = memory_run(shards, args.epochs)
+            epochs = memory_run(shards, args.epochs, pythonpath=path)
             print(
-                f"memory over {args.epochs} epochs ({time.perf_counter() - started:.0f} s, persistent workers; "
-                "MB summed over the main process and workers):"
+                f"{label}memory over {args.epochs} epochs ({time.perf_counter() - started:.0f} s, persistent "
+                "workers; MB summed over the main process and workers):"
             )
             for e in epochs:
                 print(

@@ -5,8 +5,10 @@ state, stage views (:meth:`PlannedDataset.with_stages`) and the tail of the work
 from __future__ import annotations
 
 import copy
+import gc
 import multiprocessing
 import multiprocessing.context
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,6 +92,21 @@ class SharedEpoch:
         if multiprocessing.context.get_spawning_popen() is not None:
             return SharedEpoch, (0, self._value)
         return SharedEpoch, (self.value,)
+
+
+_frozen_in = -1  # the process that froze its inherited objects
+
+
+def freeze_inherited_objects() -> None:
+    """Once per DataLoader worker process: exempt every object it has so far (what it
+    inherited from the main process, torch's modules among them) from garbage-collector
+    scans (``gc.freeze()``). A full collection walks every tracked object; in a forked
+    worker that writes to each page of the parent's heap, so the first one copies the
+    whole heap (see BENCHMARKS.md); these objects live as long as the process anyway."""
+    global _frozen_in
+    if _frozen_in != os.getpid():
+        gc.freeze()
+        _frozen_in = os.getpid()
 
 
 class PlannedDataset(IterableDataset):
@@ -225,6 +242,8 @@ class PlannedDataset(IterableDataset):
     def _worker_context(self, resume: ResumeState | None, rotation: int) -> tuple[int, int, int, Topology, ResumeState]:
         """(rank, worker, epoch, topology, resume) of the calling DataLoader worker."""
         info = get_worker_info()
+        if info is not None:
+            freeze_inherited_objects()
         worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
         rank, _ = self.rank_and_world()
         epoch = self.epoch
