@@ -23,6 +23,7 @@ horizontal flip, uint8 batches of 64, the same worker count):
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -144,10 +145,17 @@ def _limit_loop(files: list[str], aug: Callable[[Any], Any], barrier: Any = None
         aug(decode_image(d, "torch"))
     if barrier is not None:
         barrier.wait()
-    started, cpu = time.perf_counter(), time.process_time()
-    for d in data:
-        aug(decode_image(d, "torch"))
-    return started, time.perf_counter(), time.process_time() - cpu
+    # No garbage collection in the timed loop: a full collection walks all of torch's
+    # objects, unrelated to the work, and one falling in this short loop made it much
+    # slower in some runs (the loaders' workers freeze those objects instead).
+    gc.disable()
+    try:
+        started, cpu = time.perf_counter(), time.process_time()
+        for d in data:
+            aug(decode_image(d, "torch"))
+        return started, time.perf_counter(), time.process_time() - cpu
+    finally:
+        gc.enable()
 
 
 def run_config(name: str, folder: str, shards: str, workers: int, batch: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ loader's own share of the CPU can be told from the machine's.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import resource
@@ -92,11 +93,22 @@ def _reference_samples(urls: Any, count: int) -> list[dict]:
 
 
 def _reference_pass(pipeline: Any, samples: list[dict]) -> float:
-    """CPU-ms per image of one pass of decode + transform over ``samples``."""
-    start = time.process_time()
-    for sample in samples:
-        pipeline.attempt(dict(sample))
-    return (time.process_time() - start) * 1e3 / max(1, len(samples))
+    """CPU-ms per image of one pass of decode + transform over ``samples``.
+
+    The garbage collector is off for the pass: a full collection walks every object of
+    this process (torch's modules), unrelated to the work measured, and one falling in a
+    short pass would make the reference look costlier than it is (and, in a forked copy,
+    copy the whole heap)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.process_time()
+        for sample in samples:
+            pipeline.attempt(dict(sample))
+        return (time.process_time() - start) * 1e3 / max(1, len(samples))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _reference_ms(
