@@ -81,10 +81,25 @@ def run_one(name: str, folder: str, shards: str, *, pythonpath: str | None = Non
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     cmd = [sys.executable, "-m", "shardkit.cli.bench", "--one", name, "--folder", folder, "--shards", shards]
-    proc = subprocess.run([*cmd, "--workers", "2", "--batch", "64"], capture_output=True, text=True, env=env)
+    # cwd: ``-m`` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
+    # baseline run started from a checkout would import that checkout's shardkit instead
+    proc = subprocess.run(
+        [*cmd, "--workers", "2", "--batch", "64"], capture_output=True, text=True, env=env, cwd=pythonpath
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_baseline(root: str) -> None:
+    """Refuse a baseline whose runs would not import its own shardkit."""
+    if not os.path.isdir(os.path.join(root, "shardkit")):
+        raise SystemExit(f"--baseline {root}: no shardkit package folder there")
+    code = "import shardkit, sys; sys.stdout.write(shardkit.__file__)"
+    env = dict(os.environ, PYTHONPATH=root)
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root).stdout
+    if not os.path.realpath(found).startswith(os.path.realpath(root) + os.sep):
+        raise SystemExit(f"--baseline {root}: its runs import shardkit from {found or '(nothing)'}, not from {root}")
 
 
 def run_doctor(shards: str, decode_size: str | None) -> dict[str, Any]:
@@ -230,6 +245,8 @@ def main() -> None:
         return
     if not args.work:
         parser.error("--work is required")
+    if args.baseline:
+        check_baseline(args.baseline)
     for spec in args.sizes:
         folder, shards = prepare(args.work, args.count, spec)
         kb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) / 1e3 / args.count
