@@ -56,7 +56,13 @@ class LoaderView(IterableDataset):
         self.resume: ResumeState | None = None
         self.rotation = 0
         # The workers collate into this (reused) memory; the loader frees its slots.
-        self._worker_batching = batching if memory is None else dataclasses.replace(batching, memory=memory)
+        self._worker_batching = batching
+        if memory is not None:
+            self.use_memory(memory)
+
+    def use_memory(self, memory: BatchMemory) -> None:
+        """Batch memory for the workers started from now on."""
+        self._worker_batching = dataclasses.replace(self.batching, memory=memory)
 
     def __iter__(self) -> Iterator[Any]:
         return self.shard_dataset.iter_items(
@@ -252,11 +258,19 @@ class ShardLoader(DataLoader):
             info = dataset.epoch_info(num_workers=self.num_workers, resume=resume)
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
-        if self._release is not None:
-            self._release.start_run()
+        release = self._release
+        if release is not None:
+            if not self.persistent_workers:
+                # Each iterator starts workers of its own, and two may run at once: their
+                # rings get a board of their own, or one iterator's dropped batches would
+                # free slots whose batches the other still holds.
+                memory = BatchMemory(self.num_workers, release.memory.slots)
+                self._view.use_memory(memory)
+                release = self._release = memory.tracker()
+            release.start_run()
         it: Iterator[Any] = super().__iter__()
-        if self._release is not None:
-            it = self._released(it, self._release)
+        if release is not None:
+            it = self._released(it, release)
         if self._device_stage is not None:  # pairs stay paired: progress is recorded when handed out
             it = self._device_stage.wrap(it)
         while True:

@@ -401,3 +401,23 @@ def test_workers_exempt_what_they_inherited_from_collector_scans(many):
     # The main process is not a DataLoader worker: it is left as it was.
     in_process = ShardLoader(ds, batch_size=8, num_workers=0)
     assert len(list(in_process)) == 80 and gc.get_freeze_count() == before
+
+
+def test_two_iterators_at_once_never_share_slots(many):
+    """Without persistent workers every ``iter(loader)`` starts workers of its own; one
+    iterator's dropped batches must never free a slot whose batch the other still holds."""
+    loader = _loader(many, persistent_workers=False)
+    kept: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+    seen_a, seen_b = [], []
+    for (xa, ya), (xb, yb) in zip(iter(loader), iter(loader)):
+        arrived = check_batch(xa, ya)
+        seen_a.extend(arrived)
+        kept.append((xa, ya, arrived))  # iterator A's batches are all kept
+        seen_b.extend(check_batch(xb, yb))  # iterator B's are dropped at once
+        del xb, yb
+        for kx, ky, was in kept[-6:]:
+            assert check_batch(kx, ky) == was
+    del xa, ya
+    for kx, ky, was in kept:
+        assert check_batch(kx, ky) == was
+    assert sorted(seen_a) == sorted(seen_b) == list(range(640))
