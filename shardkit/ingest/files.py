@@ -209,21 +209,51 @@ def prepare_image(
 
 
 @dataclass(frozen=True)
-class EntryLoader:
-    """Read one image file and build its sample, or say why it is skipped: ``(path, reason)``.
+class ImageChecks:
+    """How each image is checked and (when asked) re-encoded before it is stored: the
+    arguments of :func:`prepare_image`, kept together for the writers' worker processes."""
 
-    With ``validate`` every image is fully decoded (:func:`shardkit.decode.check.check_image`),
-    so a file truncated in the middle, corrupt, in a codec PIL cannot read or over the pixel
-    limit is skipped with its reason instead of being stored; one that decodes only with a
-    warning the reader tolerates comes back as :class:`~shardkit.ingest.common.Warned`
-    (``strict``: skipped instead). Picklable: it runs in the writer's worker processes.
-    """
-
-    resize: int | None = None
-    quality: int | None = None
     validate: bool = True
     max_pixels: int | None = None
     strict: bool = False
+    resize: int | None = None
+    quality: int | None = None
+
+    @classmethod
+    def of(cls, options: IngestOptions, *, resize: int | None, quality: int | None) -> ImageChecks:
+        """The checks an ingest source's options and re-encoding settings ask for."""
+        return cls(
+            validate=options.validate,
+            max_pixels=options.max_pixels,
+            strict=options.strict,
+            resize=resize,
+            quality=quality,
+        )
+
+    def prepare(self, data: bytes) -> Prepared | str:
+        """:func:`prepare_image` with these settings."""
+        return prepare_image(
+            data,
+            validate=self.validate,
+            max_pixels=self.max_pixels,
+            strict=self.strict,
+            resize=self.resize,
+            quality=self.quality,
+        )
+
+
+@dataclass(frozen=True)
+class EntryLoader:
+    """Read one image file and build its sample, or say why it is skipped: ``(path, reason)``.
+
+    With ``checks.validate`` every image is fully decoded (:func:`shardkit.decode.check.check_image`),
+    so a file truncated in the middle, corrupt, in a codec PIL cannot read or over the pixel
+    limit is skipped with its reason instead of being stored; one that decodes only with a
+    warning the reader tolerates comes back as :class:`~shardkit.ingest.common.Warned`
+    (``checks.strict``: skipped instead). Picklable: it runs in the writer's worker processes.
+    """
+
+    checks: ImageChecks = ImageChecks()
 
     def __call__(self, item: tuple[str, Entry]) -> dict[str, Any] | Warned | tuple[str, str]:
         key, entry = item
@@ -232,14 +262,7 @@ class EntryLoader:
                 data = f.read()
         except OSError as e:
             return entry.path, f"cannot read: {e.strerror}"
-        image = prepare_image(
-            data,
-            validate=self.validate,
-            max_pixels=self.max_pixels,
-            strict=self.strict,
-            resize=self.resize,
-            quality=self.quality,
-        )
+        image = self.checks.prepare(data)
         if isinstance(image, str):
             return entry.path, image
         ext, data, width, height, warning = image
@@ -289,13 +312,7 @@ class FileSource:
 
     def loader(self) -> EntryLoader:
         """The picklable per-file work (read, check, build the sample) for worker processes."""
-        return EntryLoader(
-            resize=self.resize,
-            quality=self.quality,
-            validate=self.options.validate,
-            max_pixels=self.options.max_pixels,
-            strict=self.options.strict,
-        )
+        return EntryLoader(ImageChecks.of(self.options, resize=self.resize, quality=self.quality))
 
     def _load(self, item: tuple[str, Entry]) -> dict[str, Any] | Warned | tuple[str, str]:
         return self.loader()(item)

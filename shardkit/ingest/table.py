@@ -37,7 +37,7 @@ from ..threadmap import ordered_map
 from . import IngestOptions
 from .columns import ColumnPlan, image_refs, plan_columns, row_fields
 from .common import Warned
-from .files import prepare_image
+from .files import ImageChecks
 from .text_table import TextTable, names_an_image_column
 from .values import ValueNotes, check_key, label_classes
 
@@ -112,11 +112,7 @@ class RowLoader:
     be stored. A list column's images are ``KEY.0.EXT``, ``KEY.1.EXT``..."""
 
     column: str
-    validate: bool = True
-    max_pixels: int | None = None
-    strict: bool = False
-    resize: int | None = None
-    quality: int | None = None
+    checks: ImageChecks = ImageChecks()
 
     def __call__(self, item: tuple[str, Row]) -> dict[str, Any] | Warned | tuple[str, str]:
         key, row = item
@@ -133,14 +129,7 @@ class RowLoader:
                         data = f.read()
                 except OSError as e:
                     return row.where, f"{what}: {ref}: cannot read: {e.strerror}"
-            image = prepare_image(
-                data,
-                validate=self.validate,
-                max_pixels=self.max_pixels,
-                strict=self.strict,
-                resize=self.resize,
-                quality=self.quality,
-            )
+            image = self.checks.prepare(data)
             if isinstance(image, str):
                 return row.where, f"{what}: {image}"
             name = f"{i}.{image.ext}" if row.multi else image.ext
@@ -302,14 +291,7 @@ class TableSource:
 
     def loader(self) -> RowLoader:
         """The picklable per-row work (read, check, build the sample) for worker processes."""
-        return RowLoader(
-            self.image,
-            validate=self.options.validate,
-            max_pixels=self.options.max_pixels,
-            strict=self.options.strict,
-            resize=self.resize,
-            quality=self.quality,
-        )
+        return RowLoader(self.image, ImageChecks.of(self.options, resize=self.resize, quality=self.quality))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         load = self.loader()

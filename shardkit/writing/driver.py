@@ -32,7 +32,7 @@ from ..errors import ShardkitError
 from ..format.index import Manifest, manifest_name
 from ..ingest import IngestOptions
 from ..ingest.common import Warned
-from ..ingest.files import Entry, EntryLoader
+from ..ingest.files import Entry, EntryLoader, ImageChecks
 from ..sizes import parse_size
 from ..storage.backend import SourceOptions, local_path
 from . import resume as record
@@ -419,7 +419,7 @@ def write_files(
     return write_parallel(
         entries,
         SampleWork(
-            load=EntryLoader(validate=validate, max_pixels=max_pixels, strict=bool(kwargs.get("strict"))),
+            load=EntryLoader(ImageChecks(validate=validate, max_pixels=max_pixels, strict=bool(kwargs.get("strict")))),
             validate=False,
         ),
         dest,

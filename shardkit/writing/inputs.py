@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from ..ingest import FILE_FORMATS, IngestOptions, detect_format, open_source
-from ..ingest.files import FileSource
-from ..ingest.table import TableSource
+from ..ingest.files import EntryLoader, FileSource
+from ..ingest.table import RowLoader, TableSource
 from .work import SampleWork
 
 
@@ -44,6 +44,14 @@ class Plan:
     def notes(self) -> list[str]:
         """What the input said about its columns and values while it was read."""
         return list(getattr(self.source, "notes", []))
+
+
+Loader = TypeVar("Loader", EntryLoader, RowLoader)
+
+
+def _checking(load: Loader, *, validate: bool) -> Loader:
+    """``load`` with its image check switched on or off (its other settings kept)."""
+    return replace(load, checks=replace(load.checks, validate=validate))
 
 
 def plan_items(
@@ -120,7 +128,7 @@ def plan_source(
     if isinstance(source, TableSource):
         fingerprint["columns"] = source.plan.destinations()
         # With fn, the check runs on what fn returns, not on the row it was given.
-        rows = replace(source.loader(), validate=validate and fn is None)
+        rows = _checking(source.loader(), validate=validate and fn is None)
         work = SampleWork(fn=fn, load=rows, validate=validate and fn is not None, max_pixels=max_pixels, strict=strict)
         heavy = source.embedded  # rows carry their image bytes through the pipes
         return Plan(
@@ -137,7 +145,7 @@ def plan_source(
         )
     if isinstance(source, FileSource):
         # With fn, the check runs on what fn returns, not on the file it was given.
-        load = replace(source.loader(), validate=validate and fn is None)
+        load = _checking(source.loader(), validate=validate and fn is None)
         work = SampleWork(fn=fn, load=load, validate=validate and fn is not None, max_pixels=max_pixels, strict=strict)
         return Plan(source.entries, work, len(source.entries), own or classes, fingerprint, source=source)
     try:
