@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import tarfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,3 +81,23 @@ def pairs(want, got) -> list[tuple]:
     assert len(want) == len(got), f"lengths differ: {len(want)} expected, {len(got)} got"
     assert want, "nothing to compare: both results are empty"
     return list(zip(want, got))
+
+
+def digests(folder) -> dict[str, str]:
+    """sha256 of every file in ``folder``, by name (temp or resume files left show up too)."""
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+    }
+
+
+def shard_members(folder, name: str | None = None) -> dict[str, bytes]:
+    """Every member of every shard in ``folder`` (those of dataset ``name`` only, when
+    given), in shard name order, read with tarfile."""
+    prefix = f"{name}-" if name is not None else ""
+    out: dict[str, bytes] = {}
+    for shard in sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tar")):
+        with tarfile.open(os.path.join(folder, shard)) as tf:
+            for m in tf.getmembers():
+                out[m.name] = tf.extractfile(m).read()
+    return out

@@ -22,7 +22,7 @@ from shardkit.errors import ShardkitError
 from shardkit.format.companion import EMPTY, MISSING, manifest_sha256
 from shardkit.format.index import Manifest, decode_index_keys
 from shardkit.writing.companion import write_companion
-from tests.helpers import make_shards, pairs
+from tests.helpers import digests, make_shards, pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS = [7, 0, 12, 1, 9]
@@ -45,13 +45,6 @@ def odd_only(sample: dict) -> dict | None:
 
 def renamed(sample: dict) -> dict:
     return {"__key__": sample["__key__"] + "x", "txt": "?"}
-
-
-def digests(folder) -> dict[str, str]:
-    return {
-        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-        for name in sorted(os.listdir(folder))
-    }
 
 
 def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:

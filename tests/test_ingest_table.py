@@ -5,7 +5,6 @@ shards read back with tarfile and webdataset."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import subprocess
@@ -17,25 +16,9 @@ import pytest
 import shardkit
 from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions
-from tests.helpers import pairs, tiny_jpeg
+from tests.helpers import digests, pairs, shard_members, tiny_jpeg
 
 N = 12
-
-
-def members(folder, name: str = "data") -> dict[str, bytes]:
-    """Every member of every shard in ``folder``, read with tarfile."""
-    out: dict[str, bytes] = {}
-    for shard in sorted(n for n in os.listdir(folder) if n.startswith(name + "-") and n.endswith(".tar")):
-        with tarfile.open(os.path.join(folder, shard)) as tf:
-            for m in tf.getmembers():
-                out[m.name] = tf.extractfile(m).read()
-    return out
-
-
-def digests(folder) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in sorted(os.listdir(folder))
-    }
 
 
 def caption(i: int) -> str:
@@ -75,7 +58,7 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_csv_keeps_every_column_and_says_where_each_went(table):
     proc = cli("write", str(table / "meta.csv"), str(table / "out"))
     assert "columns: path -> image, json; caption -> txt; aesthetic, note -> json; label -> cls, json" in proc.stdout
-    got = members(table / "out")
+    got = shard_members(table / "out", "data")
     assert len(got) == N * 4
     for i in range(N):
         key = f"{i:06d}"
@@ -126,7 +109,7 @@ def test_tsv_with_a_header_and_jsonl_with_image_lists(tmp_path):
     tsv.write_text("image\ttext\tclicks\n" + "".join(f"{i}.jpg\tcaption {i}\t{i * 10}\n" for i in range(4)))
     result = shardkit.write(str(tsv), str(tmp_path / "tsv"), workers=1)
     assert result.columns == {"image": "image, json", "text": "txt", "clicks": "json"}
-    got = members(tmp_path / "tsv")
+    got = shard_members(tmp_path / "tsv", "data")
     assert got["000002.txt"] == b"caption 2" and json.loads(got["000002.json"]) == {"image": "2.jpg", "clicks": 20}
     jsonl = tmp_path / "t.jsonl"
     lines = [
@@ -138,7 +121,7 @@ def test_tsv_with_a_header_and_jsonl_with_image_lists(tmp_path):
         str(jsonl), str(tmp_path / "jsonl"), workers=1, options=IngestOptions(image_column="images")
     )
     assert result.samples == 4 and result.columns["images"] == "images (0.EXT, 1.EXT...), json"
-    got = members(tmp_path / "jsonl")
+    got = shard_members(tmp_path / "jsonl", "data")
     # each image under its real format's extension, in list order
     assert got["000001.0.jpg"] == tiny_jpeg(1) and got["000001.1.png"] == tiny_png(1)
     assert got["000003.0.png"] == tiny_png(3) and "000003.1.png" not in got
@@ -166,7 +149,7 @@ def test_key_column_names_the_samples_and_bad_keys_name_their_row(table):
     (table / "keyed.csv").write_text("\n".join(keyed) + "\n")
     result = shardkit.write(str(table / "keyed.csv"), str(table / "out"), options=IngestOptions(key_column="id"))
     assert result.columns["id"] == "key"
-    got = members(table / "out")
+    got = shard_members(table / "out", "data")
     assert sorted({n.split(".")[0] for n in got}) == [f"sa_{i:04d}" for i in range(N)]
     assert "id" not in json.loads(got["sa_0003.json"])
     repeated = keyed[:5] + [keyed[2]] + keyed[6:]
@@ -186,9 +169,9 @@ def test_columns_chooses_what_goes_to_json(table):
     proc = cli("write", str(table / "meta.csv"), str(table / "out"), "--columns", "aesthetic", "--json")
     summary = json.loads(proc.stdout)
     assert summary["columns"]["note"] == "left out (--columns)" and summary["columns"]["path"] == "image"
-    assert json.loads(members(table / "out")["000001.json"]) == {"aesthetic": 5.25}
+    assert json.loads(shard_members(table / "out", "data")["000001.json"]) == {"aesthetic": 5.25}
     cli("write", str(table / "meta.csv"), str(table / "none"), "--columns", "", "-q")
-    got = members(table / "none")
+    got = shard_members(table / "none", "data")
     assert not [n for n in got if n.endswith(".json")] and len(got) == N * 3  # jpg, txt, cls
 
 
@@ -200,7 +183,7 @@ def test_caption_column_ambiguity_is_a_note_and_nothing_is_lost(tmp_path):
     assert result.notes == [
         "several columns could be the caption (caption, text): all kept in json; choose with --caption-column"
     ]
-    assert json.loads(members(tmp_path / "out")["000000.json"]) == {
+    assert json.loads(shard_members(tmp_path / "out", "data")["000000.json"]) == {
         "file": "a.jpg",
         "caption": "short",
         "text": "a longer text",
@@ -208,7 +191,9 @@ def test_caption_column_ambiguity_is_a_note_and_nothing_is_lost(tmp_path):
     chosen = shardkit.write(
         str(tmp_path / "t.csv"), str(tmp_path / "out2"), options=IngestOptions(caption_column="text")
     )
-    assert chosen.columns["text"] == "txt" and members(tmp_path / "out2")["000000.txt"] == b"a longer text"
+    assert (
+        chosen.columns["text"] == "txt" and shard_members(tmp_path / "out2", "data")["000000.txt"] == b"a longer text"
+    )
 
 
 def test_a_row_whose_image_does_not_decode_is_skipped_naming_it(table):
@@ -218,7 +203,7 @@ def test_a_row_whose_image_does_not_decode_is_skipped_naming_it(table):
     where, reason = result.skipped[0]
     assert where.startswith(f"{table / 'meta.csv'}: line 7 (") and where.endswith("5.jpg)")
     assert reason.startswith("column 'path': ")
-    assert "000005.jpg" not in members(table / "out")
+    assert "000005.jpg" not in shard_members(table / "out", "data")
     with pytest.raises(ShardkitError, match=r"meta.csv: line 7 .*5.jpg\): column 'path': "):
         shardkit.write(str(table / "meta.csv"), str(table / "strict"), workers=2, strict=True)
 
@@ -233,11 +218,11 @@ def test_workers_parts_and_shuffle_give_the_same_samples(table):
     for i in (2, 0, 1):
         shardkit.write(str(table / "meta.csv"), str(table / "parts"), shard_size="10kB", part=f"{i}/3", workers=1)
     merge_parts(str(table / "parts"))
-    whole, parts = members(table / "one"), members(table / "parts")
+    whole, parts = shard_members(table / "one", "data"), shard_members(table / "parts", "data")
     assert len(whole) == len(parts) == N * 4 and whole == parts
     shuffled = shardkit.write(str(table / "meta.csv"), str(table / "shuffled"), shuffle=True, seed=3, workers=1)
     assert shuffled.samples == N
-    got = members(table / "shuffled")
+    got = shard_members(table / "shuffled", "data")
     assert got == whole  # the same keyed samples: keys follow the rows, not the order
     with tarfile.open(table / "shuffled" / "data-000000.tar") as tf:
         order = [m.name.split(".")[0] for m in tf.getmembers()][::4]
@@ -279,7 +264,7 @@ def test_list_files_are_unchanged(tmp_path):
     (tmp_path / "list.tsv").write_text("".join(f"{i}.jpg\t{i % 2}\n" for i in range(3)))  # no header: a list
     result = shardkit.write(str(tmp_path / "list.tsv"), str(tmp_path / "out"), workers=1)
     assert result.samples == 3 and result.columns == {}
-    got = members(tmp_path / "out")
+    got = shard_members(tmp_path / "out", "data")
     assert int(got["000002.cls"]) == 0 and json.loads(got["000002.json"])["path"] == "2.jpg"
 
 
@@ -303,7 +288,7 @@ def test_file_urls_are_paths_and_other_urls_are_refused(tmp_path):
     result = shardkit.write(
         str(tmp_path / "local.csv"), str(tmp_path / "o1"), options=IngestOptions(image_column="url")
     )
-    assert result.samples == 1 and members(tmp_path / "o1")["000000.jpg"] == tiny_jpeg(0)
+    assert result.samples == 1 and shard_members(tmp_path / "o1", "data")["000000.jpg"] == tiny_jpeg(0)
     (tmp_path / "web.csv").write_text("url,caption\nhttps://example.com/a.jpg,there\n")
     with pytest.raises(ShardkitError, match=r"web.csv: line 2: column 'url' holds the URL 'https://example.com/a.jpg'"):
         shardkit.write(str(tmp_path / "web.csv"), str(tmp_path / "o2"))

@@ -5,13 +5,11 @@ counts; and a table larger than the memory the writing process may use."""
 from __future__ import annotations
 
 import datetime
-import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import textwrap
 
 import numpy as np
@@ -21,28 +19,13 @@ from PIL import Image
 import shardkit
 from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions, detect_format
-from tests.helpers import pairs, tiny_jpeg
+from tests.helpers import digests, pairs, shard_members, tiny_jpeg
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 24
-
-
-def members(folder) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for shard in sorted(n for n in os.listdir(folder) if n.endswith(".tar")):
-        with tarfile.open(os.path.join(folder, shard)) as tf:
-            for m in tf.getmembers():
-                out[m.name] = tf.extractfile(m).read()
-    return out
-
-
-def digests(folder) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in sorted(os.listdir(folder))
-    }
 
 
 def png(i: int) -> bytes:
@@ -89,7 +72,7 @@ def test_embedded_bytes_every_column_arrives(embedded, tmp_path):
         "column 'similarity': 1 NaN or infinite value(s) stored as null (JSON has neither)",
         "1 row(s) have a null caption ('caption'): stored as an empty txt",
     ]
-    got = members(tmp_path / "out")
+    got = shard_members(tmp_path / "out")
     columns = laion_like()
     for i in range(N):
         key = f"{i:06d}"
@@ -117,7 +100,7 @@ def test_paths_relative_to_the_table(tmp_path):
     )
     result = shardkit.write(str(tmp_path / "meta.parquet"), str(tmp_path / "out"), workers=1)
     assert result.columns == {"image_path": "image, json", "text": "txt"}
-    got = members(tmp_path / "out")
+    got = shard_members(tmp_path / "out")
     assert got["000004.jpg"] == tiny_jpeg(4) and json.loads(got["000004.json"]) == {"image_path": "images/4.jpg"}
 
 
@@ -148,14 +131,14 @@ def test_hugging_face_image_struct_class_labels_and_image_lists(tmp_path):
     assert single.columns == {"image": "image", "text": "txt", "label": "cls", "views": "left out (--columns)"}
     manifest = json.loads((tmp_path / "single" / "data.manifest.json").read_text())
     assert manifest["classes"] == ["bird", "cat", "dog"]  # from the ClassLabel feature
-    got = members(tmp_path / "single")
+    got = shard_members(tmp_path / "single")
     assert got["000003.jpg"] == data["image"][3] and got["000002.png"] == data["image"][2]
     assert int(got["000005.cls"]) == 2 and got["000005.txt"] == b"caption 5"
     multi = shardkit.write(
         path, str(tmp_path / "multi"), options=IngestOptions(image_column="views", columns=("text",))
     )
     assert multi.columns["views"] == "images (0.EXT, 1.EXT...)"
-    got = members(tmp_path / "multi")
+    got = shard_members(tmp_path / "multi")
     assert got["000006.0.jpg"] == tiny_jpeg(106) and got["000006.1.png"] == png(6)
     assert json.loads(got["000006.json"]) == {"text": "caption 6"}
 
@@ -172,7 +155,7 @@ def test_a_folder_in_the_hugging_face_layout_and_patterns(tmp_path):
     assert detect_format(str(tmp_path / "ds")) == "parquet"
     whole = shardkit.write(str(tmp_path / "ds"), str(tmp_path / "out"), workers=1)
     assert whole.samples == 20
-    got = members(tmp_path / "out")
+    got = shard_members(tmp_path / "out")
     assert [json.loads(got[f"{i:06d}.json"])["width"] for i in range(20)] == list(range(100, 120))
     # a second split in the folder: refused, naming a pattern that picks one
     pq.write_table(table.slice(0, 4), tmp_path / "ds" / "data" / "test-00000-of-00001.parquet")
@@ -218,13 +201,13 @@ def test_workers_parts_and_resume_give_the_same_bytes(embedded, tmp_path):
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
     # Unchecked embedded images leave the workers nothing to do: one process unless asked.
     trusted = shardkit.write(embedded, str(tmp_path / "trusted"), shard_size="12kB", validate=False)
-    assert trusted.workers == 1 and members(tmp_path / "trusted") == members(tmp_path / "one")
+    assert trusted.workers == 1 and shard_members(tmp_path / "trusted") == shard_members(tmp_path / "one")
     from shardkit.writing.merge import merge_parts
 
     for i in (3, 0, 2, 1):
         shardkit.write(embedded, str(tmp_path / "parts"), shard_size="12kB", part=f"{i}/4", workers=1)
     merge_parts(str(tmp_path / "parts"))
-    whole, parts = members(tmp_path / "one"), members(tmp_path / "parts")
+    whole, parts = shard_members(tmp_path / "one"), shard_members(tmp_path / "parts")
     assert len(whole) == len(parts) and whole == parts
     marker = tmp_path / "crash"
     marker.touch()
@@ -351,7 +334,7 @@ def test_a_table_larger_than_the_memory_allowed_converts(tmp_path):
     proc = child("write")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["samples", "2000", "skipped", "0"]
-    got = members(tmp_path / "write")
+    got = shard_members(tmp_path / "write")
     assert len(got) == 4000 and got["001999.txt"] == b"row 1999"
     for i, (name, data) in pairs(range(3), [(n, got[n]) for n in ("000000.jpg", "000013.jpg", "001999.jpg")]):
         assert data == pool[int(name[:6]) % len(pool)], i

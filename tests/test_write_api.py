@@ -3,7 +3,6 @@ files and real worker processes; the shards are read back with ``tarfile``."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -14,15 +13,7 @@ import pytest
 import shardkit
 from shardkit.errors import ShardkitError
 from shardkit.format.index import Manifest
-from tests.helpers import tiny_jpeg
-
-
-def digests(folder) -> dict[str, str]:
-    """sha256 of every file in ``folder``."""
-    return {
-        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-        for name in sorted(os.listdir(folder))
-    }
+from tests.helpers import digests, tiny_jpeg
 
 
 def members(folder) -> dict[str, bytes]:

@@ -3,7 +3,6 @@ real files, no mocks)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from shardkit.cli.synthetic import make_image_folder
 from shardkit.errors import ShardkitError, WorkerDied
 from shardkit.format.index import Manifest
 from shardkit.writing.driver import write_files, write_parallel
+from tests.helpers import digests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,14 +29,6 @@ def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"shardkit {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
     return proc
-
-
-def digests(folder) -> dict[str, str]:
-    """sha256 of every file in ``folder`` (no temp or resume files may be left)."""
-    return {
-        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-        for name in sorted(os.listdir(folder))
-    }
 
 
 @pytest.fixture(scope="module")
