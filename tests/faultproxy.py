@@ -31,10 +31,10 @@ import dataclasses
 import random
 import socket
 import struct
-import threading
 from collections import Counter
 
-HOST = "127.0.0.1"
+from tests.servers import HOST, LoopbackListener
+
 KINDS = ("cut_head", "cut_body", "stall", "status", "reset")
 _REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 _S3_CODES = {429: "SlowDown", 500: "InternalError", 502: "BadGateway", 503: "SlowDown"}
@@ -213,7 +213,7 @@ def head_cut(head: bytes, fault: Fault) -> int:
     return min(int(fault.at * len(head)), len(head) - 1)
 
 
-class FaultProxy:
+class FaultProxy(LoopbackListener):
     """An HTTP/1.1 proxy on 127.0.0.1 in front of ``upstream_port`` that injects faults.
 
     Use as a context manager; ``url(path)`` is the proxied URL of ``path`` and
@@ -228,24 +228,9 @@ class FaultProxy:
         self.log: list[tuple[str, str]] = []  # (path, fault label) of each injected fault
         self._scripts: list[tuple[str, list[Fault]]] = []
         self._outages: dict[str, list] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((HOST, 0))
-        self._sock.listen(128)
-        self._sock.settimeout(0.1)
-        self.port = self._sock.getsockname()[1]
-        self.endpoint = f"http://{HOST}:{self.port}"
-        self._threads: list[threading.Thread] = []
-        self._open: set[socket.socket] = set()
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
+        super().__init__(backlog=128)
 
     # -- configuration ------------------------------------------------------------------
-    def url(self, path: str = "") -> str:
-        return f"{self.endpoint}/{path.lstrip('/')}"
-
     def script(self, faults: list[Fault], path: str = "") -> None:
         """Break the next ``len(faults)`` requests whose path ends with ``path``, in order."""
         with self._lock:
@@ -291,41 +276,6 @@ class FaultProxy:
             return fault
 
     # -- lifecycle ----------------------------------------------------------------------
-    def __enter__(self) -> FaultProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._acceptor.join(5)
-        self._sock.close()
-        with self._lock:
-            socks = list(self._open)
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)  # wakes threads blocked in recv
-        for t in self._threads:
-            t.join(5)
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(client,), daemon=True)
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-            t.start()
-
-    def _track(self, s: socket.socket) -> None:
-        with self._lock:
-            self._open.add(s)
-
     def _serve(self, client_sock: socket.socket) -> None:
         upstream_sock: socket.socket | None = None
         self._track(client_sock)

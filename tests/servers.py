@@ -26,8 +26,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 HOST = "127.0.0.1"
 ACCESS_KEY = "shardkit-test"
@@ -420,7 +424,72 @@ def s3_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 # -- fault injection --------------------------------------------------------------
 
 
-class FaultProxy:
+class LoopbackListener:
+    """A listening socket on 127.0.0.1 that serves each connection on a thread of its own
+    (``_serve(client)``, which subclasses define); a context manager that closes it.
+
+    Subclasses set their own state before calling ``__init__``: connections may arrive as
+    soon as it returns. ``_track`` registers a socket for ``close`` to shut down.
+    """
+
+    def __init__(self, *, backlog: int) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((HOST, 0))
+        self._sock.listen(backlog)
+        self._sock.settimeout(0.1)
+        self.port = self._sock.getsockname()[1]
+        self.endpoint = f"http://{HOST}:{self.port}"
+        self._threads: list[threading.Thread] = []
+        self._open: set[socket.socket] = set()
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def url(self, path: str = "") -> str:
+        return f"{self.endpoint}/{path.lstrip('/')}"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(5)
+        self._sock.close()
+        with self._lock:
+            socks = list(self._open)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes threads blocked in recv
+        for t in self._threads:
+            t.join(5)
+
+    def _track(self, s: socket.socket) -> None:
+        with self._lock:
+            self._open.add(s)
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+            t.start()
+
+
+class FaultProxy(LoopbackListener):
     """A TCP proxy on 127.0.0.1 that breaks connections on purpose.
 
     - ``cut=(lo, hi)``: each connection is cut (RST) after a random number of response
@@ -451,52 +520,7 @@ class FaultProxy:
         self.stall, self.stall_first = stall, stall_first
         self.fail_first, self.fail_status = fail_first, fail_status
         self.connections = self.cuts = self.stalls = self.failed = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((HOST, 0))
-        self._sock.listen(64)
-        self._sock.settimeout(0.1)
-        self.port = self._sock.getsockname()[1]
-        self.endpoint = f"http://{HOST}:{self.port}"
-        self._threads: list[threading.Thread] = []
-        self._open: set[socket.socket] = set()
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
-
-    def url(self, path: str = "") -> str:
-        return f"{self.endpoint}/{path.lstrip('/')}"
-
-    def __enter__(self) -> FaultProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._acceptor.join(5)
-        self._sock.close()
-        with self._lock:
-            socks = list(self._open)
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)  # wakes pump threads blocked in recv
-        for t in self._threads:
-            t.join(5)
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._handle, args=(client,), daemon=True)
-            self._threads.append(t)
-            t.start()
+        super().__init__(backlog=64)
 
     def _plan(self) -> tuple[bool, int | None, tuple[int, float] | None]:
         with self._lock:
@@ -511,7 +535,7 @@ class FaultProxy:
             stall = self.stall if self.stall and index - self.fail_first < self.stall_first else None
             return False, budget, stall
 
-    def _handle(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket) -> None:
         fail, budget, stall = self._plan()
         upstream = None
         with self._lock:
