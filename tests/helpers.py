@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Sequence
 
@@ -101,3 +103,29 @@ def shard_members(folder, name: str | None = None) -> dict[str, bytes]:
             for m in tf.getmembers():
                 out[m.name] = tf.extractfile(m).read()
     return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shardkit_cli(*args: str, check: bool = True, text: bool = False) -> subprocess.CompletedProcess:
+    """``python -m shardkit.cli ARGS`` run from the repository root, output captured
+    (``text``: as str); with ``check`` a failure raises with its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, cwd=ROOT, text=text)
+    if check and proc.returncode != 0:
+        stderr = proc.stderr if text else proc.stderr.decode()
+        raise AssertionError(f"shardkit {' '.join(args)} exited {proc.returncode}: {stderr}")
+    return proc
+
+
+class CrashOn:
+    """fn over samples that raises on the one keyed ``key`` while ``marker`` exists (a
+    write killed mid-way, then fixed); picklable for the writer's worker processes."""
+
+    def __init__(self, marker: str, key: str) -> None:
+        self.marker, self.key = marker, key
+
+    def __call__(self, sample):
+        if sample["__key__"] == self.key and os.path.exists(self.marker):
+            raise RuntimeError("simulated crash")
+        return sample

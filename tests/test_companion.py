@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from shardkit.errors import ShardkitError
 from shardkit.format.companion import EMPTY, MISSING, manifest_sha256
 from shardkit.format.index import Manifest, decode_index_keys
 from shardkit.writing.companion import write_companion
-from tests.helpers import digests, make_shards, pairs
+from tests.helpers import digests, make_shards, pairs, shardkit_cli
 
+shardkit = partial(shardkit_cli, text=True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS = [7, 0, 12, 1, 9]
 
@@ -45,13 +47,6 @@ def odd_only(sample: dict) -> dict | None:
 
 def renamed(sample: dict) -> dict:
     return {"__key__": sample["__key__"] + "x", "txt": "?"}
-
-
-def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, cwd=ROOT, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"shardkit {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -17,18 +15,11 @@ from shardkit.errors import ShardkitError
 from shardkit.format.companion import MISSING
 from shardkit.read.dataset import ShardDataset
 from shardkit.writing.companion import write_companion
-from tests.helpers import make_shards, pairs
+from tests.helpers import make_shards, pairs, shardkit_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS = [5, 0, 8, 3]
 KEYS = [f"s{i:06d}" for i in range(sum(COUNTS))]
-
-
-def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"shardkit {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -160,32 +151,34 @@ def test_bad_tables_are_refused_naming_the_row(base, tmp_path):
 def test_cli_companion_ls_cat_and_verify_with_a_join(base, tmp_path):
     table = write_table(tmp_path / "captions.parquet", rows(KEYS + ["extra1"]))
     out = json.loads(
-        shardkit("companion", base, str(tmp_path / "c"), "--from", table, "--key-column", "key", "--json").stdout
+        shardkit_cli("companion", base, str(tmp_path / "c"), "--from", table, "--key-column", "key", "--json").stdout
     )
     assert out["samples"] == 16 and out["unmatched"] == 1 and out["unmatched_keys"] == ["extra1"]
-    text = shardkit("companion", base, str(tmp_path / "c2"), "--from", table).stdout.decode()
+    text = shardkit_cli("companion", base, str(tmp_path / "c2"), "--from", table).stdout.decode()
     assert "1 key(s) of the table are not in the base, first: extra1" in text
-    ls = shardkit("ls", base, "--join", str(tmp_path / "c"), "--join-wins", "cls=1", "--join-wins", "json=0", "--json")
+    ls = shardkit_cli(
+        "ls", base, "--join", str(tmp_path / "c"), "--join-wins", "cls=1", "--join-wins", "json=0", "--json"
+    )
     listed = json.loads(ls.stdout)
     assert len(listed) == 16 and listed[2]["txt"] == "a caption for s000002" and listed[2]["json"] == {"i": 2}
-    clash = shardkit("ls", base, "--join", str(tmp_path / "c"), check=False)
+    clash = shardkit_cli("ls", base, "--join", str(tmp_path / "c"), check=False)
     assert clash.returncode == 1 and b"--join-wins cls=1" in clash.stderr
     wins = ("--join-wins", "cls=1", "--join-wins", "json=1")
-    cat = shardkit("cat", base, "s000007", "--field", "txt", "--join", str(tmp_path / "c"), *wins)
+    cat = shardkit_cli("cat", base, "s000007", "--field", "txt", "--join", str(tmp_path / "c"), *wins)
     assert cat.stdout == b"a caption for s000007"
-    cat = shardkit("cat", base, "s000007", "--field", "json", "--join", str(tmp_path / "c"), *wins)
+    cat = shardkit_cli("cat", base, "s000007", "--field", "json", "--join", str(tmp_path / "c"), *wins)
     assert json.loads(cat.stdout) == {"label": 3, "aesthetic": 5.7, "note": None}
-    assert shardkit("ls", base, "--join-wins", "cls=1", check=False).returncode == 1
-    assert shardkit("ls", base, "--join", "x", "--join-wins", "cls", check=False).returncode == 2
+    assert shardkit_cli("ls", base, "--join-wins", "cls=1", check=False).returncode == 1
+    assert shardkit_cli("ls", base, "--join", "x", "--join-wins", "cls", check=False).returncode == 2
     fixes = write_table(tmp_path / "fixes.csv", [{"key": "s000005", "label": 7}])
-    shardkit("companion", base, str(tmp_path / "f"), "--from", fixes, "--missing", "empty", "--columns", "", "-q")
-    fixed = json.loads(shardkit("ls", base, "--join", str(tmp_path / "f"), "--join-wins", "cls=1", "--json").stdout)
+    shardkit_cli("companion", base, str(tmp_path / "f"), "--from", fixes, "--missing", "empty", "--columns", "", "-q")
+    fixed = json.loads(shardkit_cli("ls", base, "--join", str(tmp_path / "f"), "--join-wins", "cls=1", "--json").stdout)
     assert [r["cls"] for r in fixed] == [str(i % 3) if i != 5 else "7" for i in range(16)]
-    flag = shardkit("companion", base, str(tmp_path / "g"), "--fn", "x:y", "--columns", "", check=False)
+    flag = shardkit_cli("companion", base, str(tmp_path / "g"), "--fn", "x:y", "--columns", "", check=False)
     assert flag.returncode == 1 and b"--columns name columns of --from TABLE" in flag.stderr
-    report = json.loads(shardkit("verify", base, "--join", str(tmp_path / "c"), "--json").stdout)
+    report = json.loads(shardkit_cli("verify", base, "--join", str(tmp_path / "c"), "--json").stdout)
     assert report["ok"] and report["shards"] == 8 and report["samples"] == 32
-    assert json.loads(shardkit("verify", str(tmp_path / "c"), "--json").stdout)["ok"]  # against its recorded base
+    assert json.loads(shardkit_cli("verify", str(tmp_path / "c"), "--json").stdout)["ok"]  # against its recorded base
 
 
 def test_verify_finds_a_companion_that_does_not_line_up(base, tmp_path):
@@ -203,7 +196,7 @@ def test_verify_finds_a_companion_that_does_not_line_up(base, tmp_path):
             for s in order[start : start + count]:
                 writer.write({k: v for k, v in s.items() if k != "__url__"})
             writer.next_shard(allow_empty=True)
-    proc = shardkit("verify", str(other), "--join", str(tmp_path / "c"), "--json", check=False)
+    proc = shardkit_cli("verify", str(other), "--join", str(tmp_path / "c"), "--json", check=False)
     report = json.loads(proc.stdout)
     assert proc.returncode == 1 and not report["ok"]
     messages = " | ".join(p["message"] for p in report["problems"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ import pytest
 import shardkit
 from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions
-from tests.helpers import digests, pairs, shard_members, tiny_jpeg
+from tests.helpers import CrashOn, digests, pairs, shard_members, tiny_jpeg
 
 N = 12
 
@@ -229,30 +228,18 @@ def test_workers_parts_and_shuffle_give_the_same_samples(table):
     assert order != sorted(order)
 
 
-class FailAt:
-    """fn over a table's samples that raises on one key while ``marker`` exists."""
-
-    def __init__(self, marker: str, key: str) -> None:
-        self.marker, self.key = marker, key
-
-    def __call__(self, sample):
-        if sample["__key__"] == self.key and os.path.exists(self.marker):
-            raise RuntimeError("simulated crash")
-        return sample
-
-
 def test_a_killed_table_write_resumes_to_the_same_bytes(table):
     marker = table / "crash"
     reference = shardkit.write(
-        str(table / "meta.csv"), str(table / "ref"), fn=FailAt(str(marker), "000009"), shard_size="10kB"
+        str(table / "meta.csv"), str(table / "ref"), fn=CrashOn(str(marker), "000009"), shard_size="10kB"
     )
     marker.touch()
     out = str(table / "out")
     with pytest.raises(ShardkitError, match="simulated crash"):
-        shardkit.write(str(table / "meta.csv"), out, fn=FailAt(str(marker), "000009"), shard_size="10kB", workers=1)
+        shardkit.write(str(table / "meta.csv"), out, fn=CrashOn(str(marker), "000009"), shard_size="10kB", workers=1)
     marker.unlink()
     resumed = shardkit.write(
-        str(table / "meta.csv"), out, fn=FailAt(str(marker), "000009"), shard_size="10kB", workers=2, resume=True
+        str(table / "meta.csv"), out, fn=CrashOn(str(marker), "000009"), shard_size="10kB", workers=2, resume=True
     )
     assert resumed.resumed_shards > 0 and resumed.samples == reference.samples == N
     assert digests(out) == digests(table / "ref")

@@ -19,7 +19,7 @@ from PIL import Image
 import shardkit
 from shardkit.errors import ShardkitError
 from shardkit.ingest import IngestOptions, detect_format
-from tests.helpers import digests, pairs, shard_members, tiny_jpeg
+from tests.helpers import CrashOn, digests, pairs, shard_members, tiny_jpeg
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -219,18 +219,6 @@ def test_workers_parts_and_resume_give_the_same_bytes(embedded, tmp_path):
     reference = shardkit.write(embedded, str(tmp_path / "ref"), fn=CrashOn(str(marker), "000017"), shard_size="12kB")
     assert resumed.resumed_shards > 0 and resumed.samples == reference.samples == N
     assert digests(out) == digests(tmp_path / "ref")
-
-
-class CrashOn:
-    """fn that raises on one sample while ``marker`` exists (a killed write, then a fix)."""
-
-    def __init__(self, marker: str, key: str) -> None:
-        self.marker, self.key = marker, key
-
-    def __call__(self, sample):
-        if sample["__key__"] == self.key and os.path.exists(self.marker):
-            raise RuntimeError("simulated crash")
-        return sample
 
 
 def test_a_row_with_a_broken_image_is_skipped_naming_the_row(tmp_path):

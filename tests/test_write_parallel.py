@@ -19,16 +19,9 @@ from shardkit.cli.synthetic import make_image_folder
 from shardkit.errors import ShardkitError, WorkerDied
 from shardkit.format.index import Manifest
 from shardkit.writing.driver import write_files, write_parallel
-from tests.helpers import digests
+from tests.helpers import digests, shardkit_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def shardkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"shardkit {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def test_output_is_byte_identical_for_1_2_3_workers(photos, tmp_path):
     for workers in ("1", "2", "3"):
         out = tmp_path / f"w{workers}"
         summary = json.loads(
-            shardkit("write", photos, str(out), "--shard-size", "300kB", "--workers", workers, "--json").stdout
+            shardkit_cli("write", photos, str(out), "--shard-size", "300kB", "--workers", workers, "--json").stdout
         )
         assert summary["samples"] == 240 and summary["skipped"] == 2 and summary["workers"] == int(workers)
         outs.append(digests(out))
@@ -66,12 +59,12 @@ def test_parts_in_any_order_merge_to_one_dataset(photos, tmp_path):
     random.Random(1).shuffle(order)
     for dest, parts in ((tmp_path / "shuffled", order), (tmp_path / "ordered", [0, 1, 2])):
         for i in parts:
-            shardkit("write", photos, str(dest), "--shard-size", "300kB", "--part", f"{i}/3", "-q")
-        merged = json.loads(shardkit("merge", str(dest), "--json").stdout)
+            shardkit_cli("write", photos, str(dest), "--shard-size", "300kB", "--part", f"{i}/3", "-q")
+        merged = json.loads(shardkit_cli("merge", str(dest), "--json").stdout)
         assert merged["samples"] == 240
     assert digests(tmp_path / "shuffled") == digests(tmp_path / "ordered")
     dest = tmp_path / "ordered"
-    assert shardkit("verify", str(dest / "data.manifest.json")).returncode == 0
+    assert shardkit_cli("verify", str(dest / "data.manifest.json")).returncode == 0
     manifest = Manifest.from_json((dest / "data.manifest.json").read_text())
     assert manifest.complete and manifest.classes == ["class_00", "class_01", "class_02"]
     assert [s.name for s in manifest.shards] == [f"data-{i:06d}.tar" for i in range(len(manifest.shards))]
@@ -87,19 +80,19 @@ def test_parts_in_any_order_merge_to_one_dataset(photos, tmp_path):
     assert keys == sorted(keys) and len(set(paths)) == 240
     assert [s["__key__"] for s in ShardDataset(str(dest / "data.manifest.json"))] == keys
     # Merging again is a no-op.
-    assert json.loads(shardkit("merge", str(dest), "--json").stdout)["samples"] == 240
+    assert json.loads(shardkit_cli("merge", str(dest), "--json").stdout)["samples"] == 240
 
 
 def test_merge_names_missing_and_unfinished_parts(photos, tmp_path):
-    shardkit("write", photos, str(tmp_path), "--shard-size", "300kB", "--part", "0/3", "-q")
-    proc = shardkit("merge", str(tmp_path), check=False)
+    shardkit_cli("write", photos, str(tmp_path), "--shard-size", "300kB", "--part", "0/3", "-q")
+    proc = shardkit_cli("merge", str(tmp_path), check=False)
     assert proc.returncode == 1
     assert b"part 1/3 is missing" in proc.stderr and b"part 2/3 is missing" in proc.stderr
     assert not (tmp_path / "data.manifest.json").exists() and (tmp_path / "data-part00000of00003-000000.tar").exists()
     # A part running (or killed) now is incomplete, and named as such.
     incomplete = Manifest(shards=[], name="data-part00001of00003", complete=False)
     (tmp_path / "data-part00001of00003.manifest.json").write_text(incomplete.to_json())
-    proc = shardkit("merge", str(tmp_path), check=False)
+    proc = shardkit_cli("merge", str(tmp_path), check=False)
     assert b"part 1/3 is incomplete" in proc.stderr and b"part 2/3 is missing" in proc.stderr
     assert b"part 0/3" not in proc.stderr
 
@@ -121,7 +114,7 @@ def _state(pid: int) -> str:
 
 
 def test_killed_write_resumes_to_the_same_bytes(photos, tmp_path):
-    shardkit("write", photos, str(tmp_path / "ref"), "--shard-size", "100kB", "--workers", "2", "-q")
+    shardkit_cli("write", photos, str(tmp_path / "ref"), "--shard-size", "100kB", "--workers", "2", "-q")
     reference = digests(tmp_path / "ref")
     out = tmp_path / "out"
     args = [
@@ -158,12 +151,12 @@ def test_killed_write_resumes_to_the_same_bytes(photos, tmp_path):
             assert digest == reference[name], name
     assert not Manifest.from_json((out / "data.manifest.json").read_text()).complete
     summary = json.loads(
-        shardkit("write", photos, str(out), "--shard-size", "100kB", "--workers", "2", "--resume", "--json").stdout
+        shardkit_cli("write", photos, str(out), "--shard-size", "100kB", "--workers", "2", "--resume", "--json").stdout
     )
     assert summary["resumed_shards"] >= 5 and summary["samples"] == 240
     assert digests(out) == reference
     # Resuming a complete write does nothing; other options are refused, not mixed in.
-    shardkit("write", photos, str(out), "--shard-size", "100kB", "--resume", "-q")
+    shardkit_cli("write", photos, str(out), "--shard-size", "100kB", "--resume", "-q")
     assert digests(out) == reference
 
 
@@ -173,7 +166,7 @@ def test_resume_refuses_other_options(photos, tmp_path):
     out.mkdir()
     (out / "data.manifest.json").write_text(manifest.to_json())
     (out / "data.resume.json").write_text(json.dumps({"version": 1, "options": {"shard_size": 5}, "next_input": []}))
-    proc = shardkit("write", photos, str(out), "--resume", check=False)
+    proc = shardkit_cli("write", photos, str(out), "--resume", check=False)
     assert proc.returncode == 1 and b"used other options" in proc.stderr
 
 
@@ -196,7 +189,7 @@ def test_a_killed_worker_fails_the_write_naming_its_input(photos, tmp_path):
     assert f"worker process {workers[0]} was killed by signal 9".encode() in err
     assert photos.encode() in err  # the input it was on (or had next)
     reference = tmp_path / "ref"
-    shardkit("write", photos, str(reference), "--shard-size", "100kB", "-q")
+    shardkit_cli("write", photos, str(reference), "--shard-size", "100kB", "-q")
     for name in os.listdir(out):
         if name.endswith(".tar"):
             assert (out / name).read_bytes() == (reference / name).read_bytes(), name
@@ -269,7 +262,7 @@ def test_only_decodable_images_are_written(photos, tmp_path):
     for name in good:
         (src / name).write_bytes(open(os.path.join(photos, "class_00", name), "rb").read())
     expected = _bad_images(src)
-    proc = shardkit("write", str(src), str(tmp_path / "out"), "--workers", "2", "--json")
+    proc = shardkit_cli("write", str(src), str(tmp_path / "out"), "--workers", "2", "--json")
     summary = json.loads(proc.stdout)
     assert summary["samples"] == 4 and summary["skipped"] == len(expected)
     reasons = {os.path.basename(s["path"]): s["reason"] for s in summary["skipped_files"]}
@@ -277,12 +270,12 @@ def test_only_decodable_images_are_written(photos, tmp_path):
     for name, reason in expected.items():
         assert reason in reasons[name], (name, reasons[name])
         assert name.encode() in proc.stderr  # each is named in the log too
-    text = shardkit("write", str(src), str(tmp_path / "out_text"), "--workers", "1").stdout.decode()
+    text = shardkit_cli("write", str(src), str(tmp_path / "out_text"), "--workers", "1").stdout.decode()
     assert f"skipped {len(expected)} file(s)" in text and "cut_middle.jpg" in text
     # --strict: fatal, naming the file; --no-validate: trusts the sniff (the cut file gets in)
-    strict = shardkit("write", str(src), str(tmp_path / "strict"), "--strict", check=False)
+    strict = shardkit_cli("write", str(src), str(tmp_path / "strict"), "--strict", check=False)
     assert strict.returncode == 1 and b"bomb.png: image is 20000x20000" in strict.stderr
-    loose = json.loads(shardkit("write", str(src), str(tmp_path / "loose"), "--no-validate", "--json").stdout)
+    loose = json.loads(shardkit_cli("write", str(src), str(tmp_path / "loose"), "--no-validate", "--json").stdout)
     assert loose["samples"] == 4 + 4  # cut_middle, corrupt, unsupported and the bomb get in unchecked
 
 
@@ -316,7 +309,7 @@ def test_migration_sources_are_decoded_by_the_workers(tmp_path):
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
         summary = json.loads(
-            shardkit(
+            shardkit_cli(
                 "write", str(tmp_path / "t.sqlite"), str(out), "--workers", workers, "--shard-size", "20kB", "--json"
             ).stdout
         )
@@ -383,10 +376,10 @@ def test_dask_engine_on_a_local_two_worker_cluster(photos, tmp_path):
             ran_on = {w for w in client.run(os.getpid).values()}
         assert len(ran_on) == 2 and manifest.total_samples == 240 and len(parts) == 3
         assert sum(p["samples"] for p in parts) == 240
-        shardkit("write", photos, str(tmp_path / "cli"), "--shard-size", "300kB", "--part", "0/3", "-q")
-        shardkit("write", photos, str(tmp_path / "cli"), "--shard-size", "300kB", "--part", "1/3", "-q")
-        shardkit("write", photos, str(tmp_path / "cli"), "--shard-size", "300kB", "--part", "2/3", "-q")
-        shardkit("merge", str(tmp_path / "cli"), "-q")
+        shardkit_cli("write", photos, str(tmp_path / "cli"), "--shard-size", "300kB", "--part", "0/3", "-q")
+        shardkit_cli("write", photos, str(tmp_path / "cli"), "--shard-size", "300kB", "--part", "1/3", "-q")
+        shardkit_cli("write", photos, str(tmp_path / "cli"), "--shard-size", "300kB", "--part", "2/3", "-q")
+        shardkit_cli("merge", str(tmp_path / "cli"), "-q")
         assert digests(tmp_path / "out") == digests(tmp_path / "cli")
     finally:
         for proc in reversed(procs):
@@ -411,11 +404,11 @@ def test_part_slices_cover_every_input_once_and_bad_parts_are_refused(photos, tm
     for bad in ("8/8", "-1/3", "1/0", "a/b", "3"):
         with pytest.raises(ValueError):
             parse_part(bad)
-    usage = shardkit("write", photos, str(tmp_path / "x"), "--part", "3/3", check=False)
+    usage = shardkit_cli("write", photos, str(tmp_path / "x"), "--part", "3/3", check=False)
     assert usage.returncode == 2 and b"0 <= I < N" in usage.stderr  # a usage error
-    remote = shardkit("write", photos, "s3://bucket/shards", "--part", "0/2", check=False)
+    remote = shardkit_cli("write", photos, "s3://bucket/shards", "--part", "0/2", check=False)
     assert remote.returncode == 1 and b"shared-filesystem DEST" in remote.stderr
-    assert b"shared-filesystem DEST" in shardkit("merge", "s3://bucket/shards", check=False).stderr
+    assert b"shared-filesystem DEST" in shardkit_cli("merge", "s3://bucket/shards", check=False).stderr
 
 
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
