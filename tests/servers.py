@@ -414,11 +414,17 @@ def moto_server(shard_files: ShardSet) -> Iterator[S3Server]:
 def s3_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """Each S3 test runs against SeaweedFS and moto, with the AWS env pointing at it."""
     server: S3Server = request.getfixturevalue(f"{request.param}_server")
+    use_s3(monkeypatch, server)
+    return server
+
+
+def use_s3(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
+    """Point the AWS environment at ``server`` for one test (any AWS_ variable of the
+    machine's own is removed first, so none leaks into the test)."""
     for key in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(key)
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
-    return server
 
 
 # -- fault injection --------------------------------------------------------------

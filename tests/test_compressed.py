@@ -24,7 +24,7 @@ from shardkit.format.samples import iter_samples
 from shardkit.loader import ShardLoader
 from shardkit.read.dataset import ShardDataset
 from tests.helpers import make_shards, pairs, tiny_jpeg
-from tests.servers import run_nginx
+from tests.servers import run_nginx, use_s3
 
 COUNTS = [5, 7, 4]
 # name -> (suffix, command that compresses stdin to stdout)
@@ -300,10 +300,7 @@ def test_tarfile_agrees_on_a_compressed_twin(twins):
 
 def test_over_s3(twins, moto_server, monkeypatch, capsys):
     """The same through S3 (moto): prefix listing finds the manifest, counts split by sample."""
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    for key, value in moto_server.env().items():
-        monkeypatch.setenv(key, value)
+    use_s3(monkeypatch, moto_server)
     client = moto_server.client()
     for name in ("gz", "zst"):
         for file in os.listdir(twins[name]):

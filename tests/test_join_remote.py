@@ -13,7 +13,7 @@ from shardkit.read.dataset import ShardDataset
 from shardkit.read.shardmap import ShardMap
 from shardkit.writing.companion import write_companion
 from tests.helpers import make_shards, pairs
-from tests.servers import run_moto, run_nginx, run_seaweedfs
+from tests.servers import run_moto, run_nginx, run_seaweedfs, use_s3
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -43,13 +43,6 @@ def served(tmp_path_factory):
         yield {"root": root, "nginx": nginx, "seaweedfs": weed, "moto": moto}
 
 
-def _use_s3(monkeypatch, server) -> None:
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-
-
 def _read(base: str, join: list[str], **kw) -> list[tuple[str, str, bytes, bytes]]:
     out = []
     for rank in range(2):
@@ -71,7 +64,7 @@ def test_joined_reads_over_http_and_s3_equal_the_local_read(served, monkeypatch,
         sources[name] = (f"s3://{bucket}/base/", [f"s3://{bucket}/cap/", f"s3://{bucket}/fix/data.manifest.json"])
     for name, (base, join) in sources.items():
         if name != "nginx":
-            _use_s3(monkeypatch, served[name])
+            use_s3(monkeypatch, served[name])
         assert _read(base, join) == local, name
         assert _read(base, join, cache_dir=str(tmp_path / name)) == local, name  # each part through the cache
         cached = [f for _, _, files in os.walk(tmp_path / name) for f in files]

@@ -16,7 +16,7 @@ from shardkit.read.dataset import ShardDataset
 from shardkit.storage.dispatch import SourceOptions
 from shardkit.writing.writer import ShardWriter
 from tests.helpers import make_shards
-from tests.servers import FaultProxy, run_moto, run_nginx, run_seaweedfs
+from tests.servers import FaultProxy, run_moto, run_nginx, run_seaweedfs, use_s3
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -45,13 +45,6 @@ def served(tmp_path_factory):
         yield {"root": root, "nginx": nginx, "seaweedfs": weed, "moto": moto}
 
 
-def _use_s3(monkeypatch, server) -> None:
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-
-
 def _read(url: str, **kw) -> list[tuple[str, str]]:
     out = []
     for rank in range(2):
@@ -70,7 +63,7 @@ def test_same_samples_in_same_order_from_every_source(served, monkeypatch):
     assert _read(base + "ds/") == local  # autoindex listing
     for name in ("seaweedfs", "moto"):
         server = served[name]
-        _use_s3(monkeypatch, server)
+        use_s3(monkeypatch, server)
         assert _read(f"s3://{server.bucket}/ds/") == local, name
         assert _read(f"s3://{server.bucket}/ds/data-<000000..000003>.tar") == local, name
     ds = ShardDataset(base + "ds/")
@@ -146,7 +139,7 @@ def test_write_shards_to_s3_and_http(served, monkeypatch, tmp_path):
     samples = [{"__key__": f"w{i:03d}", "bin": os.urandom(3000), "cls": i} for i in range(30)]
     targets = [served["nginx"].url + "upload/run1"]
     server = served["seaweedfs"]
-    _use_s3(monkeypatch, server)
+    use_s3(monkeypatch, server)
     targets.append(f"s3://{server.bucket}/upload/run1")
     for dest in targets:
         with ShardWriter(dest, shard_size="20kB") as w:
