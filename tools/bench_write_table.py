@@ -36,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,6 +98,16 @@ def count_images(out: str) -> int:
             with tarfile.open(os.path.join(out, name)) as tf:
                 n += sum(1 for m in tf.getmembers() if m.name.endswith(".jpg"))
     return n
+
+
+def measured_pairs(sizes: list[str], times: dict[str, list[float]]) -> Iterator[tuple[str, str, int, str]]:
+    """(size, check, workers, img2dataset's case) for every img2dataset case that ran."""
+    for size_name in sizes:
+        for check in ("checked", "trusted"):
+            for workers in (1, 2):
+                peer = f"{size_name} {check} img2dataset urls --processes_count {workers}"
+                if peer in times:
+                    yield size_name, check, workers, peer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,37 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| size | pair | workers | shardkit / img2dataset wall time | CPU time (medians of per-round ratios) |")
     print("|---|---|---:|---:|---:|")
-    for size_name in args.sizes.split(","):
-        for check in ("checked", "trusted"):
-            for workers in (1, 2):
-                peer = f"{size_name} {check} img2dataset urls --processes_count {workers}"
-                if peer not in times:
-                    continue
-                for table in ("paths", "bytes"):
-                    ours = f"{size_name} {check} shardkit {table} --workers {workers}"
-                    ratios = [a / b for a, b in zip(times[ours], times[peer])]
-                    cpu = [a / b for a, b in zip(cpus[ours], cpus[peer])]
-                    print(
-                        f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} "
-                        f"| {statistics.median(cpu):.2f} |"
-                    )
+    for size_name, check, workers, peer in measured_pairs(args.sizes.split(","), times):
+        for table in ("paths", "bytes"):
+            ours = f"{size_name} {check} shardkit {table} --workers {workers}"
+            ratios = [a / b for a, b in zip(times[ours], times[peer])]
+            cpu = [a / b for a, b in zip(cpus[ours], cpus[peer])]
+            print(
+                f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} "
+                f"| {statistics.median(cpu):.2f} |"
+            )
     print()
     print("| size | pair | workers | the same, beyond each tool's fixed cost (10-row table) |")
     print("|---|---|---:|---:|")
-    for size_name in args.sizes.split(","):
-        for check in ("checked", "trusted"):
-            for workers in (1, 2):
-                peer = f"{size_name} {check} img2dataset urls --processes_count {workers}"
-                if peer not in times:
-                    continue
-                peer_fixed = times[f"{size_name} fixed img2dataset 10 rows --processes_count {workers}"]
-                ours_fixed = times[f"{size_name} fixed shardkit 10 rows --workers {workers}"]
-                for table in ("paths", "bytes"):
-                    ours = f"{size_name} {check} shardkit {table} --workers {workers}"
-                    ratios = [
-                        (a - fa) / (b - fb) for a, fa, b, fb in zip(times[ours], ours_fixed, times[peer], peer_fixed)
-                    ]
-                    print(f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} |")
+    for size_name, check, workers, peer in measured_pairs(args.sizes.split(","), times):
+        peer_fixed = times[f"{size_name} fixed img2dataset 10 rows --processes_count {workers}"]
+        ours_fixed = times[f"{size_name} fixed shardkit 10 rows --workers {workers}"]
+        for table in ("paths", "bytes"):
+            ours = f"{size_name} {check} shardkit {table} --workers {workers}"
+            ratios = [(a - fa) / (b - fb) for a, fa, b, fb in zip(times[ours], ours_fixed, times[peer], peer_fixed)]
+            print(f"| {size_name} | {check}, shardkit {table} | {workers} | {statistics.median(ratios):.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rounds": args.rounds, "times": times, "cpu": cpus}, f, indent=1)
