@@ -151,6 +151,33 @@ def test_png_is_exact_and_every_mode_works():
     assert torch.equal(RandomResizedCropDecode(64)(buffer.getvalue()), reference)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "nearest-exact"])
+@pytest.mark.parametrize("antialias", [True, False])
+def test_every_mode_gives_torchvisions_resize_of_the_strided_crop(interpolation, antialias):
+    """The crop is resized from a dense copy (torch's faster path): values must equal
+    torchvision resizing the crop as a view, torch output dense CHW, numpy dense HWC."""
+    pixels = photo_like(np.random.default_rng(1), 301, 203)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")  # lossless: the decode is exact
+    mode_of = v2.InterpolationMode(interpolation)
+    for size in (64, (203, 150), (37, 90)):
+        crop = RandomResizedCropDecode(size, interpolation=mode_of, antialias=antialias)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            top, left, h, w = crop.get_params(203, 301)
+            view = torch.from_numpy(pixels).permute(2, 0, 1)[:, top : top + h, left : left + w]
+            reference = v2.functional.resize(view, list(crop.size), interpolation=mode_of, antialias=antialias)
+            for mode in ("torch", "numpy"):
+                torch.manual_seed(seed)
+                out = RandomResizedCropDecode(size, interpolation=mode_of, antialias=antialias, mode=mode)(
+                    buffer.getvalue()
+                )
+                if mode == "torch":
+                    assert out.is_contiguous() and torch.equal(out, reference)
+                else:
+                    assert out.flags.c_contiguous and np.array_equal(out, reference.permute(1, 2, 0).numpy())
+
+
 def test_interpolation_is_honoured():
     data = _jpeg(180, 150)  # short side < 2 x 96: decoded at full size, so exact
     aug = v2.RandomResizedCrop(96, interpolation=v2.InterpolationMode.NEAREST)

@@ -237,7 +237,13 @@ class RandomResizedCropDecode:
         # floor(v + 0.5), not round(): it commutes with the region's integer offset.
         left, top, right, bottom = (math.floor(v + 0.5) for v in box)
         crop = chw[:, top : max(bottom, top + 1), left : max(right, left + 1)]
-        resized = tvf.resize(crop, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
+        if tuple(crop.shape[1:]) == (out_h, out_w):  # resize gives the crop back as it is
+            resized = crop
+        else:
+            # torch resizes dense channels-last uint8 on its fast path (same values) and
+            # gives channels-last back; a strided view takes a slower planar one.
+            dense = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            resized = tvf.resize(dense, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
         if self.mode == "torch":
-            return resized
+            return resized.contiguous()
         return np.ascontiguousarray(resized.permute(1, 2, 0).numpy())
