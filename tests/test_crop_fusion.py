@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,11 @@ def _jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB", quality: in
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def _rest(transform: dict) -> Any:
+    """The per-field rest of a fused pipeline for "jpg" (none left: the identity)."""
+    return transform.get("jpg", lambda image: image)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,7 +103,7 @@ def test_fused_output_close_to_decode_crop_resize(width, height):
         torch.manual_seed(seed)
         reference = aug(full)
         torch.manual_seed(seed)
-        fused = transform["jpg"](decoder({"jpg": data})["jpg"])
+        fused = _rest(transform)(decoder({"jpg": data})["jpg"])
         assert fused.shape == reference.shape == (3, 224, 224) and fused.dtype == torch.uint8
         worst = min(worst, _psnr(fused, reference))
     assert worst >= PSNR_BOUND
@@ -114,7 +120,7 @@ def test_fused_pil_mode_close_to_torchvision_on_pil(width, height):
         torch.manual_seed(seed)
         reference = torch.from_numpy(np.array(aug(decode_image(data, "pil"))))
         torch.manual_seed(seed)
-        fused = transform["jpg"](decoder({"jpg": data})["jpg"])
+        fused = _rest(transform)(decoder({"jpg": data})["jpg"])
         assert isinstance(fused, Image.Image) and fused.size == (224, 224)
         assert _psnr(torch.from_numpy(np.array(fused)), reference) >= PSNR_BOUND
 
@@ -178,6 +184,45 @@ def test_every_mode_gives_torchvisions_resize_of_the_strided_crop(interpolation,
                     assert out.flags.c_contiguous and np.array_equal(out, reference.permute(1, 2, 0).numpy())
 
 
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("mode", ["torch", "pil"])
+def test_fused_flip_draws_and_flips_like_torchvision(family, mode):
+    """RandomResizedCrop + RandomHorizontalFlip(p), fused: the flip is drawn where
+    torchvision draws it, the RNG is left where it would be, and the image is exactly the
+    fused crop, mirrored when drawn so. With v2 on tensors it is exactly the unfused
+    pipeline's image (a PNG: the decode is exact; v1 and PIL resize slightly otherwise)."""
+    pixels = photo_like(np.random.default_rng(2), 180, 150)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    data = buffer.getvalue()
+    T = v1 if family == "v1" else v2
+    for p in (0.0, 0.3, 0.5, 1.0):
+        aug = T.Compose([T.RandomResizedCrop(48), T.RandomHorizontalFlip(p)])
+        decoder, rest = fuse_crop(make_decoder(mode), {"jpg": aug})
+        assert rest == {} and decoder.crops["jpg"].hflip == p
+        flips = 0
+        for seed in range(12):
+            torch.manual_seed(seed)
+            reference = aug(decode_image(data, mode))
+            after_reference = torch.rand(1)
+            torch.manual_seed(seed)
+            fused = decoder({"jpg": data})["jpg"]
+            assert torch.equal(torch.rand(1), after_reference)
+            torch.manual_seed(seed)
+            RandomResizedCropDecode(48).get_params(150, 180)
+            drawn = bool(torch.rand(1) < p)
+            torch.manual_seed(seed)
+            crop = np.asarray(RandomResizedCropDecode(48, mode=mode)(data))
+            axis = 1 if mode == "pil" else 2  # HWC / CHW
+            assert np.array_equal(np.asarray(fused), np.flip(crop, axis) if drawn else crop)
+            flips += drawn
+            if mode == "torch":
+                assert fused.is_contiguous()
+                if family == "v2":
+                    assert torch.equal(fused, reference)
+        assert flips == {0.0: 0, 1.0: 12}.get(p, flips) and (p in (0.0, 1.0) or 0 < flips < 12)
+
+
 def test_interpolation_is_honoured():
     data = _jpeg(180, 150)  # short side < 2 x 96: decoded at full size, so exact
     aug = v2.RandomResizedCrop(96, interpolation=v2.InterpolationMode.NEAREST)
@@ -195,13 +240,25 @@ def test_interpolation_is_honoured():
 def test_what_fuses_and_what_does_not():
     dec = make_decoder("torch")
     rrc = v2.RandomResizedCrop(32)
-    fused, rest = fuse_crop(dec, {"jpg": v2.Compose([v2.ToImage(), rrc, v2.RandomHorizontalFlip()])})
+    fused, rest = fuse_crop(dec, {"jpg": v2.Compose([v2.ToImage(), rrc, v2.RandomHorizontalFlip(0.3)])})
     assert isinstance(fused, FusedFieldDecoder) and isinstance(rest["jpg"], v2.Compose)
-    assert [type(t).__name__ for t in rest["jpg"].transforms] == ["ToImage", "RandomHorizontalFlip"]
+    assert [type(t).__name__ for t in rest["jpg"].transforms] == ["ToImage"]  # the flip right after the crop fuses
+    assert fused.crops["jpg"].hflip == 0.3
     fused, rest = fuse_crop(dec, v2.Compose([rrc, v2.RandomHorizontalFlip()]))
-    assert isinstance(fused, FusedSamplePipeline) and rest is None
-    fused, _ = fuse_crop(dec, {"jpg": v1.Compose([v1.RandomResizedCrop(32), v1.RandomHorizontalFlip()])})
-    assert isinstance(fused, FusedFieldDecoder)
+    assert isinstance(fused, FusedSamplePipeline) and rest is None and fused.crop.hflip == 0.5
+    fused, rest = fuse_crop(dec, {"jpg": v1.Compose([v1.RandomResizedCrop(32), v1.RandomHorizontalFlip()])})
+    assert isinstance(fused, FusedFieldDecoder) and rest == {}
+    # Only a flip right after the crop, and only torchvision's own class, fuses.
+    jitter_first = v2.Compose([rrc, v2.ColorJitter(0.1), v2.RandomHorizontalFlip()])
+    fused, rest = fuse_crop(dec, {"jpg": jitter_first})
+    assert fused.crops["jpg"].hflip is None
+    assert [type(t).__name__ for t in rest["jpg"].transforms] == ["ColorJitter", "RandomHorizontalFlip"]
+
+    class AlwaysFlip(v2.RandomHorizontalFlip):
+        pass
+
+    fused, rest = fuse_crop(dec, {"jpg": v2.Compose([rrc, AlwaysFlip()])})
+    assert fused.crops["jpg"].hflip is None and type(rest["jpg"].transforms[0]) is AlwaysFlip
     not_fused = [
         {"jpg": v2.Compose([v2.RandomHorizontalFlip(), rrc])},  # a draw before the crop
         {"jpg": v2.Compose([v2.CenterCrop(32), rrc])},
@@ -285,7 +342,7 @@ def test_fused_crop_applies_exif_orientation_like_the_unfused_decoder(orientatio
         torch.manual_seed(seed)
         reference = aug(upright)
         torch.manual_seed(seed)
-        fused = transform["jpg"](decoder({"jpg": data})["jpg"])
+        fused = _rest(transform)(decoder({"jpg": data})["jpg"])
         assert _psnr(fused, reference) >= PSNR_BOUND
     # exif_orientation=False keeps the stored pixels on both paths.
     stored_decoder, stored_transform = fuse_crop(make_decoder("torch", exif_orientation=False), {"jpg": aug})
@@ -293,7 +350,7 @@ def test_fused_crop_applies_exif_orientation_like_the_unfused_decoder(orientatio
     torch.manual_seed(0)
     reference = aug(stored)
     torch.manual_seed(0)
-    assert _psnr(stored_transform["jpg"](stored_decoder({"jpg": data})["jpg"]), reference) >= PSNR_BOUND
+    assert _psnr(_rest(stored_transform)(stored_decoder({"jpg": data})["jpg"]), reference) >= PSNR_BOUND
 
 
 @pytest.mark.timeout(240)

@@ -63,6 +63,8 @@ class RandomResizedCropDecode:
     (:mod:`shardkit.decode.jpeg_region`), only the crop's region is decoded, with the same pixels
     the whole-image decode at that scale has there. Other formats are decoded at full
     size. Same ``max_pixels`` guard as :func:`shardkit.decode.decode_image`.
+    ``hflip=p`` also does what a following ``RandomHorizontalFlip(p)`` would (the same
+    ``torch.rand(1)`` draw, after the crop's), mirroring in the copy the output needs anyway.
 
     Use it as an image handler::
 
@@ -81,6 +83,7 @@ class RandomResizedCropDecode:
         antialias: bool = True,
         exif: bool = False,
         region: bool = True,
+        hflip: float | None = None,
     ) -> None:
         check_mode(mode)
         hw = as_hw(size)
@@ -90,6 +93,8 @@ class RandomResizedCropDecode:
             raise ValueError(
                 f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got scale={scale!r}, ratio={ratio!r}"
             )
+        if hflip is not None and not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability in [0, 1] or None, got {hflip!r}")
         self.size = hw
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -107,9 +112,13 @@ class RandomResizedCropDecode:
         self.exif = bool(exif)
         # Decode only the crop's region of a JPEG when libjpeg-turbo 3 is there (jpeg_region).
         self.region = bool(region)
+        # A RandomHorizontalFlip(p) that followed the crop, done in the crop's last copy.
+        self.hflip = None if hflip is None else float(hflip)
 
     def __repr__(self) -> str:
-        return f"RandomResizedCropDecode(size={self.size}, scale={self.scale}, ratio={self.ratio}, mode={self.mode!r})"
+        flip = "" if self.hflip is None else f", hflip={self.hflip}"
+        crop = f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
+        return f"RandomResizedCropDecode({crop}, mode={self.mode!r}{flip})"
 
     def get_params(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, crop_height, crop_width), as torchvision's RandomResizedCrop draws it."""
@@ -229,10 +238,13 @@ class RandomResizedCropDecode:
 
         out_h, out_w = self.size
         interpolation = InterpolationMode(self.interpolation or InterpolationMode.BILINEAR)
+        # torchvision's RandomHorizontalFlip draws torch.rand(1) per call, after the crop's draws.
+        flip = self.hflip is not None and bool(torch.rand(1) < self.hflip)
         if self.mode == "pil":
             image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
             # resize(box=...) crops with sub-pixel precision and filters in one pass.
-            return image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR), box=box)  # type: ignore[arg-type]  # a 4-tuple
+            image = image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR), box=box)  # type: ignore[arg-type]  # a 4-tuple
+            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
         chw = to_mode(pixels, "torch")
         # floor(v + 0.5), not round(): it commutes with the region's integer offset.
         left, top, right, bottom = (math.floor(v + 0.5) for v in box)
@@ -244,6 +256,12 @@ class RandomResizedCropDecode:
             # gives channels-last back; a strided view takes a slower planar one.
             dense = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
             resized = tvf.resize(dense, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
-        if self.mode == "torch":
-            return resized.contiguous()
-        return np.ascontiguousarray(resized.permute(1, 2, 0).numpy())
+        hwc = resized.permute(1, 2, 0).numpy()
+        if flip:
+            hwc = hwc[:, ::-1]
+        if self.mode == "numpy":
+            return np.ascontiguousarray(hwc)
+        # numpy makes planar CHW from channels-last faster than torch's contiguous().
+        out = torch.empty(resized.shape, dtype=resized.dtype)
+        np.copyto(out.numpy(), hwc.transpose(2, 0, 1))
+        return out

@@ -29,7 +29,9 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
 
     Fusable: a torchvision (v1 or v2) ``RandomResizedCrop`` as the first leaf of a
     (nested) ``Compose``, or alone, optionally after ``ToImage``/``ToPureTensor`` (moved
-    after the crop). The rest is a ``Compose`` of the same family (None when empty).
+    after the crop). A ``RandomHorizontalFlip`` right after the crop is fused too (the
+    same draw, and the flip done in the crop's last copy). The rest is a ``Compose`` of
+    the same family (None when empty).
     Anything else before the crop (flips, colour jitter, ...) draws random numbers or
     changes pixels, so the pipeline is left alone.
     """
@@ -50,7 +52,12 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
             interpolation=step.interpolation,
             antialias=True if antialias is None else bool(antialias),
         )
-        rest = leaves[:index] + leaves[index + 1 :]
+        after = index + 1
+        # Exactly torchvision's flip: a subclass may draw or flip differently.
+        if after < len(leaves) and type(leaves[after]) in transform_classes("RandomHorizontalFlip"):
+            crop.hflip = float(leaves[after].p)
+            after += 1
+        rest = leaves[:index] + leaves[after:]
         if not rest:
             return crop, None
         import torchvision.transforms as v1
