@@ -201,3 +201,25 @@ def test_old_flat_module_paths_are_the_new_modules():
     from shardkit.writing.parallel import write_files as now
 
     assert write_files is now
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """`from shardkit.<package> import <module>` as the very first import works: a package's
+    backward-compatible __getattr__ must not recurse while its module is importing."""
+    import subprocess
+    import sys
+
+    names = sorted(n for n in _modules() if n.count(".") == 2 and not n.endswith("__main__"))  # __main__ runs
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    package, module = name.rsplit('.', 1)\n"
+    script += "    exec(f'from {package} import {module}')\n"
+    # One interpreter per package, so each package's first import is the tested form.
+    by_package: dict[str, list[str]] = {}
+    for name in names:
+        by_package.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    for package, members in by_package.items():
+        if package == "shardkit.gpu":
+            members = [m for m in members if m != "shardkit.gpu.nvimgcodec"]  # optional library
+        done = subprocess.run(
+            [sys.executable, "-c", script, *members], capture_output=True, text=True, cwd=ROOT.parent, timeout=120
+        )
+        assert done.returncode == 0, f"{package}: {done.stderr[-800:]}"
