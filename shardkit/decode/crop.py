@@ -155,7 +155,19 @@ class RandomResizedCropDecode:
         return CropPlan(top, left, crop_h, crop_w, scale)
 
     def __call__(self, data: bytes | bytearray | memoryview) -> Any:
-        """Decode ``data`` and return the resized crop in ``self.mode``."""
+        """Decode ``data`` and return the resized crop in ``self.mode``.
+
+        The crop is drawn before decoding; an image that then fails to decode puts the
+        torch RNG back, so the samples after it get the draws they get without fusion
+        (where the decoder fails before the transform draws anything)."""
+        state = torch.get_rng_state()
+        try:
+            return self._decode_crop(data)
+        except BaseException:
+            torch.set_rng_state(state)
+            raise
+
+    def _decode_crop(self, data: bytes | bytearray | memoryview) -> Any:
         if not isinstance(data, bytes):
             data = bytes(data)
         header = read_image_header(data)

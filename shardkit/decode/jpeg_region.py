@@ -117,8 +117,13 @@ class TurboJPEG:
 
         The region is given in the *scaled* image's pixels and must lie inside it.
         Returns None when libjpeg-turbo cannot decode the data strictly (damaged, CMYK,
-        12-bit, unusual subsampling): decode it another way.
+        12-bit, unusual subsampling), or when the data does not end with the end-of-image
+        marker: decode it another way. A truncated JPEG whose region lies before the cut
+        would decode here, though the whole-image decoders refuse it; data after the marker
+        (phone makers' trailers) only costs the faster path.
         """
+        if not data.endswith(b"\xff\xd9"):
+            return None
         lib, handle = self._lib, self._handle()
         size = len(data)
         if lib.tj3DecompressHeader(handle, data, size) != 0:
@@ -149,9 +154,13 @@ class TurboJPEG:
         return out[:height, left - x0 : left - x0 + width]
 
     def _failed(self, handle: int) -> np.ndarray | None:
-        """Log why libjpeg-turbo failed; None (the caller decodes another way)."""
+        """Log why libjpeg-turbo failed; None (the caller decodes another way).
+
+        The thread's decompressor is dropped: after some failures (a bad Huffman table,
+        data cut inside the header) it fails every later image too."""
         reason = self._lib.tj3GetErrorStr(handle).decode(errors="replace")
         logger.debug("libjpeg-turbo region decode failed: %s", reason)
+        self._local.handle = None
         return None
 
 
