@@ -58,6 +58,26 @@ def test_a_worker_that_dies_is_named_with_its_input():
         list(ordered_results(exits_on_11, ((i, i) for i in range(40)), workers=2, describe=lambda i: f"item {i}"))
 
 
+def exits_on_the_first(item: tuple[int, bytes]) -> int:
+    if item[0] == 0:
+        os._exit(5)
+    return len(item[1])
+
+
+def test_a_worker_that_dies_while_being_fed_is_named_not_a_broken_pipe():
+    # Large inputs and a deep queue: the main process is still sending to the worker when
+    # it exits, so the send fails (EPIPE) before its death is seen; that must read as the
+    # worker's death with its input, not as a BrokenPipeError.
+    payload = bytes(2 << 20)
+    items = ((i, (i, payload)) for i in range(60))
+    with pytest.raises(WorkerDied, match=r"exited with status 5 while reading item 0"):
+        list(
+            ordered_results(
+                exits_on_the_first, items, workers=2, batch_size=1, prefetch=30, describe=lambda it: f"item {it[0]}"
+            )
+        )
+
+
 def test_work_that_does_not_pickle_is_refused_before_a_process_starts():
     started = []
     with pytest.raises(ShardkitError, match=r"started with 'spawn': it does not pickle"):

@@ -230,7 +230,14 @@ def ordered_results(
                 if not batch:
                     exhausted = True
                     break
-                pool.conns[slot].send((next_seq, batch[0][0], [item for _, item in batch]))
+                try:
+                    pool.conns[slot].send((next_seq, batch[0][0], [item for _, item in batch]))
+                except OSError:  # a broken pipe: the worker exited before its sentinel was seen
+                    proc = pool.procs[slot]
+                    proc.join(5)
+                    if proc.exitcode is None:
+                        raise
+                    raise WorkerDied(_death_message(proc, pool.slots[slot], outstanding[slot], describe)) from None
                 outstanding[slot].append((next_seq, batch))
                 next_seq += 1
             while next_out in done:
