@@ -44,6 +44,7 @@ from ..storage.backend import DEFAULT_OPTIONS, SourceOptions, local_path
 from . import resume as record
 from .companion_base import BaseSet, open_base
 from .pool import default_workers, ordered_results, require_picklable, start_method_for
+from .progress import LateProgress
 from .result import WriteResult, build_result
 from .writer import ShardWriter
 
@@ -297,8 +298,7 @@ def write_companion(
                 record.save(writer.dest, name, fingerprint, starts)
 
     missing_keys: list[tuple[str, str]] = []
-    bar = None
-    show = sys.stderr.isatty() if progress is None else progress
+    bar = LateProgress(total=starts_at[-1], unit="sample", show=sys.stderr.isatty() if progress is None else progress)
     try:
         for index, (was_missing, sample) in ordered_results(
             work,
@@ -320,20 +320,13 @@ def write_companion(
                 finish_through(shard + 1)
             if was_missing:
                 missing_keys.append((names[shard], sample["__key__"]))
-            if bar is None and show:  # after the workers start: tqdm starts a thread
-                from tqdm import tqdm
-
-                bar = tqdm(total=starts_at[-1], initial=index, unit="sample", smoothing=0.1, dynamic_ncols=True)
-            if bar is not None:
-                bar.update(1)
+            bar.step(index)
         finish_through(len(counts))
     except BaseException:
-        writer.discard_open_shard()
-        writer.close(complete=False)
+        writer.abort()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     manifest = writer.close()
     if local is not None:
         record.remove(dest, name)

@@ -39,6 +39,7 @@ from . import resume as record
 from .inputs import plan_items, plan_source
 from .merge import parse_part, part_name, part_slice, require_local
 from .pool import default_workers, ordered_results, require_picklable, start_method_for
+from .progress import LateProgress
 from .result import WriteResult, build_result, shard_pattern
 from .work import Result, SampleWork, Skip, describe_input
 from .writer import ShardWriter
@@ -288,7 +289,7 @@ def write_parallel(
     skipped: list[Skip] = []
     warned: list[Skip] = []
     filtered = 0
-    bar = None
+    bar = LateProgress(total=total, unit="input", show=progress)
     try:
         indexed = enumerate(window(items, start + first_input, stop), first_input)
         for index, result in ordered_results(
@@ -326,19 +327,12 @@ def write_parallel(
                         starts.extend([(index, j)] * (len(writer.shards) - before))
                         if local is not None:
                             record.save(writer.dest, writer_name, fingerprint, starts)
-            if bar is None and progress:  # after the workers start: tqdm starts a thread
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, initial=index, unit="input", smoothing=0.1, dynamic_ncols=True)
-            if bar is not None:
-                bar.update(1)
+            bar.step(index)
     except BaseException:
-        writer.discard_open_shard()
-        writer.close(complete=False)
+        writer.abort()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     manifest = writer.close()
     if local is not None:
         record.remove(dest, writer_name)

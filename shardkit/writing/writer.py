@@ -280,6 +280,13 @@ class ShardWriter:
             self.samples_written -= len(self._offsets)
             log.warning("discarded unfinished shard %d (%d samples)", len(self.shards), len(self._offsets))
 
+    def abort(self) -> Manifest:
+        """Stop after a failure: drop the shard being written (:meth:`discard_open_shard`)
+        and close with an incomplete manifest, so a resumed run carries on from the last
+        finished shard. (Leaving a ``with`` block on an error keeps that shard instead.)"""
+        self.discard_open_shard()
+        return self.close(complete=False)
+
     def shard_path(self, number: int) -> str:
         """Where shard ``number`` goes (locally: a remote dest is staged here)."""
         if self.shard_names is None:
