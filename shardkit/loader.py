@@ -161,11 +161,12 @@ class ShardLoader(DataLoader):
         reuse_memory: the workers collate batches into a few shared-memory buffers each,
             reused once the training loop has dropped every tensor (and view) of a batch
             (a loop that keeps batches gets fresh memory meanwhile: values never change).
-            None (default): with worker processes and the default collate; True: the
-            same, refused where it cannot apply; False: fresh memory for every batch, as
-            a DataLoader gives it. Use False when batch tensors are sent on to other
-            processes: this process dropping them would free their memory for reuse
-            while another process still reads it.
+            The main process keeps the buffers mapped and hands out batch tensors as
+            views of them, not in shared memory: sending one on to another process copies
+            it, so a refill never reaches the other process. None (default): with worker
+            processes and the default collate; True: the same, refused where it cannot
+            apply; False: fresh shared memory for every batch, as a DataLoader gives it
+            (sent on to other processes without a copy).
         Other keyword arguments go to DataLoader.
     """
 
@@ -270,7 +271,7 @@ class ShardLoader(DataLoader):
             release.start_run()
         it: Iterator[Any] = super().__iter__()
         if release is not None:
-            it = self._released(it, release)
+            it = self._released(it, release, workers_stay=self.persistent_workers)
         if self._device_stage is not None:  # pairs stay paired: progress is recorded when handed out
             it = self._device_stage.wrap(it)
         while True:
@@ -292,13 +293,18 @@ class ShardLoader(DataLoader):
         self._view.resume, self._view.rotation = None, 0
 
     @staticmethod
-    def _released(pairs: Iterator[Any], release: ReleaseTracker) -> Iterator[Any]:
-        """``pairs`` with each batch watched from where it leaves the DataLoader, and
-        the slots of the batches dropped since freed each time the next is asked for."""
-        for pair in pairs:
-            release.received(pair[0], pair[1].ticket)
-            yield pair
-            release.collect()
+    def _released(pairs: Iterator[Any], release: ReleaseTracker, *, workers_stay: bool) -> Iterator[Any]:
+        """``pairs`` with each batch watched from where it leaves the DataLoader (and its
+        slot tensors handed out as aliases), and the slots of the batches dropped since
+        freed each time the next is asked for. Workers that exit with the iterator take
+        their rings along: their slots are no longer kept mapped then."""
+        try:
+            for item, progress in pairs:
+                yield release.received(item, progress.ticket), progress
+                release.collect()
+        finally:
+            if not workers_stay:
+                release.unmap()
 
     # -- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ under test; the batches cross real DataLoader worker processes.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict, namedtuple
 from typing import Any
 
@@ -344,21 +345,24 @@ def test_the_board_frees_slots_only_when_the_consumer_dropped_them():
     tickets = _tickets(memory, 4)
     assert tickets[:3] == [(0, 0, 1), (0, 1, 1), (0, 2, 1)] and tickets[3] is None  # all taken: fresh memory
     board = memory.board.numpy()
-    shared = torch.zeros(4).share_memory_()
-    view = shared[1:]
-    release.received((shared, [1, 2]), tickets[0])
-    release.received({"x": torch.zeros(4)}, tickets[1])  # a pinned copy: nothing shared to wait for
+    shared = torch.arange(4.0).share_memory_()
+    handed, labels = release.received((shared, [1, 2]), tickets[0])
+    # The consumer gets the slot's memory under a storage of the batch's own.
+    assert handed.data_ptr() == shared.data_ptr() and not handed.is_shared() and labels == [1, 2]
+    view = handed[1:]
+    pinned = {"x": torch.zeros(4)}
+    assert release.received(pinned, tickets[1]) is pinned  # a pinned copy: nothing shared to wait for
     release.received(torch.zeros(4), None)  # fresh memory: nothing to free
     assert board[0].tolist() == [1, FREE, 1]
-    del shared
+    del shared, handed
     release.collect()
     assert board[0, 0] == 1  # a view keeps the batch's memory alive
+    assert view.tolist() == [1.0, 2.0, 3.0]
     del view
     release.collect()
     assert board[0].tolist() == [FREE, FREE, 1]
     # A new run: a batch still held stays held, a slot never handed out is free again.
-    kept = torch.zeros(2).share_memory_()
-    release.received(kept, (0, 0, 1))
+    kept = release.received(torch.zeros(2).share_memory_(), (0, 0, 1))
     board[0, 0] = 1
     release.start_run()  # run 2
     assert board[0].tolist() == [HELD, FREE, 1] and int(memory.run[0]) == 2
@@ -421,3 +425,111 @@ def test_two_iterators_at_once_never_share_slots(many):
     for kx, ky, was in kept:
         assert check_batch(kx, ky) == was
     assert sorted(seen_a) == sorted(seen_b) == list(range(640))
+
+
+# ----------------------------------------- what the main process hands the consumer
+
+
+def _receive_then_check(queue: Any, refilled: Any, results: Any) -> None:
+    """In another process: take batches with the labels they had when the loader handed
+    them out, wait until the loader has gone on, then check every one."""
+    got = []
+    while (item := queue.get()) is not None:
+        got.append(item)
+    refilled.wait(60)
+    changed = 0
+    for x, y, was in got:
+        try:
+            changed += check_batch(x, y) != was
+        except AssertionError:
+            changed += 1
+    results.put((len(got), changed))
+
+
+def test_batches_sent_on_to_another_process_never_change(many):
+    """A consumer that forwards batches (a torch.multiprocessing queue) and drops them
+    frees their slots; the other process must still see what it was sent."""
+    import torch.multiprocessing as tmp
+
+    context = tmp.get_context("fork")
+    queue, results, refilled = context.Queue(), context.Queue(), context.Event()
+    child = context.Process(target=_receive_then_check, args=(queue, refilled, results), daemon=True)
+    child.start()
+    loader = _loader(many)
+    for x, y in loader:
+        queue.put((x, y, check_batch(x, y)))
+        del x, y
+    for x, y in loader:  # every slot is refilled while the other process holds what it got
+        check_batch(x, y)
+    assert loader.stats()["memory_reused"] > 40
+    queue.put(None)
+    refilled.set()
+    sent, changed = results.get(timeout=60)
+    child.join(30)
+    assert (sent, changed) == (80, 0)
+
+
+def decode_large(sample: dict) -> tuple[torch.Tensor, int]:
+    """A 3x256x256 channels-last image filled with the sample number (a batch of 8 spans
+    1.5 MB: hundreds of pages)."""
+    i = int(sample["__key__"][1:])
+    return torch.from_numpy(np.full((256, 256, 3), i % 251, np.uint8)).permute(2, 0, 1), i
+
+
+def _faults_reading_an_epoch(loader: ShardLoader) -> float:
+    """Minor page faults of this process per batch while copying every batch's pixels
+    into one tensor (what a copy to the GPU does; a reduction would allocate)."""
+    import resource
+
+    into = torch.zeros(8, 3, 256, 256, dtype=torch.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    batches = 0
+    for x, y in loader:
+        into[: len(x)].copy_(x)
+        assert torch.equal(into[: len(x), :, 255, 255], (y % 251).to(torch.uint8)[:, None].expand(-1, 3))
+        batches += 1
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / batches
+
+
+def test_the_main_process_keeps_ring_slots_mapped(many):
+    """Reading a batch made in a ring slot the main process has mapped before costs no
+    page faults; memory mapped afresh for each batch (what a DataLoader does) faults
+    its pages in on the first read."""
+    ds = ShardDataset(many, decode=decode_large)
+    rates = {}
+    for reuse in (True, False):
+        loader = ShardLoader(ds, batch_size=8, num_workers=2, prefetch_factor=2, reuse_memory=reuse)
+        _faults_reading_an_epoch(loader)  # the rings fill and are mapped here
+        rates[reuse] = _faults_reading_an_epoch(loader)
+        if reuse:
+            assert loader.stats()["memory_reused"] > 70
+        del loader
+    # Fresh memory faults in 1.5 MB per batch (dozens of faults with fault-around).
+    assert rates[False] > 10 and rates[True] < rates[False] / 4, rates
+
+
+def _mapped_shared_memory() -> int:
+    """How many of torch's shared-memory files this process has mapped."""
+    with open("/proc/self/maps") as maps:
+        return sum("/torch_" in line for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_slots_stay_mapped_while_their_workers_do(many):
+    import gc
+
+    before = _mapped_shared_memory()
+    persistent = _loader(many, persistent_workers=True)
+    assert len([check_batch(x, y) for x, y in persistent]) == 80
+    gc.collect()
+    # 2 workers x 4 slots x (images, labels), all kept mapped for the next epoch.
+    assert _mapped_shared_memory() - before >= 8
+    del persistent
+    gc.collect()
+    assert _mapped_shared_memory() == before
+    one_off = _loader(many, persistent_workers=False)
+    assert len([check_batch(x, y) for x, y in one_off]) == 80
+    gc.collect()
+    # Its workers exited: only the board of its slots (two small tensors) is still mapped.
+    assert _mapped_shared_memory() - before <= 2
+    assert one_off.stats()["memory_reused"] > 40

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -135,15 +134,26 @@ class BatchMemory:
 class ReleaseTracker:
     """Main-process bookkeeping: the slots whose batches the consumer may still hold.
 
-    A batch is watched through weak references to the storages of its shared-memory
-    tensors (any view keeps a storage alive); once they have all expired its slot is
-    free. A batch that reaches the loader without shared tensors (the pin-memory
-    thread copied it) frees its slot at once: the copy is all the consumer holds.
+    The consumer gets each ring-slot tensor of a batch as an alias: the same memory
+    under a storage object of the batch's own (:func:`alias`). The batch is watched
+    through weak references to those storages (any view keeps one alive); once they
+    have all expired its slot is free. Meanwhile the tracker keeps the slot's own
+    storage, so this process keeps the slot mapped: torch finds the slot's next batch
+    already mapped instead of mapping it afresh, which would cost the consumer a page
+    fault per few pages on its first read of every batch. The aliases are not in
+    shared memory, so sending one on to another process copies it (torch moves a
+    tensor to shared memory for that), and a worker refilling the slot later cannot
+    change what the other process got.
+
+    A batch that reaches the loader without shared tensors (the pin-memory thread
+    copied it) frees its slot at once: the copy is all the consumer holds.
     """
 
     def __init__(self, memory: BatchMemory) -> None:
         self.memory = memory
         self.watched: list[tuple[Ticket, list[StorageWeakRef]]] = []
+        # (worker row, slot) -> the storages of the last batch made in that slot
+        self.mapped: dict[tuple[int, int], list[torch.UntypedStorage]] = {}
 
     def start_run(self) -> None:
         """Before a new iteration: free what was dropped, mark what the consumer still
@@ -155,15 +165,25 @@ class ReleaseTracker:
         self.watched = [((row, index, HELD), refs) for (row, index, _), refs in self.watched]
         self.memory.run.numpy()[0] += 1
 
-    def received(self, item: Any, ticket: Ticket | None) -> None:
-        """A batch reached the loader; ``ticket`` says which slot it was made in."""
+    def received(self, item: Any, ticket: Ticket | None) -> Any:
+        """A batch reached the loader; ``ticket`` says which slot it was made in.
+        Returns the batch to hand the consumer (its slot tensors as aliases)."""
         if ticket is None:
-            return
-        refs = [StorageWeakRef(t.untyped_storage()) for t in _shared_tensors(item)]
-        if refs:
-            self.watched.append((ticket, refs))
-        else:
+            return item
+        made: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
+        handed = _aliased(item, made)
+        if not made:
             self._free(ticket)
+            return item
+        row, index, _ = ticket
+        self.mapped[(row, index)] = [storage for _, storage in made]
+        self.watched.append((ticket, [StorageWeakRef(a.untyped_storage()) for a, _ in made]))
+        return handed
+
+    def unmap(self) -> None:
+        """Stop keeping the slots mapped (their workers are gone); batches the consumer
+        still holds keep their own memory."""
+        self.mapped.clear()
 
     def collect(self) -> None:
         """Free the slots of every watched batch the consumer has dropped."""
@@ -184,17 +204,36 @@ class ReleaseTracker:
             cells[index] = FREE
 
 
-def _shared_tensors(item: Any) -> Iterator[torch.Tensor]:
-    """The CPU tensors in shared memory anywhere in a collated batch."""
-    if isinstance(item, torch.Tensor):
-        if item.device.type == "cpu" and item.is_shared():
-            yield item
-    elif isinstance(item, dict):
-        for value in item.values():
-            yield from _shared_tensors(value)
-    elif isinstance(item, (tuple, list)):
-        for value in item:
-            yield from _shared_tensors(value)
+def alias(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s memory under a storage object of its own (not in shared memory).
+
+    The alias keeps the original storage alive (through the buffer it was made from),
+    and the original can be kept or dropped without touching the alias's weak
+    references, which is what lets the tracker hold a slot mapped and still see when
+    the consumer has dropped the batch."""
+    whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+    own = torch.frombuffer(whole.numpy(), dtype=torch.uint8).untyped_storage()
+    return torch.empty(0, dtype=tensor.dtype).set_(own, tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+def _aliased(item: Any, made: list[tuple[torch.Tensor, torch.UntypedStorage]]) -> Any:
+    """``item`` with each CPU tensor in shared memory replaced by its :func:`alias`
+    (appended to ``made`` with the original's storage), looking into the dicts, tuples
+    and lists a streamed batch is built of (:func:`shardkit.read.batcher.stream_batches`
+    makes dicts and tuples; the DataLoader hands tuples over as lists)."""
+    if type(item) is torch.Tensor:
+        if item.device.type != "cpu" or not item.is_shared() or item.untyped_storage().nbytes() == 0:
+            return item
+        handed = alias(item)
+        made.append((handed, item.untyped_storage()))
+        return handed
+    if type(item) is dict:
+        return {key: _aliased(value, made) for key, value in item.items()}
+    if type(item) is tuple:
+        return tuple(_aliased(value, made) for value in item)
+    if type(item) is list:
+        return [_aliased(value, made) for value in item]
+    return item
 
 
 def slot_count(prefetch_factor: int) -> int:
