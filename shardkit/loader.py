@@ -161,9 +161,9 @@ class ShardLoader(DataLoader):
         reuse_memory: the workers collate batches into a few shared-memory buffers each,
             reused once the training loop has dropped every tensor (and view) of a batch
             (a loop that keeps batches gets fresh memory meanwhile: values never change).
-            The main process keeps the buffers mapped and hands out batch tensors as
-            views of them, not in shared memory: sending one on to another process copies
-            it, so a refill never reaches the other process. None (default): with worker
+            The main process keeps the buffers mapped and hands out unpinned batch
+            tensors as views of them, not in shared memory: sending one on to another
+            process copies it, so a refill never reaches the other process. None (default): with worker
             processes and the default collate; True: the same, refused where it cannot
             apply; False: fresh shared memory for every batch, as a DataLoader gives it
             (sent on to other processes without a copy).

@@ -455,7 +455,7 @@ def test_batches_sent_on_to_another_process_never_change(many):
     queue, results, refilled = context.Queue(), context.Queue(), context.Event()
     child = context.Process(target=_receive_then_check, args=(queue, refilled, results), daemon=True)
     child.start()
-    loader = _loader(many)
+    loader = _loader(many, pin_memory=False)  # (pinned batches would be copies already)
     for x, y in loader:
         queue.put((x, y, check_batch(x, y)))
         del x, y
@@ -498,7 +498,8 @@ def test_the_main_process_keeps_ring_slots_mapped(many):
     ds = ShardDataset(many, decode=decode_large)
     rates = {}
     for reuse in (True, False):
-        loader = ShardLoader(ds, batch_size=8, num_workers=2, prefetch_factor=2, reuse_memory=reuse)
+        # Unpinned: a pin-memory thread would read (and fault in) every batch before us.
+        loader = ShardLoader(ds, batch_size=8, num_workers=2, prefetch_factor=2, reuse_memory=reuse, pin_memory=False)
         _faults_reading_an_epoch(loader)  # the rings fill and are mapped here
         rates[reuse] = _faults_reading_an_epoch(loader)
         if reuse:
@@ -518,18 +519,74 @@ def _mapped_shared_memory() -> int:
 def test_slots_stay_mapped_while_their_workers_do(many):
     import gc
 
+    gc.collect()
     before = _mapped_shared_memory()
-    persistent = _loader(many, persistent_workers=True)
+    persistent = _loader(many, persistent_workers=True, pin_memory=False)
     assert len([check_batch(x, y) for x, y in persistent]) == 80
     gc.collect()
     # 2 workers x 4 slots x (images, labels), all kept mapped for the next epoch.
     assert _mapped_shared_memory() - before >= 8
     del persistent
     gc.collect()
-    assert _mapped_shared_memory() == before
-    one_off = _loader(many, persistent_workers=False)
+    assert _mapped_shared_memory() <= before
+    one_off = _loader(many, persistent_workers=False, pin_memory=False)
     assert len([check_batch(x, y) for x, y in one_off]) == 80
     gc.collect()
-    # Its workers exited: only the board of its slots (two small tensors) is still mapped.
-    assert _mapped_shared_memory() - before <= 2
+    # Its workers exited: still mapped are the board of its slots (two small tensors) and
+    # the last batch, which the loop held when the epoch ended (freed at the next start).
+    assert _mapped_shared_memory() - before <= 4
     assert one_off.stats()["memory_reused"] > 40
+
+
+_NUMPY_VIEW_THEN_SEND = """
+import io, sys
+import numpy as np
+import torch.multiprocessing  # registers torch's pickling of tensors
+from multiprocessing.reduction import ForkingPickler
+from tests.test_batch_memory import _loader, pixels_of
+loader = _loader(sys.argv[1], persistent_workers=False, pin_memory=False)
+for n, (x, y) in enumerate(loader):
+    if n == 5:
+        kept, view, label = x, x[0].numpy(), int(y[0])
+del x, y
+# The epoch is over and its workers are gone; sending the batch on moves it to new
+# shared memory, so only the tracker still holds the slot the numpy view points to.
+ForkingPickler(io.BytesIO()).dump(kept)
+assert not kept.untyped_storage().data_ptr() == view.ctypes.data
+assert np.array_equal(view, pixels_of(label)) and np.array_equal(kept[0].numpy(), pixels_of(label))
+sys.stdout.write("ok")
+"""
+
+
+def test_a_numpy_view_outlives_sending_its_batch_on(many):
+    """Sending a batch on moves its alias to new shared memory (as torch does for any
+    tensor); a numpy view taken before still points at the slot, which must stay
+    mapped while the batch is watched. (In a process of its own: a fault would kill it.)"""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _NUMPY_VIEW_THEN_SEND, many], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout == "ok", proc.stderr[-2000:]
+
+
+def test_a_shared_tensor_in_another_container_is_watched_by_its_own_storage():
+    """Slot tensors sit in dicts, tuples and lists; one anywhere else (a hook that wraps
+    batches, say) is not aliased, and its slot stays taken until it is dropped."""
+    Pair = namedtuple("Pair", "image label")
+    memory = BatchMemory(1, 2)
+    release = memory.tracker()
+    release.start_run()
+    tickets = _tickets(memory, 2)
+    board = memory.board.numpy()
+    shared = torch.arange(4.0).share_memory_()
+    handed = release.received([Pair(shared, 1)], tickets[0])
+    assert handed[0].image is shared  # not aliased
+    del handed
+    release.collect()
+    assert board[0, 0] == 1  # the consumer still holds the tensor
+    del shared
+    release.collect()
+    assert board[0, 0] == FREE

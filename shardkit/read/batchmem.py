@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -131,6 +132,16 @@ class BatchMemory:
         return ReleaseTracker(self)
 
 
+class _Watched:
+    """A batch the consumer may still hold: its slot, the weak references that say
+    when it has been dropped, and the slot storages held meanwhile."""
+
+    __slots__ = ("ticket", "refs", "held")
+
+    def __init__(self, ticket: Ticket, refs: list[StorageWeakRef], held: list[torch.UntypedStorage]) -> None:
+        self.ticket, self.refs, self.held = ticket, refs, held
+
+
 class ReleaseTracker:
     """Main-process bookkeeping: the slots whose batches the consumer may still hold.
 
@@ -143,15 +154,19 @@ class ReleaseTracker:
     fault per few pages on its first read of every batch. The aliases are not in
     shared memory, so sending one on to another process copies it (torch moves a
     tensor to shared memory for that), and a worker refilling the slot later cannot
-    change what the other process got.
+    change what the other process got. While a batch is watched its slot's storage is
+    held too, so memory a numpy view of an alias still points to after such a move
+    stays mapped (and its slot stays taken) until the consumer drops the batch.
 
-    A batch that reaches the loader without shared tensors (the pin-memory thread
-    copied it) frees its slot at once: the copy is all the consumer holds.
+    A shared tensor outside the dicts, tuples and lists an alias is made through is
+    watched as before, through its own storage. A batch that reaches the loader without
+    shared tensors (the pin-memory thread copied it) frees its slot at once: the copy
+    is all the consumer holds.
     """
 
     def __init__(self, memory: BatchMemory) -> None:
         self.memory = memory
-        self.watched: list[tuple[Ticket, list[StorageWeakRef]]] = []
+        self.watched: list[_Watched] = []
         # (worker row, slot) -> the storages of the last batch made in that slot
         self.mapped: dict[tuple[int, int], list[torch.UntypedStorage]] = {}
 
@@ -160,9 +175,10 @@ class ReleaseTracker:
         holds, and start a run (slots of earlier runs never handed out become free)."""
         self.collect()
         board = self.memory.board.numpy()
-        for (row, index, _), _refs in self.watched:
+        for batch in self.watched:
+            row, index, _ = batch.ticket
             board[row, index] = HELD
-        self.watched = [((row, index, HELD), refs) for (row, index, _), refs in self.watched]
+            batch.ticket = (row, index, HELD)
         self.memory.run.numpy()[0] += 1
 
     def received(self, item: Any, ticket: Ticket | None) -> Any:
@@ -172,12 +188,18 @@ class ReleaseTracker:
             return item
         made: list[tuple[torch.Tensor, torch.UntypedStorage]] = []
         handed = _aliased(item, made)
-        if not made:
+        if not made:  # nothing to alias: the batch as it came
+            handed = item
+        held = [storage for _, storage in made]
+        refs = [StorageWeakRef(a.untyped_storage()) for a, _ in made]
+        refs += [StorageWeakRef(t.untyped_storage()) for t in _shared_tensors(handed)]  # not aliased
+        if not refs:
             self._free(ticket)
             return item
-        row, index, _ = ticket
-        self.mapped[(row, index)] = [storage for _, storage in made]
-        self.watched.append((ticket, [StorageWeakRef(a.untyped_storage()) for a, _ in made]))
+        if held:
+            row, index, _ = ticket
+            self.mapped[(row, index)] = held
+        self.watched.append(_Watched(ticket, refs, held))
         return handed
 
     def unmap(self) -> None:
@@ -190,11 +212,11 @@ class ReleaseTracker:
         if not self.watched:
             return
         kept = []
-        for ticket, refs in self.watched:
-            if all(ref.expired() for ref in refs):
-                self._free(ticket)
+        for batch in self.watched:
+            if all(ref.expired() for ref in batch.refs):
+                self._free(batch.ticket)
             else:
-                kept.append((ticket, refs))
+                kept.append(batch)
         self.watched = kept
 
     def _free(self, ticket: Ticket) -> None:
@@ -202,6 +224,19 @@ class ReleaseTracker:
         cells = self.memory.board.numpy()[row]
         if cells[index] == run:  # taken again since? then it is not ours to free
             cells[index] = FREE
+
+
+def _shared_tensors(item: Any) -> Iterator[torch.Tensor]:
+    """The CPU tensors in shared memory anywhere in a collated batch."""
+    if isinstance(item, torch.Tensor):
+        if item.device.type == "cpu" and item.is_shared():
+            yield item
+    elif isinstance(item, dict):
+        for value in item.values():
+            yield from _shared_tensors(value)
+    elif isinstance(item, (tuple, list)):
+        for value in item:
+            yield from _shared_tensors(value)
 
 
 def alias(tensor: torch.Tensor) -> torch.Tensor:
