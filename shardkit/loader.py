@@ -55,6 +55,9 @@ class LoaderView(IterableDataset):
         self.num_workers = num_workers
         self.resume: ResumeState | None = None
         self.rotation = 0
+        # The epoch the workers started from now on run; None: the dataset's, read as
+        # they start (persistent workers follow set_epoch from one pass to the next).
+        self.worker_epoch: int | None = None
         # The workers collate into this (reused) memory; the loader frees its slots.
         self._worker_batching = batching
         if memory is not None:
@@ -66,7 +69,7 @@ class LoaderView(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         return self.shard_dataset.iter_items(
-            self._worker_batching, resume=self.resume, progress=True, rotation=self.rotation
+            self._worker_batching, resume=self.resume, progress=True, rotation=self.rotation, epoch=self.worker_epoch
         )
 
     def __len__(self) -> int:
@@ -259,6 +262,9 @@ class ShardLoader(DataLoader):
             info = dataset.epoch_info(num_workers=self.num_workers, resume=resume)
             self._stats.update(padded=info.padded, dropped=info.dropped, planned=info.rank_samples)
         started = time.perf_counter()
+        # Workers of this pass alone run its epoch, whenever each starts reading: another
+        # iterator begun meanwhile (zip(loader, loader)) moves the dataset's epoch on.
+        self._view.worker_epoch = None if self.persistent_workers and self.num_workers > 0 else dataset.epoch
         release = self._release
         if release is not None:
             if not self.persistent_workers:

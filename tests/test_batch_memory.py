@@ -427,6 +427,30 @@ def test_two_iterators_at_once_never_share_slots(many):
     assert sorted(seen_a) == sorted(seen_b) == list(range(640))
 
 
+def _second_worker_starts_late(worker_id: int) -> None:
+    import time
+
+    if worker_id == 1:
+        time.sleep(1.5)
+
+
+def test_each_iterator_runs_the_epoch_it_began_with(many):
+    """Without persistent workers a second iterator begun meanwhile moves the dataset's
+    epoch on; a worker of the first that starts reading only after that must still run
+    the first iterator's epoch (else it reads another order: repeats and gaps)."""
+    loader = _loader(many, persistent_workers=False, worker_init_fn=_second_worker_starts_late)
+    first = iter(loader)
+    x, y = next(first)  # from worker 0; worker 1 is still asleep
+    seen = check_batch(x, y)
+    second = iter(loader)
+    next(second)  # the dataset's epoch moves on here
+    assert loader.epoch == 1
+    for x, y in first:
+        seen.extend(check_batch(x, y))
+    assert sorted(seen) == list(range(640))
+    del second
+
+
 # ----------------------------------------- what the main process hands the consumer
 
 

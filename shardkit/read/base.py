@@ -228,25 +228,35 @@ class PlannedDataset(IterableDataset):
         return self.iter_items(self.batching, resume=self._resume)
 
     def iter_items(
-        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+        self,
+        batching: Batching,
+        *,
+        resume: ResumeState | None = None,
+        progress: bool = False,
+        rotation: int = 0,
+        epoch: int | None = None,
     ) -> Iterator[Any]:
         """This worker's items for the current epoch (what ``__iter__`` runs).
 
         For drivers such as ShardLoader: ``resume`` is the state to continue from;
         ``progress`` pairs each item with a :class:`Progress`; ``rotation`` shifts which
         plan each DataLoader worker runs when the resume continues its topology (the
-        DataLoader restarts its round-robin at worker 0).
+        DataLoader restarts its round-robin at worker 0); ``epoch`` is the epoch to run
+        (None: the dataset's when the worker starts, which ``set_epoch`` may have moved
+        since the driver began its pass).
         """
         raise NotImplementedError
 
-    def _worker_context(self, resume: ResumeState | None, rotation: int) -> tuple[int, int, int, Topology, ResumeState]:
+    def _worker_context(
+        self, resume: ResumeState | None, rotation: int, epoch: int | None = None
+    ) -> tuple[int, int, int, Topology, ResumeState]:
         """(rank, worker, epoch, topology, resume) of the calling DataLoader worker."""
         info = get_worker_info()
         if info is not None:
             freeze_inherited_objects()
         worker, num_workers = (0, 0) if info is None else (info.id, info.num_workers)
         rank, _ = self.rank_and_world()
-        epoch = self.epoch
+        epoch = self.epoch if epoch is None else epoch
         topo = self.topology(num_workers)
         resume = resume if resume is not None and resume.epoch == epoch else ResumeState(epoch)
         if resume.continues(topo):

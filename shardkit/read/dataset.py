@@ -282,9 +282,15 @@ class ShardDataset(PlannedDataset):
 
     # -- iteration -----------------------------------------------------------------------
     def iter_items(
-        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+        self,
+        batching: Batching,
+        *,
+        resume: ResumeState | None = None,
+        progress: bool = False,
+        rotation: int = 0,
+        epoch: int | None = None,
     ) -> Iterator[Any]:
-        rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
+        rank, worker, epoch, topo, resume = self._worker_context(resume, rotation, epoch)
         hooks = self._start_hooks()
         handler = make_handler(self.handler)
         stats = ReadStats()

@@ -214,9 +214,15 @@ class Mix(PlannedDataset):
 
     # -- iteration -----------------------------------------------------------------------
     def iter_items(
-        self, batching: Batching, *, resume: ResumeState | None = None, progress: bool = False, rotation: int = 0
+        self,
+        batching: Batching,
+        *,
+        resume: ResumeState | None = None,
+        progress: bool = False,
+        rotation: int = 0,
+        epoch: int | None = None,
     ) -> Iterator[Any]:
-        rank, worker, epoch, topo, resume = self._worker_context(resume, rotation)
+        rank, worker, epoch, topo, resume = self._worker_context(resume, rotation, epoch)
         plan, _ = self._planner(epoch).plan(topo, rank=rank, worker=worker, stages=resume.stages)
         hooks = self._start_hooks()
         stats = ReadStats()
