@@ -11,7 +11,13 @@ RandomResizedCrop(224) + flip, batches of 64, 2 workers, one warm-up epoch, then
   ``--baseline DIR`` (another checkout, e.g. the code before a change);
 - ``shardkit-fresh``: ShardLoader with ``reuse_memory=False`` (fresh shared memory per
   batch, as a DataLoader collates);
-- ``webdataset``: webdataset's WebLoader over the same shards, the same decode and augment.
+- ``webdataset``: webdataset's WebLoader over the same shards, the same decode and augment;
+- ``shardkit-fs`` (only with ``--step-ms``): ShardLoader under torch's ``file_system``
+  sharing strategy, which passes shared memory by name instead of by file descriptor.
+
+With ``--step-ms N`` the loop also sleeps N ms per batch, as a training step would, so the
+workers get ahead and the time the loop waits in ``next()`` is the hand-off alone (the
+median is reported as ``wait_ms_per_batch``).
 
 Reported: the main process's CPU ms and minor page faults per batch, the copy's ms per
 batch, total CPU ms per image (main process and workers) and images/s. Rounds interleave
@@ -36,9 +42,13 @@ from typing import Any
 CONFIGS = ("shardkit", "shardkit-fresh", "webdataset")
 
 
-def child(config: str, shards: str, epochs: int) -> dict[str, float]:
+def child(config: str, shards: str, epochs: int, step_ms: float = 0.0) -> dict[str, float]:
     """Run one configuration in this process; its figures per measured epoch, averaged."""
     import torch
+    import torch.multiprocessing
+
+    if config.endswith("-fs"):
+        torch.multiprocessing.set_sharing_strategy("file_system")
 
     from shardkit.cli.bench import augment
     from shardkit.cli.profiling import children_cpu, rusage_cpu
@@ -61,16 +71,23 @@ def child(config: str, shards: str, epochs: int) -> dict[str, float]:
 
         sds = ShardDataset(shards, decode="torch", transform={"jpg": aug}, fields="jpg cls")
         reuse = False if config.endswith("fresh") else None
-        loader = ShardLoader(sds, batch_size=64, num_workers=2, reuse_memory=reuse)
+        loader = ShardLoader(sds, batch_size=64, num_workers=2, reuse_memory=reuse, pin_memory=False)
     into = torch.zeros(64, 3, 224, 224, dtype=torch.uint8)
     totals = {"main_cpu_ms": 0.0, "faults": 0.0, "copy_ms": 0.0, "batches": 0.0, "images": 0.0, "cpu_s": 0.0}
     seconds = 0.0
+    waits: list[float] = []
     for epoch in range(epochs + 1):
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = rusage_cpu(resource.RUSAGE_SELF) + children_cpu()
         started = time.perf_counter()
         copy = batches = images = 0.0
-        for batch in loader:
+        iterator = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            waits.append(time.perf_counter() - t0)
             images += len(batch[1])
             if len(batch[0]) == 64:
                 t0 = time.perf_counter()
@@ -78,7 +95,10 @@ def child(config: str, shards: str, epochs: int) -> dict[str, float]:
                 copy += time.perf_counter() - t0
             batches += 1
             del batch
+            if step_ms:
+                time.sleep(step_ms / 1e3)
         if epoch == 0:
+            waits.clear()
             continue  # warm-up: workers start, rings fill
         seconds += time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
@@ -95,10 +115,11 @@ def child(config: str, shards: str, epochs: int) -> dict[str, float]:
         "copy_ms_per_batch": totals["copy_ms"] / n,
         "cpu_ms_per_image": totals["cpu_s"] * 1e3 / totals["images"],
         "images_per_s": totals["images"] / seconds,
+        "wait_ms_per_batch": statistics.median(waits) * 1e3,
     }
 
 
-def run(config: str, shards: str, epochs: int, baseline: str | None) -> dict[str, float]:
+def run(config: str, shards: str, epochs: int, baseline: str | None, step_ms: float) -> dict[str, float]:
     """One configuration in a process of its own (``base:`` ones import ``baseline``'s shardkit)."""
     env, cwd = dict(os.environ), None
     name = config
@@ -106,6 +127,7 @@ def run(config: str, shards: str, epochs: int, baseline: str | None) -> dict[str
         assert baseline is not None
         env["PYTHONPATH"], cwd, name = baseline, baseline, config[len("base:") :]
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--shards", shards, "--epochs", str(epochs)]
+    cmd += ["--step-ms", str(step_ms)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"{config}: {(proc.stderr.strip().splitlines() or ['exit'])[-1]}")
@@ -119,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="a checkout of shardkit to compare with (base:shardkit)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--step-ms", type=float, default=0.0, help="sleep per batch (a training step's time)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--shards", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        sys.stdout.write(json.dumps(child(args.child, args.shards, args.epochs)) + "\n")
+        sys.stdout.write(json.dumps(child(args.child, args.shards, args.epochs, args.step_ms)) + "\n")
         return 0
-    configs = [*CONFIGS, *(["base:shardkit"] if args.baseline else [])]
+    configs = [*CONFIGS, *(["shardkit-fs"] if args.step_ms else []), *(["base:shardkit"] if args.baseline else [])]
     for name in args.sets.split(","):
         shards = os.path.join(args.work, name, "shards")
         if not os.path.isdir(shards):
@@ -133,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         rounds: list[dict[str, dict[str, float]]] = []
         for r in range(args.rounds):
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
-            rounds.append({config: run(config, shards, args.epochs, args.baseline) for config in order})
+            rounds.append({config: run(config, shards, args.epochs, args.baseline, args.step_ms) for config in order})
         print(f"\n## {name}: median of {args.rounds} rounds ({args.epochs} epochs each, after a warm-up)")
-        keys = ("main_cpu_ms_per_batch", "faults_per_batch", "copy_ms_per_batch", "cpu_ms_per_image", "images_per_s")
+        keys: tuple[str, ...] = ("main_cpu_ms_per_batch", "faults_per_batch", "copy_ms_per_batch")
+        keys += ("cpu_ms_per_image", "images_per_s")
+        keys += ("wait_ms_per_batch",) if args.step_ms else ()
         print("| configuration | " + " | ".join(keys) + " |")
         print("|---|" + "---|" * len(keys))
         for config in configs:
