@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .decode.planar import opencv_available
 from .errors import ShardkitError
 from .gpu.batch import DeviceStage
 from .gpu.batch_decoder import BatchDecoder
@@ -204,6 +205,8 @@ class ShardLoader(DataLoader):
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 4
         memory = _batch_memory(reuse_memory, batching, num_workers, prefetch_factor)
+        if num_workers > 0:
+            opencv_available()  # import OpenCV (if installed) once here, not in each worker's first batch
         view = LoaderView(dataset if stage is None else stage.worker_dataset, batching, num_workers, memory)
         super().__init__(
             view,

@@ -20,6 +20,7 @@ from PIL import Image
 from .imageinfo import guess_format_name, read_image_header
 from .jpeg_region import to_stored, to_upright, turbojpeg
 from .pixels import DecodeMode, check_mode, check_pixels, decode_rgb, default_max_pixels, orient_array, to_mode
+from .planar import to_planar
 from .size import as_hw
 
 
@@ -269,11 +270,9 @@ class RandomResizedCropDecode:
             dense = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
             resized = tvf.resize(dense, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
         hwc = resized.permute(1, 2, 0).numpy()
-        if flip:
-            hwc = hwc[:, ::-1]
         if self.mode == "numpy":
-            return np.ascontiguousarray(hwc)
-        # numpy makes planar CHW from channels-last faster than torch's contiguous().
+            return np.ascontiguousarray(hwc[:, ::-1] if flip else hwc)
+        # to_planar makes planar CHW from channels-last faster than torch's contiguous().
         out = torch.empty(resized.shape, dtype=resized.dtype)
-        np.copyto(out.numpy(), hwc.transpose(2, 0, 1))
+        to_planar(out.numpy(), hwc, flip=flip)
         return out

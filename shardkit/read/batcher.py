@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from ..decode.planar import to_planar
 from ..errors import ShardkitError
 from .batchmem import BatchMemory, Slot, Ticket, empty_batch_tensor
 from .pipeline import collate
@@ -39,7 +40,7 @@ _ARRAY_KINDS = frozenset("biuf")
 class _Rows:
     """Tensors (or numeric arrays) of one shape and dtype, copied into a (n, *shape) batch."""
 
-    __slots__ = ("kind", "shape", "dtype", "torch_dtype", "target", "out")
+    __slots__ = ("kind", "shape", "dtype", "torch_dtype", "target", "out", "interleaved")
 
     def __init__(self, first: Any) -> None:
         self.kind = type(first)
@@ -48,6 +49,12 @@ class _Rows:
         self.torch_dtype = first.dtype if self.kind is torch.Tensor else torch.from_numpy(first[:0]).dtype
         self.out: torch.Tensor | None = None
         self.target: np.ndarray | None = None
+        # The strides of a CHW tensor that is a view of dense HWC pixels (the decoders'
+        # output): its rows are de-interleaved by to_planar.
+        self.interleaved: tuple[int, ...] | None = None
+        if self.kind is torch.Tensor and len(self.shape) == 3:
+            c, _, w = self.shape
+            self.interleaved = (1, w * c, c)
 
     @staticmethod
     def fits(value: Any) -> bool:
@@ -71,7 +78,10 @@ class _Rows:
         if type(value) is not self.kind or value.shape != self.shape or value.dtype != self.dtype:
             return False
         assert self.target is not None
-        # numpy copies a channels-last view into CHW rows several times faster than torch
+        if self.interleaved is not None and value.stride() == self.interleaved:
+            to_planar(self.target[row], value.numpy().transpose(1, 2, 0))
+            return True
+        # numpy copies a strided tensor into rows several times faster than torch
         # ([row, ...]: a row of 0-d values is still an array to copy into)
         np.copyto(self.target[row, ...], value.numpy() if self.kind is torch.Tensor else value)
         return True

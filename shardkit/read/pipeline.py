@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..decode.fields import SampleDecoder
+from ..decode.planar import to_planar
 from ..errors import SampleError, ShardkitError, SkippedSampleWarning
 from ..threadmap import ordered_map
 from .stages import StageHooks
@@ -279,8 +280,8 @@ def _channels_last_images(batch: list[Any]) -> bool:
 
 def _stack_channels_last(batch: list[Any]) -> Any:
     """``torch.stack`` into a contiguous NCHW batch, as default_collate gives, copying each
-    image with numpy: torch's strided copy from HWC to CHW is several times slower."""
-    import numpy as np
+    image with :func:`~shardkit.decode.planar.to_planar`: torch's strided copy from HWC to
+    CHW is several times slower."""
     import torch
     from torch.utils.data import get_worker_info
 
@@ -293,7 +294,7 @@ def _stack_channels_last(batch: list[Any]) -> Any:
         out = torch.empty(shape, dtype=first.dtype)
     target = out.numpy()
     for index, image in enumerate(batch):
-        np.copyto(target[index], image.numpy())
+        to_planar(target[index], image.numpy().transpose(1, 2, 0))
     return out
 
 
