@@ -118,3 +118,35 @@ def test_profiled_counters_reach_loader_stats(uneven_shards):
     assert sum(len(b[1]) for b in loader) == 64
     stats = loader.stats()
     assert all(stats[f"{s}_us"] >= 0 for s in STAGES) and stats["decode_us"] > 0 and stats["read_us"] > 0
+
+
+@pytest.mark.parametrize("with_opencv", [False, True])
+def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv):
+    from shardkit.cli.doctor import Diagnosis, conclude
+
+    stage_ms = dict.fromkeys(STAGES, 0.05) | {"decode": 1.0}
+    diagnosis = Diagnosis(
+        images=1000,
+        seconds=1.0,
+        workers=2,
+        threads=0,
+        cores=2,
+        stage_ms=stage_ms,
+        worker_cpu_ms=1.2,
+        main_cpu_ms=0.02,
+        wait_fraction=0.5,
+        reference_ms=1.1,
+        decode_size=None,
+        fused=False,
+        planar_opencv=with_opencv,
+    )
+    _, advice = conclude(diagnosis)
+    assert any("shardkit[opencv]" in line for line in advice) is not with_opencv
+
+
+def test_doctor_json_says_who_splits_the_planes(big_shards, capsys):
+    from shardkit.decode.planar import opencv_available
+
+    args = ["doctor", big_shards, "--workers", "1", "--batch", "2", "--seconds", "0.3", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["planar_opencv"] is opencv_available()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..decode.jpeg_region import region_support
+from ..decode.planar import opencv_available
 from ..errors import ShardkitError
 from .profiling import STAGES, children_cpu_since, children_cpu_snapshot, rusage_cpu
 
@@ -63,6 +64,7 @@ class Diagnosis:
     decode_size: Any
     fused: bool
     region_decode: bool = False  # fused crops decode only the crop (libjpeg-turbo 3, shardkit.decode.jpeg_region)
+    planar_opencv: bool = False  # images split into NCHW planes by OpenCV, not numpy (shardkit.decode.planar)
     bound: str = ""
     advice: list[str] = field(default_factory=list)
     # The reference loop run in ``workers`` processes at once (0: not measured)
@@ -262,6 +264,7 @@ def diagnose(
         decode_size=ds.decode_size,
         fused=fused,
         region_decode=fused and region_support()[0],
+        planar_opencv=opencv_available(),
         parallel_reference_ms=parallel,
         memory_reused=int(stats.get("memory_reused", 0)) - int(first["stats"].get("memory_reused", 0)),
         memory_fresh=int(stats.get("memory_fresh", 0)) - int(first["stats"].get("memory_fresh", 0)),
@@ -327,6 +330,10 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
         advice.append("per-sample Python work dominates (small images?): larger batches or threads= help")
     if bound == "collate":
         advice.append("collating dominates: return fixed-size uint8 tensors so batches stack without lists")
+    if not d.planar_opencv and d.stage_ms.get("collate", 0.0) >= 0.02:
+        advice.append(
+            "numpy splits images into NCHW planes: pip install 'shardkit[opencv]' does that copy several times faster"
+        )
     overhead = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
     shared = (d.worker_cpu_ms + d.main_cpu_ms) / d.parallel_reference_ms if d.parallel_reference_ms else overhead
     if overhead > 1.3 and shared > 1.15:
