@@ -24,6 +24,7 @@ baseline's alternating, on the same JPEG files.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -86,6 +87,11 @@ def child(folder: str, crop: int, only_fused: bool) -> None:
     fns = {name: fn for name, fn in candidates(crop).items() if not only_fused or name in FUSED}
     for fn in fns.values():  # warm up
         fn(jpegs[0])
+    # One-off start-up work would land in the first rows timed: OpenCV (imported by the
+    # first planar copy) burns ~0.1 s in threads of its own after its import, and the
+    # objects imports leave make Python's next full collection (~0.1 s) come sooner.
+    gc.collect()
+    time.sleep(1.0)
     times = {}
     for name, fn in fns.items():
         torch.manual_seed(0)

@@ -175,6 +175,27 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (hosts differ between runs: their figures are not comparable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU model unknown"
+
+
+def _planar_copier() -> str:
+    """Who de-interleaves images into NCHW batches in this environment (shardkit.decode.planar)."""
+    try:
+        import cv2
+    except ImportError:
+        return "numpy"
+    return f"OpenCV {cv2.__version__}"
+
+
 def report(spec: str, kb: float, count: int, rounds: list[dict[str, dict[str, Any]]], loads: list[float]) -> str:
     names = [n for n in rounds[0] if not n.startswith("doctor")]
 
@@ -187,7 +208,8 @@ def report(spec: str, kb: float, count: int, rounds: list[dict[str, dict[str, An
 
     lines = [
         f"{count} photo-like JPEGs ({spec}, {kb:.0f} KB), RandomResizedCrop(224)+flip, batches of 64, 2 workers, "
-        f"{os.cpu_count()} cores; {len(rounds)} interleaved rounds, load average {min(loads):.1f}-{max(loads):.1f}",
+        f"{os.cpu_count()} cores; {len(rounds)} interleaved rounds, load average {min(loads):.1f}-{max(loads):.1f}; "
+        f"{_cpu_model()}; planar copies by {_planar_copier()}",
         f"{'configuration':20s} {'steady':>7s} {'CPU ms/img':>10s} {'1st batch':>9s}  median in-round ratios",
     ]
     for name in names:
