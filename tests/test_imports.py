@@ -139,7 +139,7 @@ ALLOWED = {
     "read": {"format", "storage", "plan", "decode"},
     "gpu": {"read", "decode", "plan"},
     "writing": {"format", "storage", "decode", "ingest"},
-    "loader": {"read", "gpu", "plan"},
+    "loader": {"read", "gpu", "plan", "decode"},
     "cli": {"format", "storage", "plan", "decode", "ingest", "read", "gpu", "writing", "loader"},
 }
 
