@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -114,6 +115,16 @@ def _batching(
     return own
 
 
+def _forks(context: Any) -> bool:
+    """Whether workers started with DataLoader's ``multiprocessing_context`` are forked
+    (they then inherit what this process imported)."""
+    if context is None:
+        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    else:
+        method = context if isinstance(context, str) else context.get_start_method()
+    return method == "fork"
+
+
 def _batch_memory(
     reuse: bool | None, batching: Batching, num_workers: int, prefetch_factor: int | None
 ) -> BatchMemory | None:
@@ -205,7 +216,7 @@ class ShardLoader(DataLoader):
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 4
         memory = _batch_memory(reuse_memory, batching, num_workers, prefetch_factor)
-        if num_workers > 0:
+        if num_workers > 0 and _forks(kwargs.get("multiprocessing_context")):
             opencv_available()  # import OpenCV (if installed) once here, not in each worker's first batch
         view = LoaderView(dataset if stage is None else stage.worker_dataset, batching, num_workers, memory)
         super().__init__(

@@ -121,8 +121,16 @@ def test_profiled_counters_reach_loader_stats(uneven_shards):
 
 
 @pytest.mark.parametrize("with_opencv", [False, True])
-def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv):
+@pytest.mark.parametrize("cv2_installed", [False, True])
+def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv, cv2_installed, monkeypatch):
+    import sys
+
     from shardkit.cli.doctor import Diagnosis, conclude
+
+    if not cv2_installed:
+        monkeypatch.setitem(sys.modules, "cv2", None)  # find_spec("cv2") is None
+    else:
+        pytest.importorskip("cv2")
 
     stage_ms = dict.fromkeys(STAGES, 0.05) | {"decode": 1.0}
     diagnosis = Diagnosis(
@@ -141,7 +149,11 @@ def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv)
         planar_opencv=with_opencv,
     )
     _, advice = conclude(diagnosis)
-    assert any("shardkit[opencv]" in line for line in advice) is not with_opencv
+    planes = [line for line in advice if "NCHW planes" in line]
+    assert len(planes) == (0 if with_opencv else 1)
+    if planes:  # never advise a second OpenCV wheel beside a broken one
+        assert ("shardkit[opencv]" in planes[0]) is not cv2_installed
+        assert ("cv2 is unusable" in planes[0]) is cv2_installed
 
 
 def test_doctor_json_says_who_splits_the_planes(big_shards, capsys):

@@ -133,3 +133,14 @@ def test_a_state_loads_before_persistent_workers_start_or_without_them(shards):
     assert sorted(keys_of(plain)) == ALL_KEYS
     plain.load_state_dict(state)
     assert keys_of(plain) == rest
+
+
+def test_opencv_is_imported_before_workers_only_where_they_fork():
+    import multiprocessing
+
+    from shardkit.loader import _forks
+
+    assert _forks("fork") and not _forks("spawn") and not _forks("forkserver")
+    assert _forks(multiprocessing.get_context("fork")) and not _forks(multiprocessing.get_context("spawn"))
+    default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    assert _forks(None) is (default == "fork")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardkit.decode import planar
 from shardkit.decode.planar import opencv_available, to_planar, to_planar_numpy
 from shardkit.read.pipeline import collate
 
@@ -83,3 +88,71 @@ def test_collate_of_channels_last_images_equals_torch_stack() -> None:
     out = collate(images)
     expected = torch.stack(images)
     assert out.is_contiguous() and torch.equal(out, expected)
+
+
+def test_dense_three_and_four_channels_take_opencv(monkeypatch) -> None:
+    """With OpenCV the common case never reaches numpy (else the fast path went away quietly)."""
+    pytest.importorskip("cv2")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("numpy did a copy OpenCV should have done")
+
+    monkeypatch.setattr(planar, "to_planar_numpy", refuse)
+    rng = np.random.default_rng(4)
+    for c, dtype, flip in ((3, "uint8", False), (4, "uint8", True), (3, "uint16", True), (3, "float32", False)):
+        hwc = _pixels(rng, (33, 21, c), dtype)
+        dst = np.empty((c, 33, 21), dtype=dtype)
+        to_planar(dst, hwc, flip=flip)
+        np.testing.assert_array_equal(dst, (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1))
+
+
+def test_overlapping_memory_is_copied_as_numpy_copies_it() -> None:
+    buffer = np.arange(48, dtype=np.uint8)
+    expected = buffer.reshape(4, 4, 3).transpose(2, 0, 1).copy()
+    to_planar(buffer.reshape(3, 4, 4), buffer.reshape(4, 4, 3))
+    np.testing.assert_array_equal(buffer.reshape(3, 4, 4), expected)
+
+
+class _SplitIntoNewArrays:
+    """A cv2 whose split ignores the arrays it is given, as it does when they do not fit."""
+
+    @staticmethod
+    def split(image, planes):
+        return tuple(np.ascontiguousarray(image[:, :, c]) for c in range(image.shape[2]))
+
+    @staticmethod
+    def flip(image, code, out):
+        out[...] = image[:, ::-1]
+
+
+class _SplitRaises(_SplitIntoNewArrays):
+    @staticmethod
+    def split(image, planes):
+        planes[0][...] = 0  # a partial write, then the failure
+        raise RuntimeError("cv2.error stand-in")
+
+
+@pytest.mark.parametrize("fake", [_SplitIntoNewArrays, _SplitRaises])
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_split_that_does_not_fill_the_planes_falls_back(monkeypatch, fake, flip) -> None:
+    monkeypatch.setattr(planar, "_opencv", lambda: fake)
+    hwc = _pixels(np.random.default_rng(5), (9, 7, 3), "uint8")
+    dst = np.zeros((3, 9, 7), dtype=np.uint8)
+    to_planar(dst, hwc, flip=flip)
+    np.testing.assert_array_equal(dst, (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1))
+
+
+def test_an_unusable_opencv_is_named_and_numpy_does_the_copies(monkeypatch, caplog) -> None:
+    """A cv2 that imports but lacks what is used here (a half-removed install) is not used."""
+    monkeypatch.setitem(sys.modules, "cv2", types.ModuleType("cv2"))
+    planar._opencv.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="shardkit.decode.planar"):
+            assert not opencv_available()
+        assert "OpenCV is installed but unusable (AttributeError" in caplog.text
+        hwc = _pixels(np.random.default_rng(6), (5, 6, 3), "uint8")
+        dst = np.empty((3, 5, 6), dtype=np.uint8)
+        to_planar(dst, hwc, flip=True)
+        np.testing.assert_array_equal(dst, hwc[:, ::-1].transpose(2, 0, 1))
+    finally:
+        planar._opencv.cache_clear()

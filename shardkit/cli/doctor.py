@@ -13,6 +13,7 @@ loader's own share of the CPU can be told from the machine's.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import multiprocessing
 import os
 import resource
@@ -331,9 +332,11 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
     if bound == "collate":
         advice.append("collating dominates: return fixed-size uint8 tensors so batches stack without lists")
     if not d.planar_opencv and d.stage_ms.get("collate", 0.0) >= 0.02:
-        advice.append(
-            "numpy splits images into NCHW planes: pip install 'shardkit[opencv]' does that copy several times faster"
-        )
+        split = "numpy splits images into NCHW planes: "
+        if importlib.util.find_spec("cv2") is None:
+            advice.append(split + "pip install 'shardkit[opencv]' does that copy several times faster")
+        else:  # another OpenCV wheel beside it would break both
+            advice.append(split + "the installed cv2 is unusable (see the log); repair it")
     overhead = (d.worker_cpu_ms + d.main_cpu_ms) / d.reference_ms if d.reference_ms else 0.0
     shared = (d.worker_cpu_ms + d.main_cpu_ms) / d.parallel_reference_ms if d.parallel_reference_ms else overhead
     if overhead > 1.3 and shared > 1.15:

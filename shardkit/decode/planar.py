@@ -24,12 +24,23 @@ _OPENCV_DTYPES = frozenset(np.dtype(t) for t in ("uint8", "int8", "uint16", "int
 
 @functools.cache
 def _opencv() -> Any:
-    """The cv2 module, or None when it is not installed or does not import."""
+    """The cv2 module, or None when it is not installed, does not import, or fails a
+    one-off check of the two calls used here (a half-removed install can import)."""
     try:
         import cv2
+
+        probe = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
+        planes = list(np.empty((3, 2, 5), dtype=np.uint8))
+        written = cv2.split(probe, planes)
+        for plane in planes:
+            cv2.flip(plane, 1, plane)
+        if any(w is not p for w, p in zip(written, planes)) or not np.array_equal(
+            np.stack(planes), probe[:, ::-1].transpose(2, 0, 1)
+        ):
+            raise ValueError("split/flip gave other values than numpy")
     except Exception as e:  # noqa: BLE001 - a broken OpenCV install only costs speed
         if not isinstance(e, ImportError):
-            log.debug("OpenCV does not import (%s): planar copies use numpy", e)
+            log.warning("OpenCV is installed but unusable (%s: %s): planar copies use numpy", type(e).__name__, e)
         return None
     return cv2
 
@@ -61,16 +72,19 @@ def to_planar(dst: np.ndarray, hwc: np.ndarray, *, flip: bool = False) -> None:
         or not hwc.flags.c_contiguous
         or not dst.flags.c_contiguous
         or hwc.size == 0
+        or np.may_share_memory(dst, hwc)  # numpy copes with overlap, split does not
     ):
         to_planar_numpy(dst, hwc, flip=flip)
         return
     planes = list(dst)
-    written = cv2.split(hwc, planes)
-    # split fills the arrays it is given when they fit (checked above); had it made new
-    # ones instead, dst would be untouched: never rely on it silently.
-    if len(written) != len(planes) or any(w is not p for w, p in zip(written, planes)):
+    try:
+        written = cv2.split(hwc, planes)
+        # split fills the arrays it is given when they fit (checked above); had it made
+        # new ones instead, dst would be untouched: never rely on it silently.
+        if len(written) != len(planes) or any(w is not p for w, p in zip(written, planes)):
+            raise ValueError("cv2.split did not write into the planes given")
+        if flip:  # in place, plane by plane: no scratch image to allocate
+            for plane in planes:
+                cv2.flip(plane, 1, plane)
+    except Exception:  # noqa: BLE001 - cv2.error and the like: numpy writes every value again
         to_planar_numpy(dst, hwc, flip=flip)
-        return
-    if flip:  # in place, plane by plane: no scratch image to allocate
-        for plane in planes:
-            cv2.flip(plane, 1, plane)
