@@ -178,10 +178,10 @@ class ShardLoader(DataLoader):
             (a loop that keeps batches gets fresh memory meanwhile: values never change).
             The main process keeps the buffers mapped and hands out unpinned batch
             tensors as views of them, not in shared memory: sending one on to another
-            process copies it, so a refill never reaches the other process. None (default): with worker
-            processes and the default collate; True: the same, refused where it cannot
-            apply; False: fresh shared memory for every batch, as a DataLoader gives it
-            (sent on to other processes without a copy).
+            process copies it, so a refill never reaches the other process.
+            None (default): with worker processes and the default collate; True: the
+            same, refused where it cannot apply; False: fresh shared memory for every
+            batch, as a DataLoader gives it (sent on to other processes without a copy).
         Other keyword arguments go to DataLoader.
     """
 

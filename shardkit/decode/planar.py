@@ -4,8 +4,8 @@ Decoders give interleaved HWC pixels, and a contiguous NCHW batch (what torch's
 default_collate gives) needs each image de-interleaved once. numpy's strided copy does
 any layout. When OpenCV is installed (``pip install shardkit[opencv]``), its ``split``
 (SIMD) does the common case -- a dense HWC array of 3 or 4 channels into dense planes --
-several times faster, and ``flip`` mirrors each plane in place after it. The values are the same either way;
-OpenCV's global settings (threads) are left as the user set them.
+several times faster, and ``flip`` mirrors each plane in place after it. The values are
+the same either way; OpenCV's global settings (threads) are left as the user set them.
 """
 
 from __future__ import annotations
@@ -25,24 +25,33 @@ _OPENCV_DTYPES = frozenset(np.dtype(t) for t in ("uint8", "int8", "uint16", "int
 @functools.cache
 def _opencv() -> Any:
     """The cv2 module, or None when it is not installed, does not import, or fails a
-    one-off check of the two calls used here (a half-removed install can import)."""
+    one-off check of the calls used here (a half-removed install can import)."""
     try:
         import cv2
 
         probe = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
-        planes = list(np.empty((3, 2, 5), dtype=np.uint8))
-        written = cv2.split(probe, planes)
-        for plane in planes:
-            cv2.flip(plane, 1, plane)
-        if any(w is not p for w, p in zip(written, planes)) or not np.array_equal(
-            np.stack(planes), probe[:, ::-1].transpose(2, 0, 1)
-        ):
+        planes = np.empty((3, 2, 5), dtype=np.uint8)
+        _split(cv2, planes, probe, flip=True)
+        if not np.array_equal(planes, probe[:, ::-1].transpose(2, 0, 1)):
             raise ValueError("split/flip gave other values than numpy")
     except Exception as e:  # noqa: BLE001 - a broken OpenCV install only costs speed
         if not isinstance(e, ImportError):
             log.warning("OpenCV is installed but unusable (%s: %s): planar copies use numpy", type(e).__name__, e)
         return None
     return cv2
+
+
+def _split(cv2: Any, dst: np.ndarray, hwc: np.ndarray, *, flip: bool) -> None:
+    """OpenCV's copy of dense ``hwc`` into dense ``dst``; raises where it did not write ``dst``."""
+    planes = list(dst)
+    written = cv2.split(hwc, planes)
+    # split fills the arrays it is given when they fit; had it made new ones instead,
+    # dst would be untouched: never rely on it silently.
+    if len(written) != len(planes) or any(w is not p for w, p in zip(written, planes)):
+        raise ValueError("cv2.split did not write into the planes given")
+    if flip:  # in place, plane by plane: no scratch image to allocate
+        for plane in planes:
+            cv2.flip(plane, 1, plane)
 
 
 def opencv_available() -> bool:
@@ -76,15 +85,7 @@ def to_planar(dst: np.ndarray, hwc: np.ndarray, *, flip: bool = False) -> None:
     ):
         to_planar_numpy(dst, hwc, flip=flip)
         return
-    planes = list(dst)
     try:
-        written = cv2.split(hwc, planes)
-        # split fills the arrays it is given when they fit (checked above); had it made
-        # new ones instead, dst would be untouched: never rely on it silently.
-        if len(written) != len(planes) or any(w is not p for w, p in zip(written, planes)):
-            raise ValueError("cv2.split did not write into the planes given")
-        if flip:  # in place, plane by plane: no scratch image to allocate
-            for plane in planes:
-                cv2.flip(plane, 1, plane)
+        _split(cv2, dst, hwc, flip=flip)
     except Exception:  # noqa: BLE001 - cv2.error and the like: numpy writes every value again
         to_planar_numpy(dst, hwc, flip=flip)

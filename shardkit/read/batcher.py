@@ -40,7 +40,7 @@ _ARRAY_KINDS = frozenset("biuf")
 class _Rows:
     """Tensors (or numeric arrays) of one shape and dtype, copied into a (n, *shape) batch."""
 
-    __slots__ = ("kind", "shape", "dtype", "torch_dtype", "target", "out", "interleaved")
+    __slots__ = ("kind", "shape", "dtype", "torch_dtype", "target", "out")
 
     def __init__(self, first: Any) -> None:
         self.kind = type(first)
@@ -49,12 +49,6 @@ class _Rows:
         self.torch_dtype = first.dtype if self.kind is torch.Tensor else torch.from_numpy(first[:0]).dtype
         self.out: torch.Tensor | None = None
         self.target: np.ndarray | None = None
-        # The strides of a CHW tensor that is a view of dense HWC pixels (the decoders'
-        # output): its rows are de-interleaved by to_planar.
-        self.interleaved: tuple[int, ...] | None = None
-        if self.kind is torch.Tensor and len(self.shape) == 3:
-            c, _, w = self.shape
-            self.interleaved = (1, w * c, c)
 
     @staticmethod
     def fits(value: Any) -> bool:
@@ -78,7 +72,7 @@ class _Rows:
         if type(value) is not self.kind or value.shape != self.shape or value.dtype != self.dtype:
             return False
         assert self.target is not None
-        if self.interleaved is not None and value.stride() == self.interleaved:
+        if self.kind is torch.Tensor and _channels_last_chw(value):  # the decoders' pixels, de-interleaved
             to_planar(self.target[row], value.numpy().transpose(1, 2, 0))
             return True
         # numpy copies a strided tensor into rows several times faster than torch
