@@ -206,7 +206,7 @@ def test_usage_errors_exit_2(tmp_path, photos):
         (("write", photos, out, "--quality", "101"), b"1 to 100"),
         (("write", photos, out, "--resume", "--overwrite"), b"not allowed with"),
         (("ls", out, "-n", "0"), b"-n: must be at least 1"),
-        (("doctor", out, "--decode-size", "big"), b"auto, none or a positive integer"),
+        (("doctor", out, "--decode-size", "big"), b"auto, exact, none or a positive integer"),
         (("doctor", out, "--seconds", "0"), b"more than 0"),
         (("stats", out, "--quiet", "--json"), b"--quiet cannot be combined"),
         (("ls",), b"required"),

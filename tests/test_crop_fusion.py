@@ -189,8 +189,8 @@ def test_every_mode_gives_torchvisions_resize_of_the_strided_crop(interpolation,
 def test_fused_flip_draws_and_flips_like_torchvision(family, mode):
     """RandomResizedCrop + RandomHorizontalFlip(p), fused: the flip is drawn where
     torchvision draws it, the RNG is left where it would be, and the image is exactly the
-    fused crop, mirrored when drawn so. With v2 on tensors it is exactly the unfused
-    pipeline's image (a PNG: the decode is exact; v1 and PIL resize slightly otherwise)."""
+    fused crop, mirrored when drawn so, and exactly the unfused pipeline's image (a PNG:
+    the decode is exact; v1 resizes tensors through float, v2 in uint8, PIL on its own)."""
     pixels = photo_like(np.random.default_rng(2), 180, 150)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
@@ -212,14 +212,13 @@ def test_fused_flip_draws_and_flips_like_torchvision(family, mode):
             RandomResizedCropDecode(48).get_params(150, 180)
             drawn = bool(torch.rand(1) < p)
             torch.manual_seed(seed)
-            crop = np.asarray(RandomResizedCropDecode(48, mode=mode)(data))
+            crop = np.asarray(RandomResizedCropDecode(48, mode=mode, api=family)(data))
             axis = 1 if mode == "pil" else 2  # HWC / CHW
             assert np.array_equal(np.asarray(fused), np.flip(crop, axis) if drawn else crop)
             flips += drawn
+            assert np.array_equal(np.asarray(fused), np.asarray(reference))
             if mode == "torch":
                 assert fused.is_contiguous()
-                if family == "v2":
-                    assert torch.equal(fused, reference)
         assert flips == {0.0: 0, 1.0: 12}.get(p, flips) and (p in (0.0, 1.0) or 0 < flips < 12)
 
 
@@ -382,3 +381,136 @@ def test_resume_is_exact_with_the_fused_path(tmp_path):
     assert before + resumed_keys(make(2), state, keys=keys_and_shapes) == full
     after = resumed_keys(make(1), state, keys=keys_and_shapes)
     assert sorted(before + after) == sorted(full) and len(full) == 24
+
+
+# ------------------------------------------------- decode_size="exact": the unfused values
+
+
+def _jpeg_subsampled(width: int, height: int, seed: int, subsampling: int, mode: str = "RGB") -> bytes:
+    """A photo-like JPEG with PIL's chroma subsampling (0: 4:4:4, 1: 4:2:2, 2: 4:2:0)."""
+    image = Image.fromarray(photo_like(np.random.default_rng(seed), width, height))
+    buffer = io.BytesIO()
+    image.convert(mode).save(buffer, "JPEG", quality=88, subsampling=subsampling)
+    return buffer.getvalue()
+
+
+def _assert_same_as_unfused(aug: Any, data: bytes, mode: str, *, seeds: int, region: bool, **decoder_kw: Any) -> None:
+    """The exact fused pipeline gives the unfused one's image and leaves the RNG where it does."""
+    decoder, rest = fuse_crop(make_decoder(mode, **decoder_kw), {"jpg": aug}, region=region, reduce=False)
+    assert isinstance(decoder, FusedFieldDecoder) and not decoder.crops["jpg"].reduce
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        reference = aug(decode_image(data, mode, **decoder_kw))
+        after_reference = torch.rand(1)
+        torch.manual_seed(seed)
+        fused = _rest(rest)(decoder({"jpg": data})["jpg"])
+        assert torch.equal(torch.rand(1), after_reference)
+        assert type(fused) is type(reference)
+        assert np.array_equal(np.asarray(fused), np.asarray(reference)), (seed, mode, region)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("mode", ["torch", "pil"])
+@pytest.mark.parametrize("region", [True, False])
+def test_exact_fusion_gives_the_unfused_pipelines_values(family, mode, region):
+    """Large photos (crops that "auto" would decode at 1/2..1/8), every chroma
+    subsampling, grayscale, odd sizes, a flip and a step after it: value for value the
+    unfused pipeline, with the crop's region decoded (region=True) or the whole image."""
+    T = v1 if family == "v1" else v2
+    aug = T.Compose([T.RandomResizedCrop(160), T.RandomHorizontalFlip(), T.CenterCrop(150)])
+    images = [
+        _jpeg_subsampled(1501, 1127, seed=1, subsampling=2),
+        _jpeg_subsampled(999, 1333, seed=2, subsampling=1),
+        _jpeg_subsampled(641, 483, seed=3, subsampling=0),
+        _jpeg_subsampled(517, 333, seed=4, subsampling=2, mode="L"),
+        _jpeg_subsampled(170, 161, seed=5, subsampling=2),  # crops near the output size
+    ]
+    for data in images:
+        _assert_same_as_unfused(aug, data, mode, seeds=6, region=region)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exact_fusion_turns_phone_photos_upright_like_the_unfused_decoder(orientation):
+    image = Image.open(io.BytesIO(_jpeg(1203, 901, seed=orientation)))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    aug = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
+    for exif_orientation in (True, False):
+        _assert_same_as_unfused(aug, buf.getvalue(), "torch", seeds=4, region=True, exif_orientation=exif_orientation)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("antialias", [True, False])
+def test_exact_fusion_honours_interpolation_and_antialias(interpolation, antialias):
+    aug = v2.RandomResizedCrop(200, interpolation=v2.InterpolationMode(interpolation), antialias=antialias)
+    _assert_same_as_unfused(aug, _jpeg(1001, 757, seed=9), "torch", seeds=4, region=True)
+
+
+def test_exact_crops_are_never_reduced_and_auto_ones_are():
+    data = _jpeg(2003, 1601, seed=7)
+    exact = RandomResizedCropDecode(224, reduce=False)
+    auto = RandomResizedCropDecode(224)
+    scales = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        assert exact.plan(1601, 2003).scale == 1
+        torch.manual_seed(seed)
+        scales.add(auto.plan(1601, 2003).scale)
+    assert scales - {1}  # the same draws: "auto" halves some of them
+    assert "reduce=False" in repr(exact) and "reduce" not in repr(auto)
+    with pytest.raises(ValueError, match="api must be 'v1' or 'v2'"):
+        RandomResizedCropDecode(224, api="v3")
+    torch.manual_seed(0)
+    assert exact(data).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("sample_level", [False, True])
+def test_dataset_exact_gives_the_unfused_stream_through_a_loader(tmp_path, sample_level):
+    """decode_size="exact" through ShardLoader workers: the same batches as decode_size=None,
+    on photos large enough that "auto" would give other pixels."""
+    from shardkit import ShardLoader, ShardWriter
+
+    with ShardWriter(str(tmp_path), shard_size="400KB") as writer:
+        for i in range(16):
+            writer.write({"__key__": f"{i:03d}", "jpg": _jpeg(900 + i, 700 - i, seed=i), "cls": i % 3})
+    aug = v2.Compose([v2.RandomResizedCrop(96), v2.RandomHorizontalFlip()])
+
+    def run(decode_size: str | None) -> tuple[list[Any], ShardDataset]:
+        ds = ShardDataset(
+            str(tmp_path),
+            decode="torch",
+            decode_size=decode_size,
+            transform=aug if sample_level else {"jpg": aug},
+            fields="jpg cls",
+            shuffle=5,
+            seed=4,
+        )
+        torch.manual_seed(0)  # the workers' torch seeds come from the main process's RNG
+        return list(ShardLoader(ds, batch_size=4, num_workers=2)), ds
+
+    plain, _ = run(None)
+    exact, ds = run("exact")
+    assert ds.fuse_crop and ds.decoding.exact and ds.decode_size is None
+    assert isinstance(ds.stages()[0], FusedSamplePipeline if sample_level else FusedFieldDecoder)
+    assert len(plain) == len(exact) == 4
+    for (a, la), (b, lb) in zip(plain, exact):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    auto, _ = run("auto")
+    assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(plain, auto))  # the test can tell
+
+
+def test_exact_with_nothing_to_fuse_warns_and_decodes_whole(uneven_shards, caplog):
+    with caplog.at_level("WARNING", logger="shardkit.read.stages"):
+        ds = ShardDataset(uneven_shards, decode="torch", decode_size="exact", transform={"jpg": v2.ColorJitter()})
+    assert not isinstance(ds.stages()[0], FusedFieldDecoder)
+    assert "decode_size='exact'" in caplog.text and "has none that can be fused" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shardkit.read.stages"):
+        ShardDataset(uneven_shards, decode="torch", decode_size="exact", transform={"jpg": v2.RandomResizedCrop(8)})
+    assert not caplog.text
+    with pytest.raises(ValueError, match="decode_size applies to"):
+        ShardDataset(uneven_shards, decode_size="exact")
+    with pytest.raises(ValueError, match="'auto', 'exact' or None"):
+        ShardDataset(uneven_shards, decode="torch", decode_size="exactly")

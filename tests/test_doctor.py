@@ -40,7 +40,20 @@ def test_doctor_names_decode_on_huge_images_with_no_workers(big_shards):
     assert d.bound == "decode"
     assert d.stage_ms["decode"] > 2 * max(d.stage_ms[s] for s in STAGES if s != "decode")
     assert any("num_workers" in a for a in d.advice) and any("decode_size='auto'" in a for a in d.advice)
-    assert d.worker_cpu_ms > 0 and d.reference_ms > 0 and d.images >= 2
+    assert any("decode_size='exact'" in a and "the same values" in a for a in d.advice)
+    assert d.worker_cpu_ms > 0 and d.reference_ms > 0 and d.images >= 2 and not d.exact_crop
+
+
+def test_doctor_says_when_crops_are_fused_at_full_resolution(big_shards):
+    from torchvision.transforms import v2
+
+    kw = dict(transform=v2.RandomResizedCrop(64), workers=0, batch_size=2, seconds=0.5)
+    d = diagnose(big_shards, decode_size="exact", **kw)
+    assert d.fused and d.exact_crop and d.decode_size is None
+    assert "fused crop decode at full resolution" in format_report(d)
+    assert not any("decode_size=" in a for a in d.advice)
+    auto = diagnose(big_shards, decode_size="auto", **kw)
+    assert auto.fused and not auto.exact_crop and "at full resolution" not in format_report(auto)
 
 
 def test_doctor_names_a_slow_transform(big_shards):

@@ -343,6 +343,13 @@ def test_decoding_is_built_as_shard_dataset_builds_it(tmp_path):
     kw = dict(decode="torch", transform={"jpg": v2.RandomResizedCrop(64)})
     fused_map = ShardMap(url, decode_size="auto", **kw)
     assert fused_map.decoding.fuse and not ShardMap(url, **kw).decoding.fuse
+    exact_map = ShardMap(url, decode_size="exact", **kw)
+    assert exact_map.decoding.fuse and exact_map.decoding.exact
+    for i in range(len(exact_map)):  # "exact": the unfused values, by index too
+        torch.manual_seed(i)
+        exact = exact_map[i]["jpg"]
+        torch.manual_seed(i)
+        assert torch.equal(exact, ShardMap(url, **kw)[i]["jpg"])
     torch.manual_seed(0)
     fused = fused_map[0]["jpg"]
     torch.manual_seed(0)

@@ -8,10 +8,11 @@ process of its own (``shardkit.cli.bench --one``):
 - ``limit-parallel``: the same loop in 2 processes at once (what 2 busy processes get);
 - ``webdataset-pil``: webdataset's default pipeline (``.decode("torchrgb8")``, PIL);
 - ``shardkit``: ShardLoader, the generic transform; ``shardkit-fused``: ``decode_size="auto"``;
+  ``shardkit-exact``: ``decode_size="exact"`` (the generic values, only the crop's region decoded);
 - with ``--baseline DIR``, ``base:shardkit`` and ``base:shardkit-fused``: the same from
   another checkout of shardkit (e.g. the code before a change), for time to first batch.
 
-Each round also runs ``shardkit doctor`` (``diagnose``) on both shardkit configurations:
+Each round also runs ``shardkit doctor`` (``diagnose``) on the three shardkit configurations:
 loader CPU per image against the one-core loop, and against the loop in 2 processes at
 once. Last, one 10-epoch run per set samples the RSS and PSS of the main process and
 its workers after every epoch (persistent workers; PSS counts shared memory once).
@@ -32,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-CONFIGS = ("limit", "limit-parallel", "webdataset-pil", "shardkit", "shardkit-fused")
+CONFIGS = ("limit", "limit-parallel", "webdataset-pil", "shardkit", "shardkit-fused", "shardkit-exact")
 BASE_CONFIGS = ("shardkit", "shardkit-fused")
 
 
@@ -281,7 +282,7 @@ def main() -> None:
             for name in BASE_CONFIGS if args.baseline else ():
                 result[f"base:{name}"] = run_one(name, folder, shards, pythonpath=args.baseline)
             if not args.no_doctor:
-                for decode_size in (None, "auto"):
+                for decode_size in (None, "auto", "exact"):
                     result[f"doctor decode_size={decode_size}"] = run_doctor(shards, decode_size)
             rounds.append(result)
             print(f"[{spec}] round {n + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)

@@ -13,7 +13,9 @@ horizontal flip, uint8 batches of 64, the same worker count):
 - shardkit ShardLoader: process workers, thread decode, reduced-size decode, and fused
   crop decode (``decode_size="auto"``: the RandomResizedCrop drawn from the header and
   each crop decoded at the smallest DCT scale that keeps it >= 224; only the crop's
-  region with libjpeg-turbo 3, the whole image without it: "shardkit-fused-whole");
+  region with libjpeg-turbo 3, the whole image without it: "shardkit-fused-whole"), and
+  the same crop fused at full resolution (``decode_size="exact"``: the values of
+  "shardkit", only the region decoded: "shardkit-exact");
 - raw iteration without decode, warm and cold page cache;
 - time to first batch and peak RSS (each configuration runs in its own process).
 
@@ -46,6 +48,7 @@ CONFIGS = (
     "shardkit-reduced",
     "shardkit-fused",
     "shardkit-fused-whole",
+    "shardkit-exact",
     "raw-shardkit",
     "raw-webdataset",
     "raw-shardkit-cold",
@@ -61,6 +64,7 @@ E2E_CONFIGS = (
     "shardkit-threads",
     "shardkit-fused",
     "shardkit-fused-whole",
+    "shardkit-exact",
 )
 
 
@@ -243,6 +247,8 @@ def run_config(name: str, folder: str, shards: str, workers: int, batch: int) ->
             decode_size = 224
         elif name == "shardkit-fused":
             decode_size = "auto"
+        elif name == "shardkit-exact":
+            decode_size = "exact"
         ds = ShardDataset(
             shards, decode="torch", decode_size=decode_size, transform={"jpg": aug}, fields="jpg cls", threads=threads
         )

@@ -65,6 +65,7 @@ class Diagnosis:
     decode_size: Any
     fused: bool
     region_decode: bool = False  # fused crops decode only the crop (libjpeg-turbo 3, shardkit.decode.jpeg_region)
+    exact_crop: bool = False  # decode_size="exact": fused crops at full resolution, the unfused values
     planar_opencv: bool = False  # images split into NCHW planes by OpenCV, not numpy (shardkit.decode.planar)
     bound: str = ""
     advice: list[str] = field(default_factory=list)
@@ -265,6 +266,7 @@ def diagnose(
         decode_size=ds.decode_size,
         fused=fused,
         region_decode=fused and region_support()[0],
+        exact_crop=fused and ds.decoding.exact,
         planar_opencv=opencv_available(),
         parallel_reference_ms=parallel,
         memory_reused=int(stats.get("memory_reused", 0)) - int(first["stats"].get("memory_reused", 0)),
@@ -317,7 +319,10 @@ def conclude(d: Diagnosis, *, remote: bool = False, cached: bool = False) -> tup
                 "streams than cores only adds overhead"
             )
         if d.decode_size is None and not d.fused:
-            advice.append("decode_size='auto' decodes JPEGs smaller (and fuses a leading RandomResizedCrop)")
+            advice.append(
+                "decode_size='exact' fuses a leading RandomResizedCrop and decodes only its region (the same "
+                "values); decode_size='auto' also decodes JPEGs smaller (close values)"
+            )
         if d.fused and not d.region_decode:
             advice.append(
                 "fused crops decode whole JPEGs: pip install 'shardkit[turbo]' (libjpeg-turbo 3) decodes only the crop"
@@ -360,7 +365,8 @@ def format_report(d: Diagnosis) -> str:
     lines = [
         f"{d.images:,} images in {d.seconds:.1f} s = {d.rate:,.0f} img/s "
         f"({d.workers} workers, {d.threads} threads, {d.cores} cores, decode_size={d.decode_size!r}"
-        f"{', fused crop decode' if d.fused else ''}{' of the crop region only' if d.region_decode else ''})",
+        f"{', fused crop decode' if d.fused else ''}{' at full resolution' if d.exact_crop else ''}"
+        f"{' of the crop region only' if d.region_decode else ''})",
         f"{'stage':12s} {'ms/img':>8s} {'share':>6s}",
     ]
     total = sum(d.stage_ms[s] for s in STAGES if s != "handoff") or 1.0

@@ -75,12 +75,12 @@ def quality(text: str) -> int:
 def decode_size(text: str) -> int | str | None:
     if text == "none":
         return None
-    if text == "auto":
+    if text in ("auto", "exact"):
         return text
     try:
         return at_least(1)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be auto, none or a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be auto, exact, none or a positive integer, got {text!r}") from None
 
 
 def column_list(text: str) -> tuple[str, ...]:
@@ -387,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--threads", type=at_least(0), default=0, help="decode threads per worker (default 0)")
     dr.add_argument("--batch", type=at_least(1), default=64, help="batch size (default 64)")
     dr.add_argument(
-        "--decode-size", type=decode_size, default="auto", help="auto (default), none or a shorter side in pixels"
+        "--decode-size",
+        type=decode_size,
+        default="auto",
+        help="auto (default), exact (crop fused at full size: the values of none), none or a shorter side",
     )
     dr.add_argument("--seconds", type=seconds, default=5.0, help="how long to run (default 5)")
     dr.add_argument("--field", default="jpg;png;jpeg;webp", help="image field alternatives (default jpg;png;jpeg;webp)")

@@ -40,6 +40,17 @@ def _pil_filters() -> dict[Any, Image.Resampling]:
     }
 
 
+def _resize_function(api: str) -> Any:
+    """torchvision's tensor resize of the family the replaced transform came from."""
+    if api == "v1":
+        from torchvision.transforms import functional as v1_functional
+
+        return v1_functional.resize
+    from torchvision.transforms.v2 import functional as v2_functional
+
+    return v2_functional.resize
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """A crop box in full-image pixels and the JPEG DCT scale to decode it at."""
@@ -67,6 +78,11 @@ class RandomResizedCropDecode:
     ``hflip=p`` also does what a following ``RandomHorizontalFlip(p)`` would (the same
     ``torch.rand(1)`` draw, after the crop's), mirroring in the copy the output needs anyway.
 
+    ``reduce=False`` keeps every crop at full resolution (only the region is skipped): the
+    output then has exactly the values of decode -> ``RandomResizedCrop`` (-> flip) with
+    the same seed. ``api`` is the torchvision family whose resize the crop uses, that of the
+    replaced transform: ``"v1"`` resizes tensors through float, ``"v2"`` in uint8.
+
     Use it as an image handler::
 
         make_decoder("torch", handlers=dict.fromkeys(IMAGE_EXTENSIONS, RandomResizedCropDecode(224)))
@@ -85,8 +101,12 @@ class RandomResizedCropDecode:
         exif: bool = False,
         region: bool = True,
         hflip: float | None = None,
+        reduce: bool = True,
+        api: str = "v2",
     ) -> None:
         check_mode(mode)
+        if api not in ("v1", "v2"):
+            raise ValueError(f"api must be 'v1' or 'v2' (torchvision.transforms or .v2), got {api!r}")
         hw = as_hw(size)
         if hw is None or min(hw) < 1:
             raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
@@ -115,11 +135,15 @@ class RandomResizedCropDecode:
         self.region = bool(region)
         # A RandomHorizontalFlip(p) that followed the crop, done in the crop's last copy.
         self.hflip = None if hflip is None else float(hflip)
+        # False: no DCT scaling, so the pixels are those of the unfused pipeline.
+        self.reduce = bool(reduce)
+        self.api = api
 
     def __repr__(self) -> str:
         flip = "" if self.hflip is None else f", hflip={self.hflip}"
         crop = f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
-        return f"RandomResizedCropDecode({crop}, mode={self.mode!r}{flip})"
+        exact = "" if self.reduce else ", reduce=False"
+        return f"RandomResizedCropDecode({crop}, mode={self.mode!r}{flip}{exact})"
 
     def get_params(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, crop_height, crop_width), as torchvision's RandomResizedCrop draws it."""
@@ -148,7 +172,7 @@ class RandomResizedCropDecode:
         """Draw a crop for an image of this size and the DCT scale to decode it at."""
         top, left, crop_h, crop_w = self.get_params(height, width)
         out_h, out_w = self.size
-        for scale in (8, 4, 2):
+        for scale in (8, 4, 2) if self.reduce else ():
             if crop_h >= scale * out_h and crop_w >= scale * out_w:
                 break
         else:
@@ -247,7 +271,6 @@ class RandomResizedCropDecode:
 
     def _crop_resize(self, pixels: np.ndarray | Image.Image, box: tuple[float, ...]) -> Any:
         from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as tvf
 
         out_h, out_w = self.size
         interpolation = InterpolationMode(self.interpolation or InterpolationMode.BILINEAR)
@@ -255,8 +278,11 @@ class RandomResizedCropDecode:
         flip = self.hflip is not None and bool(torch.rand(1) < self.hflip)
         if self.mode == "pil":
             image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
-            # resize(box=...) crops with sub-pixel precision and filters in one pass.
-            image = image.resize((out_w, out_h), _pil_filters().get(interpolation, Image.Resampling.BILINEAR), box=box)  # type: ignore[arg-type]  # a 4-tuple
+            pil_filter = _pil_filters().get(interpolation, Image.Resampling.BILINEAR)
+            if all(float(v).is_integer() for v in box):  # torchvision's crop, then resize: the same pixels
+                image = image.crop(tuple(int(v) for v in box)).resize((out_w, out_h), pil_filter)  # type: ignore[arg-type]  # a 4-tuple
+            else:  # resize(box=...) crops with sub-pixel precision and filters in one pass
+                image = image.resize((out_w, out_h), pil_filter, box=box)  # type: ignore[arg-type]  # a 4-tuple
             return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
         chw = to_mode(pixels, "torch")
         # floor(v + 0.5), not round(): it commutes with the region's integer offset.
@@ -268,7 +294,9 @@ class RandomResizedCropDecode:
             # torch resizes dense channels-last uint8 on its fast path (same values) and
             # gives channels-last back; a strided view takes a slower planar one.
             dense = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-            resized = tvf.resize(dense, [out_h, out_w], interpolation=interpolation, antialias=self.antialias)
+            resized = _resize_function(self.api)(
+                dense, [out_h, out_w], interpolation=interpolation, antialias=self.antialias
+            )
         hwc = resized.permute(1, 2, 0).numpy()
         if self.mode == "numpy":
             return np.ascontiguousarray(hwc[:, ::-1] if flip else hwc)

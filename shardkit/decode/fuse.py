@@ -1,6 +1,6 @@
 """Fusing a torchvision pipeline's leading RandomResizedCrop into decoding.
 
-:func:`fuse_crop` is what ``decode_size="auto"`` runs: it splits the transform
+:func:`fuse_crop` is what ``decode_size="auto"`` (and ``"exact"``) runs: it splits the transform
 (:func:`split_crop`), puts a :class:`~shardkit.decode.crop.RandomResizedCropDecode` in
 the decoder (:class:`FusedFieldDecoder` for a per-field transform,
 :class:`FusedSamplePipeline` for a sample-level one) and returns the rest of the
@@ -51,6 +51,7 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
             mode=mode,
             interpolation=step.interpolation,
             antialias=True if antialias is None else bool(antialias),
+            api="v2" if type(step).__module__.startswith("torchvision.transforms.v2") else "v1",
         )
         after = index + 1
         # Exactly torchvision's flip: a subclass may draw or flip differently.
@@ -152,7 +153,7 @@ def _located(sample: dict[str, Any], field: str, message: str) -> SampleError:
     )
 
 
-def fuse_crop(decoder: Any, transform: Any, *, region: bool = True) -> tuple[Any, Any]:
+def fuse_crop(decoder: Any, transform: Any, *, region: bool = True, reduce: bool = True) -> tuple[Any, Any]:
     """(decoder, transform) with a leading RandomResizedCrop fused into decoding when possible.
 
     ``decoder`` must be a :class:`shardkit.decode.SampleDecoder` (anything else is
@@ -161,8 +162,10 @@ def fuse_crop(decoder: Any, transform: Any, *, region: bool = True) -> tuple[Any
     in order after decoding, and decoding draws nothing). The same torch RNG calls are
     made per sample, so seeds, worker seeding and resume behave as without fusion; the
     pixels differ only by the reduced-size decode (see BENCHMARKS.md for the PSNR bound).
-    ``region=False`` decodes whole JPEGs at the reduced scale even where libjpeg-turbo 3
-    could decode only the crop (what a machine without it does).
+    ``reduce=False`` never reduces the scale: every value is then the unfused pipeline's
+    (``decode_size="exact"``), and only the work outside the crop's region is saved.
+    ``region=False`` decodes whole JPEGs even where libjpeg-turbo 3 could decode only the
+    crop (what a machine without it does).
     """
     from .fields import IMAGE_EXTENSIONS, SampleDecoder
 
@@ -182,6 +185,7 @@ def fuse_crop(decoder: Any, transform: Any, *, region: bool = True) -> tuple[Any
         return decoder, transform
     crop, rest = split
     crop.max_pixels, crop.exif, crop.region = decoder.max_pixels, decoder.exif_orientation, region
+    crop.reduce = reduce
     if region:
         log_region_support()
     if isinstance(transform, Mapping):

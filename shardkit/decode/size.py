@@ -123,12 +123,15 @@ def decode_size_for(transform: Any, *, approximate_rrc: bool = False) -> int | N
 
 def resolve_decode_size(decode_size: int | str | None, transform: Any) -> int | None:
     """A dataset's ``decode_size`` argument as an int or None: ``"auto"`` asks
-    :func:`decode_size_for` of the transform (or of each per-field transform)."""
+    :func:`decode_size_for` of the transform (or of each per-field transform); ``"exact"``
+    (a fused crop at full resolution) decodes everything else at full size too."""
+    if decode_size == "exact":
+        return None
     if decode_size == "auto":
         steps = list(transform.values()) if isinstance(transform, Mapping) else [transform]
         size = next((size for t in steps if (size := decode_size_for(t)) is not None), None)
         log.info("decode_size='auto' -> %s", size)
         return size
     if decode_size is not None and not isinstance(decode_size, int):
-        raise ValueError(f"decode_size must be an int, 'auto' or None, got {decode_size!r}")
+        raise ValueError(f"decode_size must be an int, 'auto', 'exact' or None, got {decode_size!r}")
     return decode_size

@@ -52,8 +52,10 @@ class ShardDataset(PlannedDataset):
             :func:`shardkit.decode.size.decode_size_for`: exact, never blurrier) and fuses a
             leading RandomResizedCrop into decoding (:func:`shardkit.decode.fuse.fuse_crop`:
             crop drawn from the header with the same random draws, each crop decoded at the
-            smallest DCT scale that keeps it >= the output size). Only with a built-in
-            ``decode`` mode: refused with ``decode=None`` or a callable.
+            smallest DCT scale that keeps it >= the output size). "exact" fuses the crop the
+            same way but decodes it at full resolution: only the region is skipped, and the
+            values equal those of ``None`` (a warning says when there is no crop to fuse).
+            Only with a built-in ``decode`` mode: refused with ``decode=None`` or a callable.
         transform: a callable on the sample dict (torchvision v2 pipelines accept dicts),
             or ``{"jpg": fn, ...}`` per-field callables.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
@@ -176,7 +178,7 @@ class ShardDataset(PlannedDataset):
 
     @property
     def fuse_crop(self) -> bool:
-        """True with ``decode_size="auto"``: a leading RandomResizedCrop is fused into decoding."""
+        """True with ``decode_size="auto"`` or ``"exact"``: a leading RandomResizedCrop is fused into decoding."""
         return self.decoding.fuse
 
     @property

@@ -58,8 +58,8 @@ class ShardMap(Dataset):
             its ``.idx`` (``ShardWriter`` writes them; ``shardkit index`` adds them).
         decode: None (raw bytes), "pil", "numpy" or "torch"; or a callable on the sample.
         decode_size: DCT-scaled JPEG decoding (an int, or "auto" from ``transform``, which
-            also fuses a leading RandomResizedCrop into decoding), as for ``ShardDataset``;
-            refused with ``decode=None`` or a callable.
+            also fuses a leading RandomResizedCrop into decoding; "exact" fuses it at full
+            resolution), as for ``ShardDataset``; refused with ``decode=None`` or a callable.
         transform: a callable on the sample dict, or ``{"jpg": fn, ...}`` per field.
         fields: turn dicts into tuples, e.g. ``"jpg;png cls"``.
         handler: only "raise": ``m[i]`` must return sample i or fail, it cannot skip.

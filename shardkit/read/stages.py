@@ -1,7 +1,7 @@
 """The per-sample stages of a worker, configured in one place and observable by hooks.
 
 :class:`Decoding` is how ``decode``, ``decode_size``, ``allow_pickle`` and
-``exif_orientation`` become a decoder (and, with ``decode_size="auto"``, a fused crop):
+``exif_orientation`` become a decoder (and, with ``decode_size="auto"`` or ``"exact"``, a fused crop):
 ``ShardDataset`` and ``ShardMap`` both build theirs here, so they accept and refuse the
 same combinations.
 
@@ -14,6 +14,7 @@ behind ``shardkit doctor`` is one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from ..decode.pixels import DECODE_MODES
 from ..decode.size import resolve_decode_size
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: The stages a worker runs: "read" (the reader's samples) and "items" (what the worker
 #: hands to the DataLoader, batches or samples) are streams; the others are callables.
@@ -84,7 +86,9 @@ class Decoding:
 
     ``decode`` is None (raw bytes), "pil", "numpy", "torch" or a callable on the sample;
     ``decode_size`` the resolved DCT decode size (an int or None); ``fuse`` is True for
-    ``decode_size="auto"``, which also fuses a leading RandomResizedCrop into decoding.
+    ``decode_size="auto"`` and ``"exact"``, which fuse a leading RandomResizedCrop into
+    decoding; ``exact`` (``"exact"``) keeps the fused crops at full resolution, so their
+    values are the unfused pipeline's.
     """
 
     decode: str | Callable[[dict], dict] | None = None
@@ -92,6 +96,7 @@ class Decoding:
     fuse: bool = False
     allow_pickle: bool = False
     exif_orientation: bool = True
+    exact: bool = False
 
     @classmethod
     def resolve(
@@ -112,14 +117,26 @@ class Decoding:
             raise TypeError(f"exif_orientation must be True or False, got {exif_orientation!r}")
         if decode is not None and not callable(decode) and decode not in DECODE_MODES:
             raise ValueError(f"decode must be None, a callable or one of {DECODE_MODES}, got {decode!r}")
-        fuse = decode_size == "auto"
+        exact = decode_size == "exact"
+        fuse = decode_size == "auto" or exact
         size = resolve_decode_size(decode_size, transform)
         if (decode is None or callable(decode)) and decode_size is not None:
             raise ValueError(
                 f"decode_size applies to decode='pil'/'numpy'/'torch', not to decode={decode!r}: "
                 "drop decode_size, or decode with a built-in mode"
             )
-        return cls(decode, size, fuse, bool(allow_pickle), exif_orientation)
+        decoding = cls(
+            decode, size, fuse, allow_pickle=bool(allow_pickle), exif_orientation=exif_orientation, exact=exact
+        )
+        if exact and decoding.stages(transform)[1] is transform:
+            # Nothing to fuse: the option changes nothing, which the user should hear of.
+            log.warning(
+                "decode_size='exact' fuses a leading RandomResizedCrop into decoding, and this "
+                "transform has none that can be fused (decode=%r, transform=%r): images decode whole",
+                decode,
+                transform,
+            )
+        return decoding
 
     def decoder(self) -> Callable[[dict], dict] | None:
         """The sample decoder (None: samples stay bytes)."""
@@ -138,4 +155,4 @@ class Decoding:
         """(decoder, transform) to run: with ``fuse``, a leading RandomResizedCrop of
         ``transform`` moves into the decoder (see :func:`shardkit.decode.fuse.fuse_crop`)."""
         decoder = self.decoder()
-        return fuse_crop(decoder, transform) if self.fuse else (decoder, transform)
+        return fuse_crop(decoder, transform, reduce=not self.exact) if self.fuse else (decoder, transform)
