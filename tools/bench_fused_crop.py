@@ -9,7 +9,9 @@ For each image size, the same photo-like JPEGs go through, in interleaved rounds
 - fused, region: RandomResizedCropDecode decoding only the crop's region + flip;
 - fused, region, flip fused: the flip done inside it (``hflip=0.5``, what
   ``decode_size="auto"`` makes of RandomResizedCrop + RandomHorizontalFlip);
-- fused, region, numpy: the region crop as an HWC numpy handler (``mode="numpy"``), no flip.
+- fused, region, numpy: the region crop as an HWC numpy handler (``mode="numpy"``), no flip;
+- exact: the region crop at full resolution, flip fused (``decode_size="exact"``: the
+  limit's values, value for value).
 
 Prints CPU ms per image (median over rounds) and the median in-round ratio to the limit
 (above 1 = cheaper per image than decoding in full). With ``--baseline DIR`` (another
@@ -42,6 +44,7 @@ FUSED = (
     "fused, crop region only",
     "fused, crop region, flip fused",
     "fused, crop region only, numpy mode",
+    "exact: crop region at full resolution, flip fused",
 )
 
 
@@ -66,6 +69,10 @@ def candidates(size: int) -> dict[str, Callable[[bytes], Any]]:
     except TypeError:
         pass
     rows[FUSED[3]] = region_numpy
+    try:
+        rows[FUSED[4]] = RandomResizedCropDecode(size, hflip=0.5, reduce=False)  # type: ignore[call-arg]
+    except TypeError:  # older code: no reduce
+        pass
     return rows
 
 
