@@ -301,6 +301,7 @@ def test_loader_options_it_cannot_honour_are_refused(shards):
     for bad in (
         ShardDataset(shards, decode="pil", transform={"jpg": AUG}),
         ShardDataset(shards, decode="torch", decode_size=24, transform={"jpg": AUG}),
+        ShardDataset(shards, decode="torch", decode_size="exact", transform={"jpg": AUG}),
         ShardDataset(shards, decode="torch"),
     ):
         with pytest.raises(ShardkitError, match="decode='torch'|decode_size|image transform to take over"):

@@ -172,7 +172,7 @@ def _takeover(dataset: ShardDataset, offset: int) -> tuple[ShipTransform, Callab
             f"decode_device needs the dataset built with decode='torch' (got {dataset.decode!r}): "
             "the batch stage yields uint8/float tensors as decode='torch' does"
         )
-    if dataset.decode_size is not None:
+    if dataset.decode_size is not None or dataset.fuse_crop:  # "exact" resolves to None but fuses on the CPU
         raise ShardkitError("decode_device decodes at full size (or only the crop region); drop decode_size")
     if dataset.replaced_stages:
         raise ShardkitError(
