@@ -514,3 +514,105 @@ def test_exact_with_nothing_to_fuse_warns_and_decodes_whole(uneven_shards, caplo
         ShardDataset(uneven_shards, decode_size="exact")
     with pytest.raises(ValueError, match="'auto', 'exact' or None"):
         ShardDataset(uneven_shards, decode="torch", decode_size="exactly")
+
+
+def _png(width: int, height: int, seed: int, *, orientation: int = 1, fmt: str = "PNG") -> bytes:
+    image = Image.fromarray(photo_like(np.random.default_rng(seed), width, height))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exact_fusion_turns_png_and_webp_upright_before_drawing_the_crop(fmt, orientation):
+    # Only JPEG orientation is read from the header: a turned PNG used to be cropped by a
+    # box drawn on its stored size, stretched over the upright pixels.
+    aug = v2.Compose([v2.RandomResizedCrop(64), v2.RandomHorizontalFlip()])
+    data = _png(161, 97, seed=orientation, orientation=orientation, fmt=fmt)
+    for mode in ("torch", "pil"):
+        for exif_orientation in (True, False):
+            _assert_same_as_unfused(aug, data, mode, seeds=4, region=True, exif_orientation=exif_orientation)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_exact_fusion_reads_antialias_none_as_torchvision_does(family):
+    T = v1 if family == "v1" else v2
+    aug = T.RandomResizedCrop(96, antialias=None)  # False for tensors, in both families
+    _assert_same_as_unfused(aug, _jpeg(700, 500, seed=3), "torch", seeds=4, region=True)
+
+
+def test_toimage_before_the_crop_keeps_tensor_resizing_on_pil_decodes():
+    aug = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(96), v2.RandomHorizontalFlip()])
+    data = _jpeg(700, 500, seed=4)
+    _assert_same_as_unfused(aug, data, "pil", seeds=4, region=True)
+    decoder, _ = fuse_crop(make_decoder("pil"), {"jpg": aug}, reduce=False)
+    assert decoder.crops["jpg"].mode == "torch"
+
+
+def test_subclasses_of_the_crop_are_not_fused():
+    class Centred(v2.RandomResizedCrop):
+        def make_params(self, flat_inputs):
+            params = super().make_params(flat_inputs)
+            return {**params, "top": 0, "left": 0}
+
+    for aug in (Centred(64), v2.Compose([Centred(64), v2.RandomHorizontalFlip()])):
+        decoder, rest = fuse_crop(make_decoder("torch"), {"jpg": aug}, reduce=False)
+        assert not isinstance(decoder, FusedFieldDecoder) and rest == {"jpg": aug}
+
+
+def test_a_v1_crop_is_not_fused_at_sample_level_where_it_fails_unfused():
+    aug = v1.Compose([v1.RandomResizedCrop(64)])
+    decoder, rest = fuse_crop(make_decoder("torch"), aug, reduce=False)
+    assert not isinstance(decoder, FusedSamplePipeline) and rest is aug
+    with pytest.raises(TypeError):  # what it does unfused, and so fused
+        aug({"jpg": decode_image(_jpeg(100, 80), "torch")})
+
+
+def test_exact_decodes_only_the_fields_asked_for(tmp_path):
+    """With fields=, unfused decoding leaves other members as bytes (a .pkl needing
+    allow_pickle, a broken PNG, a tensor v2 would crop too): so does the fused one."""
+    from shardkit import ShardWriter
+
+    arr = io.BytesIO()
+    np.save(arr, np.zeros((2, 3), np.float32))
+    with ShardWriter(str(tmp_path), shard_size="1GB") as writer:
+        for i in range(3):
+            writer.write(
+                {
+                    "__key__": f"{i:03d}",
+                    "npy": arr.getvalue(),  # before the image: v2 would take the tensor for it
+                    "jpg": _jpeg(300, 200, seed=i),
+                    "cls": i,
+                    "pkl": b"\x80\x04N.",
+                    "seg.png": b"\x89PNG broken",
+                }
+            )
+    aug = v2.Compose([v2.RandomResizedCrop(64), v2.RandomHorizontalFlip()])
+    for transform in ({"jpg": aug}, aug):
+        out = {}
+        for decode_size in (None, "exact"):
+            ds = ShardDataset(
+                str(tmp_path), decode="torch", decode_size=decode_size, transform=transform, fields="jpg cls"
+            )
+            torch.manual_seed(0)
+            out[decode_size] = list(ds)
+        assert len(out[None]) == len(out["exact"]) == 3
+        for (a, la), (b, lb) in zip(out[None], out["exact"]):
+            assert la == lb and torch.equal(a, b)
+    # Without fields= the sample-level pipeline meets the tensor v2 takes for the image
+    # (the first plain tensor): the sample goes the unfused way, so the tensor is cropped.
+    import pickle
+
+    decoder, rest = fuse_crop(make_decoder("torch", allow_pickle=True), aug, reduce=False)
+    assert isinstance(decoder, FusedSamplePipeline) and rest is None
+    tensor = pickle.dumps(torch.zeros(3, 20, 30, dtype=torch.uint8))
+    sample = {"__key__": "a", "aux.pkl": tensor, "jpg": _jpeg(300, 200), "cls": b"1"}
+    torch.manual_seed(0)
+    reference = aug(make_decoder("torch", allow_pickle=True)(sample))
+    torch.manual_seed(0)
+    fused = decoder(sample)
+    assert reference["aux.pkl"].shape == (3, 64, 64) and reference["jpg"].shape == (3, 200, 300)
+    assert all(torch.equal(fused[k], reference[k]) for k in ("aux.pkl", "jpg"))

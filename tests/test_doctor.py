@@ -49,7 +49,7 @@ def test_doctor_says_when_crops_are_fused_at_full_resolution(big_shards):
 
     kw = dict(transform=v2.RandomResizedCrop(64), workers=0, batch_size=2, seconds=0.5)
     d = diagnose(big_shards, decode_size="exact", **kw)
-    assert d.fused and d.exact_crop and d.decode_size is None
+    assert d.fused and d.exact_crop and d.decode_size == "exact"
     assert "fused crop decode at full resolution" in format_report(d)
     assert not any("decode_size=" in a for a in d.advice)
     auto = diagnose(big_shards, decode_size="auto", **kw)

@@ -263,7 +263,7 @@ def diagnose(
         main_cpu_ms=main_cpu * per,
         wait_fraction=wait,
         reference_ms=reference,
-        decode_size=ds.decode_size,
+        decode_size="exact" if ds.decoding.exact else ds.decode_size,  # as asked: "exact" resolves to None
         fused=fused,
         region_decode=fused and region_support()[0],
         exact_crop=fused and ds.decoding.exact,

@@ -70,7 +70,8 @@ class RandomResizedCropDecode:
     ``torch.manual_seed`` and DataLoader worker seeding behave the same). The JPEG is
     then decoded at the largest DCT scale (1/2, 1/4, 1/8) at which the crop still has
     >= ``size`` pixels per side, so the output is never upsampled more than the
-    full-size path would; the crop is then resized with antialiased bilinear filtering.
+    full-size path would; the crop is then resized with the ``interpolation`` and
+    ``antialias`` given (those of the replaced transform).
     With ``region=True`` (the default) and libjpeg-turbo 3 available
     (:mod:`shardkit.decode.jpeg_region`), only the crop's region is decoded, with the same pixels
     the whole-image decode at that scale has there. Other formats are decoded at full
@@ -197,8 +198,12 @@ class RandomResizedCropDecode:
             data = bytes(data)
         header = read_image_header(data)
         plan: CropPlan | None = None
-        if header is not None:  # JPEG, PNG, WebP: plan the crop on the upright size before decoding
+        if header is not None:
             check_pixels(header.width, header.height, self.max_pixels)
+        # Plan the crop on the upright size before decoding where the header gives it: a
+        # JPEG's (its orientation is parsed), or any when EXIF is ignored. PNG/WebP EXIF is
+        # not parsed, so those are planned on the size the decoder turns them to.
+        if header is not None and (header.format == "JPEG" or not self.exif):
             orientation = header.orientation if self.exif else 1
             upright = (header.width, header.height) if orientation in (5, 6, 7, 8) else (header.height, header.width)
             plan = self.plan(*upright)
@@ -217,13 +222,14 @@ class RandomResizedCropDecode:
         pixels = decode_rgb(
             data,
             max_pixels=self.max_pixels,
-            scale_for=scale_for,
+            # a PNG/WebP planned after decoding must not be planned on its stored size here
+            scale_for=scale_for if header is None or header.format == "JPEG" else None,
             format_name=guess_format_name(data),
             exif=self.exif,
             header=header,
         )
         decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
-        if plan is None:  # BMP, PNM, TIFF: the size is known only after decoding
+        if plan is None:  # BMP, PNM, TIFF, PNG/WebP with EXIF: the size is known only after decoding
             plan = self.plan(decoded_h, decoded_w)
             ratio_y = ratio_x = 1.0
         else:  # planned from the header: map the box into decoded pixels

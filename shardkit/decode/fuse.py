@@ -9,8 +9,12 @@ pipeline. The same torch RNG calls are made per sample as without fusion.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
 
 from ..errors import SampleError
 from .crop import RandomResizedCropDecode
@@ -22,6 +26,8 @@ from .size import flatten_transforms, transform_classes
 # the fused crop gives the same result.
 _MOVABLE_NAMES = ("ToImage", "ToPureTensor")
 _BYTES = (bytes, bytearray, memoryview)
+# What v2 transforms may treat as an image: plain tensors and tv_tensors, arrays, PIL images.
+_IMAGE_LIKE = (torch.Tensor, np.ndarray, Image.Image)
 
 
 def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecode, Any] | None:
@@ -33,15 +39,19 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
     same draw, and the flip done in the crop's last copy). The rest is a ``Compose`` of
     the same family (None when empty).
     Anything else before the crop (flips, colour jitter, ...) draws random numbers or
-    changes pixels, so the pipeline is left alone.
+    changes pixels, so the pipeline is left alone; so are subclasses, which may draw or
+    crop differently.
     """
     leaves = flatten_transforms(transform)
     movable = transform_classes(*_MOVABLE_NAMES)
     rrc_classes = transform_classes("RandomResizedCrop")
+    to_image = transform_classes("ToImage")
     for index, step in enumerate(leaves):
-        if isinstance(step, movable):
+        if type(step) in movable:
+            if type(step) in to_image:
+                mode = "torch"  # the crop then sees a tensor, and resizes as tensors do, not as PIL does
             continue
-        if not isinstance(step, rrc_classes):
+        if type(step) not in rrc_classes:
             return None
         antialias = getattr(step, "antialias", True)
         crop = RandomResizedCropDecode(
@@ -50,7 +60,7 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
             tuple(step.ratio),
             mode=mode,
             interpolation=step.interpolation,
-            antialias=True if antialias is None else bool(antialias),
+            antialias=antialias is True,  # torchvision: None (and v1's old "warn") mean False for tensors
             api="v2" if type(step).__module__.startswith("torchvision.transforms.v2") else "v1",
         )
         after = index + 1
@@ -88,11 +98,12 @@ class FusedFieldDecoder:
     def __repr__(self) -> str:
         return f"FusedFieldDecoder({self.base!r}, {self.crops!r})"
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        fused = {f: sample[f] for f in self.crops if isinstance(sample.get(f), _BYTES)}
+    def __call__(self, sample: dict[str, Any], *, only: Collection[str] | None = None) -> dict[str, Any]:
+        """As :class:`~shardkit.decode.fields.SampleDecoder` (``only``: just those fields)."""
+        fused = {f: sample[f] for f in self.crops if isinstance(sample.get(f), _BYTES) and (only is None or f in only)}
         if not fused:
-            return self.base(sample)
-        out = self.base({k: v for k, v in sample.items() if k not in fused})
+            return self.base(sample, only=only)
+        out = self.base({k: v for k, v in sample.items() if k not in fused}, only=only)
         for field, data in fused.items():
             out[field] = _located_call(sample, field, self.crops[field], data)
         return {k: out[k] for k in sample if k in out} | {k: v for k, v in out.items() if k not in sample}
@@ -102,9 +113,11 @@ class FusedSamplePipeline:
     """Decode + a sample-level transform whose first step is a fusable crop.
 
     v2 transforms crop every image of a dict with one set of parameters; the crop is fused
-    only when the sample has exactly one image field (the usual ``jpg``/``cls`` sample).
-    Otherwise the sample is decoded and transformed as without fusion. Runs in place of
-    the decoder, with no transform after it.
+    only when the sample has exactly one image field (the usual ``jpg``/``cls`` sample)
+    and no other field decodes to something v2 could take for an image (a tensor, an
+    array, a PIL image). Otherwise the sample is decoded and transformed as without
+    fusion. Runs in place of the decoder, with no transform after it; ``only`` is as for
+    :class:`~shardkit.decode.fields.SampleDecoder` (the other fields stay bytes).
     """
 
     def __init__(self, base: Any, crop: RandomResizedCropDecode, rest: Any, transform: Any) -> None:
@@ -116,18 +129,24 @@ class FusedSamplePipeline:
     def __repr__(self) -> str:
         return f"FusedSamplePipeline({self.base!r}, {self.crop!r}, rest={self.rest!r})"
 
-    def __call__(self, sample: dict[str, Any]) -> Any:
+    def __call__(self, sample: dict[str, Any], *, only: Collection[str] | None = None) -> Any:
         from .fields import IMAGE_EXTENSIONS
 
         images = [
             k
             for k, v in sample.items()
-            if not k.startswith("__") and isinstance(v, _BYTES) and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+            if not k.startswith("__")
+            and isinstance(v, _BYTES)
+            and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+            and (only is None or k in only)
         ]
         if len(images) != 1:
-            return self.transform(self.base(sample))
+            return self.transform(self.base(sample, only=only))
         field = images[0]
-        out = self.base({k: v for k, v in sample.items() if k != field})
+        out = self.base({k: v for k, v in sample.items() if k != field}, only=only)
+        if any(isinstance(v, _IMAGE_LIKE) for k, v in out.items() if not k.startswith("__")):
+            # v2 would crop (or, for a tensor before the image, take for the image) that field too
+            return self.transform(self.base(sample, only=only))
         out[field] = _located_call(sample, field, self.crop, sample[field])
         out = {k: out[k] for k in sample if k in out}
         return out if self.rest is None else self.rest(out)
@@ -181,6 +200,8 @@ def fuse_crop(decoder: Any, transform: Any, *, region: bool = True, reduce: bool
         split = split_crop(first, decoder.mode)
     else:
         split = split_crop(transform, decoder.mode)
+        if split is not None and split[0].api == "v1":
+            return decoder, transform  # a v1 crop fails on a sample dict: fused, it would run
     if split is None:
         return decoder, transform
     crop, rest = split

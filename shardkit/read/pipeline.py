@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..decode.fields import SampleDecoder
+from ..decode.fuse import FusedFieldDecoder, FusedSamplePipeline
 from ..decode.planar import to_planar
 from ..errors import SampleError, ShardkitError, SkippedSampleWarning
 from ..threadmap import ordered_map
 from .stages import StageHooks
 
 log = logging.getLogger(__name__)
+# Decoders that take ``only=`` (the fields to decode; the others stay bytes).
+_DECODE_ONLY = (SampleDecoder, FusedFieldDecoder, FusedSamplePipeline)
 
 HANDLERS = ("raise", "warn", "skip")
 
@@ -121,7 +124,7 @@ class SamplePipeline:
         """The decode stage alone (the sample as it is without a decoder)."""
         if self.decoder is None:
             return sample
-        if self.fields is not None and isinstance(self.decoder, SampleDecoder):
+        if self.fields is not None and isinstance(self.decoder, _DECODE_ONLY):
             # Decode only what the tuple will hold: a broken member of another field
             # costs nothing and cannot fail the sample (other fields stay raw bytes).
             return self.decoder(sample, only=self._wanted(sample))
