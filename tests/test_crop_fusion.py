@@ -36,6 +36,16 @@ def _jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB", quality: in
     return buffer.getvalue()
 
 
+def _turned_jpeg(width: int, height: int, orientation: int) -> bytes:
+    """A photo-like JPEG stored ``width`` x ``height`` with this EXIF orientation."""
+    image = Image.open(io.BytesIO(_jpeg(width, height, seed=orientation)))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def _rest(transform: dict) -> Any:
     """The per-field rest of a fused pipeline for "jpg" (none left: the identity)."""
     return transform.get("jpg", lambda image: image)
@@ -327,12 +337,7 @@ def test_dataset_auto_fuses_with_identical_stream(uneven_shards, sample_level):
 def test_fused_crop_applies_exif_orientation_like_the_unfused_decoder(orientation):
     # The fused path used to crop the stored pixels of a rotated phone photo: sideways,
     # although exif_orientation=True (the default) turns them upright without fusion.
-    image = Image.open(io.BytesIO(_jpeg(1203, 901, seed=orientation)))
-    exif = image.getexif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
-    data = buf.getvalue()
+    data = _turned_jpeg(1203, 901, orientation)
     aug = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
     decoder, transform = fuse_crop(make_decoder("torch"), {"jpg": aug})
     upright = decode_image(data, "torch")
@@ -431,14 +436,10 @@ def test_exact_fusion_gives_the_unfused_pipelines_values(family, mode, region):
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exact_fusion_turns_phone_photos_upright_like_the_unfused_decoder(orientation):
-    image = Image.open(io.BytesIO(_jpeg(1203, 901, seed=orientation)))
-    exif = image.getexif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
     aug = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
+    data = _turned_jpeg(1203, 901, orientation)
     for exif_orientation in (True, False):
-        _assert_same_as_unfused(aug, buf.getvalue(), "torch", seeds=4, region=True, exif_orientation=exif_orientation)
+        _assert_same_as_unfused(aug, data, "torch", seeds=4, region=True, exif_orientation=exif_orientation)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
