@@ -200,7 +200,7 @@ def test_fused_flip_draws_and_flips_like_torchvision(family, mode):
     """RandomResizedCrop + RandomHorizontalFlip(p), fused: the flip is drawn where
     torchvision draws it, the RNG is left where it would be, and the image is exactly the
     fused crop, mirrored when drawn so, and exactly the unfused pipeline's image (a PNG:
-    the decode is exact; v1 resizes tensors through float, v2 in uint8, PIL on its own)."""
+    the decode is exact; v1 and v2 round some tensor resizes differently, PIL its own)."""
     pixels = photo_like(np.random.default_rng(2), 180, 150)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
@@ -617,3 +617,67 @@ def test_exact_decodes_only_the_fields_asked_for(tmp_path):
     fused = decoder(sample)
     assert reference["aux.pkl"].shape == (3, 64, 64) and reference["jpg"].shape == (3, 200, 300)
     assert all(torch.equal(fused[k], reference[k]) for k in ("aux.pkl", "jpg"))
+
+
+def _with_segments(data: bytes, *, xmp_orientation: int | None = None, junk: bool = False) -> bytes:
+    """``data`` (a JPEG) with an XMP packet carrying an orientation, and stray bytes after
+    it: what PIL reads and shardkit's header parser does not."""
+    import struct
+
+    extra = b""
+    if xmp_orientation is not None:
+        packet = (
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+            f'tiff:Orientation="{xmp_orientation}"/></rdf:RDF></x:xmpmeta>'
+        ).encode()
+        payload = b"http://ns.adobe.com/xap/1.0/\x00" + packet
+        extra += b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    if junk:
+        extra += b"\x00\x00"  # PIL and libjpeg skip bytes between segments; the header parser gives up
+    return data[:2] + extra + data[2:]
+
+
+def test_exact_fusion_draws_on_the_size_pil_turns_images_to():
+    """JPEGs the unfused path decodes through PIL, turned by EXIF/XMP that shardkit's
+    header parser does not read: the crop must be drawn on PIL's upright size."""
+    cases = [
+        _with_segments(_jpeg(401, 293, seed=1, mode="CMYK"), xmp_orientation=6),
+        _with_segments(_turned_jpeg(401, 293, 6), xmp_orientation=6, junk=True),  # header unparsed
+        _turned_jpeg(401, 293, 8),  # parsed: the region path
+    ]
+    aug = v2.Compose([v2.RandomResizedCrop(120), v2.RandomHorizontalFlip()])
+    for data in cases:
+        assert decode_image(data, "torch").shape == (3, 401, 293)  # PIL turned it
+        for mode in ("torch", "pil"):
+            _assert_same_as_unfused(aug, data, mode, seeds=6, region=True)
+
+
+def test_subclassed_compose_and_truthy_antialias_are_taken_as_torchvision_takes_them():
+    class Halved(v2.Compose):
+        def forward(self, *inputs: Any) -> Any:
+            return super().forward(*inputs)[..., ::2, ::2]
+
+    aug = Halved([v2.RandomResizedCrop(64)])
+    decoder, rest = fuse_crop(make_decoder("torch"), {"jpg": aug}, reduce=False)
+    assert not isinstance(decoder, FusedFieldDecoder) and rest == {"jpg": aug}
+    for antialias in (1, np.True_, 0):
+        _assert_same_as_unfused(
+            v2.RandomResizedCrop(96, antialias=antialias), _jpeg(700, 500, seed=2), "torch", seeds=2, region=True
+        )
+
+
+def test_sample_level_fusion_looks_inside_containers_for_tensors():
+    import pickle
+
+    aug = v2.Compose([v2.RandomResizedCrop(64), v2.RandomHorizontalFlip()])
+    decoder, _ = fuse_crop(make_decoder("torch", allow_pickle=True), aug, reduce=False)
+    nested = pickle.dumps({"masks": [torch.zeros(3, 20, 30, dtype=torch.uint8)]})
+    sample = {"__key__": "a", "aux.pkl": nested, "jpg": _jpeg(300, 200), "cls": b"1"}
+    torch.manual_seed(0)
+    reference = aug(make_decoder("torch", allow_pickle=True)(sample))
+    torch.manual_seed(0)
+    fused = decoder(sample)
+    assert reference["aux.pkl"]["masks"][0].shape == (3, 64, 64)  # v2 took the nested tensor
+    assert torch.equal(fused["aux.pkl"]["masks"][0], reference["aux.pkl"]["masks"][0])
+    assert torch.equal(fused["jpg"], reference["jpg"])

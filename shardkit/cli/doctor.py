@@ -263,7 +263,8 @@ def diagnose(
         main_cpu_ms=main_cpu * per,
         wait_fraction=wait,
         reference_ms=reference,
-        decode_size="exact" if ds.decoding.exact else ds.decode_size,  # as asked: "exact" resolves to None
+        # the size in force; "exact", or an "auto" with nothing to derive, as asked (both resolve to None)
+        decode_size=decode_size if ds.decoding.exact or ds.decode_size is None else ds.decode_size,
         fused=fused,
         region_decode=fused and region_support()[0],
         exact_crop=fused and ds.decoding.exact,

@@ -82,7 +82,7 @@ class RandomResizedCropDecode:
     ``reduce=False`` keeps every crop at full resolution (only the region is skipped): the
     output then has exactly the values of decode -> ``RandomResizedCrop`` (-> flip) with
     the same seed. ``api`` is the torchvision family whose resize the crop uses, that of the
-    replaced transform: ``"v1"`` resizes tensors through float, ``"v2"`` in uint8.
+    replaced transform (the two families round some tensor resizes differently).
 
     Use it as an image handler::
 
@@ -188,12 +188,12 @@ class RandomResizedCropDecode:
         (where the decoder fails before the transform draws anything)."""
         state = torch.get_rng_state()
         try:
-            return self._decode_crop(data)
+            return self._decode_crop(data, state)
         except BaseException:
             torch.set_rng_state(state)
             raise
 
-    def _decode_crop(self, data: bytes | bytearray | memoryview) -> Any:
+    def _decode_crop(self, data: bytes | bytearray | memoryview, state: torch.Tensor) -> Any:
         if not isinstance(data, bytes):
             data = bytes(data)
         header = read_image_header(data)
@@ -202,8 +202,16 @@ class RandomResizedCropDecode:
             check_pixels(header.width, header.height, self.max_pixels)
         # Plan the crop on the upright size before decoding where the header gives it: a
         # JPEG's (its orientation is parsed), or any when EXIF is ignored. PNG/WebP EXIF is
-        # not parsed, so those are planned on the size the decoder turns them to.
-        if header is not None and (header.format == "JPEG" or not self.exif):
+        # not parsed, so those are planned on the size the decoder turns them to. At full
+        # resolution nothing needs the plan before decoding but a region decode: the others
+        # are planned on what the decoder gives, upright as PIL reads EXIF where PIL decodes.
+        if header is None:
+            plan_first = False
+        elif self.reduce:
+            plan_first = header.format == "JPEG" or not self.exif
+        else:
+            plan_first = self.region and header.format == "JPEG" and header.components in (1, 3) and bool(turbojpeg())
+        if header is not None and plan_first:
             orientation = header.orientation if self.exif else 1
             upright = (header.width, header.height) if orientation in (5, 6, 7, 8) else (header.height, header.width)
             plan = self.plan(*upright)
@@ -222,13 +230,19 @@ class RandomResizedCropDecode:
         pixels = decode_rgb(
             data,
             max_pixels=self.max_pixels,
-            # a PNG/WebP planned after decoding must not be planned on its stored size here
-            scale_for=scale_for if header is None or header.format == "JPEG" else None,
+            # a PNG/WebP planned after decoding must not be planned on its stored size here;
+            # at full resolution nothing is (PIL turns an image upright after that call)
+            scale_for=scale_for if self.reduce and (header is None or header.format == "JPEG") else None,
             format_name=guess_format_name(data),
             exif=self.exif,
             header=header,
         )
         decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
+        if plan is not None and not self.reduce and (decoded_h, decoded_w) != (full_h, full_w):
+            # The region decode failed and PIL turned the image by EXIF our header parser did
+            # not read (XMP, an odd tag type): draw again on what the unfused path sees.
+            torch.set_rng_state(state)
+            plan = None
         if plan is None:  # BMP, PNM, TIFF, PNG/WebP with EXIF: the size is known only after decoding
             plan = self.plan(decoded_h, decoded_w)
             ratio_y = ratio_x = 1.0

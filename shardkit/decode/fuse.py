@@ -26,7 +26,8 @@ from .size import flatten_transforms, transform_classes
 # the fused crop gives the same result.
 _MOVABLE_NAMES = ("ToImage", "ToPureTensor")
 _BYTES = (bytes, bytearray, memoryview)
-# What v2 transforms may treat as an image: plain tensors and tv_tensors, arrays, PIL images.
+# What a v2 pipeline may transform as an image: tensors (plain or tv_tensors), PIL images, and
+# arrays (ToImage converts them); a sample holding one besides its image is not fused.
 _IMAGE_LIKE = (torch.Tensor, np.ndarray, Image.Image)
 
 
@@ -60,7 +61,7 @@ def split_crop(transform: Any, mode: DecodeMode) -> tuple[RandomResizedCropDecod
             tuple(step.ratio),
             mode=mode,
             interpolation=step.interpolation,
-            antialias=antialias is True,  # torchvision: None (and v1's old "warn") mean False for tensors
+            antialias=False if antialias is None else bool(antialias),  # torchvision: None is False for tensors
             api="v2" if type(step).__module__.startswith("torchvision.transforms.v2") else "v1",
         )
         after = index + 1
@@ -144,12 +145,23 @@ class FusedSamplePipeline:
             return self.transform(self.base(sample, only=only))
         field = images[0]
         out = self.base({k: v for k, v in sample.items() if k != field}, only=only)
-        if any(isinstance(v, _IMAGE_LIKE) for k, v in out.items() if not k.startswith("__")):
+        if any(_holds_image_like(v) for k, v in out.items() if not k.startswith("__")):
             # v2 would crop (or, for a tensor before the image, take for the image) that field too
             return self.transform(self.base(sample, only=only))
         out[field] = _located_call(sample, field, self.crop, sample[field])
         out = {k: out[k] for k in sample if k in out}
         return out if self.rest is None else self.rest(out)
+
+
+def _holds_image_like(value: Any) -> bool:
+    """Whether ``value`` is, or holds in a list, tuple or dict, what v2 may transform as an image."""
+    if isinstance(value, _IMAGE_LIKE):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_image_like(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_image_like(v) for v in value.values())
+    return False
 
 
 def _located_call(sample: dict[str, Any], field: str, fn: Any, data: Any) -> Any:

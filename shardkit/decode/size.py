@@ -52,9 +52,11 @@ _SCALE_FREE_NAMES = (
 
 
 def flatten_transforms(transform: Any) -> list[Any]:
-    """The leaf transforms of ``transform``, nested ``Compose`` (v1 or v2) unrolled in order."""
+    """The leaf transforms of ``transform``, nested ``Compose`` (v1 or v2) unrolled in order.
+
+    Only torchvision's own ``Compose``: a subclass may run its steps otherwise, so it is a leaf."""
     inner = getattr(transform, "transforms", None)
-    if isinstance(transform, transform_classes("Compose")) and inner is not None:
+    if type(transform) in transform_classes("Compose") and inner is not None:
         return [leaf for t in inner for leaf in flatten_transforms(t)]
     return [transform]
 

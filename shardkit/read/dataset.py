@@ -329,7 +329,7 @@ class ShardDataset(PlannedDataset):
         ``decoder`` and ``transform`` replace the decode and transform stages (None: no
         such stage; :data:`~shardkit.read.stages.KEEP`: as configured); select, fields,
         handler and batching stay. Replacing either one also drops a crop that
-        ``decode_size="auto"`` fused into decoding, since it spans both. ``hooks``: see
+        ``decode_size="auto"`` or ``"exact"`` fused into decoding, since it spans both. ``hooks``: see
         :meth:`PlannedDataset.with_stages`. The view shares this dataset's epoch; this
         dataset is not modified.
         """
