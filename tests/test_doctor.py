@@ -88,7 +88,13 @@ def test_doctor_cli_json(big_shards, capsys):
     assert data["region_decode"] is region_support()[0]
     assert data["fused"] is True and data["bound"] in ("decode", "transform", "io", "collate", "overhead", "transfer")
     assert set(data["stage_ms"]) == set(STAGES) and data["cpu_ms_per_image"] > 0
+    assert data["exact_crop"] is False
     assert main(["doctor", big_shards, "--transform", "sharpen", "--seconds", "0.5"]) == 1
+    capsys.readouterr()
+    args = ["doctor", big_shards, "--workers", "0", "--batch", "2", "--seconds", "0.5", "--json"]
+    assert main([*args, "--transform", "rrc224+flip", "--decode-size", "exact"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert exact["decode_size"] == "exact" and exact["fused"] is True and exact["exact_crop"] is True
 
 
 def test_doctor_plot_draws_the_stage_chart(big_shards, tmp_path):
