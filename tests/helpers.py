@@ -9,10 +9,12 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from shardkit.cli.doctor import Diagnosis
 from shardkit.writing.writer import ShardWriter
 
 
@@ -129,3 +131,25 @@ class CrashOn:
         if sample["__key__"] == self.key and os.path.exists(self.marker):
             raise RuntimeError("simulated crash")
         return sample
+
+
+def make_diagnosis(**changes: Any) -> Diagnosis:
+    """A :class:`~shardkit.cli.doctor.Diagnosis` of a plausible decode-bound 2-worker run,
+    with ``changes`` applied (for the doctor's conclusions and its chart)."""
+    values: dict[str, Any] = dict(
+        images=6400,
+        seconds=5.0,
+        workers=2,
+        threads=0,
+        cores=2,
+        stage_ms={"read": 0.3, "decode": 2.1, "transform": 0.9, "collate": 0.0, "other": 0.15, "handoff": 0.4},
+        worker_cpu_ms=3.9,
+        main_cpu_ms=0.35,
+        wait_fraction=0.2,
+        reference_ms=2.7,
+        decode_size=224,
+        fused=True,
+        bound="decode",
+    )
+    values.update(changes)
+    return Diagnosis(**values)

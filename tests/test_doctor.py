@@ -144,7 +144,8 @@ def test_profiled_counters_reach_loader_stats(uneven_shards):
 def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv, cv2_installed, monkeypatch):
     import sys
 
-    from shardkit.cli.doctor import Diagnosis, conclude
+    from shardkit.cli.doctor import conclude
+    from tests.helpers import make_diagnosis
 
     if not cv2_installed:
         monkeypatch.setitem(sys.modules, "cv2", None)  # find_spec("cv2") is None
@@ -152,12 +153,9 @@ def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv,
         pytest.importorskip("cv2")
 
     stage_ms = dict.fromkeys(STAGES, 0.05) | {"decode": 1.0}
-    diagnosis = Diagnosis(
+    diagnosis = make_diagnosis(
         images=1000,
         seconds=1.0,
-        workers=2,
-        threads=0,
-        cores=2,
         stage_ms=stage_ms,
         worker_cpu_ms=1.2,
         main_cpu_ms=0.02,
@@ -165,6 +163,7 @@ def test_doctor_names_the_opencv_extra_when_numpy_splits_the_planes(with_opencv,
         reference_ms=1.1,
         decode_size=None,
         fused=False,
+        bound="",
         planar_opencv=with_opencv,
     )
     _, advice = conclude(diagnosis)

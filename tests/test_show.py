@@ -20,12 +20,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from shardkit import cli
-from shardkit.cli.doctor import Diagnosis, make_transform
+from shardkit.cli.doctor import make_transform
 from shardkit.cli.plot import BOUND_BAR, REFERENCE_BAR, STAGE_BAR, plot_stage_times
 from shardkit.cli.sheet import MARK_FILL, CaptionFont, Layout, fitted, make_layout
 from shardkit.cli.show import collect_tiles, tile_seed
 from shardkit.writing.writer import ShardWriter
-from tests.helpers import pairs
+from tests.helpers import make_diagnosis, pairs
 from tests.servers import run_nginx
 
 CLASSES = ["cat", "dog", "fox"]
@@ -445,29 +445,9 @@ def test_html_page_in_headless_chromium(tmp_path):
 # -- doctor's chart -------------------------------------------------------------------------
 
 
-def diagnosis(**changes) -> Diagnosis:
-    values = dict(
-        images=6400,
-        seconds=5.0,
-        workers=2,
-        threads=0,
-        cores=2,
-        stage_ms={"read": 0.3, "decode": 2.1, "transform": 0.9, "collate": 0.0, "other": 0.15, "handoff": 0.4},
-        worker_cpu_ms=3.9,
-        main_cpu_ms=0.35,
-        wait_fraction=0.2,
-        reference_ms=2.7,
-        decode_size=224,
-        fused=True,
-        bound="decode",
-    )
-    values.update(changes)
-    return Diagnosis(**values)  # type: ignore[arg-type]
-
-
 def test_plot_bars_proportional(tmp_path):
     path = str(tmp_path / "doctor.png")
-    d = diagnosis()
+    d = make_diagnosis()
     bars = plot_stage_times(d, path)
     want = [
         ("read/io", 0.3),
@@ -500,9 +480,9 @@ def test_plot_bars_proportional(tmp_path):
     assert colours["decode + transform, 1 core alone"] == REFERENCE_BAR
     assert measured["collate"] == 0
     # an io-bound run marks read/io; a transfer-bound run marks no stage
-    marked = {b.label for b in plot_stage_times(diagnosis(bound="io"), path) if b.colour == BOUND_BAR}
+    marked = {b.label for b in plot_stage_times(make_diagnosis(bound="io"), path) if b.colour == BOUND_BAR}
     assert marked == {"read/io"}
-    assert not [b for b in plot_stage_times(diagnosis(bound="transfer"), path) if b.colour == BOUND_BAR]
+    assert not [b for b in plot_stage_times(make_diagnosis(bound="transfer"), path) if b.colour == BOUND_BAR]
 
 
 def test_show_is_registered_in_the_cli(capsys):
