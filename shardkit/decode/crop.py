@@ -202,16 +202,8 @@ class RandomResizedCropDecode:
             check_pixels(header.width, header.height, self.max_pixels)
         # Plan the crop on the upright size before decoding where the header gives it: a
         # JPEG's (its orientation is parsed), or any when EXIF is ignored. PNG/WebP EXIF is
-        # not parsed, so those are planned on the size the decoder turns them to. At full
-        # resolution nothing needs the plan before decoding but a region decode: the others
-        # are planned on what the decoder gives, upright as PIL reads EXIF where PIL decodes.
-        if header is None:
-            plan_first = False
-        elif self.reduce:
-            plan_first = header.format == "JPEG" or not self.exif
-        else:
-            plan_first = self.region and header.format == "JPEG" and header.components in (1, 3) and bool(turbojpeg())
-        if header is not None and plan_first:
+        # not parsed, so those are planned on the size the decoder turns them to.
+        if header is not None and (header.format == "JPEG" or not self.exif):
             orientation = header.orientation if self.exif else 1
             upright = (header.width, header.height) if orientation in (5, 6, 7, 8) else (header.height, header.width)
             plan = self.plan(*upright)
@@ -239,8 +231,9 @@ class RandomResizedCropDecode:
         )
         decoded_w, decoded_h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
         if plan is not None and not self.reduce and (decoded_h, decoded_w) != (full_h, full_w):
-            # The region decode failed and PIL turned the image by EXIF our header parser did
-            # not read (XMP, an odd tag type): draw again on what the unfused path sees.
+            # PIL decoded it (CMYK, or after a failed region decode) and turned it by EXIF our
+            # header parser did not read (XMP, an odd tag type): draw again on what the
+            # unfused path sees, from the RNG state it would start from.
             torch.set_rng_state(state)
             plan = None
         if plan is None:  # BMP, PNM, TIFF, PNG/WebP with EXIF: the size is known only after decoding
